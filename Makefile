@@ -1,0 +1,52 @@
+# aiaas: `make run` starts the whole local stack with a demo model; `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: run test venv deps protos check-protos lint bench clean
+
+run: $(STAMP)
+	$(BIN)/aiaas up
+
+test: $(STAMP) deps
+	$(BIN)/python tools/gen_protos.py --check
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x "$(BIN)/python" ]; then \
+	  $(PYTHON) -m venv $(VENV) || { echo "python venv failed: on Debian run 'apt-get install -y python3-venv'"; exit 1; }; \
+	fi
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+# System servers the tests start (redis-server, PostgreSQL's initdb/pg_ctl): install when missing.
+deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $$missing; \
+	  else echo "missing:$$missing. Install them (Debian: apt-get install -y$$missing) and rerun."; exit 1; fi; \
+	fi
+
+protos: $(STAMP)
+	$(BIN)/python tools/gen_protos.py
+
+check-protos: $(STAMP)
+	$(BIN)/python tools/gen_protos.py --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check aiaas services tests bench tools
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

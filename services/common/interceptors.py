@@ -1,0 +1,189 @@
+"""The one server interceptor: request context, error mapping, tracing and RPC metrics.
+
+Every `AiaasError` maps to a status through `STATUS_BY_CODE`; anything else becomes INTERNAL
+with a generic message (the traceback goes to the log, with the request id the caller sees).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, propagate, trace
+
+from services.common.context import method_var, request_id_var, trace_id_var
+from services.common.errors import AiaasError, ErrorCode
+
+log = logging.getLogger("aiaas.rpc")
+
+STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.ABORTED: grpc.StatusCode.ABORTED,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+    ErrorCode.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+    ErrorCode.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+# Codes that mean the server failed (OpenTelemetry's rule); the rest are the caller's doing.
+SERVER_FAULT_CODES = frozenset(
+    {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED}
+)
+
+_UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+def status_for(error: AiaasError) -> grpc.StatusCode:
+    return STATUS_BY_CODE[error.code]
+
+
+class _MetadataGetter:
+    def get(self, carrier: dict[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return [value] if value is not None else None
+
+    def keys(self, carrier: dict[str, str]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _MetadataGetter()
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, service: str, *, tracing: bool) -> None:
+        self.service = service
+        self.tracing = tracing
+        self.tracer = trace.get_tracer("aiaas." + service)
+        meter = metrics.get_meter("aiaas." + service)
+        self.rpc_duration = meter.create_histogram(
+            "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(_UNTRACED_PREFIXES):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _enter(self, context: grpc.aio.ServicerContext, method: str) -> tuple[Any, Any]:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        request_id_var.set(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
+        method_var.set(method)
+        span = None
+        token = None
+        traceparent = metadata.get("traceparent")
+        if self.tracing:
+            parent = propagate.extract(metadata, getter=_GETTER)
+            span = self.tracer.start_span(method.lstrip("/"), context=parent, kind=trace.SpanKind.SERVER)
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+            trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
+        elif traceparent:
+            parts = traceparent.split("-")
+            trace_id_var.set(parts[1] if len(parts) > 2 else "")
+        return span, token
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+        if isinstance(exc, AiaasError):
+            if exc.metadata:
+                context.set_trailing_metadata(tuple(exc.metadata.items()))
+            await context.abort(STATUS_BY_CODE[exc.code], exc.message)
+        log.error("unexpected error in %s", method, exc_info=exc)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()}); see the server log"
+        )
+
+    def _finish(self, span: Any, token: Any, method: str, started: float, code: grpc.StatusCode) -> None:
+        self.rpc_duration.record(
+            (time.perf_counter() - started) * 1000.0, {"rpc.method": method, "rpc.grpc.status_code": code.name}
+        )
+        if span is not None:
+            if code in SERVER_FAULT_CODES:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            span.end()
+        if token is not None:
+            otel_context.detach(token)
+
+    def _wrap_unary(self, fn: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            span, token = self._enter(context, method)
+            code = grpc.StatusCode.OK
+            try:
+                return await fn(request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                code = context.code() if isinstance(context.code(), grpc.StatusCode) else grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are mapped
+                code = STATUS_BY_CODE[exc.code] if isinstance(exc, AiaasError) else grpc.StatusCode.INTERNAL
+                await self._fail(context, exc, method)
+            finally:
+                self._finish(span, token, method, started, code)
+
+        return wrapper
+
+    def _wrap_stream(self, fn: Callable[..., Any], method: str) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(fn):
+            return self._wrap_unary(fn, method)
+
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            span, token = self._enter(context, method)
+            code = grpc.StatusCode.OK
+            try:
+                async for response in fn(request, context):
+                    yield response
+            except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+                code = context.code() if isinstance(context.code(), grpc.StatusCode) else grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place unexpected errors are mapped
+                code = STATUS_BY_CODE[exc.code] if isinstance(exc, AiaasError) else grpc.StatusCode.INTERNAL
+                await self._fail(context, exc, method)
+            finally:
+                self._finish(span, token, method, started, code)
+
+        return wrapper

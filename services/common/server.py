@@ -1,0 +1,133 @@
+"""One way to run a grpc.aio server for every service.
+
+`ServiceApp` owns the server: options (message sizes), the interceptor, health and reflection,
+TLS / mTLS, and graceful shutdown (health NOT_SERVING, stop accepting, drain within the grace
+period, run shutdown hooks, exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.interceptors import ServiceInterceptor
+from services.common.logs import configure_logging
+from services.common.settings import ServerSettings
+from services.common.telemetry import configure_telemetry
+
+log = logging.getLogger("aiaas.server")
+
+ShutdownHook = Callable[[], Awaitable[None]]
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    key = Path(settings.tls_key or "").read_bytes()
+    cert = Path(settings.tls_cert).read_bytes()
+    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class ServiceApp:
+    """A configured grpc.aio server; add servicers, then `run()` until SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: ServerSettings,
+        *,
+        extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        configure_process: bool = True,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        tracing = False
+        if configure_process:
+            configure_logging(name, settings.log_level, settings.log_json)
+            tracing = configure_telemetry(
+                name, otlp_endpoint=settings.otlp_endpoint, metrics_port=settings.metrics_port
+            )
+        self.server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(name, tracing=tracing), *extra_interceptors],
+            options=[*channel_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self._shutdown_hooks: list[ShutdownHook] = []
+        self._stopping: asyncio.Event | None = None
+        self.port = 0
+
+    def add_service(self, full_name: str, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> None:
+        add_to_server(servicer, self.server)
+        self._service_names.append(full_name)
+
+    def on_shutdown(self, hook: ShutdownHook) -> None:
+        """Run `hook` after in-flight calls have drained (close stores, stop workers...)."""
+        self._shutdown_hooks.append(hook)
+
+    async def set_serving(self, service: str, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(service, status)
+
+    async def start(self) -> int:
+        reflection.enable_server_reflection(self._service_names, self.server)
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = server_credentials(self.settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        await self.server.start()
+        for name in self._service_names:
+            if name not in (health.SERVICE_NAME, reflection.SERVICE_NAME):
+                await self.set_serving(name, True)
+        await self.set_serving("", True)
+        log.info("%s listening on %s:%d (tls=%s)", self.name, self.settings.host, self.port, bool(credentials))
+        return self.port
+
+    def request_stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def run(self) -> None:
+        """Start, then serve until SIGTERM/SIGINT, then shut down gracefully."""
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self.start()
+        await self._stopping.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("%s shutting down: draining for up to %.1fs", self.name, self.settings.grace_period_s)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_period_s)
+        for hook in reversed(self._shutdown_hooks):
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - one failing hook must not stop the others
+                log.exception("shutdown hook failed")
+        log.info("%s stopped", self.name)

@@ -1,0 +1,120 @@
+"""Typed settings from `AIAAS_*` environment variables and command-line flags (flags win).
+
+A service declares a dataclass deriving from `ServerSettings`; `load_settings` reads, for each
+field `foo_bar`: the flag `--foo-bar`, else `AIAAS_<SERVICE>_FOO_BAR`, else `AIAAS_FOO_BAR`,
+else the dataclass default. Settings are built once at start-up and passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from services.common.errors import InvalidArgument
+
+T = TypeVar("T", bound="ServerSettings")
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """What every gRPC service shares. Services subclass it and override `port`."""
+
+    host: str = "0.0.0.0"
+    port: int = 0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # When set, clients must present a certificate signed by this CA (mTLS).
+    tls_client_ca: str | None = None
+    grace_period_s: float = 20.0
+    log_level: str = "info"
+    log_json: bool = True
+    otlp_endpoint: str | None = None
+    # Port for a Prometheus /metrics endpoint; 0 disables it.
+    metrics_port: int = 0
+    max_concurrent_rpcs: int = 10_000
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"port must be 0..65535, got {self.port}")
+        if self.max_message_bytes < 1024 * 1024:
+            raise InvalidArgument("max_message_bytes must be at least 1 MiB")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidArgument("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidArgument("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.grace_period_s < 0:
+            raise InvalidArgument("grace_period_s must be >= 0")
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """Return (inner type, optional) for annotations like `int`, `str | None`, `list[str]`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        inner, _ = _base_type(args[0])
+        return inner, True
+    if origin in (list, tuple):
+        return list, False
+    return annotation, False
+
+
+def _parse(raw: str, kind: type, name: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind is list:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise InvalidArgument(f"setting {name}: cannot read {raw!r} as {kind.__name__}") from None
+
+
+def load_settings(
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    *,
+    service: str,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service}", description=cls.__doc__)
+    for field in dataclasses.fields(cls):
+        kind, _ = _base_type(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, dest=field.name, default=None, help=f"env AIAAS_{field.name.upper()}")
+    parsed = vars(parser.parse_args(list(argv) if argv is not None else []))
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        kind, _ = _base_type(hints[field.name])
+        flag_value = parsed.get(field.name)
+        if flag_value is not None:
+            values[field.name] = flag_value if kind is bool else _parse(flag_value, kind, field.name)
+            continue
+        for key in (f"AIAAS_{service.upper()}_{field.name.upper()}", f"AIAAS_{field.name.upper()}"):
+            if key in env:
+                values[field.name] = _parse(env[key], kind, key)
+                break
+    settings = cls(**values)
+    settings.validate()
+    return settings

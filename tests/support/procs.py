@@ -1,0 +1,95 @@
+"""Start aiaas services as real processes on free ports and wait until their health says SERVING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.servers import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_healthy(address: str, service: str = "", timeout: float = 60.0,
+                 proc: subprocess.Popen[bytes] | None = None, log_path: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                tail = Path(log_path).read_text()[-4000:] if log_path else ""
+                raise RuntimeError(f"service at {address} exited with {proc.returncode}:\n{tail}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as exc:
+                last = exc.code().name
+            time.sleep(0.05)
+    tail = Path(log_path).read_text()[-4000:] if log_path else ""
+    raise TimeoutError(f"{address} service {service!r} not SERVING after {timeout}s (last: {last})\n{tail}")
+
+
+class ServiceProcess:
+    """`python -m services.<name> --port N ...` as a child process, logs in a temp file."""
+
+    def __init__(self, name: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 port: int | None = None) -> None:
+        self.name = name
+        self.port = port or free_port()
+        self.args = list(args)
+        self.env = {**os.environ, "AIAAS_LOG_JSON": "false", **(env or {})}
+        self.env.setdefault("PYTHONPATH", str(REPO_ROOT))
+        self.log_file = tempfile.NamedTemporaryFile(prefix=f"aiaas-{name}-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 90.0) -> ServiceProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            cwd=REPO_ROOT, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_ready(timeout=timeout)
+        return self
+
+    def wait_ready(self, service: str = "", timeout: float = 90.0) -> None:
+        wait_healthy(self.address, service, timeout, proc=self.proc, log_path=self.log_file.name)
+
+    def log(self) -> str:
+        return Path(self.log_file.name).read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
