@@ -1,0 +1,1 @@
+"""Kubernetes: render the kustomize overlays in deploy/k8s, apply them, report rollout status."""
