@@ -1,0 +1,30 @@
+"""aiaas: turn trained PyTorch models into a production gRPC service.
+
+The client package: generated stubs (`aiaas.<service>.v1`), the Python SDK and the `aiaas` CLI.
+Heavy modules (torch) load only when the name that needs them is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "RegistryClient": "aiaas.registry_client",
+    "GatewayClient": "aiaas.gateway_client",
+    "MonitorClient": "aiaas.monitor_client",
+    "deploy": "aiaas.deploy",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'aiaas' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
