@@ -1,0 +1,164 @@
+"""KServe v2 datatypes <-> numpy, and the wire encoding of tensors (raw bytes, BYTES length prefixes).
+
+numpy has no bfloat16, so BF16 travels through numpy as its uint16 bit patterns; the worker views
+them as torch.bfloat16. BYTES tensors are numpy object arrays of `bytes`; on the wire each element
+is a 4-byte little-endian length followed by its bytes (KSERVE_V2_PROTOCOL.md §4.3).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.common.errors import InvalidArgument
+
+KSERVE_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BF16": np.dtype(np.uint16),  # bit patterns; see module docstring
+    "BYTES": np.dtype(object),
+}
+
+_NUMPY_TO_KSERVE: dict[np.dtype, str] = {
+    dtype: name for name, dtype in KSERVE_TO_NUMPY.items() if name not in ("BF16", "BYTES")
+}
+
+_ELEMENT_SIZE: dict[str, int] = {
+    name: dtype.itemsize for name, dtype in KSERVE_TO_NUMPY.items() if name != "BYTES"
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+def _check_datatype(datatype: str) -> None:
+    if datatype not in KSERVE_TO_NUMPY:
+        known = ", ".join(KSERVE_TO_NUMPY)
+        raise InvalidArgument(f"unknown datatype '{datatype}'; expected one of {known}")
+
+
+def numpy_to_kserve(dtype: np.dtype | type) -> str:
+    """The KServe datatype for a numpy dtype; bytes, str and object arrays are BYTES."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in ("O", "S", "U"):
+        return "BYTES"
+    if dtype.name == "bfloat16":  # ml_dtypes.bfloat16, as tritonclient uses it
+        return "BF16"
+    name = _NUMPY_TO_KSERVE.get(dtype.newbyteorder("=") if dtype.byteorder == ">" else dtype)
+    if name is None:
+        raise InvalidArgument(f"numpy dtype {dtype} has no KServe datatype")
+    return name
+
+
+def element_size(datatype: str) -> int | None:
+    """Bytes per element, or None for BYTES (variable length)."""
+    _check_datatype(datatype)
+    return _ELEMENT_SIZE.get(datatype)
+
+
+def _as_bytes(item: object) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    if isinstance(item, (bytearray, memoryview)):
+        return bytes(item)
+    return str(item).encode("utf-8")
+
+
+def serialize_bytes_tensor(array: np.ndarray) -> bytes:
+    """Row-major elements, each as a 4-byte little-endian length then its bytes."""
+    pack = _LENGTH.pack
+    parts: list[bytes] = []
+    append = parts.append
+    for item in np.asarray(array).flat:
+        data = _as_bytes(item)
+        append(pack(len(data)))
+        append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes_tensor(raw: bytes | bytearray | memoryview, count: int) -> np.ndarray:
+    """A flat object array of `count` bytes elements; InvalidArgument if `raw` is malformed."""
+    view = memoryview(raw).cast("B")
+    total = len(view)
+    result = np.empty(count, dtype=object)
+    unpack = _LENGTH.unpack_from
+    offset = 0
+    for index in range(count):
+        if offset + 4 > total:
+            raise InvalidArgument(
+                f"malformed BYTES tensor: element {index} of {count} has no 4-byte length prefix "
+                f"(offset {offset}, {total} bytes in all)"
+            )
+        (length,) = unpack(view, offset)
+        offset += 4
+        end = offset + length
+        if end > total:
+            raise InvalidArgument(
+                f"malformed BYTES tensor: element {index} declares {length} bytes at offset {offset} "
+                f"but only {total - offset} remain"
+            )
+        result[index] = bytes(view[offset:end])
+        offset = end
+    if offset != total:
+        raise InvalidArgument(
+            f"malformed BYTES tensor: {total - offset} trailing bytes after {count} elements"
+        )
+    return result
+
+
+def _element_count(shape: Sequence[int], datatype: str) -> int:
+    for dim in shape:
+        if dim < 0:
+            raise InvalidArgument(f"invalid shape {list(shape)} for {datatype} tensor: negative dimension")
+    return math.prod(shape)
+
+
+def raw_to_array(raw: bytes | bytearray | memoryview, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """The tensor in `raw` as a numpy array of `shape`: a zero-copy read-only view where possible."""
+    _check_datatype(datatype)
+    count = _element_count(shape, datatype)
+    if datatype == "BYTES":
+        return deserialize_bytes_tensor(raw, count).reshape(shape)
+    dtype = KSERVE_TO_NUMPY[datatype]
+    expected = count * dtype.itemsize
+    size = memoryview(raw).nbytes
+    if size != expected:
+        raise InvalidArgument(
+            f"unexpected total byte size {size} for {datatype} tensor of shape {list(shape)}, "
+            f"expected {expected} ({count} elements of {dtype.itemsize} bytes)"
+        )
+    array = np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+    if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
+        raise InvalidArgument("malformed BOOL tensor: every byte must be 0 or 1")
+    return array
+
+
+def array_to_raw(array: np.ndarray, datatype: str) -> bytes:
+    """The wire bytes of `array` as `datatype`: C order, little-endian, BYTES length-prefixed."""
+    _check_datatype(datatype)
+    if datatype == "BYTES":
+        return serialize_bytes_tensor(array)
+    expected = KSERVE_TO_NUMPY[datatype]
+    dtype = array.dtype
+    if dtype.byteorder == ">":
+        array = array.astype(dtype.newbyteorder("<"))
+        dtype = array.dtype
+    if datatype == "BF16" and dtype.name == "bfloat16":
+        array = array.view(np.uint16)
+    elif dtype != expected:
+        raise InvalidArgument(f"array of dtype {dtype} cannot be sent as {datatype} (needs {expected})")
+    return np.ascontiguousarray(array).tobytes()
