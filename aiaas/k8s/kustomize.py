@@ -128,7 +128,9 @@ def _apply_patch(objects: list[Manifest], entry: dict[str, Any], directory: Path
         selected = [_matches(obj, target) for obj in objects]
     elif isinstance(body, dict):
         if target is None:
-            target = {"kind": body.get("kind"), "name": re.escape(body.get("metadata", {}).get("name", ""))}
+            group, _, version = str(body.get("apiVersion", "")).rpartition("/")
+            target = {"group": re.escape(group), "version": re.escape(version), "kind": body.get("kind"),
+                      "name": re.escape(body.get("metadata", {}).get("name", ""))}
         body = {k: v for k, v in body.items() if k not in ("apiVersion", "kind")}
         body["metadata"] = {k: v for k, v in body.get("metadata", {}).items() if k not in ("name", "namespace")}
         if not body["metadata"]:
