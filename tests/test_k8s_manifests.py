@@ -131,7 +131,7 @@ def test_every_service_selects_a_pod_template_and_its_ports(overlay: tuple[str, 
     for name, service in services.items():
         assert check_service(service, objects) == [], name
     for name, port in SERVICE_PORTS.items():
-        assert [p["port"] for p in services[name]["spec"]["ports"]][0] == port
+        assert services[name]["spec"]["ports"][0]["port"] == port
     assert services["inference-headless"]["spec"]["clusterIP"] == "None"
     assert {p["port"] for p in services["monitor"]["spec"]["ports"]} == {50053, 9464}
 
