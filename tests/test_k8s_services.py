@@ -54,6 +54,15 @@ def test_container_environment_loads_into_the_service_settings(overlay: str, ser
     fields = {f.name for f in dataclasses.fields(settings)}
     if "registry_url" in fields and service != "registry":
         assert settings.registry_url == "registry:50051"  # type: ignore[attr-defined]
+    if service == "registry":
+        database = "sqlite:////data/registry.db" if overlay == "dev" else (
+            "postgresql+psycopg://aiaas:secret-placeholder@postgres:5432/aiaas")
+        assert settings.database_url == database  # type: ignore[attr-defined]
+        assert str(settings.artifact_dir) == "/data/artifacts"  # type: ignore[attr-defined]
+    if service == "gateway":
+        assert settings.inference_targets == ("dns:///inference-headless:50052",)  # type: ignore[attr-defined]
+        assert settings.key_pepper  # type: ignore[attr-defined]
+        assert settings.redis_url == (None if overlay == "dev" else "redis://redis:6379/0")  # type: ignore[attr-defined]
     if service == "monitor":
         assert settings.metrics_port == 9464
     if service == "inference":
