@@ -1,0 +1,91 @@
+"""Artifact formats and runners: load an artifact (never by unpickling) and call it on numpy arrays.
+
+A runner takes the inputs in signature order and returns the outputs in signature order, so the
+parity gate can compare an eager module, a TorchScript archive, a `torch.export` program and an
+ONNX model the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from services.common.errors import InvalidArgument
+
+Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+
+
+class ArtifactFormat(enum.Enum):
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch_export"
+    ONNX = "onnx"
+    SAFETENSORS = "safetensors"
+
+    @classmethod
+    def parse(cls, value: str | ArtifactFormat) -> ArtifactFormat:
+        if isinstance(value, ArtifactFormat):
+            return value
+        aliases = {"ts": "torchscript", "jit": "torchscript", "export": "torch_export", "pt2": "torch_export",
+                   "torch-export": "torch_export"}
+        key = aliases.get(value.lower(), value.lower())
+        try:
+            return cls(key)
+        except ValueError:
+            choices = ", ".join(f.value for f in cls if f is not cls.SAFETENSORS)
+            raise InvalidArgument(f"unknown format {value!r}; choose one of {choices}") from None
+
+
+def _outputs_to_numpy(result: object) -> list[np.ndarray]:
+    if isinstance(result, torch.Tensor):
+        result = (result,)
+    if not isinstance(result, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in result):
+        raise InvalidArgument(f"the model must return a tensor or a tuple of tensors, got {type(result).__name__}")
+    return [t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy() for t in result]
+
+
+def module_runner(module: Callable[..., object]) -> Runner:
+    """Run an eager `nn.Module`, a ScriptModule or an exported program's module under no_grad."""
+
+    def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            return _outputs_to_numpy(module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs)))
+
+    return run
+
+
+def load_torchscript(data: bytes) -> torch.jit.ScriptModule:
+    module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    module.eval()
+    return module
+
+
+def load_torch_export(data: bytes) -> torch.export.ExportedProgram:
+    return torch.export.load(io.BytesIO(data))
+
+
+def onnx_runner(data: bytes) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return list(session.run(None, dict(zip(names, inputs, strict=True))))
+
+    return run
+
+
+def load_runner(fmt: ArtifactFormat, data: bytes) -> Runner:
+    if fmt is ArtifactFormat.TORCHSCRIPT:
+        return module_runner(load_torchscript(data))
+    if fmt is ArtifactFormat.TORCH_EXPORT:
+        return module_runner(load_torch_export(data).module())
+    if fmt is ArtifactFormat.ONNX:
+        return onnx_runner(data)
+    raise InvalidArgument(f"a {fmt.value} artifact holds weights only and cannot run by itself")
