@@ -1,0 +1,166 @@
+"""Composition root of the inference service: repository, loaders, feed, servicer, health, telemetry.
+
+Start-up order: the versions named in `load_models`, the Triton-delegated models and the first
+registry snapshot of followed aliases are loaded and warmed (bounded by `startup_timeout_s`)
+before the port opens, so a replica that reports SERVING can serve. Health carries one entry
+per model (`name`) and per version (`name/version`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2_grpc
+
+from aiaas.registry.v1 import registry_pb2
+from services.common.errors import AiaasError, InvalidArgument
+from services.common.server import ServiceApp, channel_options
+from services.inference.core import RequestRecord
+from services.inference.follower import AliasFollower
+from services.inference.registry_source import RegistryLoader
+from services.inference.repository import ModelRepository, VersionLoader, parse_version
+from services.inference.servicer import InferenceServicer
+from services.inference.settings import InferenceSettings
+from services.inference.triton_backend import TritonLoader, load_backends
+
+log = logging.getLogger("aiaas.inference")
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+
+def parse_model_ref(ref: str) -> tuple[str, int, str]:
+    """"model", "model:alias" or "model/version" -> (model, version, alias)."""
+    if "/" in ref:
+        model, _, version = ref.partition("/")
+        return model, parse_version(version), ""
+    model, _, alias = ref.partition(":")
+    if not model:
+        raise InvalidArgument(f"load_models: empty model name in {ref!r}")
+    return model, 0, alias
+
+
+class InferenceService:
+    """Everything the process runs, wired together."""
+
+    def __init__(self, settings: InferenceSettings, *, configure_process: bool = True) -> None:
+        self.settings = settings
+        self.app = ServiceApp("inference", settings, configure_process=configure_process)
+        self.registry_channel = grpc.aio.insecure_channel(
+            settings.registry_url, options=channel_options(settings.max_message_bytes))
+        self.loader = RegistryLoader(settings, self.registry_channel)
+        self.triton_loaders = {name: TritonLoader(cfg) for name, cfg in load_backends(settings.triton_backends).items()}
+        self.reporter: Any = None
+        if settings.monitor_url:
+            from services.common.reporting import TelemetryReporter
+
+            self.reporter = TelemetryReporter(settings.monitor_url, source="inference")
+        loaders: dict[str, VersionLoader] = dict(self.triton_loaders)
+        self.repository = ModelRepository(
+            self.loader, default_alias=settings.default_alias, loaders=loaders,
+            drain_timeout_s=settings.drain_timeout_s, retry_min_s=settings.reconnect_min_s,
+            retry_max_s=max(settings.reconnect_max_s, settings.reconnect_min_s),
+            observer=self._report if self.reporter is not None else None)
+        self.servicer = InferenceServicer(self.repository, catalog=self._catalog)
+        self.app.add_service(SERVICE_NAME, service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, self.servicer)
+        self.follower: AliasFollower | None = None
+        if settings.follow_aliases:
+            self.follower = AliasFollower(
+                self.registry_channel, self.repository, aliases=settings.follow_aliases,
+                models=settings.follow_models, backoff_min_s=settings.reconnect_min_s,
+                backoff_max_s=settings.reconnect_max_s)
+        self.repository.add_listener(self._on_version_state)
+        self.app.on_shutdown(self._close)
+
+    # ---- telemetry and health ----------------------------------------------------------------
+
+    def _report(self, record: RequestRecord) -> None:
+        """The one place a finished request meets telemetry (the monitor's reporter)."""
+        from services.common.reporting import RequestRecord as Report
+
+        reporter = self.reporter
+        reporter.record(Report(
+            source="inference", model=record.model, version=record.version, alias="", status=record.status,
+            latency_us=record.latency_ns // 1000, queue_us=record.queue_ns // 1000,
+            compute_us=record.compute_ns // 1000, batch_size=record.batch_size))
+        if record.inputs is not None:
+            reporter.sample_inputs(record.model, record.version, dict(record.inputs))
+
+    def _on_version_state(self, model: str, version: int, ready: bool) -> None:
+        loop = asyncio.get_running_loop()
+        loop.create_task(self.app.set_serving(f"{model}/{version}", ready))
+        loop.create_task(self.app.set_serving(model, bool(self.repository.ready_versions(model))))
+        if ready and self.reporter is not None:
+            self.reporter.report_load(model, version)
+
+    async def _catalog(self) -> list[str]:
+        names: list[str] = list(self.triton_loaders)
+        token = ""
+        while True:
+            reply = await self.loader.stub.ListModels(
+                registry_pb2.ListModelsRequest(page_size=1000, page_token=token), timeout=5)
+            names += [m.name for m in reply.models]
+            token = reply.next_page_token
+            if not token:
+                return names
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Load what must be served before the port opens (bounded by startup_timeout_s)."""
+        if self.reporter is not None:
+            await self.reporter.start()
+        try:
+            await asyncio.wait_for(self._initial_load(), self.settings.startup_timeout_s)
+        except TimeoutError:
+            log.warning("start-up loads not finished after %.0fs; serving what is ready, the rest follows",
+                        self.settings.startup_timeout_s)
+        self.servicer.ready = True
+
+    async def _initial_load(self) -> None:
+        refs = [parse_model_ref(ref) for ref in self.settings.load_models]
+        refs += [(name, 0, "") for name in self.triton_loaders if name not in {r[0] for r in refs}]
+        if self.follower is not None:
+            self.follower.start()
+        results = await asyncio.gather(*(self.repository.load(m, v, a) for m, v, a in refs), return_exceptions=True)
+        for (model, version, alias), result in zip(refs, results, strict=True):
+            if isinstance(result, BaseException):
+                detail = result.message if isinstance(result, AiaasError) else repr(result)
+                log.error("start-up load of %s %s failed: %s", model, version or alias or "", detail)
+        if self.follower is not None:
+            await self.follower.synced.wait()
+            await self.repository.settle()
+
+    async def start(self) -> int:
+        await self.prepare()
+        return await self.app.start()
+
+    async def _close(self) -> None:
+        self.servicer.ready = False
+        if self.follower is not None:
+            await self.follower.close()
+        await self.repository.close()
+        for loader in self.triton_loaders.values():
+            await loader.close()
+        if self.reporter is not None:
+            await self.reporter.close()
+        await self.registry_channel.close()
+
+    async def run(self) -> None:
+        """Prepare, serve until SIGTERM/SIGINT, drain, stop workers, exit."""
+        loop = asyncio.get_running_loop()
+        preparing = loop.create_task(self.prepare())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, preparing.cancel)
+        try:
+            await preparing
+        except asyncio.CancelledError:
+            log.info("stopped during start-up")
+            await self._close()
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await self.app.run()

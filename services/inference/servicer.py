@@ -1,0 +1,238 @@
+"""`inference.GRPCInferenceService` (KServe v2 / Triton gRPC) over the ModelRepository. Thin.
+
+Errors are raised as `AiaasError`s; the service interceptor maps them to status codes. On the
+stream, a request's error goes in-band in `error_message` and the stream carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from aiaas import __version__
+from services.common.errors import AiaasError, InvalidArgument, NotFound, Unavailable, Unimplemented
+from services.inference import metadata
+from services.inference.convert import build_response, parse_request, plan_for
+from services.inference.repository import IndexEntry, ModelRepository, parse_version
+
+log = logging.getLogger("aiaas.inference.servicer")
+
+ModelCatalog = Callable[[], Awaitable[list[str]]]
+
+_SHM = "shared memory is not supported by this server: send tensors in raw_input_contents"
+_TRACE = "trace settings are not supported by this server: traces are exported with OpenTelemetry (otlp_endpoint)"
+_LOG = "log settings are not supported by this server: set log_level at start-up"
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository, catalog: ModelCatalog | None = None) -> None:
+        self._repo = repository
+        self._catalog = catalog
+        self.ready = False
+
+    # ---- health and metadata -------------------------------------------------------------------
+
+    async def ServerLive(self, request: Any, context: Any) -> service_pb2.ServerLiveResponse:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> service_pb2.ServerReadyResponse:
+        return service_pb2.ServerReadyResponse(ready=self.ready)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> service_pb2.ServerMetadataResponse:
+        return metadata.server_metadata(__version__)
+
+    async def ModelReady(self, request: service_pb2.ModelReadyRequest, context: Any) -> service_pb2.ModelReadyResponse:
+        try:
+            self._repo.resolve(request.name, request.version)
+        except Unavailable:
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: service_pb2.ModelMetadataRequest,
+                            context: Any) -> service_pb2.ModelMetadataResponse:
+        lv = self._repo.resolve(request.name, request.version)
+        versions = [lv] if request.version else self._repo.ready_versions(lv.model)
+        return metadata.model_metadata(request.name, versions, lv)
+
+    async def ModelConfig(self, request: service_pb2.ModelConfigRequest,
+                          context: Any) -> service_pb2.ModelConfigResponse:
+        lv = self._repo.resolve(request.name, request.version)
+        return service_pb2.ModelConfigResponse(config=metadata.model_config(lv))
+
+    async def ModelStatistics(self, request: service_pb2.ModelStatisticsRequest,
+                              context: Any) -> service_pb2.ModelStatisticsResponse:
+        if not request.name:
+            return metadata.statistics(self._repo.ready_versions())
+        if not self._repo.known(request.name):
+            raise NotFound(f"Request for unknown model: '{request.name}' is not found")
+        if request.version:
+            try:
+                return metadata.statistics([self._repo.resolve(request.name, request.version)])
+            except Unavailable:
+                raise InvalidArgument(
+                    f"requested model '{request.name}' version {request.version} is not available") from None
+        versions = self._repo.ready_versions(request.name)
+        if not versions:
+            raise InvalidArgument(f"requested model '{request.name}' is not available")
+        return metadata.statistics(versions)
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    async def ModelInfer(self, request: service_pb2.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
+        return await self._infer(request, context.time_remaining())
+
+    async def _infer(self, request: service_pb2.ModelInferRequest,
+                     remaining_s: float | None) -> service_pb2.ModelInferResponse:
+        lv = self._repo.resolve(request.model_name, request.model_version)
+        try:
+            parsed = parse_request(request, lv.input_plan or plan_for(lv))
+        except AiaasError as exc:
+            lv.record_rejected(0, exc)
+            raise
+        timeout_us = parsed.timeout_us
+        deadline_bound = False
+        if remaining_s is not None:
+            deadline_us = max(1, int(remaining_s * 1e6))
+            if timeout_us is None or deadline_us < timeout_us:
+                timeout_us = deadline_us
+                deadline_bound = True
+        outcome = await lv.infer(parsed.inputs, parsed.rows, priority=parsed.priority, timeout_us=timeout_us,
+                                 deadline_bound=deadline_bound)
+        return build_response(request, lv, parsed, outcome.outputs)
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[service_pb2.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        """Requests run concurrently; each answer is written when ready; ends when the client half-closes."""
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[service_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: service_pb2.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(request, None)
+                response.parameters["triton_final_response"].bool_param = True
+                answers.put_nowait(service_pb2.ModelStreamInferResponse(infer_response=response))
+            except AiaasError as exc:
+                answers.put_nowait(_stream_error(request, exc.message))
+            except Exception:  # noqa: BLE001 - one failed request must not end the stream
+                log.exception("stream request for model '%s' failed", request.model_name)
+                answers.put_nowait(_stream_error(request, "internal error; see the server log"))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = loop.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*list(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = loop.create_task(read())
+        try:
+            while (message := await answers.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    # ---- repository ----------------------------------------------------------------------------
+
+    async def RepositoryIndex(self, request: service_pb2.RepositoryIndexRequest,
+                              context: Any) -> service_pb2.RepositoryIndexResponse:
+        entries = self._repo.index()
+        if self._catalog is not None and not request.ready:
+            listed = {entry.model for entry in entries}
+            try:
+                names = await asyncio.wait_for(self._catalog(), 5.0)
+            except (AiaasError, TimeoutError, grpc.RpcError) as exc:
+                log.warning("repository index without the registry's models: %s", exc)
+                names = []
+            entries += [IndexEntry(name, 0, "UNAVAILABLE", "not loaded") for name in names if name not in listed]
+        return metadata.repository_index(entries, request.ready)
+
+    async def RepositoryModelLoad(self, request: service_pb2.RepositoryModelLoadRequest,
+                                  context: Any) -> service_pb2.RepositoryModelLoadResponse:
+        version, alias = _load_target(request)
+        if not request.model_name:
+            raise InvalidArgument("model_name is required")
+        await self._repo.load(request.model_name, version, alias)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: service_pb2.RepositoryModelUnloadRequest,
+                                    context: Any) -> service_pb2.RepositoryModelUnloadResponse:
+        version, _ = _load_target(request, unload=True)
+        await self._repo.unload(request.model_name, version)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+    # ---- not supported -------------------------------------------------------------------------
+
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(_SHM)
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(_SHM)
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(_SHM)
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(_SHM)
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(_SHM)
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(_SHM)
+
+    async def TraceSetting(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(_TRACE)
+
+    async def LogSettings(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(_LOG)
+
+
+def _stream_error(request: service_pb2.ModelInferRequest, message: str) -> service_pb2.ModelStreamInferResponse:
+    response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                              id=request.id)
+    response.parameters["triton_final_response"].bool_param = True
+    return service_pb2.ModelStreamInferResponse(error_message=message, infer_response=response)
+
+
+def _load_target(request: Any, *, unload: bool = False) -> tuple[int, str]:
+    """`version` (int64 or decimal string) and `alias` (string) from the load/unload parameters."""
+    version = 0
+    alias = ""
+    for key, value in request.parameters.items():
+        kind = value.WhichOneof("parameter_choice")
+        if key == "version":
+            if kind == "int64_param":
+                version = value.int64_param
+            elif kind == "string_param":
+                version = parse_version(value.string_param)
+            else:
+                raise InvalidArgument("parameter 'version' must be an int64 or a decimal string")
+            if version <= 0:
+                raise InvalidArgument(f"parameter 'version' must be a positive integer, got {version}")
+        elif key == "alias" and not unload:
+            if kind != "string_param" or not value.string_param:
+                raise InvalidArgument("parameter 'alias' must be a non-empty string")
+            alias = value.string_param
+        elif key == "unload_dependents" and unload:
+            continue
+        elif key == "config" or key.startswith("file:"):
+            raise InvalidArgument(
+                f"parameter '{key}': configuration overrides are not supported; a version's signature and "
+                "serving config come from the registry")
+        else:
+            raise InvalidArgument(f"unknown parameter '{key}' for model {'unload' if unload else 'load'}")
+    return version, alias
+

@@ -1,0 +1,71 @@
+"""Settings of the inference service (`python -m services.inference --help` lists them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from services.common.errors import InvalidArgument
+from services.common.settings import ServerSettings
+
+# Triton's own limit: real tensors (images, embeddings) must fit in one message.
+INFERENCE_MAX_MESSAGE_BYTES = 2**31 - 1
+WORKER_MODES = ("process", "thread")
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "aiaas" / "models")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings(ServerSettings):
+    """KServe v2 inference service: loads versions from the registry, batches, runs them in workers."""
+
+    port: int = 50052
+    max_message_bytes: int = INFERENCE_MAX_MESSAGE_BYTES
+    registry_url: str = "localhost:50051"
+    # Aliases whose versions are loaded and followed through the registry's change feed.
+    follow_aliases: tuple[str, ...] = ("production",)
+    # Restricts following to these models; empty follows every model.
+    follow_models: tuple[str, ...] = ()
+    # What a request that names a model but no version gets.
+    default_alias: str = "production"
+    # Versions to load at start-up: "model", "model:alias" or "model/version".
+    load_models: tuple[str, ...] = ()
+    model_cache_dir: str = ""
+    # Used when a version's ServingConfig leaves it unset.
+    max_queue_size: int = 1024
+    device: str = "cpu"
+    # "process": one worker process per model instance; "thread": a thread pool in this process.
+    worker_mode: str = "process"
+    # torch intra-op threads per worker; 0 lets the worker decide.
+    torch_threads: int = 0
+    # JSON or YAML file mapping a served model name to {url, model_name[, model_version]}.
+    triton_backends: str | None = None
+    monitor_url: str | None = None
+    # How long start-up waits for the first registry snapshot and start-up models.
+    startup_timeout_s: float = 120.0
+    # Longest wait for an old version's in-flight requests when it is swapped out or unloaded.
+    drain_timeout_s: float = 60.0
+    # Reconnect backoff for the registry feed.
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 10.0
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.model_cache_dir or default_cache_dir())
+
+    def validate(self) -> None:
+        super().validate()
+        if self.worker_mode not in WORKER_MODES:
+            raise InvalidArgument(f"worker_mode must be one of {', '.join(WORKER_MODES)}, got {self.worker_mode!r}")
+        if self.max_queue_size < 1:
+            raise InvalidArgument("max_queue_size must be >= 1")
+        if self.torch_threads < 0:
+            raise InvalidArgument("torch_threads must be >= 0")
+        if self.follow_aliases and not self.registry_url:
+            raise InvalidArgument("follow_aliases needs registry_url")
+        if self.drain_timeout_s <= 0 or self.startup_timeout_s <= 0:
+            raise InvalidArgument("drain_timeout_s and startup_timeout_s must be > 0")
