@@ -39,6 +39,12 @@ class ArtifactFormat(enum.Enum):
             raise InvalidArgument(f"unknown format {value!r}; choose one of {choices}") from None
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for a report (torch and onnxruntime messages run long)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _outputs_to_numpy(result: object) -> list[np.ndarray]:
     if isinstance(result, torch.Tensor):
         result = (result,)

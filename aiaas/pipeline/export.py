@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from aiaas.pipeline.artifacts import ArtifactFormat
+from aiaas.pipeline.artifacts import ArtifactFormat, first_line
 from services.common.errors import InvalidArgument
 
 # torch.export refuses a dynamic dimension whose example is 0 or 1 ("specialization").
@@ -104,7 +104,6 @@ def export_module(
             return to_onnx(module, inputs, input_names, output_names)
     except InvalidArgument:
         raise
-    except Exception as exc:  # noqa: BLE001 - exporters raise many unrelated types; report the reason
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidArgument(f"cannot export to {fmt.value}: {first_line}") from exc
+    except Exception as exc:
+        raise InvalidArgument(f"cannot export to {fmt.value}: {first_line(exc)}") from exc
     raise InvalidArgument(f"cannot export a module to {fmt.value}")

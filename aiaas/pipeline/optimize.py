@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from aiaas.pipeline.artifacts import ArtifactFormat, load_torch_export, load_torchscript
+from aiaas.pipeline.artifacts import ArtifactFormat, first_line, load_torch_export, load_torchscript
 from aiaas.pipeline.export import batch_dynamic_shapes, exportable_batch, quiet_export
 from aiaas.pipeline.signature import FLOAT_DATATYPES, Signature, generate_inputs, torch_dtype
 from services.common.errors import InvalidArgument
@@ -197,7 +197,6 @@ def transform(
             return Transformed(fmt, _onnx_file_op(data, transformation, ort_level), lineage)
     except InvalidArgument:
         raise
-    except Exception as exc:  # noqa: BLE001 - torch/onnxruntime raise many types; report the reason
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InvalidArgument(f"{transformation} failed on this {fmt.value} version: {first_line}") from exc
+    except Exception as exc:
+        raise InvalidArgument(f"{transformation} failed on this {fmt.value} version: {first_line(exc)}") from exc
     raise InvalidArgument(f"cannot transform a {fmt.value} artifact")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from aiaas.pipeline.artifacts import Runner
+from aiaas.pipeline.artifacts import Runner, first_line
 from services.common.errors import FailedPrecondition
 
 _EPS = 1e-12
@@ -168,7 +168,7 @@ def run_parity(
         got = candidate(inputs)
     except Exception as exc:  # noqa: BLE001 - a candidate that cannot run fails the gate, with why
         got = []
-        failure = f"candidate failed to run: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+        failure = f"candidate failed to run: {first_line(exc)}"
     else:
         failure = ""
     expected = parent(inputs)
@@ -180,7 +180,7 @@ def run_parity(
         "transformation": transformation,
         **numbers,
         "forced": False,
-        "samples": int(len(inputs[0])) if inputs else 0,
+        "samples": len(inputs[0]) if inputs else 0,
         "sample_source": sample_source,
         "tolerances": dataclasses.asdict(tolerances),
         "size_bytes": {"parent": parent_size, "candidate": candidate_size,

@@ -26,6 +26,7 @@ from aiaas.pipeline.signature import (
     derive_signature,
     generate_inputs,
 )
+from services.common.errors import InvalidArgument
 
 PARITY_SAMPLES = 64
 
@@ -79,8 +80,14 @@ def export_candidate(
     serving.validate()
     module = module.eval()
     inputs = as_tensor_tuple(example_inputs, "example_inputs")
-    with torch.inference_mode():
-        outputs = as_tensor_tuple(module(*inputs), "the module's output")
+    if any(t.dim() == 0 for t in inputs):
+        raise InvalidArgument("example_inputs must have a batch dimension (no scalars)")
+    try:
+        with torch.inference_mode():
+            raw_outputs = module(*inputs)
+    except Exception as exc:
+        raise InvalidArgument(f"the module failed on example_inputs: {exc}") from exc
+    outputs = as_tensor_tuple(raw_outputs, "the module's output")
     signature = derive_signature(inputs, outputs, input_names, output_names)
     data = export_module(module, inputs, fmt, [s.name for s in signature.inputs], [s.name for s in signature.outputs])
     transformation = f"export:{fmt.value}"

@@ -1,0 +1,101 @@
+"""Transformations of a stored artifact: each result passes its gate and keeps the signature."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aiaas.pipeline.artifacts import ArtifactFormat, load_runner
+from aiaas.pipeline.parity import ParityRefused, Tolerances
+from aiaas.pipeline.signature import ServingConfig
+from aiaas.pipeline.steps import Candidate, export_candidate, transform_candidate
+from services.common.errors import InvalidArgument
+from tests.pipeline.models import mlp
+
+SERVING = ServingConfig(max_batch_size=8)
+TS, EXPORT, ONNX = ArtifactFormat.TORCHSCRIPT, ArtifactFormat.TORCH_EXPORT, ArtifactFormat.ONNX
+
+
+@pytest.fixture(scope="module")
+def parents() -> dict[ArtifactFormat, Candidate]:
+    return {fmt: export_candidate(mlp(), torch.randn(4, 10), fmt, serving=SERVING, measure_latency=False)
+            for fmt in (TS, EXPORT, ONNX)}
+
+
+@pytest.mark.parametrize(
+    ("parent_format", "transformation", "result_format", "lineage"),
+    [
+        (TS, "int8-dynamic", TS, "quantize:int8-dynamic"),
+        (TS, "fp16", TS, "cast:fp16"),
+        (TS, "bf16", TS, "cast:bf16"),
+        (TS, "to-onnx", ONNX, "convert:onnx"),
+        (EXPORT, "int8-dynamic", TS, "quantize:int8-dynamic"),
+        (EXPORT, "fp16", EXPORT, "cast:fp16"),
+        (ONNX, "int8-dynamic", ONNX, "quantize:int8-dynamic"),
+        (ONNX, "fp16", ONNX, "cast:fp16"),
+        (ONNX, "ort-optimize", ONNX, "ort-optimize:extended"),
+    ],
+)
+def test_transformation_passes_its_gate(
+    parents: dict[ArtifactFormat, Candidate], parent_format: ArtifactFormat, transformation: str,
+    result_format: ArtifactFormat, lineage: str,
+) -> None:
+    parent = parents[parent_format]
+    candidate = transform_candidate(parent.format, parent.data, parent.signature, SERVING, transformation,
+                                    parent_version=3, measure_latency=False)
+    assert candidate.format is result_format
+    assert candidate.transformation == lineage and candidate.parent_version == 3
+    report = candidate.report
+    assert report["passed"], report["failures"]
+    assert report["transformation"] == lineage and report["parent"]["version"] == 3
+    assert report["top1_agreement"] >= 0.9 and report["cosine"] >= 0.99
+    # Clients keep sending and receiving FP32 whatever the model runs in.
+    assert candidate.signature == parent.signature
+    x = np.random.default_rng(0).normal(size=(5, 10)).astype(np.float32)
+    (out,) = load_runner(candidate.format, candidate.data)([x])
+    assert out.dtype == np.float32 and out.shape == (5, 10)
+    if transformation == "int8-dynamic":
+        assert report["size_bytes"]["candidate"] < report["size_bytes"]["parent"]
+
+
+def test_report_compares_latency_against_parent(parents: dict[ArtifactFormat, Candidate]) -> None:
+    parent = parents[TS]
+    report = transform_candidate(parent.format, parent.data, parent.signature, SERVING, "int8-dynamic").report
+    assert set(report["latency_ms"]) == {"1", "8"}
+    for entry in report["latency_ms"].values():
+        assert entry["speedup"] == pytest.approx(entry["parent"] / entry["candidate"])
+
+
+def test_tight_tolerances_refuse_int8_with_a_report(parents: dict[ArtifactFormat, Candidate]) -> None:
+    parent = parents[TS]
+    with pytest.raises(ParityRefused) as refused:
+        transform_candidate(parent.format, parent.data, parent.signature, SERVING, "int8-dynamic",
+                            tolerances=Tolerances(atol=1e-6, rtol=0.0, min_cosine=0.999999, min_top1=1.0),
+                            measure_latency=False)
+    assert refused.value.report["passed"] is False
+    assert any("outside atol" in f for f in refused.value.report["failures"])
+
+
+@pytest.mark.parametrize(
+    ("parent_format", "transformation", "message"),
+    [
+        (TS, "ort-optimize", "ONNX versions only"),
+        (ONNX, "bf16", "does not apply to ONNX"),
+        (ONNX, "to-onnx", "does not apply to ONNX"),
+        (TS, "int4", "unknown transformation"),
+    ],
+)
+def test_transformations_that_do_not_apply_are_refused(
+    parents: dict[ArtifactFormat, Candidate], parent_format: ArtifactFormat, transformation: str, message: str
+) -> None:
+    parent = parents[parent_format]
+    with pytest.raises(InvalidArgument, match=message):
+        transform_candidate(parent.format, parent.data, parent.signature, SERVING, transformation)
+
+
+def test_int8_without_linear_layers_is_refused() -> None:
+    conv = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 3), torch.nn.Flatten()).eval()
+    parent = export_candidate(conv, torch.randn(2, 2, 5), TS, serving=SERVING, measure_latency=False)
+    with pytest.raises(InvalidArgument, match="no Linear layer"):
+        transform_candidate(parent.format, parent.data, parent.signature, SERVING, "int8-dynamic")
