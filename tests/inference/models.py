@@ -16,8 +16,14 @@ import torch
 
 from services.inference.datatypes import KSERVE_TO_NUMPY
 
-# TorchScript is deprecated upstream but still a format users bring; keep test output readable.
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+
+
+def _jit_save(module: torch.nn.Module, path: Path, example: torch.Tensor | None = None) -> None:
+    """TorchScript is deprecated upstream but still a format users bring; keep test output readable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        compiled = torch.jit.trace(module, example) if example is not None else torch.jit.script(module)
+        torch.jit.save(compiled, str(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +79,7 @@ def write_mlp(directory: str | Path, format: str, sizes: Sequence[int] = (10, 50
     example = torch.zeros(2, sizes[0])
     path = Path(directory) / f"mlp_{'x'.join(map(str, sizes))}.{_SUFFIX[format]}"
     if format == "torchscript":
-        torch.jit.save(torch.jit.trace(module, example), str(path))
+        _jit_save(module, path, example)
     elif format == "torch_export":
         batch = torch.export.Dim("batch", min=1, max=4096)
         program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}})
@@ -149,7 +155,7 @@ def write_identity(directory: str | Path, format: str, datatype: str, shape: tup
         )
         _save_onnx(graph, path)
     elif format == "torchscript":
-        torch.jit.save(torch.jit.script(_Identity()), str(path))
+        _jit_save(_Identity(), path)
     else:
         example = torch.zeros(2, 3, dtype=_torch_dtype(datatype))
         dims = {i: torch.export.Dim(f"d{i}", min=1, max=1024) for i, d in enumerate(shape) if d < 0}
@@ -174,7 +180,7 @@ class _TwoInTwoOut(torch.nn.Module):
 def write_two_in_two_out(directory: str | Path) -> Artifact:
     """TorchScript: a FP32 [-1, -1], b INT32 [-1, -1] -> dict {total FP64 [-1], difference FP32 [-1, -1]}."""
     path = Path(directory) / "two_in_two_out.pt"
-    torch.jit.save(torch.jit.script(_TwoInTwoOut()), str(path))
+    _jit_save(_TwoInTwoOut(), path)
 
     def expected(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         a, b = inputs["a"], inputs["b"].astype(np.float32)
@@ -199,7 +205,7 @@ class _FailsOnNegative(torch.nn.Module):
 def write_fails_on_negative(directory: str | Path) -> Artifact:
     """TorchScript that raises inside forward when any input is negative; else doubles x."""
     path = Path(directory) / "fails_on_negative.pt"
-    torch.jit.save(torch.jit.script(_FailsOnNegative()), str(path))
+    _jit_save(_FailsOnNegative(), path)
     spec = (TensorSpec("x", "FP32", (-1, -1)),), (TensorSpec("y", "FP32", (-1, -1)),)
     return Artifact(str(path), "torchscript", spec[0], spec[1], lambda i: {"y": i["x"] * 2})
 
