@@ -1,0 +1,294 @@
+"""Sliding windows of request figures: time buckets of counters and log-spaced histograms.
+
+Each (series, time bucket) is a flat map of integer counters, so a window is the sum of its
+buckets and several monitor replicas can add to the same buckets in Redis (HINCRBY) and agree
+on what they read. Latencies go into log-spaced bins (ratio `GAMMA`), so a percentile read
+back is within sqrt(GAMMA) - 1 (about 2%) of the exact value.
+
+Field names in a bucket:
+  n            requests              e        server-fault errors     s:<STATUS>  per status
+  l:<bin>      latency bins          ls       latency sum (us)
+  qn           requests that reported a queue/compute split
+  q:<bin> qs   queue-time bins/sum   c:<bin> cs  compute-time bins/sum
+  b:<size>     batch-size histogram
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from services.monitor.entities import SERVER_FAULT_STATUSES, Distribution, Request, SeriesKey, SeriesMetrics
+
+GAMMA = 1.04
+_LOG_GAMMA = math.log(GAMMA)
+
+NS_REQUESTS = "req"
+NS_DRIFT = "drift"
+
+Increments = dict[tuple[str, int], Counter[str]]
+
+
+def latency_bin(us: int) -> int:
+    """Bin 0 holds values below 1 us; bin i >= 1 holds [GAMMA**(i-1), GAMMA**i)."""
+    if us < 1:
+        return 0
+    return int(math.log(us) / _LOG_GAMMA) + 1
+
+
+def bin_value_us(index: int) -> float:
+    """The geometric middle of a bin: within sqrt(GAMMA) of anything in it."""
+    if index <= 0:
+        return 0.0
+    return GAMMA ** (index - 0.5)
+
+
+def bucket_of(time_ns: int, bucket_s: float) -> int:
+    return int(time_ns // int(bucket_s * 1e9))
+
+
+def add_request(increments: Increments, req: Request, bucket_s: float) -> None:
+    key = SeriesKey(model=req.model, version=req.version, alias=req.alias, source=req.source).encode()
+    fields = increments.setdefault((key, bucket_of(req.time_ns, bucket_s)), Counter())
+    fields["n"] += 1
+    fields["s:" + req.status] += 1
+    if req.status in SERVER_FAULT_STATUSES:
+        fields["e"] += 1
+    latency = max(0, int(req.latency_us))
+    fields[f"l:{latency_bin(latency)}"] += 1
+    fields["ls"] += latency
+    if req.queue_us > 0 or req.compute_us > 0:
+        fields["qn"] += 1
+        fields[f"q:{latency_bin(req.queue_us)}"] += 1
+        fields["qs"] += max(0, int(req.queue_us))
+        fields[f"c:{latency_bin(req.compute_us)}"] += 1
+        fields["cs"] += max(0, int(req.compute_us))
+    if req.batch_size > 0:
+        fields[f"b:{req.batch_size}"] += 1
+
+
+def _distribution(fields: Mapping[str, int], prefix: str, total_field: str, count: int) -> Distribution:
+    if count <= 0:
+        return Distribution()
+    bins = sorted((int(name[len(prefix):]), n) for name, n in fields.items() if name.startswith(prefix) and n > 0)
+    if not bins:
+        return Distribution()
+
+    def percentile(q: float) -> float:
+        rank = max(1, math.ceil(q * count))
+        seen = 0
+        for index, n in bins:
+            seen += n
+            if seen >= rank:
+                return bin_value_us(index) / 1000.0
+        return bin_value_us(bins[-1][0]) / 1000.0
+
+    return Distribution(
+        p50_ms=percentile(0.50), p90_ms=percentile(0.90), p99_ms=percentile(0.99),
+        mean_ms=fields.get(total_field, 0) / count / 1000.0,
+        max_ms=(GAMMA ** bins[-1][0]) / 1000.0 if bins[-1][0] > 0 else 0.0,
+    )
+
+
+def summarize(key: SeriesKey, fields: Mapping[str, int], window_s: float, span_s: float) -> SeriesMetrics:
+    """Turn a window's summed counters into figures. `span_s` is the part of the window with data."""
+    count = int(fields.get("n", 0))
+    errors = int(fields.get("e", 0))
+    batch_sizes = {int(name[2:]): int(n) for name, n in fields.items() if name.startswith("b:") and n > 0}
+    batched = sum(batch_sizes.values())
+    queued = int(fields.get("qn", 0))
+    return SeriesMetrics(
+        key=key,
+        window_s=window_s,
+        count=count,
+        rate_per_s=count / max(span_s, 1e-9) if count else 0.0,
+        errors=errors,
+        error_rate=errors / count if count else 0.0,
+        status_counts={name[2:]: int(n) for name, n in fields.items() if name.startswith("s:") and n > 0},
+        latency=_distribution(fields, "l:", "ls", count),
+        queue=_distribution(fields, "q:", "qs", queued),
+        compute=_distribution(fields, "c:", "cs", queued),
+        batch_sizes=dict(sorted(batch_sizes.items())),
+        mean_batch_size=sum(size * n for size, n in batch_sizes.items()) / batched if batched else 0.0,
+    )
+
+
+class WindowStore(Protocol):
+    """Where buckets live: in this process, or in Redis shared by every replica."""
+
+    bucket_s: float
+
+    async def add(self, ns: str, increments: Increments) -> None: ...
+
+    async def series(self, ns: str, since_bucket: int) -> list[str]: ...
+
+    async def read(self, ns: str, series: Iterable[str], first_bucket: int, last_bucket: int
+                   ) -> dict[str, tuple[Counter[str], int]]:
+        """Sum each series' buckets in [first, last]; also return its first non-empty bucket."""
+        ...
+
+    async def put_meta(self, name: str, fields: Mapping[str, int], *, only_if_absent: bool = False) -> None: ...
+
+    async def get_meta(self, names: Iterable[str]) -> dict[str, dict[str, int]]: ...
+
+    async def delete_meta_field(self, name: str, field: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryWindowStore:
+    """Buckets in a dict; for one replica without Redis, and for tests."""
+
+    def __init__(self, bucket_s: float = 1.0, retention_s: float = 3600.0) -> None:
+        self.bucket_s = bucket_s
+        self.retention_buckets = max(1, math.ceil(retention_s / bucket_s))
+        self._data: dict[str, dict[str, dict[int, Counter[str]]]] = {}
+        self._last: dict[str, dict[str, int]] = {}
+        self._meta: dict[str, dict[str, int]] = {}
+        self._adds = 0
+
+    async def add(self, ns: str, increments: Increments) -> None:
+        data = self._data.setdefault(ns, {})
+        last = self._last.setdefault(ns, {})
+        for (series, bucket), fields in increments.items():
+            data.setdefault(series, {}).setdefault(bucket, Counter()).update(fields)
+            if bucket > last.get(series, -1):
+                last[series] = bucket
+        self._adds += 1
+        if self._adds % 256 == 0:
+            self._prune()
+
+    def _prune(self) -> None:
+        oldest = bucket_of(time.time_ns(), self.bucket_s) - self.retention_buckets
+        for ns, data in self._data.items():
+            for series in list(data):
+                buckets = data[series]
+                for bucket in [b for b in buckets if b < oldest]:
+                    del buckets[bucket]
+                if not buckets:
+                    del data[series]
+                    self._last[ns].pop(series, None)
+
+    async def series(self, ns: str, since_bucket: int) -> list[str]:
+        return sorted(s for s, last in self._last.get(ns, {}).items() if last >= since_bucket)
+
+    async def read(self, ns: str, series: Iterable[str], first_bucket: int, last_bucket: int
+                   ) -> dict[str, tuple[Counter[str], int]]:
+        data = self._data.get(ns, {})
+        out: dict[str, tuple[Counter[str], int]] = {}
+        for name in series:
+            total: Counter[str] = Counter()
+            first = -1
+            for bucket, fields in data.get(name, {}).items():
+                if first_bucket <= bucket <= last_bucket:
+                    total.update(fields)
+                    first = bucket if first < 0 else min(first, bucket)
+            out[name] = (total, first)
+        return out
+
+    async def put_meta(self, name: str, fields: Mapping[str, int], *, only_if_absent: bool = False) -> None:
+        entry = self._meta.setdefault(name, {})
+        for field, value in fields.items():
+            if not only_if_absent or field not in entry:
+                entry[field] = int(value)
+
+    async def get_meta(self, names: Iterable[str]) -> dict[str, dict[str, int]]:
+        return {name: dict(self._meta.get(name, {})) for name in names}
+
+    async def delete_meta_field(self, name: str, field: str) -> None:
+        self._meta.get(name, {}).pop(field, None)
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisWindowStore:
+    """Buckets as Redis hashes with a TTL: one hash per (series, bucket), HINCRBY, merge on read."""
+
+    def __init__(self, url: str, bucket_s: float = 1.0, retention_s: float = 3600.0,
+                 prefix: str = "aiaas:monitor") -> None:
+        import redis.asyncio as aioredis
+
+        self.bucket_s = bucket_s
+        self.ttl_s = max(1, math.ceil(retention_s + 2 * bucket_s))
+        self.prefix = prefix
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    def _hash(self, ns: str, series: str, bucket: int) -> str:
+        return f"{self.prefix}:{ns}:b:{series}:{bucket}"
+
+    def _index(self, ns: str) -> str:
+        return f"{self.prefix}:{ns}:index"
+
+    async def add(self, ns: str, increments: Increments) -> None:
+        if not increments:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        latest: dict[str, int] = {}
+        for (series, bucket), fields in increments.items():
+            name = self._hash(ns, series, bucket)
+            for field, value in fields.items():
+                if value:
+                    pipe.hincrby(name, field, int(value))
+            pipe.expire(name, self.ttl_s)
+            latest[series] = max(bucket, latest.get(series, bucket))
+        # GT keeps the newest bucket when replicas race.
+        pipe.zadd(self._index(ns), {s: b for s, b in latest.items()}, gt=True)
+        await pipe.execute()
+
+    async def series(self, ns: str, since_bucket: int) -> list[str]:
+        raw = await self._redis.zrangebyscore(self._index(ns), since_bucket, "+inf")
+        oldest = since_bucket - math.ceil(self.ttl_s / self.bucket_s)
+        await self._redis.zremrangebyscore(self._index(ns), "-inf", oldest)
+        return sorted(item.decode() for item in raw)
+
+    async def read(self, ns: str, series: Iterable[str], first_bucket: int, last_bucket: int
+                   ) -> dict[str, tuple[Counter[str], int]]:
+        names = list(series)
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            for bucket in range(first_bucket, last_bucket + 1):
+                pipe.hgetall(self._hash(ns, name, bucket))
+        replies = await pipe.execute()
+        out: dict[str, tuple[Counter[str], int]] = {}
+        width = last_bucket - first_bucket + 1
+        for i, name in enumerate(names):
+            total: Counter[str] = Counter()
+            first = -1
+            for j in range(width):
+                reply = replies[i * width + j]
+                if reply:
+                    if first < 0:
+                        first = first_bucket + j
+                    for field, value in reply.items():
+                        total[field.decode()] += int(value)
+            out[name] = (total, first)
+        return out
+
+    async def put_meta(self, name: str, fields: Mapping[str, int], *, only_if_absent: bool = False) -> None:
+        key = f"{self.prefix}:meta:{name}"
+        pipe = self._redis.pipeline(transaction=False)
+        for field, value in fields.items():
+            if only_if_absent:
+                pipe.hsetnx(key, field, int(value))
+            else:
+                pipe.hset(key, field, int(value))
+        pipe.expire(key, self.ttl_s * 24)
+        await pipe.execute()
+
+    async def get_meta(self, names: Iterable[str]) -> dict[str, dict[str, int]]:
+        names = list(names)
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(f"{self.prefix}:meta:{name}")
+        replies = await pipe.execute()
+        return {name: {k.decode(): int(v) for k, v in reply.items()} for name, reply in zip(names, replies)}
+
+    async def delete_meta_field(self, name: str, field: str) -> None:
+        await self._redis.hdel(f"{self.prefix}:meta:{name}", field)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
