@@ -1,0 +1,302 @@
+"""The data plane: authenticate, resolve, limit, validate and forward KServe v2 calls.
+
+Requests arrive and leave as raw bytes: the gateway parses a request's header fields, and
+forwards the caller's own bytes with the chosen `model_version` appended, so tensors are
+never re-serialized. No grpc API here: the servicer hands in what it read from the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from opentelemetry import metrics
+from tritonclient.grpc import service_pb2 as pb
+
+from services.common.errors import AiaasError, Unavailable
+from services.common.reporting import RequestRecord, TelemetryReporter
+from services.gateway.domain import Caller, Role
+from services.gateway.keys import KeyRing, authorize
+from services.gateway.limits import RequestLimits, check_request
+from services.gateway.quotas import QuotaEnforcer
+from services.gateway.router import Catalog, Resolution, ShadowCopy
+from services.gateway.shadow import compare_responses
+from services.gateway.signatures import SignatureCache
+from services.gateway.stats import merge_index, merge_statistics
+from services.gateway.wire import retarget, wrap_stream_response
+
+log = logging.getLogger("aiaas.gateway.dataplane")
+
+# Request parameters a caller may use instead of metadata to choose an alias or routing key.
+ALIAS_PARAMETER = "alias"
+ROUTING_KEY_PARAMETER = "routing_key"
+_INLINE_COMPARE_BYTES = 256 * 1024
+
+
+class Upstream(Protocol):
+    async def call(self, method: str, request: bytes, *, timeout: float,
+                   metadata: tuple[tuple[str, str], ...] = ()) -> bytes: ...
+
+    async def call_each(self, method: str, request: bytes, *, timeout: float,
+                        metadata: tuple[tuple[str, str], ...] = ()) -> list[bytes]: ...
+
+
+@dataclasses.dataclass(slots=True)
+class CallInfo:
+    """What the transport read from the call."""
+
+    authorization: str | None = None
+    alias: str = ""
+    routing_key: str = ""
+    # Seconds left before the caller's deadline; None when it set none.
+    timeout: float | None = None
+    # Metadata passed on to inference (W3C trace context, request id).
+    forward: tuple[tuple[str, str], ...] = ()
+    # A stream opened with `triton_grpc_error: true` ends on its first error instead of in-band errors.
+    grpc_error: bool = False
+
+
+@dataclasses.dataclass
+class ShadowStats:
+    compared: int = 0
+    mismatched: int = 0
+    max_abs_diff: float = 0.0
+
+
+def _string_parameter(request: Any, name: str) -> str:
+    if name in request.parameters:
+        return str(request.parameters[name].string_param)
+    return ""
+
+
+class DataPlane:
+    def __init__(
+        self, *, catalog: Catalog, ring: KeyRing, quotas: QuotaEnforcer, upstream: Upstream,
+        limits: RequestLimits | None = None, signatures: SignatureCache | None = None,
+        reporter: TelemetryReporter | None = None, default_timeout_s: float = 30.0,
+        shadow_max_concurrency: int = 16, shadow_tolerance: float = 1e-4, stream_window: int = 64,
+        ready: Any = None,
+    ) -> None:
+        self.catalog = catalog
+        self.ring = ring
+        self.quotas = quotas
+        self.upstream = upstream
+        self.limits = limits or RequestLimits()
+        self.signatures = signatures or SignatureCache(None)
+        self.reporter = reporter
+        self.default_timeout_s = default_timeout_s
+        self.shadow_max_concurrency = shadow_max_concurrency
+        self.shadow_tolerance = shadow_tolerance
+        self.stream_window = stream_window
+        # A callable saying whether the gateway is ready (registry synced, replicas known).
+        self.ready = ready or (lambda: True)
+        self.shadow_stats: dict[tuple[str, int, int], ShadowStats] = {}
+        self.shadow_dropped = 0
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        meter = metrics.get_meter("aiaas.gateway")
+        self._shadow_diff = meter.create_histogram(
+            "gateway.shadow.max_abs_diff", description="Largest output difference, shadow vs live"
+        )
+        self._shadow_mismatch = meter.create_counter(
+            "gateway.shadow.mismatches", description="Shadow answers that differ from the live one"
+        )
+
+    def _timeout(self, call: CallInfo) -> float:
+        return call.timeout if call.timeout is not None else self.default_timeout_s
+
+    # ModelInfer -----------------------------------------------------------------------------
+
+    async def infer(self, raw: bytes, call: CallInfo) -> tuple[bytes, Resolution]:
+        started = time.perf_counter()
+        try:
+            caller = self.ring.authenticate(call.authorization)
+        except AiaasError as exc:
+            self._report(None, "", None, exc.code.name, started)
+            raise
+        return await self.infer_as(caller, raw, call, started)
+
+    async def infer_as(self, caller: Caller, raw: bytes, call: CallInfo,
+                       started: float | None = None) -> tuple[bytes, Resolution]:
+        started = time.perf_counter() if started is None else started
+        resolution: Resolution | None = None
+        status = "OK"
+        request = pb.ModelInferRequest.FromString(raw)
+        name = request.model_name
+        try:
+            authorize(caller, Role.INFER, name.partition(":")[0])
+            resolution = self.catalog.resolve(
+                name, request.model_version, call.alias or _string_parameter(request, ALIAS_PARAMETER),
+                call.routing_key or _string_parameter(request, ROUTING_KEY_PARAMETER),
+            )
+            await self.quotas.check(caller, resolution.model, resolution.quota)
+            check_request(request, len(raw), self.limits, self.signatures.get(resolution.model, resolution.version))
+            renamed = resolution.model if resolution.model != name else None
+            response = await self.upstream.call(
+                "ModelInfer", retarget(raw, resolution.version, renamed), timeout=self._timeout(call),
+                metadata=call.forward,
+            )
+            if resolution.shadows:
+                self._mirror(raw, renamed, resolution, response)
+            return response, resolution
+        except AiaasError as exc:
+            status = exc.code.name
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self._report(resolution, name, caller, status, started)
+
+    def _report(self, resolution: Resolution | None, name: str, caller: Caller | None, status: str,
+                started: float) -> None:
+        # The one call per finished request to the monitor (a no-op without one).
+        if self.reporter is None:
+            return
+        self.reporter.record(RequestRecord(
+            source="gateway", model=resolution.model if resolution else name.partition(":")[0],
+            version=resolution.version if resolution else 0, alias=resolution.alias if resolution else "",
+            status=status, latency_us=int((time.perf_counter() - started) * 1e6),
+            key_id=caller.key_id if caller else "",
+        ))
+
+    # Shadows ----------------------------------------------------------------------------------
+
+    def _mirror(self, raw: bytes, renamed: str | None, resolution: Resolution, live: bytes) -> None:
+        for copy in resolution.shadows:
+            if len(self._shadow_tasks) >= self.shadow_max_concurrency:
+                self.shadow_dropped += 1
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._shadow(retarget(raw, copy.version, renamed), resolution, copy, live)
+            )
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, request: bytes, resolution: Resolution, copy: ShadowCopy, live: bytes) -> None:
+        try:
+            answer = await self.upstream.call("ModelInfer", request, timeout=self.default_timeout_s)
+            live_response = pb.ModelInferResponse.FromString(live)
+            shadow_response = pb.ModelInferResponse.FromString(answer)
+            if len(live) + len(answer) > _INLINE_COMPARE_BYTES:
+                result = await asyncio.to_thread(compare_responses, live_response, shadow_response,
+                                                 self.shadow_tolerance)
+            else:
+                result = compare_responses(live_response, shadow_response, self.shadow_tolerance)
+            diff, mismatched = result.max_abs_diff, result.mismatched
+        except AiaasError as exc:
+            log.info("shadow request to %s version %d failed: %s", resolution.model, copy.version, exc.message)
+            diff, mismatched = float("inf"), True
+        except Exception:  # shadow traffic must never disturb serving
+            log.exception("shadow comparison failed")
+            return
+        key = (resolution.model, resolution.version, copy.version)
+        stats = self.shadow_stats.setdefault(key, ShadowStats())
+        stats.compared += 1
+        stats.mismatched += int(mismatched)
+        stats.max_abs_diff = max(stats.max_abs_diff, diff)
+        attributes = {"model": resolution.model, "live_version": str(resolution.version),
+                      "shadow_version": str(copy.version)}
+        if diff != float("inf"):
+            self._shadow_diff.record(diff, attributes)
+        if mismatched:
+            self._shadow_mismatch.add(1, attributes)
+        if self.reporter is not None:
+            self.reporter.report_shadow_diff(resolution.model, resolution.version, copy.version, diff, mismatched)
+
+    async def drain_shadows(self) -> None:
+        if self._shadow_tasks:
+            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+
+    # ModelStreamInfer ---------------------------------------------------------------------------
+
+    async def stream(self, requests: AsyncIterator[bytes], call: CallInfo) -> AsyncIterator[bytes]:
+        """Proxy a stream request by request; answers come back in request order."""
+        caller = self.ring.authenticate(call.authorization)
+        pending: asyncio.Queue[asyncio.Task[bytes] | BaseException | None] = asyncio.Queue(self.stream_window)
+        loop = asyncio.get_running_loop()
+
+        async def read() -> None:
+            try:
+                async for raw in requests:
+                    await pending.put(loop.create_task(self._stream_one(caller, raw, call)))
+                await pending.put(None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - handed to the writer to end the stream
+                await pending.put(exc)
+
+        reader = loop.create_task(read())
+        try:
+            while True:
+                item = await pending.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield await item
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                left = pending.get_nowait()
+                if isinstance(left, asyncio.Task):
+                    left.cancel()
+
+    async def _stream_one(self, caller: Caller, raw: bytes, call: CallInfo) -> bytes:
+        per_request = dataclasses.replace(call, timeout=self.default_timeout_s)
+        try:
+            response, _ = await self.infer_as(caller, raw, per_request)
+            return wrap_stream_response(response)
+        except AiaasError as exc:
+            if call.grpc_error:
+                raise
+            request = pb.ModelInferRequest.FromString(raw)
+            return pb.ModelStreamInferResponse(error_message=exc.message, infer_response=pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id,
+            )).SerializeToString()
+
+    # Model-scoped reads -------------------------------------------------------------------------
+
+    async def model_read(self, method: str, raw: bytes, call: CallInfo) -> tuple[bytes, Resolution]:
+        """ModelReady / ModelMetadata / ModelConfig: resolved like an inference, then forwarded."""
+        caller = self.ring.authenticate(call.authorization)
+        # Every model-scoped request message has name = 1 and version = 2.
+        request = pb.ModelMetadataRequest.FromString(raw)
+        authorize(caller, Role.READ, request.name.partition(":")[0])
+        resolution = self.catalog.resolve(request.name, request.version, call.alias)
+        renamed = resolution.model if resolution.model != request.name else None
+        answer = await self.upstream.call(method, retarget(raw, resolution.version, renamed),
+                                          timeout=self._timeout(call), metadata=call.forward)
+        return answer, resolution
+
+    async def statistics(self, raw: bytes, call: CallInfo) -> bytes:
+        caller = self.ring.authenticate(call.authorization)
+        request = pb.ModelStatisticsRequest.FromString(raw)
+        authorize(caller, Role.READ, request.name or None)
+        answers = await self.upstream.call_each("ModelStatistics", raw, timeout=self._timeout(call),
+                                                metadata=call.forward)
+        merged = merge_statistics((pb.ModelStatisticsResponse.FromString(a) for a in answers), caller.may_see)
+        return merged.SerializeToString()
+
+    async def repository_index(self, raw: bytes, call: CallInfo) -> bytes:
+        caller = self.ring.authenticate(call.authorization)
+        authorize(caller, Role.READ)
+        request = pb.RepositoryIndexRequest.FromString(raw)
+        answers = await self.upstream.call_each("RepositoryIndex", raw, timeout=self._timeout(call),
+                                                metadata=call.forward)
+        merged = merge_index((pb.RepositoryIndexResponse.FromString(a) for a in answers), caller.may_see,
+                             request.ready)
+        return merged.SerializeToString()
+
+    async def repository_change(self, call: CallInfo) -> bytes:
+        caller = self.ring.authenticate(call.authorization)
+        authorize(caller, Role.ADMIN)
+        raise Unavailable(
+            "explicit model load / unload is not allowed: versions load from the registry; move an alias instead"
+        )
+
+    def server_ready(self) -> bytes:
+        return pb.ServerReadyResponse(ready=bool(self.ready())).SerializeToString()

@@ -1,0 +1,177 @@
+"""Quotas: token buckets per API key and per model, shared by every gateway replica through Redis.
+
+One Lua script takes a token from every bucket that applies, atomically, or from none of them,
+and answers how long to wait when any is empty. Without Redis the same buckets live in-process.
+When Redis is unreachable the configured failure mode applies at once (no waiting on it):
+"open" admits the request and raises an alarm, "closed" refuses it with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import metrics
+
+from services.common.errors import ResourceExhausted, Unavailable
+from services.gateway.domain import Caller, QuotaSpec
+
+log = logging.getLogger("aiaas.gateway.quotas")
+
+Bucket = tuple[str, QuotaSpec]
+UNLIMITED = QuotaSpec()
+
+# KEYS: bucket keys; ARGV: rate_1, capacity_1, rate_2, capacity_2, ...
+# Returns 0 when a token was taken from every bucket, else the wait in ms before one would be.
+TOKEN_BUCKET_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local wait = 0
+local levels = {}
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[2 * i - 1])
+  local cap = tonumber(ARGV[2 * i])
+  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local tokens = tonumber(v[1])
+  local ts = tonumber(v[2])
+  if tokens == nil or ts == nil then
+    tokens = cap
+  else
+    tokens = math.min(cap, tokens + math.max(0, now - ts) * rate / 1000)
+  end
+  levels[i] = tokens
+  if tokens < 1 then
+    local w = math.ceil((1 - tokens) * 1000 / rate)
+    if w > wait then wait = w end
+  end
+end
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[2 * i - 1])
+  local cap = tonumber(ARGV[2 * i])
+  local tokens = levels[i]
+  if wait == 0 then tokens = tokens - 1 end
+  redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[i], math.ceil(cap * 1000 / rate) + 1000)
+end
+return wait
+"""
+
+
+def buckets_for(caller: Caller, model: str, model_quota: QuotaSpec | None,
+                default_key: QuotaSpec, default_model: QuotaSpec) -> list[Bucket]:
+    """The buckets a request must take a token from: its key's and its model's, when limited."""
+    found: list[Bucket] = []
+    key_quota = caller.quota if caller.quota is not None and not caller.quota.unlimited else default_key
+    if not key_quota.unlimited:
+        found.append((f"aiaas:quota:key:{caller.key_id}", key_quota))
+    quota = model_quota if model_quota is not None and not model_quota.unlimited else default_model
+    if not quota.unlimited:
+        found.append((f"aiaas:quota:model:{model}", quota))
+    return found
+
+
+class LocalBuckets:
+    """The same algorithm in-process (one gateway replica, or no Redis configured)."""
+
+    def __init__(self) -> None:
+        self._state: dict[str, tuple[float, float]] = {}
+
+    def take(self, buckets: Sequence[Bucket], now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        wait = 0.0
+        levels = []
+        for name, spec in buckets:
+            tokens, ts = self._state.get(name, (spec.capacity, now))
+            tokens = min(spec.capacity, tokens + max(0.0, now - ts) * spec.rps)
+            levels.append(tokens)
+            if tokens < 1:
+                wait = max(wait, (1 - tokens) / spec.rps)
+        for (name, _), tokens in zip(buckets, levels, strict=True):
+            self._state[name] = (tokens - 1 if wait == 0 else tokens, now)
+        return math.ceil(wait * 1000)
+
+
+class QuotaEnforcer:
+    """Checks a request against its buckets; raises ResourceExhausted with a retry-after hint."""
+
+    def __init__(
+        self, *, redis: Any | None = None, failure_mode: str = "open", timeout_s: float = 0.05,
+        retry_after_s: float = 1.0, default_key: QuotaSpec = UNLIMITED, default_model: QuotaSpec = UNLIMITED,
+    ) -> None:
+        self.redis = redis
+        self.failure_mode = failure_mode
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.default_key = default_key
+        self.default_model = default_model
+        self.local = LocalBuckets()
+        self._script = redis.register_script(TOKEN_BUCKET_LUA) if redis is not None else None
+        self._store_down_until = 0.0
+        self._last_alarm = 0.0
+        self.store_failures = 0
+        self._failures = metrics.get_meter("aiaas.gateway").create_counter(
+            "gateway.quota.store_failures", description="Quota checks that could not reach Redis"
+        )
+
+    @property
+    def store_healthy(self) -> bool:
+        return time.monotonic() >= self._store_down_until
+
+    async def check(self, caller: Caller, model: str, model_quota: QuotaSpec | None) -> None:
+        buckets = buckets_for(caller, model, model_quota, self.default_key, self.default_model)
+        if not buckets:
+            return
+        if self._script is None:
+            wait_ms = self.local.take(buckets)
+        else:
+            shared = await self._take_shared(self._script, buckets)
+            if shared is None:
+                return
+            wait_ms = shared
+        if wait_ms > 0:
+            which = " and ".join(name.split(":", 2)[2] for name, _ in buckets)
+            raise ResourceExhausted(
+                f"quota exceeded ({which}); retry after {wait_ms} ms",
+                metadata={"retry-after-ms": str(wait_ms)},
+            )
+
+    async def _take_shared(self, script: Any, buckets: Sequence[Bucket]) -> int | None:
+        """Wait in ms from Redis, or None when the store is down and the mode is "open"."""
+        if time.monotonic() < self._store_down_until:
+            return self._store_unavailable(None)
+        args: list[float] = []
+        for _, spec in buckets:
+            args += [spec.rps, spec.capacity]
+        try:
+            result = await asyncio.wait_for(
+                script(keys=[name for name, _ in buckets], args=args), self.timeout_s
+            )
+            return int(result)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            return self._store_unavailable(exc)
+        except Exception as exc:  # any redis error means the shared store failed
+            if type(exc).__module__.startswith("redis"):
+                return self._store_unavailable(exc)
+            raise
+
+    def _store_unavailable(self, exc: BaseException | None) -> int | None:
+        now = time.monotonic()
+        if exc is not None:
+            self._store_down_until = now + self.retry_after_s
+        self.store_failures += 1
+        self._failures.add(1, {"mode": self.failure_mode})
+        if now - self._last_alarm > 10.0:
+            self._last_alarm = now
+            log.error(
+                "ALARM: quota store (Redis) unreachable (%s); failing %s", exc or "still down", self.failure_mode,
+            )
+        if self.failure_mode == "open":
+            return None
+        retry_ms = max(1, int(self.retry_after_s * 1000))
+        raise Unavailable(
+            f"quota store unreachable; retry after {retry_ms} ms", metadata={"retry-after-ms": str(retry_ms)}
+        )

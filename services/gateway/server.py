@@ -1,0 +1,171 @@
+"""Composition root: build the gateway from its settings (caches, feed, quotas, replica pool,
+servicers) on a `ServiceApp`, and run it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+
+import grpc
+
+from aiaas.gateway.v1 import gateway_pb2 as gw
+from aiaas.gateway.v1 import gateway_pb2_grpc as gw_grpc
+from aiaas.registry.v1 import registry_pb2 as rpb
+from aiaas.registry.v1 import registry_pb2_grpc as rpb_grpc
+from services.common.reporting import TelemetryReporter
+from services.common.server import ServiceApp
+from services.gateway import convert
+from services.gateway.admin import GatewayAdmin
+from services.gateway.balancer import Balancer
+from services.gateway.dataplane import DataPlane
+from services.gateway.domain import QuotaSpec, Route
+from services.gateway.feed import RegistryFeed
+from services.gateway.keys import KeyRing
+from services.gateway.limits import RequestLimits, Signature
+from services.gateway.quotas import QuotaEnforcer
+from services.gateway.records import RegistryRecords
+from services.gateway.router import Catalog
+from services.gateway.servicer import (
+    INFERENCE_SERVICE,
+    GatewayAdminServicer,
+    InferenceProxy,
+    add_inference_proxy,
+)
+from services.gateway.settings import GatewaySettings
+from services.gateway.signatures import SignatureCache
+from services.gateway.upstream import InferenceUpstream
+
+log = logging.getLogger("aiaas.gateway")
+
+ADMIN_SERVICE = "aiaas.gateway.v1.GatewayAdmin"
+
+
+def encode_route(route: Route) -> bytes:
+    return convert.route_to_pb(route).SerializeToString()
+
+
+def decode_route(data: bytes) -> Route:
+    return convert.route_from_pb(gw.Route.FromString(data))
+
+
+def make_redis(settings: GatewaySettings) -> object | None:
+    if not settings.redis_url:
+        return None
+    import redis.asyncio as aioredis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    timeout = settings.redis_timeout_ms / 1000.0
+    return aioredis.Redis.from_url(
+        settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+    )
+
+
+@dataclasses.dataclass
+class Gateway:
+    settings: GatewaySettings
+    app: ServiceApp
+    catalog: Catalog
+    ring: KeyRing
+    feed: RegistryFeed
+    upstream: InferenceUpstream
+    quotas: QuotaEnforcer
+    plane: DataPlane
+    reporter: TelemetryReporter
+    registry_channel: grpc.aio.Channel
+    redis: object | None
+
+    def ready(self) -> bool:
+        return self.feed.synced.is_set() and bool(self.upstream.balancer.healthy())
+
+    async def start(self, wait_for_registry_s: float | None = None) -> int:
+        """Start background work, wait for the registry's snapshot, then listen."""
+        await self.upstream.start()
+        await self.reporter.start()
+        self.feed.start()
+        if not self.settings.auth_enabled:
+            log.warning("!" * 72)
+            log.warning("AUTH IS OFF: every caller may infer, read and administer. Loopback use only.")
+            log.warning("!" * 72)
+        waited = 0.0
+        while not self.feed.synced.is_set():
+            try:
+                await self.feed.wait_synced(5.0)
+            except TimeoutError:
+                waited += 5.0
+                log.warning("still waiting for the registry at %s (%.0fs)", self.settings.registry_url, waited)
+                if wait_for_registry_s is not None and waited >= wait_for_registry_s:
+                    raise
+        return await self.app.start()
+
+    async def close(self) -> None:
+        await self.feed.close()
+        await self.plane.drain_shadows()
+        await self.reporter.close()
+        await self.upstream.close()
+        await self.registry_channel.close()
+        if self.redis is not None:
+            await self.redis.aclose()  # type: ignore[attr-defined]
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (which also ends the wait for the registry), then drain."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.create_task(self.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await self.close()
+            return
+        starting.result()
+        await stopping
+        await self.app.shutdown()
+
+
+def build_gateway(settings: GatewaySettings, *, configure_process: bool = True) -> Gateway:
+    """Wire the gateway; call inside the running event loop."""
+    app = ServiceApp("gateway", settings, configure_process=configure_process)
+    ring = KeyRing(settings.key_pepper.encode(), enabled=settings.auth_enabled,
+                   bootstrap_token=settings.bootstrap_admin_key)
+    catalog = Catalog(settings.default_alias)
+    registry_channel = grpc.aio.insecure_channel(settings.registry_url)
+    feed = RegistryFeed(registry_channel, catalog, ring)
+    redis = make_redis(settings)
+    quotas = QuotaEnforcer(
+        redis=redis, failure_mode=settings.redis_failure_mode, timeout_s=settings.redis_timeout_ms / 1000.0,
+        retry_after_s=settings.redis_retry_after_s,
+        default_key=QuotaSpec(settings.default_key_rps, settings.default_key_burst),
+        default_model=QuotaSpec(settings.default_model_rps, settings.default_model_burst),
+    )
+    balancer = Balancer(eject_after=settings.eject_after_failures, eject_base_s=settings.eject_base_s,
+                        eject_max_s=settings.eject_max_s)
+    upstream = InferenceUpstream(settings.inference_targets, balancer, max_message_bytes=settings.max_message_bytes,
+                                 max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s)
+    reporter = TelemetryReporter(settings.monitor_url, source="gateway")
+    registry = rpb_grpc.ModelRegistryStub(registry_channel)
+
+    async def fetch_signature(model: str, version: int) -> Signature | None:
+        reply = await registry.GetVersion(rpb.GetVersionRequest(model=model, version=version), timeout=5.0)
+        return convert.signature_from_pb(reply.version)
+
+    limits = RequestLimits(max_request_bytes=settings.max_request_bytes, max_inputs=settings.max_inputs,
+                           max_rank=settings.max_rank, max_elements=settings.max_elements)
+    gateway: Gateway
+    plane = DataPlane(
+        catalog=catalog, ring=ring, quotas=quotas, upstream=upstream, limits=limits,
+        signatures=SignatureCache(fetch_signature), reporter=reporter, default_timeout_s=settings.default_timeout_s,
+        shadow_max_concurrency=settings.shadow_max_concurrency, shadow_tolerance=settings.shadow_tolerance,
+        stream_window=settings.stream_window, ready=lambda: gateway.ready(),
+    )
+    admin = GatewayAdmin(RegistryRecords(registry_channel), ring, catalog, encode_route, decode_route)
+    app.add_service(INFERENCE_SERVICE, add_inference_proxy, InferenceProxy(plane))
+    app.add_service(ADMIN_SERVICE, gw_grpc.add_GatewayAdminServicer_to_server, GatewayAdminServicer(admin, ring))
+    gateway = Gateway(settings=settings, app=app, catalog=catalog, ring=ring, feed=feed, upstream=upstream,
+                      quotas=quotas, plane=plane, reporter=reporter, registry_channel=registry_channel, redis=redis)
+    app.on_shutdown(gateway.close)
+    return gateway

@@ -1,0 +1,74 @@
+"""Gateway settings: `AIAAS_GATEWAY_*` (then `AIAAS_*`) environment variables and flags."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.errors import InvalidArgument
+from services.common.settings import ServerSettings
+
+REDIS_FAILURE_MODES = ("open", "closed")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewaySettings(ServerSettings):
+    """The public door: auth, quotas, alias routing, canary, shadow traffic, retries."""
+
+    port: int = 8001
+    registry_url: str = "127.0.0.1:50051"
+    # Inference replicas: "host:port" entries, or one "dns:///name:port" resolved to every address.
+    inference_targets: tuple[str, ...] = ("127.0.0.1:50052",)
+    dns_refresh_s: float = 5.0
+    monitor_url: str | None = None
+    redis_url: str | None = None
+
+    auth_enabled: bool = True
+    # Server-side secret mixed into every key hash; the same on every replica and the CLI.
+    key_pepper: str = ""
+    # A full token (`aiaas_<id>_<secret>`) accepted as an admin key, never stored anywhere.
+    bootstrap_admin_key: str | None = None
+
+    # Quota defaults (0 rate = unlimited) for keys and models without their own.
+    default_key_rps: float = 0.0
+    default_key_burst: int = 0
+    default_model_rps: float = 0.0
+    default_model_burst: int = 0
+    redis_failure_mode: str = "open"
+    redis_timeout_ms: float = 50.0
+    # After Redis fails, skip it for this long instead of paying its timeout on every request.
+    redis_retry_after_s: float = 1.0
+
+    # Alias served when a model has no route (then its latest version).
+    default_alias: str = "production"
+    default_timeout_s: float = 30.0
+    max_attempts: int = 3
+    eject_after_failures: int = 3
+    eject_base_s: float = 1.0
+    eject_max_s: float = 30.0
+    shadow_max_concurrency: int = 16
+    shadow_tolerance: float = 1e-4
+    stream_window: int = 64
+
+    # Request limits checked before forwarding.
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_inputs: int = 64
+    max_rank: int = 8
+    max_elements: int = 64 * 1024 * 1024
+
+    def validate(self) -> None:
+        super().validate()
+        if self.redis_failure_mode not in REDIS_FAILURE_MODES:
+            raise InvalidArgument(f"redis_failure_mode must be one of {REDIS_FAILURE_MODES}")
+        if not self.inference_targets:
+            raise InvalidArgument("inference_targets needs at least one target")
+        if self.auth_enabled and not self.key_pepper:
+            raise InvalidArgument(
+                "auth is on and key_pepper is empty: set AIAAS_GATEWAY_KEY_PEPPER (the same on every replica)"
+            )
+        if self.max_attempts < 1:
+            raise InvalidArgument("max_attempts must be >= 1")
+        for name in ("default_key_rps", "default_model_rps", "redis_timeout_ms", "default_timeout_s"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0")
+        if self.shadow_max_concurrency < 0 or self.stream_window < 1:
+            raise InvalidArgument("shadow_max_concurrency must be >= 0 and stream_window >= 1")
