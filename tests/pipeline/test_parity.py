@@ -88,8 +88,20 @@ def test_gate_refuses_unless_forced() -> None:
     assert gate(report, force=True)["forced"] is True
 
 
+def test_lossy_steps_are_gated_on_cosine_and_top1_only() -> None:
+    scaled = SCORES * 40
+    lossy = default_tolerances("quantize:int8-dynamic")
+    # An error that grows with the logits' scale fails an absolute bound, not a lossy step's gate.
+    result = compare_outputs(["y"], [scaled], [scaled * 1.01], lossy)
+    assert result["passed"] and result["max_abs_err"] > 0.1
+    assert not compare_outputs(["y"], [scaled], [scaled * 1.01], lossy.with_overrides(atol=0.1, rtol=0.0))["passed"]
+    nan = scaled.copy()
+    nan[0, 0] = np.nan
+    assert "not finite" in compare_outputs(["y"], [scaled], [nan], lossy)["failures"][0]
+
+
 def test_default_tolerances_follow_the_transformation() -> None:
     assert default_tolerances("quantize:int8-dynamic") == default_tolerances("quantize")
-    assert default_tolerances("cast:bf16").atol > default_tolerances("cast:fp16").atol
+    assert default_tolerances("cast:bf16").min_cosine < default_tolerances("cast:fp16").min_cosine
     assert default_tolerances("export:onnx") == default_tolerances("export")
     assert default_tolerances("something:new") == default_tolerances("export")
