@@ -92,7 +92,7 @@ class LocalBuckets:
                 wait = max(wait, (1 - tokens) / spec.rps)
         for (name, _), tokens in zip(buckets, levels, strict=True):
             self._state[name] = (tokens - 1 if wait == 0 else tokens, now)
-        return math.ceil(wait * 1000)
+        return math.ceil(wait * 1000 - 1e-6)
 
 
 class QuotaEnforcer:

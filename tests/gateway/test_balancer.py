@@ -1,0 +1,79 @@
+"""Replica choice: least outstanding, round robin on ties, passive ejection with backoff."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from services.gateway.balancer import Balancer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_round_robin_when_idle_and_least_outstanding_when_busy() -> None:
+    balancer = Balancer()
+    balancer.set_addresses(["a", "b", "c"])
+    picks = Counter()
+    for _ in range(300):
+        replica = balancer.pick()
+        assert replica is not None
+        picks[replica.address] += 1
+    assert picks == {"a": 100, "b": 100, "c": 100}
+    balancer.replicas[0].outstanding = 5
+    balancer.replicas[1].outstanding = 1
+    assert {balancer.pick().address for _ in range(10)} == {"c"}  # type: ignore[union-attr]
+
+
+def test_exclusion_for_retries() -> None:
+    balancer = Balancer()
+    balancer.set_addresses(["a", "b"])
+    assert balancer.pick({"a"}).address == "b"  # type: ignore[union-attr]
+    assert balancer.pick({"a", "b"}) is None
+
+
+def test_ejection_after_consecutive_failures_with_growing_backoff() -> None:
+    clock = Clock()
+    balancer = Balancer(eject_after=2, eject_base_s=1.0, eject_max_s=3.0, clock=clock)
+    balancer.set_addresses(["a", "b"])
+    a = balancer.replicas[0]
+    balancer.failed(a)
+    assert not a.ejected(clock.now)
+    balancer.failed(a)
+    assert a.ejected(clock.now) and a.ejected_until == 101.0
+    assert {balancer.pick().address for _ in range(6)} == {"b"}  # type: ignore[union-attr]
+    clock.now = 101.5
+    balancer.failed(a)
+    balancer.failed(a)
+    assert a.ejected_until == 103.5
+    clock.now = 104.0
+    balancer.failed(a)
+    balancer.failed(a)
+    assert a.ejected_until == 107.0  # capped at eject_max_s
+    clock.now = 108.0
+    balancer.succeeded(a)
+    assert a.ejections == 0
+
+
+def test_when_all_are_ejected_the_one_back_soonest_is_tried() -> None:
+    clock = Clock()
+    balancer = Balancer(eject_after=1, clock=clock)
+    balancer.set_addresses(["a", "b"])
+    balancer.failed(balancer.replicas[1])
+    clock.now += 0.5
+    balancer.failed(balancer.replicas[0])
+    assert balancer.pick().address == "b"  # type: ignore[union-attr]
+
+
+def test_pool_changes_keep_existing_replicas() -> None:
+    balancer = Balancer()
+    balancer.set_addresses(["a", "b"])
+    a = balancer.replicas[0]
+    a.outstanding = 3
+    added, removed = balancer.set_addresses(["a", "c"])
+    assert [r.address for r in added] == ["c"] and [r.address for r in removed] == ["b"]
+    assert balancer.replicas[0] is a

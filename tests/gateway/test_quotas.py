@@ -1,0 +1,134 @@
+"""Token buckets: in-process, shared through a real Redis by two enforcers, and Redis failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from services.common.errors import ResourceExhausted, Unavailable
+from services.gateway.domain import Caller, QuotaSpec, Role
+from services.gateway.quotas import LocalBuckets, QuotaEnforcer, buckets_for
+from tests.support.servers import RedisServer, free_port
+
+
+def caller(rps: float = 0.0, burst: int = 0) -> Caller:
+    return Caller(key_id=uuid.uuid4().hex[:12], models=("*",), roles=frozenset({Role.INFER}),
+                  quota=QuotaSpec(rps, burst) if rps else None)
+
+
+def client(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, socket_timeout=0.05, socket_connect_timeout=0.05, retry=Retry(NoBackoff(), 0))
+
+
+def test_local_bucket_takes_refills_and_hints() -> None:
+    buckets = LocalBuckets()
+    spec = [("k", QuotaSpec(rps=10, burst=3))]
+    assert [buckets.take(spec, now=100.0) for _ in range(3)] == [0, 0, 0]
+    assert buckets.take(spec, now=100.0) == 100
+    assert buckets.take(spec, now=100.05) == 50
+    assert buckets.take(spec, now=100.1) == 0
+
+
+def test_local_bucket_takes_from_all_or_none() -> None:
+    buckets = LocalBuckets()
+    wide, narrow = ("wide", QuotaSpec(rps=1, burst=5)), ("narrow", QuotaSpec(rps=1, burst=1))
+    assert buckets.take([wide, narrow], now=0.0) == 0
+    assert buckets.take([wide, narrow], now=0.0) > 0
+    # The refused request took nothing from the wide bucket.
+    assert [buckets.take([wide], now=0.0) for _ in range(4)] == [0, 0, 0, 0]
+
+
+def test_buckets_come_from_key_model_and_defaults() -> None:
+    unlimited = QuotaSpec()
+    assert buckets_for(caller(), "m", None, unlimited, unlimited) == []
+    c = caller(5, 5)
+    names = [n for n, _ in buckets_for(c, "m", QuotaSpec(100, 10), unlimited, unlimited)]
+    assert names == [f"aiaas:quota:key:{c.key_id}", "aiaas:quota:model:m"]
+    assert len(buckets_for(caller(), "m", None, QuotaSpec(1, 1), unlimited)) == 1
+
+
+async def test_in_process_enforcer_raises_with_retry_after() -> None:
+    quotas = QuotaEnforcer()
+    c = caller(rps=1, burst=2)
+    await quotas.check(c, "m", None)
+    await quotas.check(c, "m", None)
+    with pytest.raises(ResourceExhausted) as info:
+        await quotas.check(c, "m", None)
+    assert 0 < int(info.value.metadata["retry-after-ms"]) <= 1000
+    assert "retry after" in info.value.message
+
+
+async def test_two_enforcers_share_one_redis_bucket(redis_server: RedisServer) -> None:
+    one, two = client(redis_server.url), client(redis_server.url)
+    try:
+        first, second = QuotaEnforcer(redis=one), QuotaEnforcer(redis=two)
+        c = caller(rps=2, burst=4)
+        admitted = 0
+        for enforcer in (first, second, first, second, first, second):
+            try:
+                await enforcer.check(c, "m", None)
+                admitted += 1
+            except ResourceExhausted as exc:
+                hint = int(exc.metadata["retry-after-ms"])
+        assert admitted == 4
+        assert 0 < hint <= 500
+        await asyncio.sleep(hint / 1000 + 0.05)
+        await second.check(c, "m", None)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_model_quota_is_shared_across_keys(redis_server: RedisServer) -> None:
+    redis = client(redis_server.url)
+    try:
+        quotas = QuotaEnforcer(redis=redis)
+        model = f"m-{uuid.uuid4().hex[:6]}"
+        await quotas.check(caller(), model, QuotaSpec(rps=0.5, burst=1))
+        with pytest.raises(ResourceExhausted, match=f"model:{model}"):
+            await quotas.check(caller(), model, QuotaSpec(rps=0.5, burst=1))
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_unreachable_redis_fails_fast_in_the_configured_mode(mode: str) -> None:
+    redis = client(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        quotas = QuotaEnforcer(redis=redis, failure_mode=mode, timeout_s=0.05, retry_after_s=5.0)
+        c = caller(rps=1, burst=1)
+        started = time.perf_counter()
+        for _ in range(20):
+            if mode == "open":
+                await quotas.check(c, "m", None)
+            else:
+                with pytest.raises(Unavailable, match="quota store unreachable") as info:
+                    await quotas.check(c, "m", None)
+                assert info.value.metadata["retry-after-ms"] == "5000"
+        assert time.perf_counter() - started < 0.5
+        assert not quotas.store_healthy and quotas.store_failures == 20
+    finally:
+        await redis.aclose()
+
+
+async def test_redis_stopped_and_restarted() -> None:
+    server = RedisServer().start()
+    redis = client(server.url)
+    try:
+        quotas = QuotaEnforcer(redis=redis, retry_after_s=0.2)
+        c = caller(rps=1000, burst=1000)
+        await quotas.check(c, "m", None)
+        server.stop()
+        await quotas.check(c, "m", None)
+        assert quotas.store_failures == 1
+        await quotas.check(c, "m", None)
+        assert quotas.store_failures == 2
+    finally:
+        await redis.aclose()
+        server.close()
