@@ -456,7 +456,7 @@ class MonitorCore:
         if time.monotonic() - self._last_refresh >= self.settings.control_refresh_s:
             try:
                 await self.refresh_control()
-            except Exception:
+            except Exception:  # keep judging with the state we have
                 log.warning("could not refresh SLOs, baselines and routes", exc_info=True)
         checks: list[tuple[str, Any]] = [(f"SLO of {m}", self._evaluate_slo(slo)) for m, slo in self.slos.items()]
         checks += [(f"drift of {b.model}/{b.version}", self._evaluate_drift(b))
@@ -468,7 +468,7 @@ class MonitorCore:
         for what, check in checks:
             try:
                 await check
-            except Exception:
+            except Exception:  # one broken check must not stop the others
                 log.exception("evaluating %s failed", what)
         if self.prom is not None:
             firing = Counter(a.kind.value for a in self.alerts.active.values())

@@ -34,7 +34,7 @@ def test_latency_bins_bracket_their_values() -> None:
 
 
 def _requests(latencies_us: np.ndarray, now_ns: int, **kw: object) -> list[Request]:
-    base = dict(source="gateway", model="m", version=1, alias="production", status="OK")
+    base = {"source": "gateway", "model": "m", "version": 1, "alias": "production", "status": "OK"}
     base.update(kw)
     return [Request(latency_us=int(v), time_ns=now_ns, **base) for v in latencies_us]  # type: ignore[arg-type]
 
