@@ -1,0 +1,130 @@
+"""Content-addressed artifact store: one file per distinct content at <root>/sha256/ab/cdef...
+
+An upload goes to a temporary file under <root>/tmp (same file system), hashed as it is
+written, fsynced, and renamed into place only once its hash is known to match; identical
+content already stored is kept and the temporary file dropped. Reads verify the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from services.common.errors import DataLoss, InvalidArgument
+
+log = logging.getLogger("aiaas.registry.artifacts")
+
+
+class PendingArtifact:
+    """An upload in progress: write chunks, then `commit` (verify + store) or `discard`."""
+
+    def __init__(self, store: ArtifactStore, expected_sha256: str, expected_size: int) -> None:
+        self.store = store
+        self.expected_sha256 = expected_sha256
+        self.expected_size = expected_size
+        self.size = 0
+        self._hash = hashlib.sha256()
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=store.tmp_dir)
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        if self.size + len(chunk) > self.expected_size:
+            raise InvalidArgument(f"received more than the declared artifact_size of {self.expected_size} bytes")
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def commit(self) -> bool:
+        """Verify and move into the store; returns True when the content was already stored."""
+        if self.size != self.expected_size:
+            raise InvalidArgument(f"the stream ended after {self.size} bytes, but artifact_size declared "
+                                  f"{self.expected_size}; nothing was stored")
+        digest = self._hash.hexdigest()
+        if digest != self.expected_sha256:
+            raise InvalidArgument(f"artifact sha256 mismatch: declared {self.expected_sha256}, received {digest}; "
+                                  "nothing was stored")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        target = self.store.path_for(digest)
+        if target.exists():
+            self.path.unlink(missing_ok=True)
+            return True
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, target)
+        _fsync_dir(target.parent)
+        return False
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.blob_dir = self.root / "sha256"
+        self.tmp_dir = self.root / "tmp"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Serializes "store blob + record version" against "no version left + remove blob" in this process.
+        self.lock = threading.RLock()
+
+    def path_for(self, sha256: str) -> Path:
+        return self.blob_dir / sha256[:2] / sha256[2:]
+
+    def begin(self, expected_sha256: str, expected_size: int) -> PendingArtifact:
+        return PendingArtifact(self, expected_sha256, expected_size)
+
+    def exists(self, sha256: str) -> bool:
+        return self.path_for(sha256).is_file()
+
+    def remove(self, sha256: str) -> None:
+        self.path_for(sha256).unlink(missing_ok=True)
+
+    def read(self, sha256: str, size: int, chunk_size: int) -> Iterator[bytes]:
+        """Yield the artifact in chunks; raise DataLoss at the end when it no longer matches its hash."""
+        path = self.path_for(sha256)
+        digest = hashlib.sha256()
+        total = 0
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            raise DataLoss(f"artifact {sha256} is missing from the artifact store") from None
+        with handle:
+            while chunk := handle.read(chunk_size):
+                digest.update(chunk)
+                total += len(chunk)
+                yield chunk
+        if total != size or digest.hexdigest() != sha256:
+            log.error("artifact %s is corrupt (size %d, expected %d)", sha256, total, size)
+            raise DataLoss(f"artifact {sha256} is corrupt in the artifact store (size {total}, expected {size})")
+
+    def clean_stale_uploads(self, older_than_s: float = 3600.0) -> int:
+        """Remove temporary files left by a crashed process (other replicas may be uploading now)."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for path in self.tmp_dir.glob("upload-*.part"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed

@@ -1,0 +1,218 @@
+"""RegistryCore: the registry's domain operations. Plain Python in and out; no gRPC here.
+
+The core validates every input, then calls the store (one transaction per change, with its
+audit and feed events) and the artifact store. Methods block (SQL, files): the servicer runs
+them in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.registry import validation as check
+from services.registry.artifacts import ArtifactStore, PendingArtifact
+from services.registry.entities import (
+    AliasMove,
+    AuditEvent,
+    Model,
+    ModelVersion,
+    Page,
+    Record,
+    VersionSpec,
+)
+from services.registry.store import NO_CHECK, RegistryStore
+
+log = logging.getLogger("aiaas.registry.core")
+
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+DEFAULT_DOWNLOAD_CHUNK = 1024 * 1024
+
+
+class Upload:
+    """One version upload: `write` chunks, then `finish`; `abort` (always safe) drops what was written."""
+
+    def __init__(self, core: RegistryCore, spec: VersionSpec) -> None:
+        self.core = core
+        self.spec = spec
+        self._pending: PendingArtifact | None = core.artifacts.begin(spec.artifact_sha256, spec.artifact_size)
+
+    def write(self, chunk: bytes) -> None:
+        if self._pending is None:
+            raise FailedPrecondition("this upload is already finished")
+        if len(chunk) > MAX_CHUNK_BYTES:
+            raise InvalidArgument(f"an upload chunk is {len(chunk)} bytes; send at most {MAX_CHUNK_BYTES} per message")
+        self._pending.write(chunk)
+
+    def finish(self) -> tuple[ModelVersion, bool]:
+        """Verify the artifact, store it once, then create the version. Returns (version, deduplicated)."""
+        pending = self._pending
+        if pending is None:
+            raise FailedPrecondition("this upload is already finished")
+        artifacts = self.core.artifacts
+        with artifacts.lock:
+            try:
+                deduplicated = pending.commit()
+            except BaseException:
+                self.abort()
+                raise
+            self._pending = None
+            try:
+                version = self.core.store.create_version(self.spec)
+            except BaseException:
+                if not deduplicated:
+                    self.core.drop_blob_if_unused(self.spec.artifact_sha256)
+                raise
+        return version, deduplicated
+
+    def abort(self) -> None:
+        if self._pending is not None:
+            self._pending.discard()
+            self._pending = None
+
+
+class RegistryCore:
+    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, *, max_artifact_bytes: int) -> None:
+        self.store = store
+        self.artifacts = artifacts
+        self.max_artifact_bytes = max_artifact_bytes
+
+    # Models.
+    def create_model(self, name: str, description: str = "", labels: dict[str, str] | None = None,
+                     actor: str = "") -> Model:
+        return self.store.create_model(check.name(name), check.description(description), check.labels(labels or {}),
+                                       check.actor(actor))
+
+    def get_model(self, name: str) -> Model:
+        return self.store.get_model(check.name(name))
+
+    def list_models(self, page_size: int = 0, page_token: str = "") -> Page:
+        return self.store.list_models(check.page_size(page_size), page_token)
+
+    def update_model(self, name: str, *, description: str | None = None, labels: dict[str, str] | None = None,
+                     actor: str = "") -> Model:
+        if description is None and labels is None:
+            raise InvalidArgument("nothing to update: set update_description and/or update_labels")
+        return self.store.update_model(
+            check.name(name), None if description is None else check.description(description),
+            None if labels is None else check.labels(labels), check.actor(actor))
+
+    def delete_model(self, name: str, actor: str = "") -> None:
+        with self.artifacts.lock:
+            for sha in set(self.store.delete_model(check.name(name), check.actor(actor))):
+                self.drop_blob_if_unused(sha)
+
+    # Versions.
+    def begin_upload(self, spec: VersionSpec) -> Upload:
+        """Check everything about the version before a byte is received."""
+        spec = check.version_spec(spec, self.max_artifact_bytes)
+        self.store.check_new_version(spec)
+        return Upload(self, spec)
+
+    def upload_bytes(self, spec: VersionSpec, data: bytes) -> tuple[ModelVersion, bool]:
+        """Upload a whole artifact held in memory (tests, small artifacts)."""
+        upload = self.begin_upload(spec)
+        try:
+            for start in range(0, len(data), MAX_CHUNK_BYTES):
+                upload.write(data[start:start + MAX_CHUNK_BYTES])
+            return upload.finish()
+        finally:
+            upload.abort()
+
+    def get_version(self, model: str, version: int = 0, alias: str = "") -> ModelVersion:
+        check.name(model)
+        if version < 0:
+            raise InvalidArgument(f"version must be a positive number, got {version}")
+        if not version:
+            if not alias:
+                raise InvalidArgument("give a version number or an alias")
+            check.name(alias, "alias")
+        return self.store.get_version(model, version, alias)
+
+    def list_versions(self, model: str, page_size: int = 0, page_token: str = "") -> Page:
+        return self.store.list_versions(check.name(model), check.page_size(page_size), page_token)
+
+    def delete_version(self, model: str, version: int, actor: str = "") -> None:
+        with self.artifacts.lock:
+            sha = self.store.delete_version(check.name(model), check.version_number(version), check.actor(actor))
+            self.drop_blob_if_unused(sha)
+
+    def drop_blob_if_unused(self, sha256: str) -> None:
+        with self.artifacts.lock:
+            if not self.store.sha256_in_use(sha256):
+                self.artifacts.remove(sha256)
+
+    def read_artifact(self, model: str, version: int = 0, alias: str = "",
+                      chunk_size: int = 0) -> tuple[ModelVersion, Iterator[bytes]]:
+        if chunk_size < 0 or chunk_size > MAX_CHUNK_BYTES:
+            raise InvalidArgument(f"chunk_size must be 0..{MAX_CHUNK_BYTES} (0 means {DEFAULT_DOWNLOAD_CHUNK})")
+        found = self.get_version(model, version, alias)
+        chunks = self.artifacts.read(found.artifact_sha256, found.artifact_size, chunk_size or DEFAULT_DOWNLOAD_CHUNK)
+        return found, chunks
+
+    def attach_report(self, model: str, version: int, name: str, report: dict[str, Any],
+                      actor: str = "") -> ModelVersion:
+        return self.store.attach_report(check.name(model), check.version_number(version),
+                                        check.name(name, "report name"), check.json_document(report, "report"),
+                                        check.actor(actor))
+
+    # Aliases.
+    def set_alias(self, model: str, alias: str, version: int, expected_version: int = NO_CHECK,
+                  actor: str = "", reason: str = "") -> AliasMove:
+        if expected_version < NO_CHECK:
+            raise InvalidArgument("expected_version must be -1 (no check), 0 (alias must be new) or a version")
+        return self.store.set_alias(check.name(model), check.name(alias, "alias"), check.version_number(version),
+                                    expected_version, check.actor(actor), check.reason(reason))
+
+    def delete_alias(self, model: str, alias: str, actor: str = "", reason: str = "") -> AliasMove:
+        return self.store.delete_alias(check.name(model), check.name(alias, "alias"), check.actor(actor),
+                                       check.reason(reason))
+
+    def rollback_alias(self, model: str, alias: str, actor: str = "", reason: str = "") -> AliasMove:
+        return self.store.rollback_alias(check.name(model), check.name(alias, "alias"), check.actor(actor),
+                                         check.reason(reason))
+
+    def alias_history(self, model: str, alias: str = "", limit: int = 0) -> list[AliasMove]:
+        if alias:
+            check.name(alias, "alias")
+        return self.store.alias_history(check.name(model), alias, check.page_size(limit))
+
+    # Records.
+    def put_record(self, kind: str, name: str, data: bytes, expected_revision: int = NO_CHECK,
+                   actor: str = "") -> Record:
+        if expected_revision < NO_CHECK:
+            raise InvalidArgument("expected_revision must be -1 (no check), 0 (must be new) or a revision")
+        return self.store.put_record(check.name(kind, "record kind"), check.record_name(name),
+                                     check.record_data(data), expected_revision, check.actor(actor))
+
+    def get_record(self, kind: str, name: str) -> Record:
+        return self.store.get_record(check.name(kind, "record kind"), check.record_name(name))
+
+    def list_records(self, kind: str, page_size: int = 0, page_token: str = "") -> Page:
+        return self.store.list_records(check.name(kind, "record kind"), check.page_size(page_size), page_token)
+
+    def delete_record(self, kind: str, name: str, actor: str = "") -> None:
+        self.store.delete_record(check.name(kind, "record kind"), check.record_name(name), check.actor(actor))
+
+    # Audit.
+    def list_audit(self, model: str = "", since: datetime | None = None, until: datetime | None = None,
+                   page_size: int = 0, page_token: str = "") -> Page:
+        if model:
+            check.name(model)
+        if since is not None and until is not None and since > until:
+            raise InvalidArgument("since is after until")
+        return self.store.list_audit(model, since, until, check.page_size(page_size), page_token)
+
+    def append_audit(self, actor: str, action: str, model: str = "", version: int = 0,
+                     details: dict[str, Any] | None = None) -> AuditEvent:
+        if model:
+            check.name(model)
+        if not action or len(action) > 100:
+            raise InvalidArgument("action must be 1 to 100 characters, e.g. 'canary.rollback'")
+        if version < 0:
+            raise InvalidArgument(f"version must be >= 0, got {version}")
+        return self.store.append_audit(check.actor(actor), action, model, version,
+                                       check.json_document(details or {}, "details"))

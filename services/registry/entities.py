@@ -1,0 +1,158 @@
+"""The registry's domain types: plain dataclasses, no protobuf, no SQL."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import datetime
+from typing import Any
+
+
+class ArtifactFormat(enum.Enum):
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch_export"
+    ONNX = "onnx"
+    SAFETENSORS = "safetensors"
+
+
+class ChangeType(enum.Enum):
+    MODEL_CREATED = "model_created"
+    MODEL_UPDATED = "model_updated"
+    MODEL_DELETED = "model_deleted"
+    VERSION_CREATED = "version_created"
+    VERSION_DELETED = "version_deleted"
+    ALIAS_MOVED = "alias_moved"
+    ALIAS_DELETED = "alias_deleted"
+    RECORD_PUT = "record_put"
+    RECORD_DELETED = "record_deleted"
+    SNAPSHOT_DONE = "snapshot_done"
+    HEARTBEAT = "heartbeat"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    max_batch_size: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    instance_count: int = 1
+    device: str = "cpu"
+    max_queue_size: int = 0
+    default_timeout_us: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    parent_version: int = 0
+    transformation: str = ""
+    parent_model: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    name: str
+    description: str
+    labels: dict[str, str]
+    aliases: dict[str, int]
+    latest_version: int
+    created_by: str
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionSpec:
+    """What a client declares for a new version (the upload header, validated)."""
+
+    model: str
+    format: ArtifactFormat
+    artifact_sha256: str
+    artifact_size: int
+    signature: Signature
+    serving_config: ServingConfig = ServingConfig()
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lineage: Lineage = Lineage()
+    actor: str = "anonymous"
+    create_model: bool = False
+    reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelVersion:
+    model: str
+    version: int
+    format: ArtifactFormat
+    artifact_sha256: str
+    artifact_size: int
+    signature: Signature
+    serving_config: ServingConfig
+    metadata: dict[str, Any]
+    lineage: Lineage
+    created_by: str
+    create_time: datetime
+    aliases: tuple[str, ...] = ()
+    reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class AliasMove:
+    model: str
+    alias: str
+    from_version: int
+    to_version: int
+    actor: str
+    reason: str
+    time: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    kind: str
+    name: str
+    data: bytes
+    revision: int
+    update_time: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEvent:
+    id: int
+    time: datetime
+    actor: str
+    action: str
+    model: str
+    version: int
+    details: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChangeEvent:
+    revision: int
+    type: ChangeType
+    time: datetime
+    model: str = ""
+    version: int = 0
+    alias: str = ""
+    from_version: int = 0
+    record: Record | None = None
+    snapshot: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """One page of a listing; `next_token` is empty on the last page."""
+
+    items: list[Any]
+    next_token: str = ""

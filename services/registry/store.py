@@ -1,0 +1,131 @@
+"""The registry's store interface. Every write is one transaction that also appends its audit
+event and its change-feed events, so a change, its audit entry and its feed event are never
+seen apart. `SqlRegistryStore` (sql_store.py) implements it on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from services.registry.entities import (
+    AliasMove,
+    AuditEvent,
+    ChangeEvent,
+    Model,
+    ModelVersion,
+    Page,
+    Record,
+    VersionSpec,
+)
+
+# Called after a write commits, with the feed revision it reached.
+CommitListener = Callable[[int], None]
+
+NO_CHECK = -1
+
+
+class RegistryStore(abc.ABC):
+    """Models, versions, aliases, records, audit and feed. Raises services.common.errors."""
+
+    @abc.abstractmethod
+    def set_commit_listener(self, listener: CommitListener | None) -> None: ...
+
+    # Models.
+    @abc.abstractmethod
+    def create_model(self, name: str, description: str, labels: dict[str, str], actor: str) -> Model: ...
+
+    @abc.abstractmethod
+    def get_model(self, name: str) -> Model: ...
+
+    @abc.abstractmethod
+    def list_models(self, page_size: int, page_token: str) -> Page: ...
+
+    @abc.abstractmethod
+    def update_model(self, name: str, description: str | None, labels: dict[str, str] | None,
+                     actor: str) -> Model: ...
+
+    @abc.abstractmethod
+    def delete_model(self, name: str, actor: str) -> list[str]:
+        """Delete a model and its versions; returns the sha256 of the deleted versions."""
+
+    # Versions.
+    @abc.abstractmethod
+    def check_new_version(self, spec: VersionSpec) -> None:
+        """Raise now what `create_version` would refuse (unknown model or parent), before any upload."""
+
+    @abc.abstractmethod
+    def create_version(self, spec: VersionSpec) -> ModelVersion: ...
+
+    @abc.abstractmethod
+    def get_version(self, model: str, version: int = 0, alias: str = "") -> ModelVersion: ...
+
+    @abc.abstractmethod
+    def list_versions(self, model: str, page_size: int, page_token: str) -> Page: ...
+
+    @abc.abstractmethod
+    def delete_version(self, model: str, version: int, actor: str) -> str:
+        """Delete an unaliased version; returns its artifact's sha256."""
+
+    @abc.abstractmethod
+    def attach_report(self, model: str, version: int, name: str, report: dict[str, Any],
+                      actor: str) -> ModelVersion: ...
+
+    @abc.abstractmethod
+    def sha256_in_use(self, sha256: str) -> bool: ...
+
+    # Aliases.
+    @abc.abstractmethod
+    def set_alias(self, model: str, alias: str, version: int, expected_version: int, actor: str,
+                  reason: str) -> AliasMove: ...
+
+    @abc.abstractmethod
+    def delete_alias(self, model: str, alias: str, actor: str, reason: str) -> AliasMove: ...
+
+    @abc.abstractmethod
+    def rollback_alias(self, model: str, alias: str, actor: str, reason: str) -> AliasMove: ...
+
+    @abc.abstractmethod
+    def alias_history(self, model: str, alias: str, limit: int) -> list[AliasMove]: ...
+
+    # Control-plane records.
+    @abc.abstractmethod
+    def put_record(self, kind: str, name: str, data: bytes, expected_revision: int, actor: str) -> Record: ...
+
+    @abc.abstractmethod
+    def get_record(self, kind: str, name: str) -> Record: ...
+
+    @abc.abstractmethod
+    def list_records(self, kind: str, page_size: int, page_token: str) -> Page: ...
+
+    @abc.abstractmethod
+    def delete_record(self, kind: str, name: str, actor: str) -> None: ...
+
+    # Audit.
+    @abc.abstractmethod
+    def list_audit(self, model: str, since: datetime | None, until: datetime | None, page_size: int,
+                   page_token: str) -> Page: ...
+
+    @abc.abstractmethod
+    def append_audit(self, actor: str, action: str, model: str, version: int,
+                     details: dict[str, Any]) -> AuditEvent: ...
+
+    # Change feed.
+    @abc.abstractmethod
+    def head_revision(self) -> int: ...
+
+    @abc.abstractmethod
+    def oldest_revision(self) -> int:
+        """The oldest revision still kept for resuming; head + 1 when none is kept."""
+
+    @abc.abstractmethod
+    def events_after(self, revision: int, limit: int) -> list[ChangeEvent]: ...
+
+    @abc.abstractmethod
+    def snapshot(self) -> tuple[int, list[ChangeEvent]]:
+        """Current state as snapshot events, and the revision it reflects, read consistently."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

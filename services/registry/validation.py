@@ -1,0 +1,229 @@
+"""Input rules of the registry, each failure an `InvalidArgument` a person can act on."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+
+from services.common.errors import InvalidArgument
+from services.registry.entities import Lineage, ServingConfig, Signature, TensorSpec, VersionSpec
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+DEVICE_RE = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
+DATATYPES = frozenset(
+    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+     "FP16", "BF16", "FP32", "FP64", "BYTES"}
+)
+MAX_RANK = 16
+MAX_TENSORS = 256
+MAX_BATCH_SIZE = 65536
+MAX_QUEUE_DELAY_US = 60_000_000
+MAX_INSTANCES = 64
+MAX_DESCRIPTION = 4096
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
+MAX_ACTOR = 200
+MAX_REASON = 1024
+MAX_JSON_BYTES = 256 * 1024
+MAX_RECORD_NAME = 200
+MAX_RECORD_BYTES = 1024 * 1024
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def name(value: str, what: str = "model name") -> str:
+    if not NAME_RE.fullmatch(value or ""):
+        raise InvalidArgument(
+            f"{what} {value!r} is invalid: use 1 to 63 characters from a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def actor(value: str) -> str:
+    value = (value or "").strip()
+    if len(value) > MAX_ACTOR:
+        raise InvalidArgument(f"actor is longer than {MAX_ACTOR} characters")
+    return value or "anonymous"
+
+
+def reason(value: str) -> str:
+    if len(value) > MAX_REASON:
+        raise InvalidArgument(f"reason is longer than {MAX_REASON} characters")
+    return value
+
+
+def description(value: str) -> str:
+    if len(value) > MAX_DESCRIPTION:
+        raise InvalidArgument(f"description is longer than {MAX_DESCRIPTION} characters")
+    return value
+
+
+def labels(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_LABELS:
+        raise InvalidArgument(f"a model has at most {MAX_LABELS} labels, got {len(value)}")
+    for key, val in value.items():
+        if not LABEL_KEY_RE.fullmatch(key):
+            raise InvalidArgument(f"label key {key!r} is invalid: use up to 63 characters from A-Z a-z 0-9 . _ / -")
+        if len(val) > MAX_LABEL_VALUE:
+            raise InvalidArgument(f"label {key!r}: value is longer than {MAX_LABEL_VALUE} characters")
+    return dict(value)
+
+
+def page_size(value: int) -> int:
+    if value == 0:
+        return DEFAULT_PAGE_SIZE
+    if not 1 <= value <= MAX_PAGE_SIZE:
+        raise InvalidArgument(f"page_size must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE}), got {value}")
+    return value
+
+
+def version_number(value: int, what: str = "version") -> int:
+    if value < 1:
+        raise InvalidArgument(f"{what} must be a positive version number, got {value}")
+    return value
+
+
+def json_document(value: dict[str, Any], what: str) -> dict[str, Any]:
+    try:
+        size = len(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{what} is not a JSON document: {exc}") from None
+    if size > MAX_JSON_BYTES:
+        raise InvalidArgument(f"{what} is {size} bytes as JSON; the limit is {MAX_JSON_BYTES}")
+    return value
+
+
+def record_name(value: str) -> str:
+    if not value or len(value) > MAX_RECORD_NAME or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidArgument(f"record name {value[:40]!r} is invalid: use 1 to {MAX_RECORD_NAME} characters, "
+                              "no control characters")
+    return value
+
+
+def record_data(value: bytes) -> bytes:
+    if len(value) > MAX_RECORD_BYTES:
+        raise InvalidArgument(f"record data is {len(value)} bytes; the limit is {MAX_RECORD_BYTES}")
+    return value
+
+
+def _tensor(spec: TensorSpec, where: str, batched: bool, max_batch: int) -> None:
+    label = f"signature {where} {spec.name!r}"
+    if not TENSOR_NAME_RE.fullmatch(spec.name):
+        raise InvalidArgument(f"signature {where} name {spec.name!r} is invalid: use 1 to 128 characters from "
+                              "A-Z a-z 0-9 _ . : / -, starting with a letter, digit or '_'")
+    if spec.datatype not in DATATYPES:
+        raise InvalidArgument(f"{label}: datatype {spec.datatype!r} is not a KServe datatype; use one of "
+                              + ", ".join(sorted(DATATYPES)))
+    if len(spec.shape) > MAX_RANK:
+        raise InvalidArgument(f"{label}: shape has {len(spec.shape)} dimensions; the limit is {MAX_RANK}")
+    for dim in spec.shape:
+        if dim < -1 or dim == 0:
+            raise InvalidArgument(f"{label}: shape {list(spec.shape)} has dimension {dim}; "
+                                  "use a positive size or -1 for a variable one")
+    if batched and (not spec.shape or spec.shape[0] != -1):
+        raise InvalidArgument(f"{label}: with batching (max_batch_size {max_batch}) the first dimension is the "
+                              f"batch and must be -1, got shape {list(spec.shape)}")
+
+
+def signature(sig: Signature, serving: ServingConfig) -> Signature:
+    if not sig.inputs or not sig.outputs:
+        raise InvalidArgument("signature needs at least one input and one output tensor")
+    batched = serving.max_batch_size > 0
+    for where, specs in (("input", sig.inputs), ("output", sig.outputs)):
+        if len(specs) > MAX_TENSORS:
+            raise InvalidArgument(f"signature has {len(specs)} {where}s; the limit is {MAX_TENSORS}")
+        seen: set[str] = set()
+        for spec in specs:
+            _tensor(spec, where, batched, serving.max_batch_size)
+            if spec.name in seen:
+                raise InvalidArgument(f"signature {where} {spec.name!r} is declared twice")
+            seen.add(spec.name)
+    return sig
+
+
+def serving_config(cfg: ServingConfig) -> ServingConfig:
+    if not 0 <= cfg.max_batch_size <= MAX_BATCH_SIZE:
+        raise InvalidArgument(f"serving_config.max_batch_size must be 0..{MAX_BATCH_SIZE}, got {cfg.max_batch_size}")
+    for size in cfg.preferred_batch_sizes:
+        if not 1 <= size <= cfg.max_batch_size:
+            raise InvalidArgument(f"serving_config.preferred_batch_sizes: {size} is not between 1 and max_batch_size "
+                                  f"({cfg.max_batch_size})")
+    if not 0 <= cfg.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
+        raise InvalidArgument(f"serving_config.max_queue_delay_us must be 0..{MAX_QUEUE_DELAY_US}")
+    if not 0 <= cfg.instance_count <= MAX_INSTANCES:
+        raise InvalidArgument(f"serving_config.instance_count must be 0..{MAX_INSTANCES} (0 means 1)")
+    device = cfg.device or "cpu"
+    if not DEVICE_RE.fullmatch(device):
+        raise InvalidArgument(f"serving_config.device {cfg.device!r} is invalid: use 'cpu', 'cuda' or 'cuda:N'")
+    if cfg.max_queue_size < 0 or cfg.default_timeout_us < 0:
+        raise InvalidArgument("serving_config.max_queue_size and default_timeout_us must be >= 0")
+    return ServingConfig(
+        max_batch_size=cfg.max_batch_size,
+        preferred_batch_sizes=tuple(sorted(set(cfg.preferred_batch_sizes))),
+        max_queue_delay_us=cfg.max_queue_delay_us,
+        instance_count=cfg.instance_count or 1,
+        device=device,
+        max_queue_size=cfg.max_queue_size,
+        default_timeout_us=cfg.default_timeout_us,
+    )
+
+
+def lineage(value: Lineage) -> Lineage:
+    if value.parent_version < 0:
+        raise InvalidArgument(f"lineage.parent_version must be >= 0, got {value.parent_version}")
+    if value.parent_model:
+        name(value.parent_model, "lineage.parent_model")
+    if len(value.transformation) > 256:
+        raise InvalidArgument("lineage.transformation is longer than 256 characters")
+    if value.parent_model and not value.parent_version:
+        raise InvalidArgument("lineage.parent_model needs lineage.parent_version")
+    return value
+
+
+def version_spec(spec: VersionSpec, max_artifact_bytes: int) -> VersionSpec:
+    name(spec.model)
+    if not SHA256_RE.fullmatch(spec.artifact_sha256):
+        raise InvalidArgument("artifact_sha256 must be 64 lowercase hex characters (the sha256 of the artifact)")
+    if spec.artifact_size <= 0:
+        raise InvalidArgument(f"artifact_size must be positive, got {spec.artifact_size}")
+    if spec.artifact_size > max_artifact_bytes:
+        raise InvalidArgument(f"artifact_size {spec.artifact_size} exceeds this registry's limit of "
+                              f"{max_artifact_bytes} bytes (setting max_artifact_bytes)")
+    cfg = serving_config(spec.serving_config)
+    signature(spec.signature, cfg)
+    json_document(spec.metadata, "metadata")
+    for report_name, report in spec.reports.items():
+        name(report_name, "report name")
+        json_document(report, f"report {report_name!r}")
+    return VersionSpec(
+        model=spec.model, format=spec.format, artifact_sha256=spec.artifact_sha256,
+        artifact_size=spec.artifact_size, signature=spec.signature, serving_config=cfg,
+        metadata=spec.metadata, lineage=lineage(spec.lineage), actor=actor(spec.actor),
+        create_model=spec.create_model, reports=spec.reports,
+    )
+
+
+def encode_token(kind: str, position: Any) -> str:
+    raw = json.dumps([kind, position]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, kind: str) -> Any:
+    """The position inside a page token made by `encode_token(kind, ...)`; None for an empty token."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        found_kind, position = json.loads(raw)
+    except (ValueError, TypeError):
+        found_kind, position = None, None
+    if found_kind != kind:
+        raise InvalidArgument("page_token is malformed or belongs to another listing; pass the next_page_token "
+                              "of the previous response unchanged")
+    return position
