@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.request
 from collections.abc import Iterator
 
@@ -91,7 +92,8 @@ async def test_figures_match_a_known_load_across_replicas(monitors: tuple[Servic
     merged = (await _stub(b).QueryMetrics(pb.QueryMetricsRequest(model="load", merge=True), timeout=5)).series
     assert len(merged) == 1 and merged[0].count == 3407
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
     assert 'aiaas_model_requests_total{alias="canary",model="load",source="gateway",status="INTERNAL",version="2"}' \
         in text
     assert "aiaas_model_request_latency_seconds_bucket" in text
@@ -153,3 +155,28 @@ async def test_bad_requests_get_clear_statuses(monitors: tuple[ServiceProcess, S
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call
         assert info.value.code() == code and words in info.value.details()
+
+
+def test_cli_top_slo_and_alerts(monitors: tuple[ServiceProcess, ServiceProcess, int],
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from aiaas.cli.main import main
+
+    a, b, _ = monitors
+    assert main(["top", "--url", b.address, "--model", "load", "--once"]) == 0
+    out = capsys.readouterr().out
+    header, *rows = out.strip().splitlines()[1:]
+    assert header.split()[:4] == ["MODEL", "VERSION", "ALIAS", "SOURCE"]
+    assert any(r.split()[:3] == ["load", "2", "canary"] and r.split()[-1] == "400" for r in rows)
+    assert main(["top", "--url", b.address, "--model", "load", "--json"]) == 0
+    series = json.loads(capsys.readouterr().out)
+    assert {s["alias"]: s["count"] for s in series} == {"production": 3007, "canary": 400}
+    assert main(["slo", "set", "cli-model", "--url", a.address, "--p99-ms", "75", "--window", "30"]) == 0
+    capsys.readouterr()
+    assert main(["slo", "list", "--url", a.address, "--json"]) == 0
+    slos = {s["model"]: s for s in json.loads(capsys.readouterr().out)}
+    assert slos["cli-model"]["p99_latency_ms"] == 75 and slos["cli-model"]["window_seconds"] == 30
+    assert main(["slo", "set", "cli-model", "--url", a.address]) == 2
+    assert main(["slo", "delete", "nothing", "--url", a.address]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["alerts", "--url", a.address, "--json"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out), list)
