@@ -1,0 +1,78 @@
+"""A small KServe v2 server for forwarding tests: echoes its inputs as outputs, records what it saw.
+
+It stands in for an inference replica where the test is about the gateway's forwarding
+(retries, deadlines, metadata, streams); the end-to-end tests use real inference processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+SERVICE = "inference.GRPCInferenceService"
+
+
+@dataclasses.dataclass
+class Seen:
+    version: str
+    metadata: dict[str, str]
+    time_remaining: float | None
+
+
+class EchoReplica:
+    """`ModelInfer` returns input 0 as output "y" (plus `offset_by_version[version]`)."""
+
+    def __init__(self, offset_by_version: dict[str, float] | None = None, delay_s: float = 0.0) -> None:
+        self.offset_by_version = offset_by_version or {}
+        self.delay_s = delay_s
+        self.seen: list[Seen] = []
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.fail_with: grpc.StatusCode | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        self.seen.append(Seen(request.model_version, {k: str(v) for k, v in context.invocation_metadata() or ()},
+                              context.time_remaining()))
+        if self.fail_with is not None:
+            await context.abort(self.fail_with, "replica says no")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        data = np.frombuffer(request.raw_input_contents[0], dtype=np.float32)
+        data = data + np.float32(self.offset_by_version.get(request.model_version, 0.0))
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                         id=request.id)
+        out = response.outputs.add(name="y", datatype="FP32")
+        out.shape.extend(request.inputs[0].shape)
+        response.raw_output_contents.append(data.astype(np.float32).tobytes())
+        return response
+
+    async def _ready(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        self.seen.append(Seen(request.version, {}, None))
+        return pb.ModelReadyResponse(ready=True)
+
+    async def start(self, port: int = 0) -> EchoReplica:
+        self.server = grpc.aio.server()
+        handlers = {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                self._infer, request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=pb.ModelInferResponse.SerializeToString),
+            "ModelReady": grpc.unary_unary_rpc_method_handler(
+                self._ready, request_deserializer=pb.ModelReadyRequest.FromString,
+                response_serializer=pb.ModelReadyResponse.SerializeToString),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)
