@@ -1,0 +1,380 @@
+"""`aiaas up`: registry, inference, monitor and gateway as local processes, plus a demo model.
+
+State lives in `$AIAAS_HOME` (default `~/.aiaas`): the registry's SQLite file and artifacts, the
+inference model cache, and one log per service under `logs/`. A second `up` with the same home
+finds the demo already registered and reuses everything. Ctrl-C (or SIGTERM) stops the services
+in reverse order (SIGTERM, a grace period, then SIGKILL of the whole process group) and exits 0;
+a service that fails to start is reported with the end of its log, and the others are stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_PORTS = {"gateway": 8001, "registry": 50051, "inference": 50052, "monitor": 50053, "metrics": 9464}
+# With --base-port B: gateway B, registry B+1, inference B+2, monitor B+3, Prometheus B+4.
+_BASE_OFFSETS = {"gateway": 0, "registry": 1, "inference": 2, "monitor": 3, "metrics": 4}
+CHILD_GRACE_S = 5.0
+STOP_TIMEOUT_S = 15.0
+LOG_TAIL_CHARS = 3000
+
+
+class StartupFailed(Exception):
+    """A service exited or never became healthy; the message carries the end of its log."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived while the stack was starting."""
+
+
+def aiaas_home(home: str | None = None) -> Path:
+    return Path(home or os.environ.get("AIAAS_HOME") or Path.home() / ".aiaas").expanduser().resolve()
+
+
+def stack_ports(base_port: int | None) -> dict[str, int]:
+    if base_port is None:
+        return dict(DEFAULT_PORTS)
+    return {name: base_port + offset for name, offset in _BASE_OFFSETS.items()}
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    port: int
+    args: tuple[str, ...]
+
+
+def service_plan(home: Path, host: str, ports: dict[str, int]) -> list[ServiceSpec]:
+    """Start order: registry first (the others follow it), gateway last (it forwards to the rest)."""
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    registry = f"{local}:{ports['registry']}"
+    monitor = f"{local}:{ports['monitor']}"
+    common = ("--host", host, "--grace-period-s", str(CHILD_GRACE_S))
+    return [
+        ServiceSpec("registry", ports["registry"], (
+            *common, "--port", str(ports["registry"]),
+            "--database-url", f"sqlite:///{home / 'registry.db'}", "--artifact-dir", str(home / "artifacts"),
+        )),
+        ServiceSpec("inference", ports["inference"], (
+            *common, "--port", str(ports["inference"]), "--registry-url", registry,
+            "--follow-aliases", "production,canary", "--model-cache-dir", str(home / "cache" / "models"),
+            "--monitor-url", monitor,
+        )),
+        ServiceSpec("monitor", ports["monitor"], (
+            *common, "--port", str(ports["monitor"]), "--registry-url", registry,
+            "--metrics-port", str(ports["metrics"]),
+        )),
+        ServiceSpec("gateway", ports["gateway"], (
+            *common, "--port", str(ports["gateway"]), "--registry-url", registry,
+            "--inference-targets", f"{local}:{ports['inference']}", "--monitor-url", monitor,
+            *(("--no-auth-enabled",) if is_loopback(host) else ()),
+        )),
+    ]
+
+
+def _load_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+
+
+# Resolved before any fork: the child may only call it, never import or load anything.
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: SIGTERM it if `aiaas up` itself dies (even by SIGKILL).
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ChildService:
+    """One service process in its own session (so Ctrl-C reaches `up` alone), logging to a file."""
+
+    def __init__(self, spec: ServiceSpec, host: str, log_dir: Path, env: dict[str, str]) -> None:
+        self.spec = spec
+        self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{spec.port}"
+        self.log_path = log_dir / f"{spec.name}.log"
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log.write(f"\n--- aiaas up: starting {self.spec.name} at {time.ctime()} ---\n".encode())
+        self._log.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.spec.name}", *self.spec.args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if _PRCTL is not None else None,  # noqa: PLW1509 - one libc call, preloaded
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        marker = text.rfind("--- aiaas up: starting")
+        return (text[marker:] if marker >= 0 else text)[-LOG_TAIL_CHARS:]
+
+    def wait_healthy(self, deadline: float, stop: threading.Event) -> None:
+        last = "no answer"
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if stop.is_set():
+                    raise Interrupted
+                if not self.alive():
+                    code = self.proc.returncode if self.proc else None
+                    raise StartupFailed(f"{self.spec.name} exited with code {code} while starting")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                except grpc.RpcError as exc:
+                    last = exc.code().name  # type: ignore[attr-defined]
+                stop.wait(0.1)
+        raise StartupFailed(f"{self.spec.name} at {self.address} was not healthy in time (last: {last})")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            # Whatever is left in its session (the service itself, or workers it spawned) goes now.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@contextlib.contextmanager
+def home_lock(home: Path) -> Iterator[None]:
+    """One `aiaas up` per home: a second one would fight the first over SQLite and ports."""
+    lock_path = home / "up.lock"
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read().strip() or "?"
+            raise StartupFailed(f"another `aiaas up` (pid {pid}) is running with {home}; stop it first") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for name, port in ports.items():
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            # As the gRPC servers do: a port with connections in TIME_WAIT is still free to listen on.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                raise StartupFailed(
+                    f"port {port} ({name}) on {host} is in use: stop what holds it, or pick other ports "
+                    f"with `aiaas up --base-port N`"
+                ) from None
+
+
+def ensure_demo(registry: str) -> str:
+    """Register the demo once; a later `up` finds it. Returns a line saying which it was."""
+    from aiaas.demo import DEMO_MODEL, DEMO_SERVING, example_input, train_demo
+    from aiaas.pipeline.artifacts import ArtifactFormat
+    from aiaas.pipeline.publish import Publisher
+    from aiaas.pipeline.steps import export_candidate
+    from aiaas.registry.v1 import registry_pb2 as pb
+
+    with Publisher(registry, actor="aiaas-up") as publisher:
+        try:
+            model = publisher.stub.GetModel(pb.GetModelRequest(name=DEMO_MODEL), timeout=10).model
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                raise
+        else:
+            if "production" in model.aliases:
+                return f"{DEMO_MODEL}: reusing version {model.aliases['production']} (production)"
+            if model.latest_version:
+                publisher.set_alias(DEMO_MODEL, "production", model.latest_version, reason="aiaas up")
+                return f"{DEMO_MODEL}: production -> latest version {model.latest_version}"
+        trained = train_demo()
+        candidate = export_candidate(trained.module, example_input(), ArtifactFormat.TORCHSCRIPT, serving=DEMO_SERVING)
+        version = publisher.upload(DEMO_MODEL, candidate, {
+            "source": "aiaas up", "description": "tutorial MLP 10-50-10 on a synthetic 10-class task",
+            "accuracy": round(trained.accuracy, 4), "train_steps": trained.steps,
+        })
+        publisher.set_alias(DEMO_MODEL, "production", version.version, reason="aiaas up: demo model")
+    return (f"{DEMO_MODEL}: trained for {trained.train_seconds:.1f}s (accuracy {trained.accuracy:.1%}), "
+            f"registered version {version.version} (torchscript), production -> {version.version}")
+
+
+def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.Event) -> list[float]:
+    """Poll the gateway until the model answers a real inference; returns that answer's first row."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from aiaas.demo import DEMO_FEATURES, DEMO_INPUT, DEMO_OUTPUT
+
+    client = grpcclient.InferenceServerClient(gateway)
+    x = np.ones((1, DEMO_FEATURES), np.float32)
+    last = "no answer"
+    try:
+        while time.monotonic() < deadline:
+            if stop.is_set():
+                raise Interrupted
+            try:
+                inp = grpcclient.InferInput(DEMO_INPUT, list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                result = client.infer(model, [inp], client_timeout=5.0)
+                return [float(v) for v in result.as_numpy(DEMO_OUTPUT)[0]]
+            except InferenceServerException as exc:
+                last = str(exc)
+            stop.wait(0.2)
+    finally:
+        client.close()
+    raise StartupFailed(f"the demo model did not answer through the gateway in time (last: {last})")
+
+
+def client_snippet(gateway: str) -> str:
+    return f'''    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient("{gateway}")
+    x = np.random.rand(2, 10).astype(np.float32)
+    inp = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("demo", [inp])
+    print(result.as_numpy("OUTPUT0").argmax(axis=1))'''
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _stop_all(children: list[ChildService]) -> None:
+    for child in reversed(children):
+        if child.proc is not None:
+            _say(f"  stopping {child.spec.name}")
+            child.stop()
+
+
+def run_up(
+    *, home: str | None = None, base_port: int | None = None, host: str = "127.0.0.1", demo: bool = True,
+    startup_timeout_s: float = 120.0,
+) -> int:
+    state = aiaas_home(home)
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    ports = stack_ports(base_port)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    children: list[ChildService] = []
+    try:
+        with home_lock(state):
+            check_ports_free(host, ports)
+            return _run(state, host, ports, demo, startup_timeout_s, stop, children)
+    except StartupFailed as exc:
+        print(f"aiaas up: {exc}", file=sys.stderr)
+        _stop_all(children)
+        return 1
+    except Interrupted:
+        _say("aiaas up: interrupted while starting; stopping")
+        _stop_all(children)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_timeout_s: float,
+         stop: threading.Event, children: list[ChildService]) -> int:
+    env = {**os.environ, "AIAAS_HOME": str(state), "PYTHONUNBUFFERED": "1"}
+    env.setdefault("AIAAS_LOG_JSON", "false")
+    redis = os.environ.get("AIAAS_REDIS_URL")
+    _say(f"aiaas up: state in {state}")
+    _say(f"  registry: SQLite {state / 'registry.db'}, artifacts {state / 'artifacts'}")
+    _say(f"  counters and metric windows: {'Redis at ' + redis if redis else 'in-process'}")
+    for spec in service_plan(state, host, ports):
+        child = ChildService(spec, host, state / "logs", env)
+        children.append(child)
+        child.start()
+        try:
+            child.wait_healthy(time.monotonic() + startup_timeout_s, stop)
+        except StartupFailed as exc:
+            raise StartupFailed(f"{exc}\n--- {child.log_path} (end) ---\n{child.log_tail()}") from None
+        _say(f"  {spec.name:<9} {child.address:<16} healthy   log: {child.log_path}")
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    gateway = f"{local}:{ports['gateway']}"
+    if demo:
+        _say("  " + ensure_demo(f"{local}:{ports['registry']}"))
+        row = wait_model_ready(gateway, "demo", time.monotonic() + startup_timeout_s, stop)
+        _say(f"  demo answers through the gateway: OUTPUT0[0] argmax = {max(range(len(row)), key=row.__getitem__)}")
+    if is_loopback(host):
+        _say("")
+        _say("!! AUTHENTICATION IS OFF: the gateway listens on loopback only and takes calls without an API key.")
+    _say("")
+    _say(f"ready: gateway {gateway} (KServe v2 / Triton gRPC), Prometheus metrics on :{ports['metrics']}")
+    _say("")
+    _say("call the demo with tritonclient:")
+    _say(client_snippet(gateway))
+    _say("")
+    _say("or from the shell:")
+    gateway_flag = "" if ports["gateway"] == DEFAULT_PORTS["gateway"] else f" --gateway {gateway}"
+    _say(f"    aiaas predict demo --input INPUT0='[[0.5, -1.2, 0.3, 0.9, -0.4, 1.1, 0.0, -0.7, 0.2, 0.8]]'{gateway_flag}")
+    _say("")
+    _say("Ctrl-C stops everything.")
+    while not stop.wait(0.5):
+        for child in children:
+            if not child.alive():
+                code = child.proc.returncode if child.proc else None
+                print(f"aiaas up: {child.spec.name} exited unexpectedly with code {code}\n"
+                      f"--- {child.log_path} (end) ---\n{child.log_tail()}", file=sys.stderr)
+                _stop_all(children)
+                return 1
+    _say("aiaas up: stopping")
+    _stop_all(children)
+    _say("aiaas up: stopped")
+    return 0
