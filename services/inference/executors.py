@@ -59,6 +59,7 @@ class BatchedExecutor:
             instance_count=max(1, serving.instance_count),
             max_batch_size=max(0, serving.max_batch_size),
             torch_threads=settings.torch_threads or None,
+            name=f"{spec.model}/{spec.version}",
         )
         from services.inference import workers
 

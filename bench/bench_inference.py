@@ -1,0 +1,212 @@
+"""Inference service benchmark: single-row requests at concurrency 1, 16 and 64, two MLPs.
+
+    python -m bench.bench_inference [--quick] [--json results.json]
+
+Starts a registry and an inference service as real processes, registers a 10-50-10 MLP and a
+256-2048-2048-256 MLP (TorchScript), drives each with a tritonclient.grpc.aio load generator in
+this process, and prints throughput, p50 / p99 latency, the mean batch the dynamic batcher
+formed, and the ratio of served throughput to the same model's in-process throughput at batch 32,
+measured in the same run (the ceiling a server could reach if serving cost nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MODELS = {"mlp-small": (10, 50, 10), "mlp-large": (256, 2048, 2048, 256)}
+CONCURRENCY = (1, 16, 64)
+
+
+def build_mlp(sizes: tuple[int, ...], path: Path) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(*layers[:-1]).eval()), str(path))
+
+
+def in_process_rows_per_s(path: Path, features: int, batch: int, seconds: float, threads: int) -> float:
+    """The model alone, in this process, at a fixed batch: the ceiling for serving it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model = torch.jit.load(str(path))
+    x = torch.randn(batch, features)
+    with torch.inference_mode():
+        for _ in range(10):
+            model(x)
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            model(x)
+            n += 1
+        return n * batch / (time.perf_counter() - started)
+
+
+def register(address: str, name: str, path: Path, sizes: tuple[int, ...], max_batch: int) -> None:
+    import grpc
+
+    from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
+
+    data = path.read_bytes()
+    header = registry_pb2.UploadVersionHeader(
+        model=name, format=registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT, artifact_sha256=hashlib.sha256(data).hexdigest(),
+        artifact_size=len(data), create_model=True, actor="bench",
+        signature=registry_pb2.Signature(
+            inputs=[registry_pb2.TensorSpec(name="x", datatype="FP32", shape=[-1, sizes[0]])],
+            outputs=[registry_pb2.TensorSpec(name="y", datatype="FP32", shape=[-1, sizes[-1]])]),
+        serving_config=registry_pb2.ServingConfig(max_batch_size=max_batch, instance_count=1, device="cpu",
+                                                  max_queue_size=4096))
+
+    def messages() -> Any:
+        yield registry_pb2.UploadVersionRequest(header=header)
+        for start in range(0, len(data), 1 << 20):
+            yield registry_pb2.UploadVersionRequest(chunk=data[start:start + (1 << 20)])
+
+    with grpc.insecure_channel(address) as channel:
+        stub = registry_pb2_grpc.ModelRegistryStub(channel)
+        version = stub.UploadVersion(messages(), timeout=120).version.version
+        stub.SetAlias(registry_pb2.SetAliasRequest(model=name, alias="production", version=version,
+                                                   expected_version=-1, actor="bench"), timeout=30)
+
+
+async def drive(address: str, model: str, features: int, concurrency: int, seconds: float,
+                warmup_s: float) -> dict[str, Any]:
+    """A closed loop of `concurrency` callers, each sending one single-row request at a time."""
+    import tritonclient.grpc.aio as tca
+
+    client = tca.InferenceServerClient(address)
+    x = np.random.default_rng(0).standard_normal((1, features), dtype=np.float32)
+    latencies: list[float] = []
+    errors = 0
+    measuring = False
+    stop_at = 0.0
+
+    async def caller() -> None:
+        nonlocal errors
+        tensor = tca.InferInput("x", [1, features], "FP32")
+        tensor.set_data_from_numpy(x)
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            try:
+                await client.infer(model, [tensor])
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                errors += 1
+                continue
+            if measuring:
+                latencies.append(time.perf_counter() - started)
+
+    stop_at = time.perf_counter() + warmup_s
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    before = await _stats(client, model)
+    measuring, errors = True, 0
+    began = time.perf_counter()
+    stop_at = began + seconds
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    wall = time.perf_counter() - began
+    after = await _stats(client, model)
+    await client.close()
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 if latencies else float("nan")
+
+    executions = after[1] - before[1]
+    return {"model": model, "concurrency": concurrency, "requests": len(latencies), "errors": errors,
+            "rps": len(latencies) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+            "mean_ms": sum(latencies) / len(latencies) * 1e3 if latencies else float("nan"),
+            "mean_batch": (after[0] - before[0]) / executions if executions else 0.0}
+
+
+async def _stats(client: Any, model: str) -> tuple[int, int]:
+    stats = (await client.get_inference_statistics(model)).model_stats[0]
+    return stats.inference_count, stats.execution_count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs (about 1 s per point)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--worker-threads", type=int, default=2, help="torch threads in the model worker")
+    parser.add_argument("--limit-threads", type=int, default=2, help="torch threads for the in-process limit")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    seconds = 1.0 if args.quick else args.seconds
+    warmup = 0.3 if args.quick else 1.0
+    names = [n for n in args.models.split(",") if n]
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+
+    from tests.support.procs import ServiceProcess
+
+    tmp = Path(tempfile.mkdtemp(prefix="aiaas-bench-"))
+    limits: dict[str, float] = {}
+    for name in names:
+        build_mlp(MODELS[name], tmp / f"{name}.pt")
+        limits[name] = in_process_rows_per_s(tmp / f"{name}.pt", MODELS[name][0], 32, 1.0 if args.quick else 2.0,
+                                             args.limit_threads)
+    registry = ServiceProcess("registry", args=["--database-url", f"sqlite:///{tmp}/registry.db",
+                                                "--artifact-dir", str(tmp / "artifacts")]).start()
+    inference = None
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in names:
+            register(registry.address, name, tmp / f"{name}.pt", MODELS[name], args.max_batch)
+        inference = ServiceProcess("inference", args=[
+            "--registry-url", registry.address, "--model-cache-dir", str(tmp / "cache"),
+            "--torch-threads", str(args.worker_threads), "--log-level", "warning",
+        ], env={"AIAAS_LOG_JSON": "false"}).start(timeout=300)
+        for name in names:
+            for concurrency in levels:
+                row = asyncio.run(drive(inference.address, name, MODELS[name][0], concurrency, seconds, warmup))
+                row["in_process_b32_rows_s"] = limits[name]
+                row["ratio_to_b32"] = row["rps"] / limits[name]
+                rows.append(row)
+                print(_line(row), flush=True)
+    finally:
+        if inference is not None:
+            inference.stop()
+        registry.stop()
+    print()
+    print(_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "limits": limits, "cpus": os.cpu_count()}, indent=1))
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (f"{row['model']:<10} c={row['concurrency']:<3} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:6.2f} ms  "
+            f"p99 {row['p99_ms']:6.2f} ms  batch {row['mean_batch']:5.1f}  errors {row['errors']}")
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = ("| model | concurrency | req/s | p50 ms | p99 ms | mean ms | mean batch | errors | "
+            "in-process b32 rows/s | served / b32 |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['mean_ms']:.2f} | {r['mean_batch']:.1f} | {r['errors']} | "
+                     f"{r['in_process_b32_rows_s']:.0f} | {r['ratio_to_b32']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
