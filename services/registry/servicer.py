@@ -1,0 +1,157 @@
+"""gRPC servicer of aiaas.registry.v1.ModelRegistry: convert, call the core in a thread, convert back.
+
+Errors raised by the core travel as `AiaasError`s to the one interceptor, which maps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from aiaas.registry.v1 import registry_pb2 as pb
+from aiaas.registry.v1 import registry_pb2_grpc
+from services.common.errors import InvalidArgument
+from services.registry import convert
+from services.registry.core import RegistryCore
+from services.registry.feed import FeedHub
+
+run = asyncio.to_thread
+
+
+class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
+    def __init__(self, core: RegistryCore, hub: FeedHub) -> None:
+        self.core = core
+        self.hub = hub
+
+    # Models.
+    async def CreateModel(self, request: pb.CreateModelRequest, context: Any) -> pb.CreateModelResponse:
+        found = await run(self.core.create_model, request.name, request.description, dict(request.labels),
+                          request.actor)
+        return pb.CreateModelResponse(model=convert.model(found))
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=convert.model(await run(self.core.get_model, request.name)))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        page = await run(self.core.list_models, request.page_size, request.page_token)
+        return pb.ListModelsResponse(models=[convert.model(m) for m in page.items], next_page_token=page.next_token)
+
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context: Any) -> pb.UpdateModelResponse:
+        found = await run(
+            lambda: self.core.update_model(
+                request.name,
+                description=request.description if request.update_description else None,
+                labels=dict(request.labels) if request.update_labels else None,
+                actor=request.actor))
+        return pb.UpdateModelResponse(model=convert.model(found))
+
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context: Any) -> pb.DeleteModelResponse:
+        await run(self.core.delete_model, request.name, request.actor)
+        return pb.DeleteModelResponse()
+
+    # Versions.
+    async def UploadVersion(self, request_iterator: AsyncIterator[pb.UploadVersionRequest],
+                            context: Any) -> pb.UploadVersionResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("the upload stream must start with a header message, then send chunks")
+        upload = await run(self.core.begin_upload, convert.version_spec(first.header))
+        try:
+            async for message in request_iterator:
+                if message.HasField("header"):
+                    raise InvalidArgument("the upload stream carries a header twice; send it once, first")
+                if message.chunk:
+                    await run(upload.write, message.chunk)
+            found, deduplicated = await run(upload.finish)
+        finally:
+            # A broken stream (cancelled call) leaves no temporary file behind.
+            upload.abort()
+        return pb.UploadVersionResponse(version=convert.version(found), deduplicated=deduplicated)
+
+    async def GetVersion(self, request: pb.GetVersionRequest, context: Any) -> pb.GetVersionResponse:
+        found = await run(self.core.get_version, request.model, request.version, request.alias)
+        return pb.GetVersionResponse(version=convert.version(found))
+
+    async def ListVersions(self, request: pb.ListVersionsRequest, context: Any) -> pb.ListVersionsResponse:
+        page = await run(self.core.list_versions, request.model, request.page_size, request.page_token)
+        return pb.ListVersionsResponse(versions=[convert.version(v) for v in page.items],
+                                       next_page_token=page.next_token)
+
+    async def DeleteVersion(self, request: pb.DeleteVersionRequest, context: Any) -> pb.DeleteVersionResponse:
+        await run(self.core.delete_version, request.model, request.version, request.actor)
+        return pb.DeleteVersionResponse()
+
+    async def DownloadArtifact(self, request: pb.DownloadArtifactRequest,
+                               context: Any) -> AsyncIterator[pb.DownloadArtifactResponse]:
+        found, chunks = await run(self.core.read_artifact, request.model, request.version, request.alias,
+                                  request.chunk_size)
+        try:
+            yield pb.DownloadArtifactResponse(version=convert.version(found))
+            while (chunk := await run(next, chunks, None)) is not None:
+                yield pb.DownloadArtifactResponse(chunk=chunk)
+        finally:
+            chunks.close()  # type: ignore[attr-defined]
+
+    async def AttachReport(self, request: pb.AttachReportRequest, context: Any) -> pb.AttachReportResponse:
+        found = await run(self.core.attach_report, request.model, request.version, request.name,
+                          convert.from_struct(request.report), request.actor)
+        return pb.AttachReportResponse(version=convert.version(found))
+
+    # Aliases.
+    async def SetAlias(self, request: pb.SetAliasRequest, context: Any) -> pb.SetAliasResponse:
+        move = await run(self.core.set_alias, request.model, request.alias, request.version,
+                         request.expected_version, request.actor, request.reason)
+        return pb.SetAliasResponse(move=convert.alias_move(move))
+
+    async def DeleteAlias(self, request: pb.DeleteAliasRequest, context: Any) -> pb.DeleteAliasResponse:
+        move = await run(self.core.delete_alias, request.model, request.alias, request.actor, request.reason)
+        return pb.DeleteAliasResponse(move=convert.alias_move(move))
+
+    async def RollbackAlias(self, request: pb.RollbackAliasRequest, context: Any) -> pb.RollbackAliasResponse:
+        move = await run(self.core.rollback_alias, request.model, request.alias, request.actor, request.reason)
+        return pb.RollbackAliasResponse(move=convert.alias_move(move))
+
+    async def GetAliasHistory(self, request: pb.GetAliasHistoryRequest, context: Any) -> pb.GetAliasHistoryResponse:
+        moves = await run(self.core.alias_history, request.model, request.alias, request.limit)
+        return pb.GetAliasHistoryResponse(moves=[convert.alias_move(m) for m in moves])
+
+    # Records.
+    async def PutRecord(self, request: pb.PutRecordRequest, context: Any) -> pb.PutRecordResponse:
+        rec = request.record
+        stored = await run(self.core.put_record, rec.kind, rec.name, rec.data, request.expected_revision,
+                           request.actor)
+        return pb.PutRecordResponse(record=convert.record(stored))
+
+    async def GetRecord(self, request: pb.GetRecordRequest, context: Any) -> pb.GetRecordResponse:
+        return pb.GetRecordResponse(record=convert.record(await run(self.core.get_record, request.kind, request.name)))
+
+    async def ListRecords(self, request: pb.ListRecordsRequest, context: Any) -> pb.ListRecordsResponse:
+        page = await run(self.core.list_records, request.kind, request.page_size, request.page_token)
+        return pb.ListRecordsResponse(records=[convert.record(r) for r in page.items], next_page_token=page.next_token)
+
+    async def DeleteRecord(self, request: pb.DeleteRecordRequest, context: Any) -> pb.DeleteRecordResponse:
+        await run(self.core.delete_record, request.kind, request.name, request.actor)
+        return pb.DeleteRecordResponse()
+
+    # Audit.
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Any) -> pb.ListAuditEventsResponse:
+        since = convert.from_timestamp(request.since) if request.HasField("since") else None
+        until = convert.from_timestamp(request.until) if request.HasField("until") else None
+        page = await run(self.core.list_audit, request.model, since, until, request.page_size, request.page_token)
+        return pb.ListAuditEventsResponse(events=[convert.audit_event(e) for e in page.items],
+                                          next_page_token=page.next_token)
+
+    async def AppendAuditEvent(self, request: pb.AppendAuditEventRequest,
+                               context: Any) -> pb.AppendAuditEventResponse:
+        event = await run(self.core.append_audit, request.actor, request.action, request.model, request.version,
+                          convert.from_struct(request.details))
+        return pb.AppendAuditEventResponse(event=convert.audit_event(event))
+
+    # Change feed.
+    async def WatchModels(self, request: pb.WatchModelsRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchModelsResponse]:
+        async for event in self.hub.watch(request.after_revision, list(request.models)):
+            yield pb.WatchModelsResponse(event=convert.change_event(event))
