@@ -226,3 +226,22 @@ def random_array(datatype: str, shape: tuple[int, ...], rng: np.random.Generator
         info = np.iinfo(dtype)
         return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
     return rng.standard_normal(shape).astype(dtype)
+
+
+class _ManyIdentity(torch.nn.Module):
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(x.clone() for x in xs)
+
+
+def write_identity_many(directory: str | Path, datatypes: Sequence[str]) -> Artifact:
+    """torch.export: inputs IN_<DT> [-1, -1] -> outputs OUT_<DT>, one pair per datatype, unchanged."""
+    path = Path(directory) / "identity_many.pt2"
+    examples = tuple(torch.zeros(2, 3, dtype=_torch_dtype(d)) for d in datatypes)
+    batch, width = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("width", min=1, max=4096)
+    dims = (tuple({0: batch, 1: width} for _ in datatypes),)
+    torch.export.save(torch.export.export(_ManyIdentity(), examples, dynamic_shapes=dims), str(path))
+    inputs = tuple(TensorSpec(f"IN_{d}", d, (-1, -1)) for d in datatypes)
+    outputs = tuple(TensorSpec(f"OUT_{d}", d, (-1, -1)) for d in datatypes)
+    return Artifact(
+        str(path), "torch_export", inputs, outputs, lambda i: {f"OUT_{d}": i[f"IN_{d}"] for d in datatypes}
+    )

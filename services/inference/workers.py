@@ -1,0 +1,477 @@
+"""Model instances: worker processes fed through shared memory, or a thread pool in-process.
+
+`WorkerPool` runs each instance in its own fresh interpreter (see `_worker_main`). Tensors cross in shared-memory slabs (one
+input and one output slab per worker) and only a small control tuple crosses the pipe. The event
+loop never blocks: it writes the input slab, sends the tuple, and a reader callback on the pipe
+resolves the batch's future. A worker whose pipe closes has died: its in-flight batch fails
+with Unavailable (the gateway retries) and a new process is started in the background.
+
+`InProcessRunner` has the same interface and runs the model in a thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import dataclasses
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.common.errors import AiaasError, FailedPrecondition, Internal, Unavailable
+from services.inference._worker_main import WorkerConfig, worker_main
+from services.inference.batcher import BatchResult
+from services.inference.datatypes import KSERVE_TO_NUMPY
+from services.inference.loaders import (
+    FORMATS,
+    LoadedModel,
+    TensorSig,
+    TensorSpecLike,
+    load_model,
+    parse_device,
+    signature_of,
+)
+from services.inference.shm import Packed, Slab, copies
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[str, type[AiaasError]] = {cls.code.value: cls for cls in AiaasError.__subclasses__()}
+_MIN_SLAB = 64 * 1024
+_BYTES_ELEMENT_GUESS = 64
+
+
+def _config_fields(config: WorkerConfig) -> tuple[Any, ...]:
+    return tuple(getattr(config, field.name) for field in dataclasses.fields(config))
+
+
+def _worker_env() -> dict[str, str]:
+    """The worker imports `services` from where this process found it."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _error(code: str, message: str) -> AiaasError:
+    return _ERRORS.get(code, Internal)(message)
+
+
+def _row_bytes(sigs: Sequence[TensorSig], batched: bool) -> int:
+    total = 0
+    for sig in sigs:
+        dims = sig.shape[1:] if batched and sig.shape else sig.shape
+        count = math.prod(max(d, 1) for d in dims)
+        size = KSERVE_TO_NUMPY[sig.datatype].itemsize if sig.datatype != "BYTES" else _BYTES_ELEMENT_GUESS
+        total += count * size + 64
+    return total
+
+
+def warmup_inputs(sigs: Sequence[TensorSig], batch_size: int, batched: bool) -> dict[str, np.ndarray]:
+    """Zeros of each input at `batch_size` rows; variable dims become 1; BYTES are empty strings."""
+    inputs = {}
+    for sig in sigs:
+        dims = [d if d >= 0 else 1 for d in (sig.shape[1:] if batched else sig.shape)]
+        shape = (batch_size, *dims) if batched else tuple(dims)
+        if sig.datatype == "BYTES":
+            array = np.empty(shape, dtype=object)
+            array.fill(b"")
+        else:
+            array = np.zeros(shape, dtype=KSERVE_TO_NUMPY[sig.datatype])
+        inputs[sig.name] = array
+    return inputs
+
+
+class _Worker:
+    """One worker process, its pipe and its two slabs; at most one batch in flight."""
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.process: Any = None
+        self.conn: Connection | None = None
+        self.pid = 0
+        self.alive = False
+        self.busy = False
+        self.waiter: asyncio.Future[tuple[Any, ...]] | None = None
+        self.in_slab = Slab.create(pool.slab_bytes)
+        self.out_slab = Slab.create(pool.out_slab_bytes)
+
+    @property
+    def label(self) -> str:
+        return f"{self.pool.name}#{self.index}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        parent_sock, child_sock = socket.socketpair()
+        try:
+            command = [sys.executable, "-m", "services.inference._worker_main", str(child_sock.fileno())]
+            self.process = await loop.run_in_executor(
+                None,
+                lambda: subprocess.Popen(
+                    command, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env()
+                ),
+            )
+        finally:
+            child_sock.close()
+        self.conn = Connection(parent_sock.detach())
+        self.conn.send(_config_fields(self.pool.worker_config))
+        self.waiter = loop.create_future()
+        loop.add_reader(self.conn.fileno(), self._on_readable)
+        try:
+            message = await asyncio.wait_for(asyncio.shield(self.waiter), self.pool.start_timeout_s)
+        except asyncio.TimeoutError:
+            await self._reap(kill=True)
+            raise FailedPrecondition(
+                f"model worker for {self.pool.name} did not load within {self.pool.start_timeout_s:.0f}s"
+            ) from None
+        except Unavailable:
+            code = await self._reap()
+            raise FailedPrecondition(
+                f"model worker for {self.pool.name} exited while loading (exit code {code})"
+            ) from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._reap(kill=True))
+            raise
+        if message[0] == "error":
+            await self._reap()
+            raise _error(message[1], message[2])
+        self.pid = message[1]
+        self.alive = True
+
+    def _on_readable(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            self._died()
+            return
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message)
+        elif self.busy:
+            # The batch that wanted this answer was cancelled; the worker is free again.
+            if message[0] == "ok" and message[5] is not None:
+                self._adopt_out_slab(message[5])
+            self.busy = False
+            self.pool._release(self)
+
+    def _adopt_out_slab(self, name: str) -> None:
+        self.out_slab.close()
+        self.out_slab = Slab.attach(name, owner=True)
+
+    def _died(self) -> None:
+        """The pipe closed: the process is gone (or going). Its batch fails once we know why."""
+        loop = asyncio.get_running_loop()
+        if self.conn is not None:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(self.conn.fileno())
+        was_alive, self.alive = self.alive, False
+        if was_alive:
+            self.pool._worker_died(self)
+        else:
+            waiter, self.waiter = self.waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(Unavailable(f"model worker for {self.pool.name} exited; retry"))
+
+    def fail_in_flight(self, error: AiaasError) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    async def _reap(self, timeout_s: float = 5.0, *, kill: bool = False) -> int | None:
+        """Wait for the process to exit (kill it if it will not) and return its exit code."""
+        process = self.process
+        if process is None:
+            return None
+        loop = asyncio.get_running_loop()
+        if self.conn is not None:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(self.conn.fileno())
+            self.conn.close()
+            self.conn = None
+        if kill:
+            process.kill()
+        try:
+            code: int | None = await loop.run_in_executor(None, process.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = await loop.run_in_executor(None, process.wait)
+        self.process = None
+        return code
+
+    async def run(self, inputs: Mapping[str, np.ndarray]) -> BatchResult:
+        started = time.perf_counter_ns()
+        packed = Packed(inputs)
+        if packed.nbytes > self.in_slab.size:
+            self.in_slab.close()
+            self.in_slab = Slab.create(max(packed.nbytes, 2 * self.in_slab.size))
+        metas = packed.write(self.in_slab.buf)
+        del packed
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[tuple[Any, ...]] = loop.create_future()
+        self.waiter = waiter
+        try:
+            if self.conn is None:
+                raise OSError("no pipe")
+            self.conn.send(("run", self.in_slab.name, self.out_slab.name, metas))
+        except OSError:
+            self.waiter = None
+            raise Unavailable(f"model worker for {self.pool.name} is gone; retry") from None
+        sent = time.perf_counter_ns()
+        reply = await waiter
+        received = time.perf_counter_ns()
+        if reply[0] == "fail":
+            raise _error(reply[1], reply[2])
+        _, out_metas, in_ns, infer_ns, out_ns, new_out = reply
+        if new_out is not None:
+            self._adopt_out_slab(new_out)
+        outputs = copies(self.out_slab.buf, out_metas)
+        finished = time.perf_counter_ns()
+        # Pipe and wake-up time is not the model's: count it as input/output handling.
+        transit = max(0, received - sent - in_ns - infer_ns - out_ns)
+        return BatchResult(
+            outputs,
+            compute_input_ns=sent - started + in_ns + transit // 2,
+            compute_infer_ns=infer_ns,
+            compute_output_ns=out_ns + transit - transit // 2 + finished - received,
+        )
+
+    async def stop(self) -> None:
+        if self.conn is not None and self.alive:
+            with contextlib.suppress(OSError, ValueError):
+                self.conn.send(("stop",))
+        self.alive = False
+        await self._reap()
+
+    def free_slabs(self) -> None:
+        self.in_slab.close()
+        self.out_slab.close()
+
+
+class WorkerPool:
+    """`instance_count` worker processes for one model version."""
+
+    def __init__(
+        self,
+        *,
+        artifact_path: str,
+        format: str,
+        inputs: Sequence[TensorSpecLike],
+        outputs: Sequence[TensorSpecLike],
+        device: str = "cpu",
+        instance_count: int = 1,
+        max_batch_size: int = 0,
+        torch_threads: int | None = None,
+        name: str | None = None,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        if format not in FORMATS:
+            raise FailedPrecondition(f"unknown model format '{format}'; expected one of {', '.join(FORMATS)}")
+        self.inputs, self.outputs = signature_of(inputs), signature_of(outputs)
+        self.name = name or artifact_path
+        self.instance_count = max(1, instance_count)
+        self.max_batch_size = max_batch_size
+        self.start_timeout_s = start_timeout_s
+        self.worker_config = WorkerConfig(
+            artifact_path, format, self.inputs, self.outputs, device or "cpu", torch_threads or 1
+        )
+        rows = max(1, max_batch_size)
+        batched = max_batch_size > 0
+        self.slab_bytes = max(_MIN_SLAB, rows * _row_bytes(self.inputs, batched))
+        self.out_slab_bytes = max(_MIN_SLAB, rows * _row_bytes(self.outputs, batched))
+        self._workers: list[_Worker] = []
+        self._idle: deque[_Worker] = deque()
+        self._waiters: deque[asyncio.Future[_Worker]] = deque()
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def alive_instances(self) -> int:
+        return sum(1 for w in self._workers if w.alive)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers if w.alive]
+
+    async def start(self) -> None:
+        """Spawn every instance and load the model in each; the loader's error if one fails."""
+        if self.worker_config.device != "cpu":
+            parse_device(self.worker_config.device)  # fail fast, with the clear message, here
+        self._workers = [_Worker(self, i) for i in range(self.instance_count)]
+        results = await asyncio.gather(*(w.start() for w in self._workers), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.close()
+            raise errors[0]
+        self._idle.extend(self._workers)
+
+    async def run_batch(self, inputs: dict[str, np.ndarray]) -> BatchResult:
+        worker = await self._acquire()
+        try:
+            worker.busy = True
+            result = await worker.run(inputs)
+        except asyncio.CancelledError:
+            raise  # busy stays set: the worker rejoins the pool when its answer arrives
+        except BaseException:
+            worker.busy = False
+            self._release(worker)
+            raise
+        worker.busy = False
+        self._release(worker)
+        return result
+
+    async def warmup(self, batch_sizes: Sequence[int]) -> None:
+        """Run a batch of zeros at each size on every instance."""
+        batched = self.max_batch_size > 0
+        for size in batch_sizes or [1]:
+            inputs = warmup_inputs(self.inputs, size, batched)
+            await asyncio.gather(*(self.run_batch(inputs) for _ in range(self.alive_instances)))
+
+    async def close(self) -> None:
+        """Stop the workers and free their shared memory."""
+        self._closed = True
+        restarts = list(self._restarts)
+        for task in restarts:
+            task.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
+        for worker in self._workers:
+            worker.fail_in_flight(Unavailable(f"model {self.name} is unloading; retry"))
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(Unavailable(f"model {self.name} is unloading; retry"))
+        self._waiters.clear()
+        await asyncio.gather(*(w.stop() for w in self._workers), return_exceptions=True)
+        for worker in self._workers:
+            worker.free_slabs()
+        self._idle.clear()
+
+    # --- instance bookkeeping -----------------------------------------------------------------
+
+    async def _acquire(self) -> _Worker:
+        while self._idle:
+            worker = self._idle.popleft()
+            if worker.alive:
+                return worker
+        if self._closed:
+            raise Unavailable(f"model {self.name} is unloading; retry")
+        if not any(w.alive for w in self._workers):
+            raise Unavailable(f"no live model worker for {self.name} (restarting); retry")
+        waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return await waiter
+
+    def _release(self, worker: _Worker) -> None:
+        if not worker.alive or self._closed:
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(worker)
+                return
+        self._idle.append(worker)
+
+    def _worker_died(self, worker: _Worker) -> None:
+        worker.busy = False
+        if self._closed:
+            return
+        if not any(w.alive for w in self._workers):
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(Unavailable(f"no live model worker for {self.name} (restarting); retry"))
+        task = asyncio.get_running_loop().create_task(self._restart(worker))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, worker: _Worker) -> None:
+        code = await worker._reap()
+        worker.fail_in_flight(Unavailable(f"model worker for {self.name} crashed (exit code {code}); retry"))
+        log.error("model worker for %s crashed (exit code %s); restarting", self.name, code)
+        delay = 0.5
+        while not self._closed:
+            try:
+                await worker.start()
+            except AiaasError as exc:
+                log.error("restarting model worker for %s failed: %s", self.name, exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self._release(worker)
+            return
+
+
+class InProcessRunner:
+    """The same interface as `WorkerPool`, running the model in a thread pool of this process."""
+
+    def __init__(
+        self,
+        *,
+        artifact_path: str,
+        format: str,
+        inputs: Sequence[TensorSpecLike],
+        outputs: Sequence[TensorSpecLike],
+        device: str = "cpu",
+        instance_count: int = 1,
+        max_batch_size: int = 0,
+        torch_threads: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        self._args = (artifact_path, format, inputs, outputs)
+        self._device = device or "cpu"
+        self._threads = torch_threads
+        self.name = name or artifact_path
+        self.max_batch_size = max_batch_size
+        self.instance_count = max(1, instance_count)
+        self.inputs = signature_of(inputs)
+        self._model: LoadedModel | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def alive_instances(self) -> int:
+        return self.instance_count if self._model is not None else 0
+
+    @property
+    def pids(self) -> list[int]:
+        return [os.getpid()] if self._model is not None else []
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(self.instance_count, thread_name_prefix=f"model-{self.name}")
+        loop = asyncio.get_running_loop()
+        path, format, inputs, outputs = self._args
+        self._model = await loop.run_in_executor(
+            self._executor,
+            lambda: load_model(path, format, inputs, outputs, device=self._device, threads=self._threads),
+        )
+
+    async def run_batch(self, inputs: dict[str, np.ndarray]) -> BatchResult:
+        model, executor = self._model, self._executor
+        if model is None or executor is None:
+            raise Unavailable(f"model {self.name} is not loaded; retry")
+        outputs, in_ns, infer_ns, out_ns = await asyncio.get_running_loop().run_in_executor(
+            executor, model.run, inputs
+        )
+        return BatchResult(outputs, in_ns, infer_ns, out_ns)
+
+    async def warmup(self, batch_sizes: Sequence[int]) -> None:
+        for size in batch_sizes or [1]:
+            await self.run_batch(warmup_inputs(self.inputs, size, self.max_batch_size > 0))
+
+    async def close(self) -> None:
+        self._model = None
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
+
