@@ -1,0 +1,212 @@
+"""`aiaas up` as a real process: four services, the demo through the gateway with tritonclient,
+SIGINT, a clean exit with no process left behind; a second `up` reuses the state; a service
+that cannot start is reported with its log and the others are stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+from aiaas.up import (
+    StartupFailed,
+    check_ports_free,
+    home_lock,
+    service_plan,
+    stack_ports,
+)
+from services.common.settings import load_settings
+from tests.support.procs import REPO_ROOT
+
+STARTUP_S = 180.0
+
+
+def _free_base_port() -> int:
+    """Five consecutive free ports (gateway, registry, inference, monitor, metrics)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + 5 > 65535:
+            continue
+        try:
+            check_ports_free("127.0.0.1", stack_ports(base))
+            return base
+        except StartupFailed:
+            continue
+    raise RuntimeError("no run of five free ports")
+
+
+# Flags `up` passes must exist in each service's settings and validate ------------------------
+
+def test_service_flags_match_each_services_settings(tmp_path: Path) -> None:
+    from services.gateway.settings import GatewaySettings
+    from services.inference.settings import InferenceSettings
+    from services.monitor.settings import MonitorSettings
+    from services.registry.settings import RegistrySettings
+
+    classes = {"registry": RegistrySettings, "inference": InferenceSettings, "monitor": MonitorSettings,
+               "gateway": GatewaySettings}
+    ports = stack_ports(20000)
+    plan = service_plan(tmp_path, "127.0.0.1", ports)
+    assert [s.name for s in plan] == ["registry", "inference", "monitor", "gateway"]
+    for spec in plan:
+        settings = load_settings(classes[spec.name], spec.args, service=spec.name, environ={})
+        assert settings.port == ports[spec.name] and settings.host == "127.0.0.1"
+    gateway = load_settings(GatewaySettings, plan[-1].args, service="gateway", environ={})
+    assert gateway.auth_enabled is False and gateway.inference_targets == ("127.0.0.1:20002",)
+    inference = load_settings(InferenceSettings, plan[1].args, service="inference", environ={})
+    assert inference.follow_aliases == ("production", "canary")
+    registry = load_settings(RegistrySettings, plan[0].args, service="registry", environ={})
+    assert registry.resolved_database_url() == f"sqlite:///{tmp_path / 'registry.db'}"
+
+
+def test_default_ports_and_base_port() -> None:
+    assert stack_ports(None) == {"gateway": 8001, "registry": 50051, "inference": 50052, "monitor": 50053,
+                                 "metrics": 9464}
+    assert stack_ports(9000) == {"gateway": 9000, "registry": 9001, "inference": 9002, "monitor": 9003,
+                                 "metrics": 9004}
+
+
+def test_auth_stays_on_off_loopback(tmp_path: Path) -> None:
+    plan = service_plan(tmp_path, "0.0.0.0", stack_ports(None))
+    assert "--no-auth-enabled" not in plan[-1].args
+
+
+def test_busy_port_and_second_up_on_one_home_are_refused(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(StartupFailed, match=f"port {port} .* in use"):
+            check_ports_free("127.0.0.1", {"gateway": port})
+    with home_lock(tmp_path), pytest.raises(StartupFailed, match="another `aiaas up`"), home_lock(tmp_path):
+        pass
+
+
+# The real thing ------------------------------------------------------------------------------
+
+class UpProcess:
+    """`aiaas up` as a child process; its stdout read line by line on a thread."""
+
+    def __init__(self, home: Path, base_port: int, env: dict[str, str] | None = None) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aiaas.cli.main", "up", "--home", str(home), "--base-port", str(base_port)],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = STARTUP_S) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.seen.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not printed; output so far:\n" + "\n".join(self.seen))
+
+    def output(self) -> str:
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "\n".join(self.seen)
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def kill(self) -> None:
+        for child in self.descendants() if self.proc.poll() is None else []:
+            child.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def up_home(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "aiaas-home"
+
+
+def _infer_demo(gateway: str) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(gateway)
+    try:
+        x = np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32)
+        inp = grpcclient.InferInput("INPUT0", [3, 10], "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer("demo", [inp], client_timeout=30).as_numpy("OUTPUT0")
+    finally:
+        client.close()
+
+
+def _stop_with_sigint(up: UpProcess) -> None:
+    children = up.descendants()
+    assert len(children) >= 4, [c.cmdline() for c in children]
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(60) == 0, up.output()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    assert "aiaas up: stopped" in up.output()
+
+
+def test_up_serves_the_demo_stops_cleanly_and_reuses_state(up_home: Path) -> None:
+    base = _free_base_port()
+    gateway = f"127.0.0.1:{base}"
+    up = UpProcess(up_home, base)
+    try:
+        up.wait_for("ready: gateway")
+        assert "AUTHENTICATION IS OFF" in up.output()
+        assert f'InferenceServerClient("{gateway}")' in up.wait_for("InferenceServerClient")
+        scores = _infer_demo(gateway)
+        assert scores.shape == (3, 10) and scores.dtype == np.float32
+        _stop_with_sigint(up)
+    finally:
+        up.kill()
+    assert (up_home / "registry.db").exists() and (up_home / "logs" / "gateway.log").exists()
+
+    again = UpProcess(up_home, base)
+    try:
+        assert "reusing version 1" in again.wait_for("demo: ")
+        again.wait_for("ready: gateway")
+        np.testing.assert_allclose(_infer_demo(gateway), scores, rtol=1e-5, atol=1e-5)
+        _stop_with_sigint(again)
+    finally:
+        again.kill()
+
+
+def test_a_service_that_cannot_start_is_reported_and_the_rest_stopped(up_home: Path) -> None:
+    base = _free_base_port()
+    # Valid for every service but the inference service, which refuses it at start-up.
+    up = UpProcess(up_home, base, env={"AIAAS_INFERENCE_MAX_QUEUE_SIZE": "0"})
+    try:
+        assert up.proc.wait(STARTUP_S) == 1
+        output = up.output()
+        assert "inference exited with code" in output and "max_queue_size must be >= 1" in output
+        assert "stopping registry" in output
+        check_ports_free("127.0.0.1", stack_ports(base))
+    finally:
+        up.kill()
