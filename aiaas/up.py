@@ -226,11 +226,10 @@ def ensure_demo(registry: str) -> str:
     from aiaas.pipeline.artifacts import ArtifactFormat
     from aiaas.pipeline.publish import Publisher
     from aiaas.pipeline.steps import export_candidate
-    from aiaas.registry.v1 import registry_pb2 as pb
 
     with Publisher(registry, actor="aiaas-up") as publisher:
         try:
-            model = publisher.stub.GetModel(pb.GetModelRequest(name=DEMO_MODEL), timeout=10).model
+            model = publisher.get_model(DEMO_MODEL)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
                 raise

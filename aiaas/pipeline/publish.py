@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
-import hashlib
 import math
 import os
 import socket
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Self
 
 import grpc
@@ -22,13 +23,10 @@ from aiaas.pipeline.artifacts import ArtifactFormat
 from aiaas.pipeline.signature import ServingConfig, Signature, TensorSpec
 from aiaas.pipeline.steps import Candidate
 from aiaas.registry.v1 import registry_pb2 as pb
-from aiaas.registry.v1 import registry_pb2_grpc
-from services.common.errors import DataLoss, InvalidArgument
-from services.common.server import channel_options
+from aiaas.registry_client import RegistryClient
+from services.common.errors import InvalidArgument
 
-CHUNK_BYTES = 1 << 20
 DEFAULT_REGISTRY = "localhost:50051"
-MAX_MESSAGE = 64 * 1024 * 1024
 
 _FORMAT_TO_PB = {
     ArtifactFormat.TORCHSCRIPT: pb.ARTIFACT_FORMAT_TORCHSCRIPT,
@@ -115,66 +113,31 @@ class ParentArtifact:
     serving: ServingConfig
 
 
-def upload_requests(
-    model: str, candidate: Candidate, *, actor: str, metadata: Mapping[str, Any] | None = None,
-    description_create: bool = True,
-) -> Iterator[pb.UploadVersionRequest]:
-    header = pb.UploadVersionHeader(
-        model=model,
-        format=format_to_pb(candidate.format),
-        artifact_sha256=hashlib.sha256(candidate.data).hexdigest(),
-        artifact_size=len(candidate.data),
-        signature=signature_to_pb(candidate.signature),
-        serving_config=serving_to_pb(candidate.serving_config),
-        metadata=to_struct({**candidate.metadata, **(metadata or {})}),
-        lineage=pb.Lineage(parent_version=candidate.parent_version, transformation=candidate.transformation),
-        actor=actor,
-        create_model=description_create,
-        reports={"parity": to_struct(candidate.report)},
-    )
-    yield pb.UploadVersionRequest(header=header)
-    for start in range(0, len(candidate.data), CHUNK_BYTES):
-        yield pb.UploadVersionRequest(chunk=candidate.data[start:start + CHUNK_BYTES])
-
-
-def assemble_download(responses: Iterator[pb.DownloadArtifactResponse]) -> ParentArtifact:
-    version: pb.ModelVersion | None = None
-    chunks: list[bytes] = []
-    for response in responses:
-        if response.HasField("version"):
-            version = response.version
-        else:
-            chunks.append(response.chunk)
-    if version is None:
-        raise DataLoss("the registry sent an artifact without its version")
-    data = b"".join(chunks)
-    if hashlib.sha256(data).hexdigest() != version.artifact_sha256:
-        raise DataLoss(f"artifact of {version.model}/{version.version} does not match its sha256")
-    return ParentArtifact(version, format_from_pb(version.format), data, signature_from_pb(version.signature),
-                          serving_from_pb(version.serving_config))
-
-
 def registry_target(target: str | None = None) -> str:
     return target or os.environ.get("AIAAS_REGISTRY_URL") or DEFAULT_REGISTRY
 
 
 class Publisher:
-    """Registry calls the pipeline makes, over one channel (an address, or a channel the caller owns)."""
+    """Registry calls the pipeline makes, through the registry SDK (`aiaas.RegistryClient`).
 
-    def __init__(self, target: str | grpc.Channel | None = None, *, actor: str | None = None,
+    `target` is an address (default `$AIAAS_REGISTRY_URL`, else localhost:50051), a channel, or a
+    `RegistryClient` the caller owns.
+    """
+
+    def __init__(self, target: str | grpc.Channel | RegistryClient | None = None, *, actor: str | None = None,
                  timeout_s: float = 120.0) -> None:
-        if isinstance(target, grpc.Channel):
-            self._channel, self._owned = target, False
+        if isinstance(target, RegistryClient):
+            self.client, self._owned = target, False
+        elif isinstance(target, grpc.Channel):
+            self.client = RegistryClient(actor=actor or default_actor(), timeout=timeout_s, channel=target)
+            self._owned = False
         else:
-            self._channel = grpc.insecure_channel(registry_target(target), options=channel_options(MAX_MESSAGE))
+            self.client = RegistryClient(registry_target(target), actor=actor or default_actor(), timeout=timeout_s)
             self._owned = True
-        self.stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
-        self.actor = actor or default_actor()
-        self.timeout_s = timeout_s
 
     def close(self) -> None:
         if self._owned:
-            self._channel.close()
+            self.client.close()
 
     def __enter__(self) -> Self:
         return self
@@ -183,21 +146,27 @@ class Publisher:
         self.close()
 
     def upload(self, model: str, candidate: Candidate, metadata: Mapping[str, Any] | None = None) -> pb.ModelVersion:
-        requests = upload_requests(model, candidate, actor=self.actor, metadata=metadata)
-        return self.stub.UploadVersion(requests, timeout=self.timeout_s).version
+        return self.client.upload_version(
+            model, candidate.data, format=candidate.format.value, signature=signature_to_pb(candidate.signature),
+            serving_config=serving_to_pb(candidate.serving_config),
+            metadata=_plain({**candidate.metadata, **(metadata or {})}),
+            lineage=pb.Lineage(parent_version=candidate.parent_version, transformation=candidate.transformation),
+            reports={"parity": _plain(candidate.report)},
+        )
 
     def download(self, model: str, version: int = 0, alias: str = "") -> ParentArtifact:
-        request = pb.DownloadArtifactRequest(model=model, version=version, alias=alias)
-        return assemble_download(self.stub.DownloadArtifact(request, timeout=self.timeout_s))
+        with tempfile.TemporaryDirectory(prefix="aiaas-parent-") as tmp:
+            path = Path(tmp) / "artifact"
+            found = self.client.download_artifact(model, version or alias or None, path)
+            data = path.read_bytes()
+        return ParentArtifact(found, format_from_pb(found.format), data, signature_from_pb(found.signature),
+                              serving_from_pb(found.serving_config))
 
-    def get_version(self, model: str, version: int = 0, alias: str = "") -> pb.ModelVersion:
-        request = pb.GetVersionRequest(model=model, version=version, alias=alias)
-        return self.stub.GetVersion(request, timeout=self.timeout_s).version
+    def get_model(self, name: str) -> pb.Model:
+        return self.client.get_model(name)
 
     def set_alias(self, model: str, alias: str, version: int, reason: str = "") -> pb.AliasMove:
-        request = pb.SetAliasRequest(model=model, alias=alias, version=version, expected_version=-1,
-                                     actor=self.actor, reason=reason)
-        return self.stub.SetAlias(request, timeout=self.timeout_s).move
+        return self.client.set_alias(model, alias, version, reason=reason)
 
 
 def default_actor() -> str:
