@@ -127,9 +127,12 @@ class ChildService:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._log.write(f"\n--- aiaas up: starting {self.spec.name} at {time.ctime()} ---\n".encode())
         self._log.flush()
+        # -P and a cwd of our own: a stray `aiaas/` or `services/` folder where the user typed
+        # `aiaas up` must not shadow the installed packages.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.spec.name}", *self.spec.args],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            [sys.executable, "-P", "-m", f"services.{self.spec.name}", *self.spec.args],
+            cwd=self.log_path.parent, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            env=self.env,
             start_new_session=True,
             preexec_fn=_die_with_parent if _PRCTL is not None else None,  # noqa: PLW1509 - one libc call, preloaded
         )
@@ -330,7 +333,10 @@ def run_up(
 
 def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_timeout_s: float,
          stop: threading.Event, children: list[ChildService]) -> int:
-    env = {**os.environ, "AIAAS_HOME": str(state), "PYTHONUNBUFFERED": "1"}
+    # The packages `up` itself was imported from, so a source checkout works without an install.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "AIAAS_HOME": str(state), "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
     env.setdefault("AIAAS_LOG_JSON", "false")
     redis = os.environ.get("AIAAS_REDIS_URL")
     _say(f"aiaas up: state in {state}")

@@ -145,22 +145,31 @@ def _batch_of(inputs: Sequence[np.ndarray], batch: int) -> list[np.ndarray]:
     return out
 
 
-def measure_latency_ms(runner: Runner, inputs: Sequence[np.ndarray], *, budget_s: float = 0.25,
-                       max_iters: int = 50) -> float:
-    """Median wall time of one call after a warm-up (TorchScript's profiling executor recompiles
-    during its first few calls), within a time budget."""
+def _time_ms(runner: Runner, inputs: Sequence[np.ndarray]) -> float:
+    start = time.perf_counter()
+    runner(inputs)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def measure_latency_ms(runners: Sequence[Runner], inputs: Sequence[np.ndarray], *, budget_s: float = 0.5,
+                       max_rounds: int = 50) -> list[float]:
+    """Median wall time of one call for each runner, measured in alternating rounds so that a
+    noisy neighbour slows all of them alike; after a warm-up (TorchScript's profiling executor
+    recompiles during its first few calls), within a time budget."""
     warm_until = time.perf_counter() + budget_s / 5
     for i in range(_WARMUP_MAX_CALLS):
-        runner(inputs)
+        for runner in runners:
+            runner(inputs)
         if i + 1 >= _WARMUP_MIN_CALLS and time.perf_counter() >= warm_until:
             break
-    timings: list[float] = []
+    timings: list[list[float]] = [[] for _ in runners]
     deadline = time.perf_counter() + budget_s
-    while len(timings) < 3 or (len(timings) < max_iters and time.perf_counter() < deadline):
-        start = time.perf_counter()
-        runner(inputs)
-        timings.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(timings)
+    rounds = 0
+    while rounds < 3 or (rounds < max_rounds and time.perf_counter() < deadline):
+        for runner, samples in zip(runners, timings, strict=True):
+            samples.append(_time_ms(runner, inputs))
+        rounds += 1
+    return [statistics.median(samples) for samples in timings]
 
 
 def run_parity(
@@ -204,8 +213,7 @@ def run_parity(
     if measure_latency and got:
         for batch in sorted(set(latency_batches)):
             batch_inputs = _batch_of(inputs, batch)
-            p = measure_latency_ms(parent, batch_inputs)
-            c = measure_latency_ms(candidate, batch_inputs)
+            p, c = measure_latency_ms([parent, candidate], batch_inputs)
             report["latency_ms"][str(batch)] = {"parent": p, "candidate": c, "speedup": p / c if c > 0 else None}
     return report
 
