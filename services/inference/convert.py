@@ -25,6 +25,10 @@ CONTENTS_FIELD = {
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
+# The numpy type each typed field is read as before narrowing to the input's datatype.
+_WIDE = {"bool_contents": np.bool_, "int_contents": np.int64, "int64_contents": np.int64,
+         "uint_contents": np.uint64, "uint64_contents": np.uint64, "fp32_contents": np.float32,
+         "fp64_contents": np.float64}
 _TRITON_PARAMS_ALLOWED = frozenset({"triton_enable_empty_final_response"})
 
 
@@ -192,7 +196,7 @@ def _from_contents(contents: Any, name: str, shape: tuple[int, ...], spec: Tenso
         arr = np.empty(count, dtype=object)
         arr[:] = list(values)
         return arr.reshape(shape)
-    wide = np.array(values)
+    wide = np.fromiter(values, dtype=_WIDE[field], count=count)
     arr = wide.astype(spec.dtype)
     if wide.dtype.kind in "iu" and count and not np.array_equal(arr, wide):
         raise InvalidArgument(f"input '{name}' for model '{model}': a value in contents.{field} "

@@ -13,7 +13,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from tests.inference import models
 from tests.inference.conftest import Registry, inference_args, start_inference
@@ -113,11 +114,18 @@ def test_malformed_bytes_tensor(server: ServiceProcess, raw: bytes, fragment: st
     assert "'INPUT0'" in info.value.details() and fragment in info.value.details()
 
 
-def test_bytes_with_empty_and_binary_elements(client: tc.InferenceServerClient) -> None:
-    array = np.array([[b"", b"\x00\xff", "h\u00e9llo".encode()]], dtype=object)
+def test_bytes_with_empty_and_unicode_elements(client: tc.InferenceServerClient) -> None:
+    array = np.array([[b"", b"\x00a", "h\u00e9llo \u2603".encode()]], dtype=object)
     tensor = tc.InferInput("INPUT0", [1, 3], "BYTES")
     tensor.set_data_from_numpy(array)
     assert client.infer(model_name("BYTES"), [tensor]).as_numpy("OUTPUT0").tolist() == array.tolist()
+    # ONNX Runtime holds strings, not bytes: non-UTF-8 input is refused with a clear message.
+    binary = np.array([[b"\xff\xfe"]], dtype=object)
+    tensor = tc.InferInput("INPUT0", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(binary)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(model_name("BYTES"), [tensor])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "UTF-8" in info.value.message()
 
 
 def test_metadata_reports_each_datatype(client: tc.InferenceServerClient) -> None:
@@ -126,6 +134,4 @@ def test_metadata_reports_each_datatype(client: tc.InferenceServerClient) -> Non
         assert [(t.datatype, list(t.shape)) for t in meta.inputs] == [(datatype, [-1, -1])]
         config = client.get_model_config(model_name(datatype)).config
         expected = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-        from tritonclient.grpc import model_config_pb2
-
         assert model_config_pb2.DataType.Name(config.input[0].data_type) == expected
