@@ -1,10 +1,12 @@
 """`aiaas up` as a real process: four services, the demo through the gateway with tritonclient,
-SIGINT, a clean exit with no process left behind; a second `up` reuses the state; a service
-that cannot start is reported with its log and the others are stopped.
+a module deployed with `aiaas.deploy` and rolled out (int8 canary, production, rollback) through
+the gateway, SIGINT, a clean exit with no process left behind; a second `up` reuses the state;
+a service that cannot start is reported with its log and the others are stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import signal
@@ -19,8 +21,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
+import aiaas
+from aiaas import RegistryClient
+from aiaas.cli.main import main as cli
 from aiaas.up import (
     StartupFailed,
     check_ports_free,
@@ -29,6 +36,7 @@ from aiaas.up import (
     stack_ports,
 )
 from services.common.settings import load_settings
+from tests.pipeline.models import mlp
 from tests.support.procs import REPO_ROOT
 
 STARTUP_S = 180.0
@@ -147,55 +155,123 @@ class UpProcess:
             self.proc.wait()
 
 
-@pytest.fixture
-def up_home(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path / "aiaas-home"
-
-
-def _infer_demo(gateway: str) -> np.ndarray:
-    client = grpcclient.InferenceServerClient(gateway)
-    try:
-        x = np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32)
-        inp = grpcclient.InferInput("INPUT0", [3, 10], "FP32")
-        inp.set_data_from_numpy(x)
-        return client.infer("demo", [inp], client_timeout=30).as_numpy("OUTPUT0")
-    finally:
-        client.close()
-
-
 def _stop_with_sigint(up: UpProcess) -> None:
     children = up.descendants()
     assert len(children) >= 4, [c.cmdline() for c in children]
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(60) == 0, up.output()
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, [p.cmdline() for p in alive]
     assert "aiaas up: stopped" in up.output()
 
 
-def test_up_serves_the_demo_stops_cleanly_and_reuses_state(up_home: Path) -> None:
+@dataclasses.dataclass
+class Stack:
+    up: UpProcess
+    home: Path
+    base: int
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{self.base}"
+
+    @property
+    def registry(self) -> str:
+        return f"127.0.0.1:{self.base + 1}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("up") / "aiaas-home"
     base = _free_base_port()
-    gateway = f"127.0.0.1:{base}"
-    up = UpProcess(up_home, base)
+    up = UpProcess(home, base)
     try:
-        up.wait_for("ready: gateway")
-        assert "AUTHENTICATION IS OFF" in up.output()
-        assert f'InferenceServerClient("{gateway}")' in up.wait_for("InferenceServerClient")
-        scores = _infer_demo(gateway)
-        assert scores.shape == (3, 10) and scores.dtype == np.float32
-        _stop_with_sigint(up)
+        up.wait_for("Ctrl-C stops everything")
+        yield Stack(up, home, base)
     finally:
         up.kill()
-    assert (up_home / "registry.db").exists() and (up_home / "logs" / "gateway.log").exists()
 
-    again = UpProcess(up_home, base)
+
+def _infer(gateway: str, model: str, x: np.ndarray, version: str = "", timeout: float = 30.0) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(gateway)
+    try:
+        inp = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer(model, [inp], model_version=version, client_timeout=timeout).as_numpy("OUTPUT0")
+    finally:
+        client.close()
+
+
+def _infer_when_ready(gateway: str, model: str, x: np.ndarray, version: str = "",
+                      expect: np.ndarray | None = None) -> np.ndarray:
+    """Inference replicas pick a new alias target up from the registry's feed: poll with a deadline."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            out = _infer(gateway, model, x, version, timeout=10)
+            if expect is None or np.allclose(out, expect, atol=1e-4):
+                return out
+        except InferenceServerException:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+X = np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32)
+
+
+def test_demo_answers_through_the_gateway_with_tritonclient(stack: Stack) -> None:
+    output = stack.up.output()
+    assert "AUTHENTICATION IS OFF" in output
+    assert f'InferenceServerClient("{stack.gateway}")' in output
+    assert "aiaas predict demo --input INPUT0=" in output
+    scores = _infer(stack.gateway, "demo", X)
+    assert scores.shape == (3, 10) and scores.dtype == np.float32
+
+
+def test_deploy_a_module_and_roll_it_out_through_the_gateway(stack: Stack) -> None:
+    module = mlp(seed=3)
+    deployment = aiaas.deploy(module, torch.randn(4, 10), name="served-mlp", registry=stack.registry)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(_infer_when_ready(stack.gateway, "served-mlp", X), expected, atol=1e-5)
+
+    # int8 as a canary taking 50% of the traffic, then production; each step one command.
+    registry = ["--registry", stack.registry]
+    assert cli(["optimize", "served-mlp", str(deployment.version), "--quantize", "int8-dynamic", *registry]) == 0
+    assert cli(["promote", "served-mlp", "2", "--alias", "canary", "--weight", "50", *registry,
+                "--gateway", stack.gateway]) == 0
+    canary = _infer_when_ready(stack.gateway, "served-mlp", X, version="2")
+    np.testing.assert_allclose(canary, expected, atol=0.5)
+    assert cli(["promote", "served-mlp", "2", "--alias", "production", *registry, "--gateway", stack.gateway]) == 0
+    with RegistryClient(stack.registry) as client:
+        assert client.get_version("served-mlp", "production").version == 2
+        client.rollback_alias("served-mlp", "production", reason="test")
+        assert client.get_version("served-mlp", "production").version == 1
+    np.testing.assert_allclose(_infer_when_ready(stack.gateway, "served-mlp", X, expect=expected), expected,
+                               atol=1e-5)
+
+
+def test_sigint_stops_everything_and_a_second_up_reuses_state(stack: Stack) -> None:
+    scores = _infer(stack.gateway, "demo", X)
+    _stop_with_sigint(stack.up)
+    assert (stack.home / "registry.db").exists() and (stack.home / "logs" / "gateway.log").exists()
+
+    again = UpProcess(stack.home, stack.base)
     try:
         assert "reusing version 1" in again.wait_for("demo: ")
-        again.wait_for("ready: gateway")
-        np.testing.assert_allclose(_infer_demo(gateway), scores, rtol=1e-5, atol=1e-5)
+        again.wait_for("Ctrl-C stops everything")
+        np.testing.assert_allclose(_infer(stack.gateway, "demo", X), scores, rtol=1e-5, atol=1e-5)
         _stop_with_sigint(again)
     finally:
         again.kill()
+
+
+@pytest.fixture
+def up_home(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "aiaas-home"
 
 
 def test_a_service_that_cannot_start_is_reported_and_the_rest_stopped(up_home: Path) -> None:
