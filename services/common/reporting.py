@@ -53,7 +53,7 @@ class RequestRecord:
 
 
 class _TokenBucket:
-    __slots__ = ("rate", "tokens", "stamp")
+    __slots__ = ("rate", "stamp", "tokens")
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -153,7 +153,7 @@ class TelemetryReporter:
                         values_f32=block.tobytes(), time_ns=now,
                     )
                 )
-        except Exception:  # noqa: BLE001 - telemetry must never fail a request
+        except Exception:  # telemetry must never fail a request
             log.debug("input sample skipped", exc_info=True)
 
     def report_shadow_diff(
@@ -171,7 +171,7 @@ class TelemetryReporter:
                     max_abs_diff=float(max_abs_diff), mismatched=bool(mismatched), time_ns=time.time_ns(),
                 )
             )
-        except Exception:  # noqa: BLE001 - telemetry must never fail a request
+        except Exception:  # telemetry must never fail a request
             log.debug("shadow diff skipped", exc_info=True)
 
     def report_load(self, model: str, version: int, load_us: int = 0) -> None:
@@ -184,7 +184,7 @@ class TelemetryReporter:
             self._loads.append(
                 monitor_pb2.ModelLoad(model=model, version=version, load_us=int(load_us), time_ns=time.time_ns())
             )
-        except Exception:  # noqa: BLE001 - telemetry must never fail a request
+        except Exception:  # telemetry must never fail a request
             log.debug("load report skipped", exc_info=True)
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -236,7 +236,7 @@ class TelemetryReporter:
         self._nudge()
         try:
             await asyncio.wait_for(self._task, timeout=self.timeout_s + 1.0)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
         self._task = None
         if self._channel is not None:
@@ -266,16 +266,16 @@ class TelemetryReporter:
         while not self._closing:
             try:
                 await asyncio.wait_for(wake.wait(), timeout=self.flush_interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             wake.clear()
             try:
                 await self.flush()
-            except Exception:  # noqa: BLE001 - the sender must outlive any one bad batch
+            except Exception:  # the sender must outlive any one bad batch
                 log.warning("telemetry flush failed", exc_info=True)
         try:
             await self.flush()
-        except Exception:  # noqa: BLE001
+        except Exception:  # shutting down anyway
             log.warning("final telemetry flush failed", exc_info=True)
 
     async def _send_all(self) -> None:
@@ -285,6 +285,11 @@ class TelemetryReporter:
         diffs, self._diffs = self._diffs, []
         loads, self._loads = self._loads, []
         if not (records or samples or diffs or loads):
+            return
+        if self._known_down():
+            # Between reconnect attempts a call would fail at once: skip building it.
+            self.dropped += len(records)
+            self._dropped_unreported += len(records)
             return
         for start in range(0, max(len(records), 1), self.max_batch):
             chunk = records[start:start + self.max_batch]
@@ -296,6 +301,14 @@ class TelemetryReporter:
                 self.dropped += lost
                 self._dropped_unreported += lost
                 return
+
+    def _known_down(self) -> bool:
+        import grpc
+
+        channel = self._channel
+        if channel is None or self._closing:
+            return False
+        return bool(channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE)
 
     async def _send(self, batch: list[RequestRecord], samples: list[Any], diffs: list[Any],
                     loads: list[Any]) -> bool:
@@ -316,7 +329,7 @@ class TelemetryReporter:
         )
         try:
             await self._stub.Report(request, timeout=self.timeout_s)
-        except (grpc.RpcError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, grpc.RpcError) as exc:
             self.dropped += len(batch)
             self._dropped_unreported += len(batch)
             self.failed_batches += 1

@@ -84,12 +84,12 @@ class MonitorCore:
             req.source = req.source or report.source
             req.time_ns = req.time_ns or now
             add_request(increments, req, bucket_s)
-            if self.prom is not None:
-                self.prom.observe(req)
             key = (req.model, req.version)
             if req.status == "OK" and req.version and key not in self._first_known:
                 first_ok[key] = min(req.time_ns, first_ok.get(key, req.time_ns))
         await self.store.add(NS_REQUESTS, increments)
+        if self.prom is not None:
+            self.prom.add(increments)
         for load in report.loads:
             await self.store.put_meta(f"load:{load.model}|{load.version}",
                                       {"loaded_ns": load.time_ns or now, "load_us": load.load_us})

@@ -1,33 +1,100 @@
-"""Prometheus series the monitor exports on its metrics port, per model, version and alias.
+"""Prometheus series the monitor exports on its metrics port, per source, model, version and alias.
 
-Counters and histograms count what this replica ingested (sum them across replicas); the
-gauges carry the window figures every replica computes alike from the shared windows.
+Request counters and latency / queue / compute / batch-size histograms are rendered at scrape
+time from running totals of the same counters the windows use (one dict update per field and
+batch at ingest, nothing per record). A latency bin is counted under the first Prometheus
+bucket at or above its upper edge, so a bucket boundary is exact to within one bin (4%).
+Counters count what this replica ingested (sum them across replicas); the gauges carry the
+window figures every replica computes alike from the shared windows.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+import bisect
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
 
-from services.monitor.entities import Request, SeriesMetrics
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+from services.monitor.entities import SeriesKey, SeriesMetrics
+from services.monitor.windows import GAMMA
+
+_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_LABELS = ("source", "model", "version", "alias")
+_LABELS = ["source", "model", "version", "alias"]
+_HISTOGRAMS = (
+    ("aiaas_model_request_latency_seconds", "Request latency", "l:", "ls", "n"),
+    ("aiaas_model_queue_seconds", "Time in the batch queue", "q:", "qs", "qn"),
+    ("aiaas_model_compute_seconds", "Time running the model", "c:", "cs", "qn"),
+)
+
+
+def _bin_upper_s(index: int) -> float:
+    return 0.0 if index <= 0 else GAMMA**index / 1e6
+
+
+class _TotalsCollector:
+    """Renders running totals per series as Prometheus counters and histograms."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, Counter[str]] = {}
+        self._lock = threading.Lock()  # the HTTP server scrapes from its own thread
+
+    def add(self, increments: Iterable[tuple[str, Counter[str]]]) -> None:
+        with self._lock:
+            for series, fields in increments:
+                self.totals.setdefault(series, Counter()).update(fields)
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            snapshot = {s: Counter(f) for s, f in self.totals.items()}
+        requests = CounterMetricFamily("aiaas_model_requests", "Requests served, by status", labels=[*_LABELS, "status"])
+        families = {name: HistogramMetricFamily(name, doc, labels=_LABELS) for name, doc, *_ in _HISTOGRAMS}
+        batch = HistogramMetricFamily("aiaas_model_batch_size", "Size of the batch a request ran in", labels=_LABELS)
+        for series, fields in sorted(snapshot.items()):
+            key = SeriesKey.decode(series)
+            labels = [key.source, key.model, str(key.version), key.alias]
+            for name, n in fields.items():
+                if name.startswith("s:"):
+                    requests.add_metric([*labels, name[2:]], n)
+            for family, _, prefix, total, count in _HISTOGRAMS:
+                if fields.get(count, 0):
+                    buckets = self._buckets(fields, prefix, _LATENCY_BUCKETS_S, _bin_upper_s)
+                    families[family].add_metric(labels, buckets, fields.get(total, 0) / 1e6)
+            sizes = {int(k[2:]): n for k, n in fields.items() if k.startswith("b:")}
+            if sizes:
+                buckets = self._buckets({f"b:{k}": v for k, v in sizes.items()}, "b:", _BATCH_BUCKETS, float)
+                batch.add_metric(labels, buckets, float(sum(k * v for k, v in sizes.items())))
+        yield requests
+        yield from families.values()
+        yield batch
+
+    @staticmethod
+    def _buckets(fields: Counter[str], prefix: str, bounds: tuple[float, ...], upper: Any) -> list[tuple[str, float]]:
+        counts = [0] * (len(bounds) + 1)
+        for name, n in fields.items():
+            if name.startswith(prefix):
+                counts[bisect.bisect_left(bounds, upper(int(name[len(prefix):])) * (1 - 1e-9))] += n
+        out, running = [], 0
+        for bound, n in zip(bounds, counts):
+            running += n
+            out.append((repr(float(bound)), float(running)))
+        out.append(("+Inf", float(running + counts[-1])))
+        return out
 
 
 class PrometheusExport:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else REGISTRY
-        self.requests = Counter("aiaas_model_requests", "Requests served, by status",
-                                (*_LABELS, "status"), registry=reg)
-        self.latency = Histogram("aiaas_model_request_latency_seconds", "Request latency",
-                                 _LABELS, buckets=_LATENCY_BUCKETS, registry=reg)
-        self.queue = Histogram("aiaas_model_queue_seconds", "Time in the batch queue",
-                               _LABELS, buckets=_LATENCY_BUCKETS, registry=reg)
-        self.compute = Histogram("aiaas_model_compute_seconds", "Time running the model",
-                                 _LABELS, buckets=_LATENCY_BUCKETS, registry=reg)
-        self.batch = Histogram("aiaas_model_batch_size", "Size of the batch a request ran in",
-                               _LABELS, buckets=_BATCH_BUCKETS, registry=reg)
+        self.totals = _TotalsCollector()
+        reg.register(self.totals)  # type: ignore[arg-type]
         self.window_p99 = Gauge("aiaas_model_window_latency_p99_seconds", "p99 latency over the default window",
                                 _LABELS, registry=reg)
         self.window_error_rate = Gauge("aiaas_model_window_error_rate", "Error rate over the default window",
@@ -37,21 +104,14 @@ class PrometheusExport:
         self.drift_psi = Gauge("aiaas_model_drift_psi", "Population stability index of live inputs",
                                ("model", "version", "feature"), registry=reg)
         self.alerts_firing = Gauge("aiaas_alerts_firing", "Alerts firing", ("kind",), registry=reg)
-        self.canary_rollbacks = Counter("aiaas_canary_rollbacks", "Canaries rolled back by the monitor",
-                                        ("model",), registry=reg)
-        self.telemetry_dropped = Counter("aiaas_telemetry_dropped_records",
-                                         "Records reporters said they dropped", ("source",), registry=reg)
-        self.reports = Counter("aiaas_monitor_reports", "Report batches received", ("source",), registry=reg)
+        self.canary_rollbacks = PromCounter("aiaas_canary_rollbacks", "Canaries rolled back by the monitor",
+                                            ("model",), registry=reg)
+        self.telemetry_dropped = PromCounter("aiaas_telemetry_dropped_records",
+                                             "Records reporters said they dropped", ("source",), registry=reg)
+        self.reports = PromCounter("aiaas_monitor_reports", "Report batches received", ("source",), registry=reg)
 
-    def observe(self, req: Request) -> None:
-        labels = (req.source, req.model, str(req.version), req.alias)
-        self.requests.labels(*labels, req.status).inc()
-        self.latency.labels(*labels).observe(req.latency_us / 1e6)
-        if req.queue_us > 0 or req.compute_us > 0:
-            self.queue.labels(*labels).observe(req.queue_us / 1e6)
-            self.compute.labels(*labels).observe(req.compute_us / 1e6)
-        if req.batch_size > 0:
-            self.batch.labels(*labels).observe(req.batch_size)
+    def add(self, increments: dict[tuple[str, int], Counter[str]]) -> None:
+        self.totals.add((series, fields) for (series, _), fields in increments.items())
 
     def window(self, metrics: SeriesMetrics) -> None:
         k = metrics.key
