@@ -27,7 +27,7 @@ from services.gateway.router import Catalog, Resolution, ShadowCopy
 from services.gateway.shadow import compare_responses
 from services.gateway.signatures import SignatureCache
 from services.gateway.stats import merge_index, merge_statistics
-from services.gateway.wire import retarget, wrap_stream_response
+from services.gateway.wire import response_version, retarget, wrap_stream_response
 
 log = logging.getLogger("aiaas.gateway.dataplane")
 
@@ -134,13 +134,15 @@ class DataPlane:
             )
             await self.quotas.check(caller, resolution.model, resolution.quota)
             check_request(request, len(raw), self.limits, self.signatures.get(resolution.model, resolution.version))
-            renamed = resolution.model if resolution.model != name else None
             response = await self.upstream.call(
-                "ModelInfer", retarget(raw, resolution.version, renamed), timeout=self._timeout(call),
+                "ModelInfer", retarget(raw, *resolution.forward()), timeout=self._timeout(call),
                 metadata=call.forward,
             )
+            served = response_version(response)
+            if served.isdigit() and int(served) != resolution.version:
+                resolution = dataclasses.replace(resolution, version=int(served))
             if resolution.shadows:
-                self._mirror(raw, renamed, resolution, response)
+                self._mirror(raw, resolution, response)
             return response, resolution
         except AiaasError as exc:
             status = exc.code.name
@@ -165,20 +167,25 @@ class DataPlane:
 
     # Shadows ----------------------------------------------------------------------------------
 
-    def _mirror(self, raw: bytes, renamed: str | None, resolution: Resolution, live: bytes) -> None:
+    def _mirror(self, raw: bytes, resolution: Resolution, live: bytes) -> None:
         for copy in resolution.shadows:
             if len(self._shadow_tasks) >= self.shadow_max_concurrency:
                 self.shadow_dropped += 1
                 continue
             task = asyncio.get_running_loop().create_task(
-                self._shadow(retarget(raw, copy.version, renamed), resolution, copy, live)
+                self._shadow(retarget(raw, *copy.forward(resolution.model)), resolution, copy, live)
             )
             self._shadow_tasks.add(task)
             task.add_done_callback(self._shadow_tasks.discard)
 
     async def _shadow(self, request: bytes, resolution: Resolution, copy: ShadowCopy, live: bytes) -> None:
+        shadow_version = copy.version
         try:
             answer = await self.upstream.call("ModelInfer", request, timeout=self.default_timeout_s)
+            served = response_version(answer)
+            shadow_version = int(served) if served.isdigit() else shadow_version
+            if shadow_version == resolution.version:
+                return
             live_response = pb.ModelInferResponse.FromString(live)
             shadow_response = pb.ModelInferResponse.FromString(answer)
             if len(live) + len(answer) > _INLINE_COMPARE_BYTES:
@@ -193,19 +200,19 @@ class DataPlane:
         except Exception:  # shadow traffic must never disturb serving
             log.exception("shadow comparison failed")
             return
-        key = (resolution.model, resolution.version, copy.version)
+        key = (resolution.model, resolution.version, shadow_version)
         stats = self.shadow_stats.setdefault(key, ShadowStats())
         stats.compared += 1
         stats.mismatched += int(mismatched)
         stats.max_abs_diff = max(stats.max_abs_diff, diff)
         attributes = {"model": resolution.model, "live_version": str(resolution.version),
-                      "shadow_version": str(copy.version)}
+                      "shadow_version": str(shadow_version)}
         if diff != float("inf"):
             self._shadow_diff.record(diff, attributes)
         if mismatched:
             self._shadow_mismatch.add(1, attributes)
         if self.reporter is not None:
-            self.reporter.report_shadow_diff(resolution.model, resolution.version, copy.version, diff, mismatched)
+            self.reporter.report_shadow_diff(resolution.model, resolution.version, shadow_version, diff, mismatched)
 
     async def drain_shadows(self) -> None:
         if self._shadow_tasks:
@@ -267,9 +274,17 @@ class DataPlane:
         request = pb.ModelMetadataRequest.FromString(raw)
         authorize(caller, Role.READ, request.name.partition(":")[0])
         resolution = self.catalog.resolve(request.name, request.version, call.alias)
-        renamed = resolution.model if resolution.model != request.name else None
-        answer = await self.upstream.call(method, retarget(raw, resolution.version, renamed),
+        answer = await self.upstream.call(method, retarget(raw, *resolution.forward()),
                                           timeout=self._timeout(call), metadata=call.forward)
+        # Inference echoes the `model:alias` it was asked for; the caller asked for the model.
+        if method == "ModelMetadata":
+            metadata = pb.ModelMetadataResponse.FromString(answer)
+            metadata.name = resolution.model
+            answer = metadata.SerializeToString()
+        elif method == "ModelConfig":
+            config = pb.ModelConfigResponse.FromString(answer)
+            config.config.name = resolution.model
+            answer = config.SerializeToString()
         return answer, resolution
 
     async def statistics(self, raw: bytes, call: CallInfo) -> bytes:

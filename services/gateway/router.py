@@ -1,8 +1,13 @@
 """Version resolution and traffic splitting, from an in-memory catalog fed by the registry's feed.
 
-What the caller names resolves to exactly one version: an explicit version, an explicit alias,
-or the model's route (weighted splits between aliases, sticky on a routing key), else its
-default alias, else its latest version. Shadow targets are sampled on top of that.
+What the caller names resolves to one target: an explicit version, an explicit alias, or the
+model's route (weighted splits between aliases, sticky on a routing key), else its default
+alias, else its latest version. Shadow targets are sampled on top of that.
+
+A target chosen by alias is forwarded as `model:alias` (no version): each inference replica
+maps the alias to the version it has loaded and warmed, and swaps only once the new one is
+ready, so an alias move never sends a request to a version still loading. The response's
+`model_version` says which version served it. Pinned versions are forwarded as versions.
 """
 
 from __future__ import annotations
@@ -29,22 +34,34 @@ class ModelState:
         return max(self.versions) if self.versions else 0
 
 
+def forward_target(model: str, alias: str, version: int) -> tuple[str, str]:
+    """(model_name, model_version) to forward for an alias or a pinned version."""
+    return (f"{model}{ALIAS_SEPARATOR}{alias}", "") if alias else (model, str(version))
+
+
 @dataclasses.dataclass(frozen=True)
 class ShadowCopy:
     version: int
     alias: str
 
+    def forward(self, model: str) -> tuple[str, str]:
+        return forward_target(model, self.alias, self.version)
+
 
 @dataclasses.dataclass(frozen=True)
 class Resolution:
-    """The version one request goes to, and where copies of it go."""
+    """Where one request goes, and where copies of it go."""
 
     model: str
+    # The version the alias points at in the registry (inference may still be swapping to it).
     version: int
     # The alias it was routed by ("" for a pinned version): telemetry groups by it.
     alias: str = ""
     shadows: tuple[ShadowCopy, ...] = ()
     quota: QuotaSpec | None = None
+
+    def forward(self) -> tuple[str, str]:
+        return forward_target(self.model, self.alias, self.version)
 
 
 def split_point(model: str, routing_key: str) -> float:

@@ -7,6 +7,8 @@ from __future__ import annotations
 # ModelInferRequest field numbers (KServe v2).
 REQUEST_MODEL_NAME = 1
 REQUEST_MODEL_VERSION = 2
+# ModelInferResponse: model_name = 1, model_version = 2.
+RESPONSE_MODEL_VERSION = 2
 # ModelStreamInferResponse: error_message = 1, infer_response = 2.
 STREAM_RESPONSE_INFER_RESPONSE = 2
 
@@ -27,12 +29,44 @@ def length_delimited(field: int, payload: bytes) -> bytes:
     return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
-def retarget(raw_request: bytes, version: int, model: str | None = None) -> bytes:
-    """The request bytes with `model_version` (and `model_name` when given) replaced."""
-    tail = length_delimited(REQUEST_MODEL_VERSION, str(version).encode())
-    if model is not None:
-        tail = length_delimited(REQUEST_MODEL_NAME, model.encode()) + tail
-    return raw_request + tail
+def retarget(raw_request: bytes, model_name: str, version: str) -> bytes:
+    """The request bytes with `model_name` and `model_version` replaced (tensors untouched)."""
+    return (raw_request + length_delimited(REQUEST_MODEL_NAME, model_name.encode())
+            + length_delimited(REQUEST_MODEL_VERSION, version.encode()))
+
+
+def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, offset
+        shift += 7
+
+
+def response_version(raw_response: bytes) -> str:
+    """`model_version` of a serialized ModelInferResponse, reading only the leading fields."""
+    offset = 0
+    end = len(raw_response)
+    while offset < end:
+        tag, offset = _read_varint(raw_response, offset)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == 2:
+            length, offset = _read_varint(raw_response, offset)
+            if field == RESPONSE_MODEL_VERSION:
+                return raw_response[offset:offset + length].decode()
+            offset += length
+        elif wire_type == 0:
+            _, offset = _read_varint(raw_response, offset)
+        elif wire_type == 1:
+            offset += 8
+        elif wire_type == 5:
+            offset += 4
+        else:
+            break
+    return ""
 
 
 def wrap_stream_response(raw_infer_response: bytes) -> bytes:

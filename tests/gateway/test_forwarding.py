@@ -47,7 +47,9 @@ class Stack:
 
 @pytest.fixture
 async def stack() -> AsyncIterator[Stack]:
-    replicas = [await EchoReplica({"3": 0.5}).start(), await EchoReplica({"3": 0.5}).start()]
+    aliases = {"production": "1", "canary": "2"}
+    replicas = [await EchoReplica({"3": 0.5}, aliases=aliases).start(),
+                await EchoReplica({"3": 0.5}, aliases=aliases).start()]
     catalog = Catalog()
     for version in (1, 2, 3):
         catalog.add_version("m", version)

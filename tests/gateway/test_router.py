@@ -98,3 +98,15 @@ def test_shadows_are_sampled_and_never_the_live_version() -> None:
     copies = [cat.resolve("m").shadows for _ in range(4000)]
     assert all(all(c.version == 3 for c in s) for s in copies)
     assert 0.2 < sum(1 for s in copies if s) / 4000 < 0.3
+
+
+def test_alias_targets_forward_the_alias_and_pinned_ones_the_version() -> None:
+    cat = catalog()
+    assert cat.resolve("m").forward() == ("m:production", "")
+    assert cat.resolve("m:canary").forward() == ("m:canary", "")
+    assert cat.resolve("m", "3").forward() == ("m", "3")
+    cat.put_route(Route("m", splits=(RouteSplit(version=2, weight=1),)))
+    assert cat.resolve("m").forward() == ("m", "2")
+    cat.remove_route("m")
+    cat.move_alias("m", "production", 0)
+    assert cat.resolve("m").forward() == ("m", "3")

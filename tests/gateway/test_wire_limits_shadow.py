@@ -14,7 +14,7 @@ from services.gateway.keys import make_key
 from services.gateway.limits import RequestLimits, Signature, TensorSpec, check_request
 from services.gateway.shadow import compare_responses
 from services.gateway.stats import merge_index, merge_statistics
-from services.gateway.wire import retarget, varint, wrap_stream_response
+from services.gateway.wire import response_version, retarget, varint, wrap_stream_response
 
 
 def request(shape: list[int], data: bytes | None = None, datatype: str = "FP32", name: str = "x") -> pb.ModelInferRequest:
@@ -35,10 +35,19 @@ def test_retarget_overrides_version_and_name_without_touching_tensors() -> None:
     original.model_version = "7"
     original.model_name = "m:canary"
     raw = original.SerializeToString()
-    parsed = pb.ModelInferRequest.FromString(retarget(raw, 12, "m"))
+    parsed = pb.ModelInferRequest.FromString(retarget(raw, "m", "12"))
     assert (parsed.model_name, parsed.model_version, parsed.id) == ("m", "12", "r1")
     assert parsed.raw_input_contents == original.raw_input_contents
-    assert pb.ModelInferRequest.FromString(retarget(raw, 3)).model_name == "m:canary"
+    parsed = pb.ModelInferRequest.FromString(retarget(raw, "m:production", ""))
+    assert (parsed.model_name, parsed.model_version) == ("m:production", "")
+
+
+def test_response_version_reads_the_leading_fields() -> None:
+    response = pb.ModelInferResponse(model_name="m" * 200, model_version="17", id="x",
+                                     raw_output_contents=[b"\0" * 1000])
+    response.parameters["p"].int64_param = 5
+    assert response_version(response.SerializeToString()) == "17"
+    assert response_version(pb.ModelInferResponse(id="x").SerializeToString()) == ""
 
 
 def test_stream_wrapping() -> None:

@@ -26,8 +26,11 @@ class Seen:
 class EchoReplica:
     """`ModelInfer` returns input 0 as output "y" (plus `offset_by_version[version]`)."""
 
-    def __init__(self, offset_by_version: dict[str, float] | None = None, delay_s: float = 0.0) -> None:
+    def __init__(self, offset_by_version: dict[str, float] | None = None, delay_s: float = 0.0,
+                 aliases: dict[str, str] | None = None) -> None:
         self.offset_by_version = offset_by_version or {}
+        # `model:alias` names resolve through this map, as on a real inference replica.
+        self.aliases = aliases or {}
         self.delay_s = delay_s
         self.seen: list[Seen] = []
         self.server: grpc.aio.Server | None = None
@@ -38,24 +41,28 @@ class EchoReplica:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _resolve(self, name: str, version: str) -> tuple[str, str]:
+        model, _, alias = name.partition(":")
+        return (model, self.aliases.get(alias, "")) if alias else (model, version)
+
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        self.seen.append(Seen(request.model_version, {k: str(v) for k, v in context.invocation_metadata() or ()},
+        model, version = self._resolve(request.model_name, request.model_version)
+        self.seen.append(Seen(version, {k: str(v) for k, v in context.invocation_metadata() or ()},
                               context.time_remaining()))
         if self.fail_with is not None:
             await context.abort(self.fail_with, "replica says no")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         data = np.frombuffer(request.raw_input_contents[0], dtype=np.float32)
-        data = data + np.float32(self.offset_by_version.get(request.model_version, 0.0))
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
-                                         id=request.id)
+        data = data + np.float32(self.offset_by_version.get(version, 0.0))
+        response = pb.ModelInferResponse(model_name=model, model_version=version, id=request.id)
         out = response.outputs.add(name="y", datatype="FP32")
         out.shape.extend(request.inputs[0].shape)
         response.raw_output_contents.append(data.astype(np.float32).tobytes())
         return response
 
     async def _ready(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        self.seen.append(Seen(request.version, {}, None))
+        self.seen.append(Seen(self._resolve(request.name, request.version)[1], {}, None))
         return pb.ModelReadyResponse(ready=True)
 
     async def start(self, port: int = 0) -> EchoReplica:
