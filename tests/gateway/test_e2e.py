@@ -228,7 +228,6 @@ def set_route(stack: Stack, **kwargs: object) -> None:
 
 def test_a_90_10_split_within_tolerance(stack: Stack) -> None:
     set_route(stack, splits={"production": 90, "canary": 10})
-    inputs, _ = make_inputs()
     versions: Counter[str] = Counter()
     requests = 1200
 
