@@ -101,8 +101,9 @@ class SteadyLoad:
 
 
 def index(address: str) -> dict[tuple[str, str], str]:
+    """Loaded versions and their states (registry models that are not loaded have no version)."""
     with tc.InferenceServerClient(address) as client:
-        return {(m.name, m.version): m.state for m in client.get_model_repository_index().models}
+        return {(m.name, m.version): m.state for m in client.get_model_repository_index().models if m.version}
 
 
 def workers_of(proc: ServiceProcess) -> int:
