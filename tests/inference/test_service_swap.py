@@ -109,7 +109,7 @@ def index(address: str) -> dict[tuple[str, str], str]:
 def workers_of(proc: ServiceProcess) -> int:
     assert proc.proc is not None
     children = psutil.Process(proc.proc.pid).children(recursive=True)
-    return sum(1 for c in children if "resource_tracker" not in " ".join(c.cmdline()))
+    return sum(1 for c in children if "_worker_main" in " ".join(c.cmdline()))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:

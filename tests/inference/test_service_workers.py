@@ -50,7 +50,7 @@ def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def worker_pids(proc: ServiceProcess) -> list[int]:
     assert proc.proc is not None
     children = psutil.Process(proc.proc.pid).children(recursive=True)
-    return [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
+    return [c.pid for c in children if "_worker_main" in " ".join(c.cmdline())]
 
 
 def spin_inputs(iterations: int, x: np.ndarray) -> list[tc.InferInput]:
