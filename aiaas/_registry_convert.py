@@ -10,23 +10,23 @@ from google.protobuf import struct_pb2
 
 from aiaas.registry.v1 import registry_pb2 as pb
 
-FORMATS = {
+FORMATS: dict[str, pb.ArtifactFormat] = {
     "torchscript": pb.ARTIFACT_FORMAT_TORCHSCRIPT,
     "torch_export": pb.ARTIFACT_FORMAT_TORCH_EXPORT,
     "onnx": pb.ARTIFACT_FORMAT_ONNX,
     "safetensors": pb.ARTIFACT_FORMAT_SAFETENSORS,
 }
-FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
+FORMAT_NAMES: dict[int, str] = {int(v): k for k, v in FORMATS.items()}
 
 SignatureLike = pb.Signature | Mapping[str, Any]
 TensorLike = pb.TensorSpec | Mapping[str, Any] | str
 
 
-def artifact_format(value: str | int) -> int:
+def artifact_format(value: str | int) -> pb.ArtifactFormat:
     if isinstance(value, int):
         if value not in FORMAT_NAMES:
             raise ValueError(f"unknown artifact format {value}")
-        return value
+        return FORMATS[FORMAT_NAMES[value]]
     key = value.strip().lower().replace("-", "_")
     if key not in FORMATS:
         raise ValueError(f"unknown artifact format {value!r}; use one of {', '.join(FORMATS)}")

@@ -17,7 +17,7 @@ from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import gen_protos  # noqa: E402
+import gen_protos
 
 PASCAL = re.compile(r"[A-Z][A-Za-z0-9]*")
 SNAKE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")

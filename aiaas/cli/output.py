@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -126,7 +126,7 @@ class ProgressBar:
             self.file.flush()
             self._drawn = False
 
-    def __enter__(self) -> ProgressBar:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -31,7 +31,7 @@ FORMAT_TO_PB = {
     ArtifactFormat.ONNX: pb.ARTIFACT_FORMAT_ONNX,
     ArtifactFormat.SAFETENSORS: pb.ARTIFACT_FORMAT_SAFETENSORS,
 }
-FORMAT_FROM_PB = {v: k for k, v in FORMAT_TO_PB.items()}
+FORMAT_FROM_PB: dict[int, ArtifactFormat] = {int(v): k for k, v in FORMAT_TO_PB.items()}
 CHANGE_TO_PB = {kind: pb.ChangeEventType.Value("CHANGE_EVENT_TYPE_" + kind.name) for kind in ChangeType}
 
 

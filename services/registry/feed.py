@@ -77,7 +77,7 @@ class FeedHub:
                 continue
             try:
                 self._advance(await asyncio.to_thread(self.store.head_revision))
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the poller
+            except Exception:
                 log.warning("feed poll failed", exc_info=True)
 
     async def _wait_past(self, revision: int, timeout: float) -> bool:

@@ -51,11 +51,11 @@ def core(store: SqlRegistryStore, artifacts: ArtifactStore) -> RegistryCore:
 
 
 def spec_for(model: str, data: bytes, **changes: object) -> VersionSpec:
-    fields: dict[str, object] = dict(
-        model=model, format=ArtifactFormat.ONNX, artifact_sha256=hashlib.sha256(data).hexdigest(),
-        artifact_size=len(data), signature=SIGNATURE, serving_config=ServingConfig(max_batch_size=8),
-        actor="tester", create_model=True,
-    )
+    fields: dict[str, object] = {
+        "model": model, "format": ArtifactFormat.ONNX, "artifact_sha256": hashlib.sha256(data).hexdigest(),
+        "artifact_size": len(data), "signature": SIGNATURE, "serving_config": ServingConfig(max_batch_size=8),
+        "actor": "tester", "create_model": True,
+    }
     fields.update(changes)
     return VersionSpec(**fields)  # type: ignore[arg-type]
 

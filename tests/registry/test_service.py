@@ -41,12 +41,12 @@ def stub(registry: RunningRegistry) -> Iterator[registry_pb2_grpc.ModelRegistryS
 
 
 def header(model: str, data: bytes, **changes: object) -> pb.UploadVersionHeader:
-    fields: dict[str, object] = dict(
-        model=model, format=pb.ARTIFACT_FORMAT_ONNX, artifact_sha256=hashlib.sha256(data).hexdigest(),
-        artifact_size=len(data), create_model=True,
-        signature=pb.Signature(inputs=[pb.TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
+    fields: dict[str, object] = {
+        "model": model, "format": pb.ARTIFACT_FORMAT_ONNX, "artifact_sha256": hashlib.sha256(data).hexdigest(),
+        "artifact_size": len(data), "create_model": True,
+        "signature": pb.Signature(inputs=[pb.TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
                                outputs=[pb.TensorSpec(name="y", datatype="FP32", shape=[-1, 2])]),
-    )
+    }
     fields.update(changes)
     return pb.UploadVersionHeader(**fields)  # type: ignore[arg-type]
 
