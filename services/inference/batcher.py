@@ -146,7 +146,9 @@ def _merge(requests: list[_Request]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([r.inputs[name] for r in requests]) for name in requests[0].inputs}
 
 
-def _split(outputs: dict[str, np.ndarray], requests: list[_Request], rows: int) -> list[dict[str, np.ndarray]]:
+def _split(
+    outputs: dict[str, np.ndarray], requests: list[_Request], rows: int
+) -> list[dict[str, np.ndarray]]:
     if len(requests) == 1:
         return [outputs]
     for name, array in outputs.items():
@@ -211,7 +213,8 @@ class DynamicBatcher:
         rows, key = _rows_and_key(inputs, self._batching)
         if self._batching and rows > config.max_batch_size:
             raise InvalidArgument(
-                f"inference request batch-size must be <= {config.max_batch_size} for '{self._name}', got {rows}"
+                f"inference request batch-size must be <= {config.max_batch_size} "
+                f"for '{self._name}', got {rows}"
             )
         if config.max_queue_size and self._queued >= config.max_queue_size:
             raise ResourceExhausted(
@@ -301,7 +304,9 @@ class DynamicBatcher:
         if not request.future.done():
             waited_us = (now - request.enqueued_ns) // 1000
             request.future.set_exception(
-                DeadlineExceeded(f"request timeout expired after {waited_us} us in the queue of '{self._name}'")
+                DeadlineExceeded(
+                    f"request timeout expired after {waited_us} us in the queue of '{self._name}'"
+                )
             )
 
     def _schedule(self) -> None:
@@ -439,7 +444,11 @@ class DynamicBatcher:
             if self._on_batch is not None:
                 self._on_batch(
                     BatchExecution(
-                        rows, len(batch), result.compute_input_ns, result.compute_infer_ns, result.compute_output_ns
+                        rows,
+                        len(batch),
+                        result.compute_input_ns,
+                        result.compute_infer_ns,
+                        result.compute_output_ns,
                     )
                 )
         finally:

@@ -87,9 +87,8 @@ class Packed:
             else:
                 size = payload.nbytes
                 if size:
-                    target = np.ndarray(payload.shape, payload.dtype, buffer=buf, offset=offset)
-                    np.copyto(target, payload, casting="no")
-                    del target
+                    flat = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
+                    buf[offset : offset + size] = flat
                 metas.append((name, payload.dtype.str, payload.shape, offset, size))
             offset += _aligned(size)
         return metas
@@ -100,7 +99,8 @@ def views(buf: memoryview, metas: Sequence[TensorMeta]) -> dict[str, np.ndarray]
     arrays: dict[str, np.ndarray] = {}
     for name, dtype, shape, offset, size in metas:
         if dtype == OBJECT:
-            arrays[name] = deserialize_bytes_tensor(buf[offset : offset + size], math.prod(shape)).reshape(shape)
+            flat = deserialize_bytes_tensor(buf[offset : offset + size], math.prod(shape))
+            arrays[name] = flat.reshape(shape)
         elif not size:
             arrays[name] = np.empty(shape, np.dtype(dtype))
         else:

@@ -1,7 +1,7 @@
 """Model instances: worker processes fed through shared memory, or a thread pool in-process.
 
-`WorkerPool` runs each instance in its own fresh interpreter (see `_worker_main`). Tensors cross in shared-memory slabs (one
-input and one output slab per worker) and only a small control tuple crosses the pipe. The event
+`WorkerPool` runs each instance in its own fresh interpreter (see `_worker_main`). Tensors cross
+in shared-memory slabs (one input and one output slab per worker) and only a small control tuple crosses the pipe. The event
 loop never blocks: it writes the input slab, sends the tuple, and a reader callback on the pipe
 resolves the batch's future. A worker whose pipe closes has died: its in-flight batch fails
 with Unavailable (the gateway retries) and a new process is started in the background.
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from services.common.errors import AiaasError, FailedPrecondition, Internal, Unavailable
-from services.inference._worker_main import WorkerConfig, worker_main
+from services.inference._worker_main import WorkerConfig
 from services.inference.batcher import BatchResult
 from services.inference.datatypes import KSERVE_TO_NUMPY
 from services.inference.loaders import (
@@ -306,6 +306,11 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.alive]
 
+    @property
+    def shared_memory_names(self) -> list[str]:
+        """The slabs the workers use now (under /dev/shm on Linux)."""
+        return [name for w in self._workers for name in (w.in_slab.name, w.out_slab.name)]
+
     async def start(self) -> None:
         """Spawn every instance and load the model in each; the loader's error if one fails."""
         if self.worker_config.device != "cpu":
@@ -391,7 +396,9 @@ class WorkerPool:
             while self._waiters:
                 waiter = self._waiters.popleft()
                 if not waiter.done():
-                    waiter.set_exception(Unavailable(f"no live model worker for {self.name} (restarting); retry"))
+                    waiter.set_exception(
+                        Unavailable(f"no live model worker for {self.name} (restarting); retry")
+                    )
         task = asyncio.get_running_loop().create_task(self._restart(worker))
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)

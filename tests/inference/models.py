@@ -73,7 +73,9 @@ def _mlp_specs(sizes: Sequence[int]) -> tuple[tuple[TensorSpec, ...], tuple[Tens
     return (TensorSpec("input", "FP32", (-1, sizes[0])),), (TensorSpec("output", "FP32", (-1, sizes[-1])),)
 
 
-def write_mlp(directory: str | Path, format: str, sizes: Sequence[int] = (10, 50, 10), seed: int = 0) -> Artifact:
+def write_mlp(
+    directory: str | Path, format: str, sizes: Sequence[int] = (10, 50, 10), seed: int = 0
+) -> Artifact:
     """An MLP with input 'input' [-1, sizes[0]] and output 'output' [-1, sizes[-1]], FP32."""
     module = MLP(sizes, seed).eval()
     example = torch.zeros(2, sizes[0])
@@ -137,7 +139,9 @@ class _Identity(torch.nn.Module):
         return x.clone()
 
 
-def write_identity(directory: str | Path, format: str, datatype: str, shape: tuple[int, ...] = (-1, -1)) -> Artifact:
+def write_identity(
+    directory: str | Path, format: str, datatype: str, shape: tuple[int, ...] = (-1, -1)
+) -> Artifact:
     """'INPUT0' -> 'OUTPUT0' unchanged, of `datatype` (BYTES only as ONNX)."""
     path = Path(directory) / f"identity_{datatype.lower()}.{_SUFFIX[format]}"
     if format == "onnx":

@@ -396,7 +396,8 @@ async def test_wrong_output_rows_are_internal() -> None:
 
 async def test_on_batch_reports_each_execution() -> None:
     seen: list[BatchExecution] = []
-    batcher = DynamicBatcher(GatedRunner(), BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US), seen.append)
+    config = BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US)
+    batcher = DynamicBatcher(GatedRunner(), config, seen.append)
     await asyncio.gather(*(batcher.submit(rows(n, n)) for n in (1, 3)))
     assert seen == [BatchExecution(4, 2, 1, 2, 3)]
 

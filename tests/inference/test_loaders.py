@@ -42,7 +42,10 @@ def test_dict_outputs_are_matched_by_name_and_cast(tmp_path: Path) -> None:
     artifact = write_two_in_two_out(tmp_path)
     model = load_model(artifact.path, artifact.format, artifact.inputs, artifact.outputs)
     rng = np.random.default_rng(1)
-    inputs = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.integers(-5, 5, (3, 4), dtype=np.int32)}
+    inputs = {
+        "a": rng.standard_normal((3, 4)).astype(np.float32),
+        "b": rng.integers(-5, 5, (3, 4), dtype=np.int32),
+    }
     outputs = model.run(inputs)[0]
     expected = artifact.expected(inputs)
     assert list(outputs) == ["total", "difference"]

@@ -28,8 +28,9 @@ ALL_FIXED = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "IN
              "FP16", "FP32", "FP64", "BF16"]  # fmt: skip
 
 
-def our_segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("aiaas_")}
+def existing(names: list[str] | set[str]) -> set[str]:
+    """Which of these shared-memory segments still exist (other tests may own other segments)."""
+    return {name for name in names if os.path.exists(f"/dev/shm/{name}")}
 
 
 def pool_for(artifact: Artifact, **kw: object) -> WorkerPool:
@@ -67,11 +68,11 @@ async def wait_alive(pool: WorkerPool, count: int, timeout_s: float = 60) -> Non
 
 @pytest.mark.parametrize("format", ["torchscript", "torch_export", "onnx"])
 async def test_each_format_runs_in_a_worker(tmp_path: Path, started: list[WorkerPool], format: str) -> None:
-    before = our_segments()
     artifact = write_mlp(tmp_path, format)
     pool = await start(started, pool_for(artifact))
     assert pool.alive_instances == 1 and pool.pids[0] != os.getpid()
-    assert len(our_segments() - before) == 2  # one input and one output slab
+    segments = pool.shared_memory_names
+    assert len(segments) == 2 and existing(segments) == set(segments)  # one input and one output slab
     x = {"input": np.random.default_rng(1).standard_normal((5, 10)).astype(np.float32)}
     result = await pool.run_batch(x)
     np.testing.assert_allclose(result.outputs["output"], artifact.expected(x)["output"], rtol=1e-5, atol=1e-6)
@@ -79,7 +80,7 @@ async def test_each_format_runs_in_a_worker(tmp_path: Path, started: list[Worker
     pid = pool.pids[0]
     await pool.close()
     assert pool.alive_instances == 0
-    assert our_segments() == before
+    assert not existing(segments)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
@@ -98,7 +99,9 @@ async def test_every_fixed_datatype_round_trips_through_shared_memory(
         np.testing.assert_array_equal(out, inputs[f"IN_{d}"], err_msg=d)
 
 
-async def test_bytes_tensors_cross_as_length_prefixed_buffers(tmp_path: Path, started: list[WorkerPool]) -> None:
+async def test_bytes_tensors_cross_as_length_prefixed_buffers(
+    tmp_path: Path, started: list[WorkerPool]
+) -> None:
     artifact = write_identity(tmp_path, "onnx", "BYTES")
     pool = await start(started, pool_for(artifact))
     rng = np.random.default_rng(9)
@@ -111,18 +114,23 @@ async def test_bytes_tensors_cross_as_length_prefixed_buffers(tmp_path: Path, st
 async def test_slabs_grow_for_big_variable_tensors(tmp_path: Path, started: list[WorkerPool]) -> None:
     artifact = write_identity(tmp_path, "torchscript", "FP32")
     pool = await start(started, pool_for(artifact, max_batch_size=4))
-    before = our_segments()
+    seen = set(pool.shared_memory_names)
     rng = np.random.default_rng(2)
     for width in (8, 300_000, 5, 700_000, 3):  # 1.2 MB and 2.8 MB per row, far over the first slab
         x = rng.standard_normal((2, width)).astype(np.float32)
         out = (await pool.run_batch({"INPUT0": x})).outputs["OUTPUT0"]
         np.testing.assert_array_equal(out, x)
-    assert len(our_segments()) == len(before)  # grown slabs replaced the old ones
+        seen |= set(pool.shared_memory_names)
+    current = set(pool.shared_memory_names)
+    assert len(seen) > len(current)  # both slabs grew
+    assert existing(seen) == current  # and the ones they replaced are gone
     await pool.close()
-    assert not our_segments() & before
+    assert not existing(seen)
 
 
-async def test_model_error_is_internal_and_the_worker_survives(tmp_path: Path, started: list[WorkerPool]) -> None:
+async def test_model_error_is_internal_and_the_worker_survives(
+    tmp_path: Path, started: list[WorkerPool]
+) -> None:
     pool = await start(started, pool_for(write_fails_on_negative(tmp_path)))
     pid = pool.pids[0]
     with pytest.raises(Internal, match="negative input rejected by model"):
@@ -148,7 +156,8 @@ async def test_killed_worker_fails_its_batch_unavailable_then_restarts(
         await asyncio.wait_for(batch, 30)
     await wait_alive(pool, 1)
     assert pool.pids != [pid]
-    np.testing.assert_allclose((await pool.run_batch(x)).outputs["output"], artifact.expected(x)["output"], rtol=1e-5)
+    out = (await pool.run_batch(x)).outputs["output"]
+    np.testing.assert_allclose(out, artifact.expected(x)["output"], rtol=1e-5)
 
 
 async def test_idle_worker_crash_is_noticed_and_repaired(tmp_path: Path, started: list[WorkerPool]) -> None:
@@ -184,7 +193,6 @@ async def test_cancelled_batch_returns_its_worker_when_the_answer_arrives(
 
 
 async def test_load_failures_carry_the_loader_message(tmp_path: Path) -> None:
-    before = our_segments()
     artifact = write_mlp(tmp_path, "torchscript")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"definitely not torchscript")
@@ -196,7 +204,8 @@ async def test_load_failures_carry_the_loader_message(tmp_path: Path) -> None:
                          inputs=artifact.inputs, outputs=artifact.outputs)  # fmt: skip
     with pytest.raises(FailedPrecondition, match="does not exist"):
         await missing.start()
-    assert bad.alive_instances == 0 and our_segments() == before
+    assert bad.alive_instances == 0 and len(bad.shared_memory_names) == 4
+    assert not existing(bad.shared_memory_names + missing.shared_memory_names)
 
 
 @pytest.mark.parametrize("format", ["torchscript", "torch_export"])
@@ -231,10 +240,12 @@ async def test_batcher_over_workers_splits_random_payloads_exactly(
     config = BatchingConfig(max_batch_size=32, max_queue_delay_us=1000, max_concurrent_batches=2)
     batcher = DynamicBatcher(pool.run_batch, config)
     rng = np.random.default_rng(11)
-    payloads = [{"input": rng.standard_normal((int(rng.integers(1, 6)), 10)).astype(np.float32)} for _ in range(200)]
+    sizes = rng.integers(1, 6, size=200)
+    payloads = [{"input": rng.standard_normal((int(n), 10)).astype(np.float32)} for n in sizes]
     outcomes = await asyncio.gather(*(batcher.submit(p) for p in payloads))
     for outcome, payload in zip(outcomes, payloads, strict=True):
-        np.testing.assert_allclose(outcome.outputs["output"], artifact.expected(payload)["output"], rtol=1e-4, atol=1e-5)
+        expected = artifact.expected(payload)["output"]
+        np.testing.assert_allclose(outcome.outputs["output"], expected, rtol=1e-4, atol=1e-5)
     assert max(o.batch_size for o in outcomes) > 5
     await batcher.close()
 
