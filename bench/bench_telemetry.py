@@ -67,6 +67,34 @@ def micro(n: int) -> None:
     print(f"  sample_inputs, rate-limited away      {limited_ns:8.0f} ns per request")
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and every descendant alive now (Linux /proc)."""
+    import os
+
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier += children
+    total = 0
+    for p in tree:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def drive(address: str, seconds: float, concurrency: int) -> tuple[float, int]:
     client = tca.InferenceServerClient(address)
     x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
@@ -81,7 +109,7 @@ async def drive(address: str, seconds: float, concurrency: int) -> tuple[float, 
             try:
                 await client.infer("bench", [tensor], client_timeout=30)
                 ok += 1
-            except Exception:  # counted; a failure is a finding
+            except Exception:  # noqa: BLE001 - counted; a failure is a finding
                 failed += 1
 
     started = time.monotonic()
@@ -125,30 +153,45 @@ def serving(args: argparse.Namespace) -> None:
         wait_model(inf_off, "bench")
         for gw in (gw_on, gw_off):  # warm both paths
             asyncio.run(drive(gw.address, 1.0, args.concurrency))
-        results: dict[str, list[float]] = {"off": [], "on": [], "down": []}
-        failures: dict[str, int] = {"off": 0, "on": 0, "down": 0}
-        order = ["on", "off", "off", "on"] * args.rounds
-        for arm in order[: 2 * args.rounds]:
-            rps, failed = asyncio.run(drive((gw_on if arm == "on" else gw_off).address, args.seconds, args.concurrency))
-            results[arm].append(rps)
-            failures[arm] += failed
+        serving_pids = {"on": (gw_on, inf_on), "down": (gw_on, inf_on), "off": (gw_off, inf_off)}
+
+        def one_round(arm: str) -> tuple[float, float, int]:
+            pair = serving_pids[arm]
+            before = sum(tree_cpu_s(p.proc.pid) for p in pair if p.proc)
+            rps, failed = asyncio.run(drive(pair[0].address, args.seconds, args.concurrency))
+            after = sum(tree_cpu_s(p.proc.pid) for p in pair if p.proc)
+            return rps, (after - before) / max(1.0, rps * args.seconds) * 1e6, failed
+
+        def paired(arm: str) -> dict[str, list[float]]:
+            # Each pair runs the arm and "off" back to back (order alternating): a neighbour's
+            # load hits both halves of a pair alike, and the pair's ratio cancels it.
+            out: dict[str, list[float]] = {"rps": [], "off_rps": [], "rps_ratio": [], "cpu_ratio": [],
+                                           "cpu": [], "failed": [0.0]}
+            for i in range(args.rounds):
+                order = (arm, "off") if i % 2 == 0 else ("off", arm)
+                got = {name: one_round(name) for name in order}
+                (rps, cpu, failed), (off_rps, off_cpu, off_failed) = got[arm], got["off"]
+                out["rps"].append(rps)
+                out["off_rps"].append(off_rps)
+                out["rps_ratio"].append(rps / off_rps)
+                out["cpu"].append(cpu)
+                out["cpu_ratio"].append(cpu / off_cpu)
+                out["failed"][0] += failed + off_failed
+            return out
+
+        live = paired("on")
         monitor.kill()
-        for _ in range(max(1, args.rounds // 2 + 1)):
-            for arm, gw in (("down", gw_on), ("off", gw_off)):
-                rps, failed = asyncio.run(drive(gw.address, args.seconds, args.concurrency))
-                results[arm].append(rps)
-                failures[arm] += failed
-        off = statistics.median(results["off"])
+        down = paired("down")
+        med = statistics.median
         print(f"\nserving path gateway -> inference, 1x4 FP32 rows, concurrency {args.concurrency}, "
-              f"{args.seconds:g}s rounds:")
-        for arm, label in (("off", "no reporting"), ("on", "reporting to a live monitor"),
-                           ("down", "reporting, monitor down (dropped)")):
-            rounds = results[arm]
-            med = statistics.median(rounds)
-            print(f"  {label:<36} {med:8.0f} req/s  ({len(rounds)} rounds: "
-                  f"{', '.join(f'{r:.0f}' for r in rounds)}; failed {failures[arm]})  ratio {med / off:.3f}")
-        print(f"  telemetry cost on throughput: {100 * (1 - statistics.median(results['on']) / off):+.1f}% "
-              f"(aim: under 5%)")
+              f"{args.rounds} pairs of {args.seconds:g}s rounds (arm vs no reporting, back to back):")
+        print(f"  no reporting                        {med(live['off_rps'] + down['off_rps']):8.0f} req/s")
+        for label, res in (("reporting to a live monitor", live), ("reporting, monitor down (dropped)", down)):
+            print(f"  {label:<35} {med(res['rps']):8.0f} req/s  throughput ratio {med(res['rps_ratio']):.3f}  "
+                  f"serving CPU/request ratio {med(res['cpu_ratio']):.3f}  (pairs: "
+                  f"{', '.join(f'{r:.2f}' for r in res['rps_ratio'])}; failed requests {res['failed'][0]:.0f})")
+        print(f"  telemetry cost on throughput: {100 * (1 - med(live['rps_ratio'])):+.1f}% with a live monitor, "
+              f"{100 * (1 - med(down['rps_ratio'])):+.1f}% with it down (aim: under 5%)")
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -159,8 +202,8 @@ def serving(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="micro-costs only")
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     micro(50_000)
