@@ -265,3 +265,16 @@ def test_sigterm_ends_watches_and_exits_cleanly() -> None:
             assert time.monotonic() - started < 4.0  # did not sit out the 5 s grace period
     finally:
         own.close()
+
+
+def test_a_corrupted_blob_is_reported_as_data_loss(client: RegistryClient, registry: RunningRegistry,
+                                                    tmp_path: Path) -> None:
+    data = b"will be corrupted on disk"
+    version = client.register("corrupt", data, format="safetensors", signature=SIGNATURE)
+    blob = registry.artifact_dir / "sha256" / version.artifact_sha256[:2] / version.artifact_sha256[2:]
+    blob.write_bytes(b"X" + data[1:])
+    with pytest.raises(RegistryError) as caught:
+        client.download_artifact("corrupt", 1, tmp_path / "out.bin")
+    assert caught.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "is corrupt" in caught.value.details()
+    assert not (tmp_path / "out.bin").exists() and list(tmp_path.iterdir()) == []
