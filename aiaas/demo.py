@@ -46,7 +46,7 @@ def synthetic_batch(generator: torch.Generator, projection: torch.Tensor, size: 
     return x, (x @ projection).argmax(dim=1)
 
 
-def train_demo(seed: int = 0, max_steps: int = 600, max_seconds: float = 20.0) -> DemoModel:
+def train_demo(seed: int = 0, max_steps: int = 300, max_seconds: float = 20.0) -> DemoModel:
     """Adam for `max_steps` on fresh batches (a couple of seconds on a laptop); `max_seconds` only
     guards a very slow machine, so the same seed gives the same model everywhere else."""
     generator = torch.Generator().manual_seed(seed)

@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     promote = subparsers.add_parser(
         "promote", help="point an alias at a version (a rollout step); canary takes a traffic weight",
         description="aiaas promote MODEL VERSION --alias canary --weight 10, then --alias production. "
-                    "`aiaas rollback MODEL --alias ALIAS` undoes a step.",
+                    "`aiaas rollback MODEL ALIAS` undoes a step.",
     )
     promote.add_argument("model", metavar="MODEL")
     promote.add_argument("version", metavar="VERSION", type=int)

@@ -82,6 +82,8 @@ def onnx_runner(data: bytes) -> Runner:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # The pipeline compares small runs on one thread (see parity.LATENCY_THREADS); serving sets its own.
+    options.intra_op_num_threads = 1
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 

@@ -219,7 +219,7 @@ def promote(args: argparse.Namespace) -> int:
         print("traffic: " + ", ".join(f"{s['target']} {s['percent']:.0f}%" for s in route))
     if route is None and "route" in result:
         print("traffic: all to production")
-    print(f"undo: aiaas rollback {args.model} --alias {args.alias}")
+    print(f"undo: aiaas rollback {args.model} {args.alias}")
     return 0
 
 

@@ -13,10 +13,11 @@ user can ask for an element-wise bound too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,9 @@ from aiaas.pipeline.artifacts import Runner, first_line
 from services.common.errors import FailedPrecondition
 
 _EPS = 1e-12
+# Latency is compared on one thread: a shared or busy machine stalls multi-threaded kernels at
+# random, which swamps the difference between parent and candidate.
+LATENCY_THREADS = 1
 _WARMUP_MIN_CALLS = 5
 _WARMUP_MAX_CALLS = 20
 # Elements smaller than this share of an output's largest magnitude count against it in max_rel_err.
@@ -211,11 +215,32 @@ def run_parity(
         "latency_ms": {},
     }
     if measure_latency and got:
-        for batch in sorted(set(latency_batches)):
-            batch_inputs = _batch_of(inputs, batch)
-            p, c = measure_latency_ms([parent, candidate], batch_inputs)
-            report["latency_ms"][str(batch)] = {"parent": p, "candidate": c, "speedup": p / c if c > 0 else None}
+        report["latency_threads"] = LATENCY_THREADS
+        with _torch_threads(LATENCY_THREADS):
+            report["latency_ms"] = _latencies(parent, candidate, inputs, latency_batches)
     return report
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _latencies(parent: Runner, candidate: Runner, inputs: Sequence[np.ndarray],
+               latency_batches: Sequence[int]) -> dict[str, Any]:
+    latency: dict[str, Any] = {}
+    for batch in sorted(set(latency_batches)):
+        batch_inputs = _batch_of(inputs, batch)
+        p, c = measure_latency_ms([parent, candidate], batch_inputs)
+        latency[str(batch)] = {"parent": p, "candidate": c, "speedup": p / c if c > 0 else None}
+    return latency
 
 
 def gate(report: dict[str, Any], *, force: bool) -> dict[str, Any]:
