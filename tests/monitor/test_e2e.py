@@ -240,6 +240,11 @@ async def test_broken_canary_is_rolled_back_while_production_serves(stack: Stack
 
 
 async def test_killing_the_monitor_mid_load_fails_no_request(stack: Stack) -> None:
+    stub = stack.monitor_stub()
+    slo = pb.SLO(model="steady", p99_latency_ms=500, max_error_rate=0.01, window_seconds=30)
+    await stub.SetSLO(pb.SetSLORequest(slo=slo, actor="test"), timeout=5)
+    record = stack.registry.stub.GetRecord(registry_pb2.GetRecordRequest(kind="slo", name="steady"), timeout=5)
+    assert pb.SLO.FromString(record.record.data) == slo
     load = asyncio.create_task(drive(stack.gateway.address, "steady", seconds=4, rows=1, concurrency=4, seed=6))
     await asyncio.sleep(1.0)
     stack.monitor.kill()
@@ -259,3 +264,8 @@ async def test_killing_the_monitor_mid_load_fails_no_request(stack: Stack) -> No
         return n if n >= 120 + 40 else None
 
     await poll(counted, 15, "records after the monitor came back")
+    # What the registry holds survives the monitor: SLOs and baselines.
+    slos = await stub.ListSLOs(pb.ListSLOsRequest(), timeout=5)
+    assert [s.model for s in slos.slos] == ["steady"]
+    baseline = await stub.GetBaseline(pb.GetBaselineRequest(model="drifty", version=1), timeout=5)
+    assert len(baseline.baseline.histograms) == 4
