@@ -89,6 +89,8 @@ class KeyRing:
         self.pepper = pepper
         self.enabled = enabled
         self._keys: dict[str, ApiKeyEntry] = {}
+        # Headers already verified, with the entry they matched: a repeat caller skips the hash.
+        self._verified: dict[str, tuple[ApiKeyEntry, Caller]] = {}
         self._bootstrap: ApiKeyEntry | None = None
         if bootstrap_token:
             key_id, secret = parse_token(bootstrap_token)
@@ -99,12 +101,15 @@ class KeyRing:
 
     def put(self, entry: ApiKeyEntry) -> None:
         self._keys[entry.key_id] = entry
+        self._verified.clear()
 
     def remove(self, key_id: str) -> None:
         self._keys.pop(key_id, None)
+        self._verified.clear()
 
     def replace_all(self, entries: dict[str, ApiKeyEntry]) -> None:
         self._keys = dict(entries)
+        self._verified.clear()
 
     def get(self, key_id: str) -> ApiKeyEntry | None:
         return self._keys.get(key_id)
@@ -116,6 +121,11 @@ class KeyRing:
         """The caller behind an `authorization` header; Unauthenticated when missing or bad."""
         if not self.enabled:
             return ANONYMOUS
+        now = time.time() if now is None else now
+        if authorization is not None:
+            verified = self._verified.get(authorization)
+            if verified is not None and verified[0].active(now):
+                return verified[1]
         key_id, secret = parse_token(bearer_token(authorization))
         entry = self._keys.get(key_id)
         if entry is None and self._bootstrap is not None and self._bootstrap.key_id == key_id:
@@ -127,9 +137,14 @@ class KeyRing:
             raise Unauthenticated("invalid API key")
         if entry.revoked:
             raise Unauthenticated("API key revoked")
-        if not entry.active(time.time() if now is None else now):
+        if not entry.active(now):
             raise Unauthenticated("API key expired")
-        return Caller(key_id=entry.key_id, models=entry.models, roles=entry.roles, quota=entry.quota)
+        caller = Caller(key_id=entry.key_id, models=entry.models, roles=entry.roles, quota=entry.quota)
+        if authorization is not None:
+            if len(self._verified) >= 10_000:
+                self._verified.clear()
+            self._verified[authorization] = (entry, caller)
+        return caller
 
 
 def authorize(caller: Caller, role: Role, model: str | None = None) -> None:

@@ -29,10 +29,19 @@ def length_delimited(field: int, payload: bytes) -> bytes:
     return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
+_TAILS: dict[tuple[str, str], bytes] = {}
+
+
 def retarget(raw_request: bytes, model_name: str, version: str) -> bytes:
     """The request bytes with `model_name` and `model_version` replaced (tensors untouched)."""
-    return (raw_request + length_delimited(REQUEST_MODEL_NAME, model_name.encode())
-            + length_delimited(REQUEST_MODEL_VERSION, version.encode()))
+    tail = _TAILS.get((model_name, version))
+    if tail is None:
+        tail = (length_delimited(REQUEST_MODEL_NAME, model_name.encode())
+                + length_delimited(REQUEST_MODEL_VERSION, version.encode()))
+        if len(_TAILS) > 4096:
+            _TAILS.clear()
+        _TAILS[(model_name, version)] = tail
+    return raw_request + tail
 
 
 def _read_varint(data: bytes, offset: int) -> tuple[int, int]:

@@ -1,0 +1,150 @@
+"""What the gateway adds over calling inference directly: p50 and p99 at concurrency 1 and 64.
+
+Run: .venv/bin/python -m bench.bench_gateway [--quick]
+
+Starts a registry, one inference replica (thread workers) and one gateway (auth on, no
+quotas) as real processes, registers a small MLP (4 -> 8 -> 3, batch 1), and sends the same
+prebuilt ModelInfer bytes through a raw gRPC channel, alternating rounds between inference
+directly (`tiny:production`, what the gateway forwards) and the gateway (`tiny` with an API
+key), so both see the same machine load. A third row goes through a bare grpc.aio proxy
+(a generic handler that forwards bytes, nothing else): the cost of one Python gRPC hop, the
+floor under anything a Python gateway adds. Every figure comes from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from aiaas.gateway_client import GatewayClient
+from tests.gateway.stack import (
+    ADMIN_TOKEN,
+    start_gateway,
+    start_inference_replica,
+    start_registry,
+    wait_model,
+)
+from tests.inference import models
+from tests.inference.conftest import Registry
+from tests.support.servers import free_port, wait_for_port
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def request_bytes(name: str) -> bytes:
+    request = pb.ModelInferRequest(model_name=name, raw_input_contents=[np.ones((1, 4), np.float32).tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    return request.SerializeToString()
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure(address: str, payload: bytes, metadata: tuple[tuple[str, str], ...], concurrency: int,
+                  per_worker: int) -> list[float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(METHOD)
+        for _ in range(20):
+            await call(payload, metadata=metadata, timeout=10)
+        samples: list[float] = []
+
+        async def worker() -> None:
+            for _ in range(per_worker):
+                started = time.perf_counter_ns()
+                await call(payload, metadata=metadata, timeout=10)
+                samples.append((time.perf_counter_ns() - started) / 1e3)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return samples
+
+
+async def bare_proxy(port: int, target: str) -> None:
+    """The reference hop: forward ModelInfer bytes with grpc.aio and do nothing else."""
+    channel = grpc.aio.insecure_channel(target)
+    forward = channel.unary_unary(METHOD)
+
+    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await forward(request, timeout=context.time_remaining())  # type: ignore[no-any-return]
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def compare(direct: str, bare: str, gateway: str, token: str, concurrency: int, requests: int,
+                  rounds: int) -> None:
+    direct_payload, gateway_payload = request_bytes("tiny:production"), request_bytes("tiny")
+    auth = (("authorization", f"Bearer {token}"),)
+    per_worker = max(1, requests // rounds // concurrency)
+    samples: dict[str, list[float]] = {"direct": [], "bare": [], "gateway": []}
+    for _ in range(rounds):
+        samples["direct"] += await measure(direct, direct_payload, (), concurrency, per_worker)
+        samples["bare"] += await measure(bare, direct_payload, (), concurrency, per_worker)
+        samples["gateway"] += await measure(gateway, gateway_payload, auth, concurrency, per_worker)
+    p50 = {k: statistics.median(v) for k, v in samples.items()}
+    p99 = {k: pct(v, 0.99) for k, v in samples.items()}
+    print(f"concurrency {concurrency:>2}  ({len(samples['gateway'])} requests each way)")
+    print(f"  inference direct      p50 {p50['direct']:8.1f} us   p99 {p99['direct']:8.1f} us")
+    print(f"  bare grpc.aio proxy   p50 {p50['bare']:8.1f} us   p99 {p99['bare']:8.1f} us")
+    print(f"  through gateway       p50 {p50['gateway']:8.1f} us   p99 {p99['gateway']:8.1f} us")
+    print(f"  gateway adds          p50 {p50['gateway'] - p50['direct']:8.1f} us   "
+          f"p99 {p99['gateway'] - p99['direct']:8.1f} us")
+    print(f"  (one bare hop adds    p50 {p50['bare'] - p50['direct']:8.1f} us   "
+          f"p99 {p99['bare'] - p99['direct']:8.1f} us)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--bare-proxy", nargs=2, metavar=("PORT", "TARGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_proxy:
+        asyncio.run(bare_proxy(int(args.bare_proxy[0]), args.bare_proxy[1]))
+        return
+    scale = 0.2 if args.quick else 1.0
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        registry = Registry(start_registry(root))
+        artifact = models.write_mlp(root, "torchscript", sizes=(4, 8, 3), seed=1)
+        registry.register("tiny", artifact, alias="production", max_batch_size=8)
+        replica = start_inference_replica(registry, root / "cache")
+        wait_model(replica, "tiny")
+        gateway = start_gateway(registry, [replica], None, "--log-level", "warning")
+        bare_port = free_port()
+        bare = subprocess.Popen([sys.executable, "-m", "bench.bench_gateway", "--bare-proxy", str(bare_port),
+                                 replica.address])
+        wait_for_port(bare_port)
+        try:
+            with GatewayClient(gateway.address, api_key=ADMIN_TOKEN) as admin:
+                _, token = admin.create_key("bench", models=["tiny"], roles=["infer"])
+            print("gateway latency benchmark: small MLP (4-8-3), batch 1, raw gRPC client, one run\n")
+            bare_address = f"127.0.0.1:{bare_port}"
+            asyncio.run(compare(replica.address, bare_address, gateway.address, token, 1, int(4000 * scale), 4))
+            print()
+            asyncio.run(compare(replica.address, bare_address, gateway.address, token, 64, int(25600 * scale), 4))
+        finally:
+            bare.kill()
+            bare.wait()
+            gateway.stop()
+            replica.stop()
+            registry.close()
+            registry.proc.stop()
+
+
+if __name__ == "__main__":
+    main()
