@@ -54,18 +54,6 @@ def status_for(error: AiaasError) -> grpc.StatusCode:
     return STATUS_BY_CODE[error.code]
 
 
-class _MetadataGetter:
-    def get(self, carrier: dict[str, str], key: str) -> list[str] | None:
-        value = carrier.get(key)
-        return [value] if value is not None else None
-
-    def keys(self, carrier: dict[str, str]) -> list[str]:
-        return list(carrier)
-
-
-_GETTER = _MetadataGetter()
-
-
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str, *, tracing: bool) -> None:
         self.service = service
@@ -117,7 +105,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         token = None
         traceparent = metadata.get("traceparent")
         if self.tracing:
-            parent = propagate.extract(metadata, getter=_GETTER)
+            parent = propagate.extract(metadata)
             span = self.tracer.start_span(method.lstrip("/"), context=parent, kind=trace.SpanKind.SERVER)
             token = otel_context.attach(trace.set_span_in_context(span, parent))
             trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
