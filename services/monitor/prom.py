@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
@@ -77,7 +77,7 @@ class _TotalsCollector:
         yield batch
 
     @staticmethod
-    def _buckets(fields: Counter[str], prefix: str, bounds: tuple[float, ...], upper: Any) -> list[tuple[str, float]]:
+    def _buckets(fields: Mapping[str, int], prefix: str, bounds: tuple[float, ...], upper: Any) -> list[tuple[str, float]]:
         counts = [0] * (len(bounds) + 1)
         for name, n in fields.items():
             if name.startswith(prefix):

@@ -243,7 +243,7 @@ class RedisWindowStore:
         raw = await self._redis.zrangebyscore(self._index(ns), since_bucket, "+inf")
         oldest = since_bucket - math.ceil(self.ttl_s / self.bucket_s)
         await self._redis.zremrangebyscore(self._index(ns), "-inf", oldest)
-        return sorted(item.decode() for item in raw)
+        return sorted(item.decode() if isinstance(item, bytes) else str(item) for item in raw)
 
     async def read(self, ns: str, series: Iterable[str], first_bucket: int, last_bucket: int
                    ) -> dict[str, tuple[Counter[str], int]]:
