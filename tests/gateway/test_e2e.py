@@ -302,6 +302,65 @@ def test_shadow_traffic_never_changes_the_answer(stack: Stack) -> None:
     assert dict(route.resolved) == {"production": 1, "shadow": 3}
 
 
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> dict | list:  # type: ignore[type-arg]
+    import json
+
+    from aiaas.cli.main import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)  # type: ignore[no-any-return]
+
+
+def test_cli_keys_routes_and_predict(stack: Stack, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    gateway = ["--gateway", stack.gateways[0].address, "--api-key", ADMIN_TOKEN]
+    created = run_cli(capsys, "keys", "create", *gateway, "--name", "cli", "--models", "tiny,oth*",
+                      "--roles", "infer", "--rps", "50", "--burst", "10", "--expires-in", "1d")
+    assert isinstance(created, dict) and created["token"].startswith("aiaas_") and created["roles"] == ["infer"]
+    assert created["models"] == ["tiny", "oth*"] and created["rps"] == 50 and created["expires"]
+    # Bootstrap path: straight into the registry, with the gateways' pepper.
+    monkeypatch.setenv("AIAAS_GATEWAY_KEY_PEPPER", "e2e-pepper")
+    direct = run_cli(capsys, "keys", "create", "--registry", stack.registry.address, "--roles", "admin")
+    assert isinstance(direct, dict)
+    wait_until(lambda: bool(GatewayClient(stack.gateways[1].address, api_key=direct["token"]).list_keys()),
+               timeout=5.0)
+    listed = run_cli(capsys, "keys", "list", *gateway)
+    assert {created["key_id"], direct["key_id"]} <= {k["key_id"] for k in listed}  # type: ignore[index]
+    revoked = run_cli(capsys, "keys", "revoke", *gateway, created["key_id"], "--reason", "cli test")
+    assert isinstance(revoked, dict) and revoked["revoked"] is True
+
+    route = run_cli(capsys, "route", "set", "tiny", *gateway, "--split", "production=80,canary=20", "--sticky",
+                    "--shadow", "shadow=0.5", "--rps", "500", "--burst", "100", "--reason", "cli")
+    assert isinstance(route, dict) and route["splits"] == {"production": 80, "canary": 20} and route["sticky"]
+    shown = run_cli(capsys, "route", "show", "tiny", *gateway)
+    assert isinstance(shown, dict) and shown["resolves_to"] == {"production": 1, "canary": 2, "shadow": 3}
+    assert [r["model"] for r in run_cli(capsys, "route", "show", *gateway)] == ["tiny"]  # type: ignore[index]
+
+    prediction = run_cli(capsys, "predict", "tiny", *gateway, "--input", "input=[[0.1, 0.2, 0.3, 0.4]]",
+                         "--alias", "canary")
+    data = np.array([[0.1, 0.2, 0.3, 0.4]], dtype=np.float32)
+    assert isinstance(prediction, dict) and prediction["version"] == "2"
+    np.testing.assert_allclose(prediction["outputs"]["output"], expected(stack, 2, data), rtol=1e-5, atol=1e-5)
+
+    from aiaas.cli.main import main as cli_main
+
+    assert cli_main(["route", "delete", "tiny", *gateway]) == 0
+    assert cli_main(["route", "show", "tiny", *gateway]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_admin_changes_are_audited(stack: Stack) -> None:
+    from aiaas.registry.v1 import registry_pb2
+
+    stack.admin.set_route(MODEL, {"production": 1}, reason="audit check")
+    events = stack.registry.stub.ListAuditEvents(registry_pb2.ListAuditEventsRequest(page_size=200)).events
+    actions = [(e.action, e.model) for e in events]
+    assert ("gateway.route.set", MODEL) in actions and ("gateway.key.create", "") in actions
+    route_set = next(e for e in events if e.action == "gateway.route.set")
+    assert route_set.actor.startswith("gateway-key:") and route_set.details["reason"] == "audit check"
+
+
 def test_a_replica_killed_under_load_fails_no_request(stack: Stack) -> None:
     set_route(stack, splits={"production": 1})
     failures: list[str] = []

@@ -268,3 +268,33 @@ async def test_concurrent_load_spreads_over_replicas(stack: Stack) -> None:
         await asyncio.gather(*(client.infer("m", inputs([1]), headers=stack.headers()) for _ in range(40)))
     counts = [len(r.seen) for r in stack.replicas]
     assert sum(counts) == 40 and min(counts) >= 10
+
+
+async def test_a_dns_name_becomes_a_pool_of_addresses() -> None:
+    replica = await EchoReplica(aliases={"production": "1"}).start()
+    upstream = InferenceUpstream([f"dns:///localhost:{replica.port}"], Balancer(), max_message_bytes=1 << 20,
+                                 dns_refresh_s=0.05)
+    try:
+        await upstream.start()
+        addresses = {r.address for r in upstream.balancer.replicas}
+        assert f"127.0.0.1:{replica.port}" in addresses
+        request = pb.ModelInferRequest(model_name="m:production",
+                                       raw_input_contents=[np.zeros(1, np.float32).tobytes()])
+        request.inputs.add(name="x", datatype="FP32", shape=[1])
+        # Some of the addresses (::1) may not listen: the call still lands on one that does.
+        for _ in range(4):
+            answer = pb.ModelInferResponse.FromString(
+                await upstream.call("ModelInfer", request.SerializeToString(), timeout=5.0))
+            assert answer.model_version == "1"
+        await asyncio.sleep(0.2)
+        assert {r.address for r in upstream.balancer.replicas} == addresses
+    finally:
+        await upstream.close()
+        await replica.stop()
+
+
+def test_bad_dns_targets_are_refused() -> None:
+    from services.common.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="dns:///host:port"):
+        InferenceUpstream(["dns:///nameonly"], Balancer(), max_message_bytes=1 << 20)
