@@ -15,12 +15,14 @@ Field names in a bucket:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
+from services.common.errors import Unavailable
 from services.monitor.entities import SERVER_FAULT_STATUSES, Distribution, Request, SeriesKey, SeriesMetrics
 
 GAMMA = 1.04
@@ -205,6 +207,21 @@ class MemoryWindowStore:
         return None
 
 
+def _redis_unavailable(fn: Any) -> Any:
+    """Redis failures reach callers as UNAVAILABLE (retry later), not as an internal error."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await fn(*args, **kwargs)
+        except RedisError as exc:
+            raise Unavailable(f"window store (Redis) unavailable: {exc}") from None
+
+    return wrapper
+
+
 class RedisWindowStore:
     """Buckets as Redis hashes with a TTL: one hash per (series, bucket), HINCRBY, merge on read."""
 
@@ -223,6 +240,7 @@ class RedisWindowStore:
     def _index(self, ns: str) -> str:
         return f"{self.prefix}:{ns}:index"
 
+    @_redis_unavailable
     async def add(self, ns: str, increments: Increments) -> None:
         if not increments:
             return
@@ -239,12 +257,14 @@ class RedisWindowStore:
         pipe.zadd(self._index(ns), {s: b for s, b in latest.items()}, gt=True)
         await pipe.execute()
 
+    @_redis_unavailable
     async def series(self, ns: str, since_bucket: int) -> list[str]:
         raw = await self._redis.zrangebyscore(self._index(ns), since_bucket, "+inf")
         oldest = since_bucket - math.ceil(self.ttl_s / self.bucket_s)
         await self._redis.zremrangebyscore(self._index(ns), "-inf", oldest)
         return sorted(item.decode() if isinstance(item, bytes) else str(item) for item in raw)
 
+    @_redis_unavailable
     async def read(self, ns: str, series: Iterable[str], first_bucket: int, last_bucket: int
                    ) -> dict[str, tuple[Counter[str], int]]:
         names = list(series)
@@ -268,6 +288,7 @@ class RedisWindowStore:
             out[name] = (total, first)
         return out
 
+    @_redis_unavailable
     async def put_meta(self, name: str, fields: Mapping[str, int], *, only_if_absent: bool = False) -> None:
         key = f"{self.prefix}:meta:{name}"
         pipe = self._redis.pipeline(transaction=False)
@@ -279,6 +300,7 @@ class RedisWindowStore:
         pipe.expire(key, self.ttl_s * 24)
         await pipe.execute()
 
+    @_redis_unavailable
     async def get_meta(self, names: Iterable[str]) -> dict[str, dict[str, int]]:
         names = list(names)
         pipe = self._redis.pipeline(transaction=False)
@@ -287,6 +309,7 @@ class RedisWindowStore:
         replies = await pipe.execute()
         return {name: {k.decode(): int(v) for k, v in reply.items()} for name, reply in zip(names, replies)}
 
+    @_redis_unavailable
     async def delete_meta_field(self, name: str, field: str) -> None:
         await self._redis.hdel(f"{self.prefix}:meta:{name}", field)
 

@@ -99,3 +99,15 @@ async def test_store_meta_set_if_absent(store: MemoryWindowStore) -> None:
     assert (await store.get_meta(["load:m|1"]))["load:m|1"] == {"loaded_ns": 10, "load_us": 5, "first_ns": 20}
     await store.delete_meta_field("load:m|1", "first_ns")
     assert "first_ns" not in (await store.get_meta(["load:m|1"]))["load:m|1"]
+
+
+async def test_redis_down_is_unavailable_not_internal() -> None:
+    from services.common.errors import Unavailable
+    from tests.support.servers import free_port
+
+    store = RedisWindowStore(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(Unavailable, match="Redis"):
+        await store.add(NS_REQUESTS, {("gateway|m|1|", 1): Counter(n=1)})
+    with pytest.raises(Unavailable):
+        await store.series(NS_REQUESTS, 0)
+    await store.close()
