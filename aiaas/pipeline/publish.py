@@ -34,11 +34,11 @@ _FORMAT_TO_PB = {
     ArtifactFormat.ONNX: pb.ARTIFACT_FORMAT_ONNX,
     ArtifactFormat.SAFETENSORS: pb.ARTIFACT_FORMAT_SAFETENSORS,
 }
-_FORMAT_FROM_PB = {v: k for k, v in _FORMAT_TO_PB.items()}
+_FORMAT_FROM_PB: dict[int, ArtifactFormat] = {int(v): k for k, v in _FORMAT_TO_PB.items()}
 
 
 def format_to_pb(fmt: ArtifactFormat) -> int:
-    return _FORMAT_TO_PB[fmt]
+    return int(_FORMAT_TO_PB[fmt])
 
 
 def format_from_pb(value: int) -> ArtifactFormat:

@@ -131,7 +131,7 @@ def generate_inputs(
     needs other values.
     """
     rng = np.random.default_rng(seed)
-    arrays = []
+    arrays: list[np.ndarray] = []
     for i, spec in enumerate(signature.inputs):
         shape = (batch, *[d if d > 0 else 1 for d in spec.shape[1:]])
         if spec.datatype in FLOAT_DATATYPES:
