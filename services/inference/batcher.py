@@ -193,6 +193,9 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_ns = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # Callers' tasks running their own single-request batch inline, and those close() cancelled.
+        self._inline: set[asyncio.Task[Any] | None] = set()
+        self._aborted: set[asyncio.Task[Any] | None] = set()
         self._idle: asyncio.Event | None = None
 
     @property
@@ -234,13 +237,28 @@ class DynamicBatcher:
             request.expiry = loop.call_at(request.deadline_ns / 1e9, self._expire, request)
         self._levels[level - 1].append(request)
         self._queued += 1
-        self._schedule()
+        inline = self._schedule(request)
         try:
-            return await request.future
+            if inline is None:
+                return await request.future
+            # A batch of just this request: run it in this task, with no hop through the loop.
+            task = asyncio.current_task()
+            self._inline.add(task)
+            try:
+                await self._execute(inline, inline=True)
+            finally:
+                self._inline.discard(task)
+            return request.future.result()
         except asyncio.CancelledError:
             if request.state == _QUEUED:
                 self._drop(request)
                 self._schedule()
+            task = asyncio.current_task()
+            if task in self._aborted:  # close() gave up on this batch, not the caller on us
+                self._aborted.discard(task)
+                if task is not None:
+                    task.uncancel()
+                raise Unavailable(f"model '{self._name}' closed while running the batch; retry") from None
             raise
 
     async def drain(self) -> None:
@@ -259,12 +277,18 @@ class DynamicBatcher:
                     self._drop(request)
                     request.future.set_exception(error)
         self._cancel_timer()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
-            for task in pending:
+        if not self._running_batches:
+            return
+        try:
+            await asyncio.wait_for(self._wait_idle(), grace_s)
+        except asyncio.TimeoutError:
+            for task in self._tasks:
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+            for caller in self._inline:
+                if caller is not None:
+                    self._aborted.add(caller)
+                    caller.cancel()
+            await self._wait_idle()
 
     # --- scheduling -------------------------------------------------------------------------
 
@@ -309,15 +333,23 @@ class DynamicBatcher:
                 )
             )
 
-    def _schedule(self) -> None:
+    def _schedule(self, caller: _Request | None = None) -> list[_Request] | None:
+        """Dispatch what can run now; a batch of only `caller` is handed back to run inline."""
+        inline = None
         while self._queued and self._running_batches < self.config.max_concurrent_batches:
             batch = self._form_batch()
             if batch is None:
                 break
-            self._launch(batch)
+            self._running_batches += 1
+            self._in_flight += len(batch)
+            if inline is None and len(batch) == 1 and batch[0] is caller:
+                inline = batch
+            else:
+                self._launch(batch)
         if not self._queued:
             self._cancel_timer()
         self._notify_idle()
+        return inline
 
     def _head(self, now: int) -> _Request | None:
         for level in self._levels:
@@ -404,14 +436,12 @@ class DynamicBatcher:
     # --- execution --------------------------------------------------------------------------
 
     def _launch(self, batch: list[_Request]) -> None:
-        self._running_batches += 1
-        self._in_flight += len(batch)
         assert self._loop is not None
         task = self._loop.create_task(self._execute(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _execute(self, batch: list[_Request]) -> None:
+    async def _execute(self, batch: list[_Request], *, inline: bool = False) -> None:
         started = time.monotonic_ns()
         rows = sum(r.rows for r in batch) if self._batching else 1
         try:
@@ -423,7 +453,10 @@ class DynamicBatcher:
                 _fail(batch, exc)
                 return
             except asyncio.CancelledError:
-                _fail(batch, Unavailable(f"model '{self._name}' closed while running the batch; retry"))
+                if inline:
+                    batch[0].future.cancel()  # its own caller was cancelled
+                else:
+                    _fail(batch, Unavailable(f"model '{self._name}' closed while running the batch; retry"))
                 raise
             except Exception as exc:
                 log.exception("batch of %d rows failed for model '%s'", rows, self._name)

@@ -430,3 +430,20 @@ async def test_close_fails_queued_requests_and_cancels_stuck_batches() -> None:
             await task
     with pytest.raises(Unavailable, match="closing"):
         await batcher.submit(rows(1, 2))
+
+
+async def test_caller_cancelled_while_its_own_batch_runs_inline() -> None:
+    runner = GatedRunner(gated=True)
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4))
+    alone = start(batcher, rows(1, 0))  # idle batcher: the caller runs its batch itself
+    await settle()
+    assert runner.sizes == [1] and batcher.in_flight == 1
+    queued = start(batcher, rows(1, 1))
+    await settle()
+    alone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await alone
+    await settle()
+    runner.gate.set()
+    check(await queued, rows(1, 1))
+    assert batcher.in_flight == 0 and batcher.queued == 0
