@@ -61,9 +61,37 @@ class ServiceSpec:
     name: str
     port: int
     args: tuple[str, ...]
+    # Secrets travel in the environment, not in flags that `ps` shows.
+    env: tuple[tuple[str, str], ...] = ()
 
 
-def service_plan(home: Path, host: str, ports: dict[str, int]) -> list[ServiceSpec]:
+@dataclasses.dataclass(frozen=True)
+class GatewayAuth:
+    pepper: str
+    admin_key: str
+    path: Path
+
+
+def gateway_auth(home: Path) -> GatewayAuth:
+    """Off loopback the gateway keeps authentication on: a pepper and a bootstrap admin key, made
+    once and kept (mode 0600) in the home so a second `up` accepts the same keys."""
+    import json
+    import secrets
+
+    from services.gateway.keys import format_token, new_key_id, new_secret
+
+    path = home / "gateway-auth.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return GatewayAuth(data["pepper"], data["admin_key"], path)
+    auth = GatewayAuth(secrets.token_hex(32), format_token(new_key_id(), new_secret()), path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pepper": auth.pepper, "admin_key": auth.admin_key}, f)
+    return auth
+
+
+def service_plan(home: Path, host: str, ports: dict[str, int], auth: GatewayAuth | None = None) -> list[ServiceSpec]:
     """Start order: registry first (the others follow it), gateway last (it forwards to the rest)."""
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     registry = f"{local}:{ports['registry']}"
@@ -86,7 +114,9 @@ def service_plan(home: Path, host: str, ports: dict[str, int]) -> list[ServiceSp
         ServiceSpec("gateway", ports["gateway"], (
             *common, "--port", str(ports["gateway"]), "--registry-url", registry,
             "--inference-targets", f"{local}:{ports['inference']}", "--monitor-url", monitor,
-            *(("--no-auth-enabled",) if is_loopback(host) else ()),
+            *(("--no-auth-enabled",) if auth is None else ()),
+        ), env=() if auth is None else (
+            ("AIAAS_GATEWAY_KEY_PEPPER", auth.pepper), ("AIAAS_GATEWAY_BOOTSTRAP_ADMIN_KEY", auth.admin_key),
         )),
     ]
 
@@ -132,7 +162,7 @@ class ChildService:
         self.proc = subprocess.Popen(
             [sys.executable, "-P", "-m", f"services.{self.spec.name}", *self.spec.args],
             cwd=self.log_path.parent, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=self.env,
+            env={**self.env, **dict(self.spec.env)},
             start_new_session=True,
             preexec_fn=_die_with_parent if _PRCTL is not None else None,  # noqa: PLW1509 - one libc call, preloaded
         )
@@ -253,7 +283,8 @@ def ensure_demo(registry: str) -> str:
             f"registered version {version.version} (torchscript), production -> {version.version}")
 
 
-def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.Event) -> list[float]:
+def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.Event,
+                     api_key: str | None = None) -> list[float]:
     """Poll the gateway until the model answers a real inference; returns that answer's first row."""
     import numpy as np
     import tritonclient.grpc as grpcclient
@@ -271,7 +302,8 @@ def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.
             try:
                 inp = grpcclient.InferInput(DEMO_INPUT, list(x.shape), "FP32")
                 inp.set_data_from_numpy(x)
-                result = client.infer(model, [inp], client_timeout=5.0)
+                headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+                result = client.infer(model, [inp], client_timeout=5.0, headers=headers)
                 return [float(v) for v in result.as_numpy(DEMO_OUTPUT)[0]]
             except InferenceServerException as exc:
                 last = str(exc)
@@ -342,7 +374,8 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
     _say(f"aiaas up: state in {state}")
     _say(f"  registry: SQLite {state / 'registry.db'}, artifacts {state / 'artifacts'}")
     _say(f"  counters and metric windows: {'Redis at ' + redis if redis else 'in-process'}")
-    for spec in service_plan(state, host, ports):
+    auth = None if is_loopback(host) else gateway_auth(state)
+    for spec in service_plan(state, host, ports, auth):
         child = ChildService(spec, host, state / "logs", env)
         children.append(child)
         child.start()
@@ -355,11 +388,16 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
     gateway = f"{local}:{ports['gateway']}"
     if demo:
         _say("  " + ensure_demo(f"{local}:{ports['registry']}"))
-        row = wait_model_ready(gateway, "demo", time.monotonic() + startup_timeout_s, stop)
+        row = wait_model_ready(gateway, "demo", time.monotonic() + startup_timeout_s, stop,
+                               auth.admin_key if auth else None)
         _say(f"  demo answers through the gateway: OUTPUT0[0] argmax = {max(range(len(row)), key=row.__getitem__)}")
-    if is_loopback(host):
-        _say("")
+    _say("")
+    if auth is None:
         _say("!! AUTHENTICATION IS OFF: the gateway listens on loopback only and takes calls without an API key.")
+    else:
+        _say(f"authentication is ON ({host} is not loopback): the bootstrap admin key is in {auth.path}")
+        _say(f"  make keys with: aiaas keys create --name me --gateway {gateway} --api-key <admin_key>")
+        _say("  and send them as `authorization: Bearer <key>` (tritonclient: headers={...}).")
     _say("")
     _say(f"ready: gateway {gateway} (KServe v2 / Triton gRPC), Prometheus metrics on :{ports['metrics']}")
     _say("")

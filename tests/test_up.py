@@ -31,6 +31,7 @@ from aiaas.cli.main import main as cli
 from aiaas.up import (
     StartupFailed,
     check_ports_free,
+    gateway_auth,
     home_lock,
     service_plan,
     stack_ports,
@@ -89,9 +90,17 @@ def test_default_ports_and_base_port() -> None:
                                  "metrics": 9004}
 
 
-def test_auth_stays_on_off_loopback(tmp_path: Path) -> None:
-    plan = service_plan(tmp_path, "0.0.0.0", stack_ports(None))
-    assert "--no-auth-enabled" not in plan[-1].args
+def test_auth_stays_on_off_loopback_with_a_kept_secret(tmp_path: Path) -> None:
+    from services.gateway.settings import GatewaySettings
+
+    auth = gateway_auth(tmp_path)
+    assert (auth.path.stat().st_mode & 0o777) == 0o600 and gateway_auth(tmp_path) == auth
+    gateway = service_plan(tmp_path, "0.0.0.0", stack_ports(None), auth)[-1]
+    assert "--no-auth-enabled" not in gateway.args
+    assert auth.pepper not in " ".join(gateway.args)
+    settings = load_settings(GatewaySettings, gateway.args, service="gateway", environ=dict(gateway.env))
+    assert settings.auth_enabled and settings.key_pepper == auth.pepper
+    assert settings.bootstrap_admin_key == auth.admin_key and settings.inference_targets == ("127.0.0.1:50052",)
 
 
 def test_busy_port_and_second_up_on_one_home_are_refused(tmp_path: Path) -> None:
