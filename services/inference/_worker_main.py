@@ -16,6 +16,7 @@ Messages out: ("ready", pid) | ("error", code, message)      after loading
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -54,9 +55,12 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _service_owns_shared_memory()
     try:
-        import torch
+        if config.format != "onnx":  # an ONNX worker never needs torch's memory or start-up time
+            import torch
 
-        torch.set_num_threads(config.threads)
+            torch.set_num_threads(config.threads)
+            with contextlib.suppress(RuntimeError):  # only settable before any parallel work
+                torch.set_num_interop_threads(1)
         model = load_model(
             config.artifact_path,
             config.format,
