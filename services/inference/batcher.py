@@ -226,12 +226,12 @@ class DynamicBatcher:
         if priority < 0:
             raise InvalidArgument(f"priority must be >= 0, got {priority}")
         level = priority if 1 <= priority <= config.priority_levels else config.default_priority_level
+        timeout = _effective_timeout_us(timeout_us, config.default_timeout_us)
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         now = time.monotonic_ns()
         request = _Request(inputs, rows, key, loop.create_future(), now)
-        timeout = _effective_timeout_us(timeout_us, config.default_timeout_us)
         if timeout:
             request.deadline_ns = now + timeout * 1000
             request.expiry = loop.call_at(request.deadline_ns / 1e9, self._expire, request)

@@ -347,6 +347,9 @@ async def test_invalid_requests() -> None:
         await batcher.submit({"x": np.zeros((0, 4), np.float32)})
     with pytest.raises(InvalidArgument, match="priority"):
         await batcher.submit(rows(1, 0), priority=-1)
+    with pytest.raises(InvalidArgument, match="timeout"):
+        await batcher.submit(rows(1, 0), timeout_us=-5)
+    assert batcher.queued == 0
     with pytest.raises(InvalidArgument):
         BatchingConfig(max_batch_size=4, preferred_batch_sizes=(8,))
     with pytest.raises(InvalidArgument):
