@@ -323,8 +323,16 @@ def test_cli_keys_routes_and_predict(stack: Stack, capsys: pytest.CaptureFixture
     monkeypatch.setenv("AIAAS_GATEWAY_KEY_PEPPER", "e2e-pepper")
     direct = run_cli(capsys, "keys", "create", "--registry", stack.registry.address, "--roles", "admin")
     assert isinstance(direct, dict)
-    wait_until(lambda: bool(GatewayClient(stack.gateways[1].address, api_key=direct["token"]).list_keys()),
-               timeout=5.0)
+    def admin_works() -> bool:
+        import grpc
+
+        with GatewayClient(stack.gateways[1].address, api_key=direct["token"]) as client:
+            try:
+                return bool(client.list_keys())
+            except grpc.RpcError:
+                return False
+
+    wait_until(admin_works, timeout=5.0)
     listed = run_cli(capsys, "keys", "list", *gateway)
     assert {created["key_id"], direct["key_id"]} <= {k["key_id"] for k in listed}  # type: ignore[index]
     revoked = run_cli(capsys, "keys", "revoke", *gateway, created["key_id"], "--reason", "cli test")
@@ -359,6 +367,21 @@ def test_admin_changes_are_audited(stack: Stack) -> None:
     assert ("gateway.route.set", MODEL) in actions and ("gateway.key.create", "") in actions
     route_set = next(e for e in events if e.action == "gateway.route.set")
     assert route_set.actor.startswith("gateway-key:") and route_set.details["reason"] == "audit check"
+
+
+def test_route_writes_are_compare_and_set(stack: Stack) -> None:
+    import grpc
+
+    _, revision = stack.admin.set_route(MODEL, {"production": 1})
+    assert stack.admin.get_route(MODEL).revision == revision
+    with pytest.raises(grpc.RpcError) as info:
+        stack.admin.set_route(MODEL, {"canary": 1}, expected_revision=revision + 1000)
+    assert info.value.code() == grpc.StatusCode.ABORTED  # type: ignore[attr-defined]
+    _, newer = stack.admin.set_route(MODEL, {"production": 1}, expected_revision=revision)
+    assert newer > revision
+    with pytest.raises(grpc.RpcError) as info:
+        stack.admin.set_route("no-such-model", {"production": 1})
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
 
 
 def test_a_replica_killed_under_load_fails_no_request(stack: Stack) -> None:
