@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -21,6 +22,7 @@ import tritonclient.grpc.aio as tca
 from tritonclient.utils import InferenceServerException
 
 from aiaas.gateway_client import GatewayClient
+from aiaas.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from tests.gateway.stack import (
     ADMIN_TOKEN,
     Registry,
@@ -44,6 +46,7 @@ class Stack:
     registry: Registry
     replicas: list[ServiceProcess]
     gateways: list[ServiceProcess]
+    monitor: ServiceProcess
     versions: list[models.Artifact]
     admin: GatewayClient
     token: str
@@ -70,12 +73,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for version in (1, 2, 3):
             wait_model(replica, MODEL, version)
         wait_model(replica, "other")
-    gateways = [start_gateway(registry, replicas, redis), start_gateway(registry, replicas, redis)]
+    monitor = ServiceProcess("monitor", ["--registry-url", "", "--evaluation-interval-s", "0.2",
+                                         "--shadow-min-samples", "5"]).start()
+    gateways = [start_gateway(registry, replicas, redis, monitor=monitor.address),
+                start_gateway(registry, replicas, redis, monitor=monitor.address)]
     admin = GatewayClient(gateways[0].address, api_key=ADMIN_TOKEN)
     _, token = admin.create_key("e2e", models=[MODEL], roles=["infer", "read"])
-    yield Stack(redis, registry, replicas, gateways, versions, admin, token, cache)
+    yield Stack(redis, registry, replicas, gateways, monitor, versions, admin, token, cache)
     admin.close()
-    for proc in gateways + replicas:
+    for proc in [*gateways, *replicas, monitor]:
         proc.stop()
     registry.close()
     registry.proc.stop()
@@ -300,6 +306,27 @@ def test_shadow_traffic_never_changes_the_answer(stack: Stack) -> None:
     wait_until(lambda: shadow_count(stack) - before >= 20, timeout=10.0, interval=0.1)
     route = stack.admin.get_route(MODEL)
     assert dict(route.resolved) == {"production": 1, "shadow": 3}
+    # The differences reached the monitor: version 3 disagrees with version 1 on every sample.
+    wait_until(lambda: any(a.kind == monitor_pb2.ALERT_KIND_SHADOW_MISMATCH and a.version == 3
+                           for a in shadow_alerts(stack)), timeout=10.0, interval=0.2)
+
+
+def shadow_alerts(stack: Stack) -> list[monitor_pb2.Alert]:
+    with grpc.insecure_channel(stack.monitor.address) as channel:
+        reply = monitor_pb2_grpc.MonitorStub(channel).ListAlerts(
+            monitor_pb2.ListAlertsRequest(model=MODEL, active_only=True), timeout=5)
+    return list(reply.alerts)
+
+
+def test_requests_are_reported_to_the_monitor(stack: Stack) -> None:
+    def gateway_counts() -> dict[str, int]:
+        with grpc.insecure_channel(stack.monitor.address) as channel:
+            reply = monitor_pb2_grpc.MonitorStub(channel).QueryMetrics(
+                monitor_pb2.QueryMetricsRequest(model=MODEL, source="gateway"), timeout=5)
+        return {f"{s.version}/{s.alias}": s.count for s in reply.series}
+
+    wait_until(lambda: gateway_counts().get("1/production", 0) > 100, timeout=10.0, interval=0.2)
+    assert gateway_counts().get("2/canary", 0) > 0
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> dict | list:  # type: ignore[type-arg]
