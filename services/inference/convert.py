@@ -39,7 +39,7 @@ def _dims(shape: Sequence[int]) -> str:
 class TensorPlan:
     """One signature tensor, prepared for checks on the hot path."""
 
-    __slots__ = ("name", "datatype", "dtype", "item_size", "shape", "fixed_dims", "rank")
+    __slots__ = ("datatype", "dtype", "fixed_dims", "item_size", "name", "rank", "shape")
 
     def __init__(self, spec: TensorSpec) -> None:
         self.name = spec.name
@@ -52,7 +52,7 @@ class TensorPlan:
 
 
 class InputPlan:
-    __slots__ = ("model", "inputs", "outputs", "output_names", "count", "batching", "max_batch_size", "expected")
+    __slots__ = ("batching", "count", "expected", "inputs", "max_batch_size", "model", "output_names", "outputs")
 
     def __init__(self, model: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                  max_batch_size: int) -> None:
@@ -75,7 +75,7 @@ def plan_for(lv: LoadedVersion) -> InputPlan:
 
 
 class ParsedRequest:
-    __slots__ = ("inputs", "rows", "priority", "timeout_us", "outputs")
+    __slots__ = ("inputs", "outputs", "priority", "rows", "timeout_us")
 
     def __init__(self, inputs: dict[str, np.ndarray], rows: int, priority: int, timeout_us: int | None,
                  outputs: tuple[tuple[str, int], ...] | None) -> None:
@@ -196,7 +196,7 @@ def _from_contents(contents: Any, name: str, shape: tuple[int, ...], spec: Tenso
         arr = np.empty(count, dtype=object)
         arr[:] = list(values)
         return arr.reshape(shape)
-    wide = np.fromiter(values, dtype=_WIDE[field], count=count)
+    wide: np.ndarray = np.fromiter(values, dtype=_WIDE[field], count=count)
     arr = wide.astype(spec.dtype)
     if wide.dtype.kind in "iu" and count and not np.array_equal(arr, wide):
         raise InvalidArgument(f"input '{name}' for model '{model}': a value in contents.{field} "

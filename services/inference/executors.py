@@ -50,17 +50,17 @@ class BatchedExecutor:
         self._lv = lv
         self._config = batching_config(spec, settings)
         serving = spec.serving
-        kwargs: dict[str, Any] = dict(
-            artifact_path=str(artifact_path),
-            format=spec.format,
-            inputs=spec.inputs,
-            outputs=spec.outputs,
-            device=serving.device or settings.device,
-            instance_count=max(1, serving.instance_count),
-            max_batch_size=max(0, serving.max_batch_size),
-            torch_threads=settings.torch_threads or None,
-            name=f"{spec.model}/{spec.version}",
-        )
+        kwargs: dict[str, Any] = {
+            "artifact_path": str(artifact_path),
+            "format": spec.format,
+            "inputs": spec.inputs,
+            "outputs": spec.outputs,
+            "device": serving.device or settings.device,
+            "instance_count": max(1, serving.instance_count),
+            "max_batch_size": max(0, serving.max_batch_size),
+            "torch_threads": settings.torch_threads or None,
+            "name": f"{spec.model}/{spec.version}",
+        }
         from services.inference import workers
 
         runner_cls = workers.WorkerPool if settings.worker_mode == "process" else workers.InProcessRunner

@@ -57,9 +57,9 @@ class AliasFollower:
                     continue
                 log.warning("registry feed lost (%s: %s); reconnecting in %.1fs",
                             exc.code().name, exc.details(), backoff)
-            except Exception:  # noqa: BLE001 - keep following whatever one event did
+            except Exception:
                 log.exception("registry feed failed; reconnecting in %.1fs", backoff)
-            await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
+            await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(self._backoff_max_s, backoff * 2)
 
     async def _watch_once(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -283,7 +284,7 @@ class ModelRepository:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._load_version(slot, version, spec))
             slot.loading[version] = task
-            task.add_done_callback(lambda _t, s=slot, v=version: s.loading.pop(v, None))
+            task.add_done_callback(functools.partial(_forget_load, slot, version))
         return await asyncio.shield(task)
 
     async def _load_version(self, slot: _ModelSlot, version: int, spec: VersionSpec | None) -> LoadedVersion:
@@ -332,7 +333,7 @@ class ModelRepository:
             drained = await lv.drain_and_close(self.drain_timeout_s)
             if not drained:
                 log.warning("%s version %d: drain timed out after %.0fs", lv.model, lv.version, self.drain_timeout_s)
-        except Exception:  # noqa: BLE001 - a failing close must not keep the version listed
+        except Exception:
             log.exception("closing %s version %d failed", lv.model, lv.version)
         finally:
             if slot.versions.get(lv.version) is lv:
@@ -355,6 +356,10 @@ class ModelRepository:
             await self._retire_unwanted(slot, wait=True)
         if self._retiring:
             await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+
+def _forget_load(slot: _ModelSlot, version: int, _task: asyncio.Task[LoadedVersion]) -> None:
+    slot.loading.pop(version, None)
 
 
 def parse_version(version: str) -> int:

@@ -120,7 +120,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 answers.put_nowait(service_pb2.ModelStreamInferResponse(infer_response=response))
             except AiaasError as exc:
                 answers.put_nowait(_stream_error(request, exc.message))
-            except Exception:  # noqa: BLE001 - one failed request must not end the stream
+            except Exception:
                 log.exception("stream request for model '%s' failed", request.model_name)
                 answers.put_nowait(_stream_error(request, "internal error; see the server log"))
 

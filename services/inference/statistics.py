@@ -28,9 +28,18 @@ class VersionStatistics:
     """Cumulative since load. Mutated only from the event loop, so no locking."""
 
     __slots__ = (
-        "success_count", "success_ns", "fail_count", "fail_ns", "queue_ns",
-        "compute_input_ns", "compute_infer_ns", "compute_output_ns",
-        "inference_count", "execution_count", "last_inference_ms", "batches",
+        "batches",
+        "compute_infer_ns",
+        "compute_input_ns",
+        "compute_output_ns",
+        "execution_count",
+        "fail_count",
+        "fail_ns",
+        "inference_count",
+        "last_inference_ms",
+        "queue_ns",
+        "success_count",
+        "success_ns",
     )
 
     def __init__(self) -> None:
