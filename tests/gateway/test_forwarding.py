@@ -170,7 +170,8 @@ async def test_deadline_request_id_and_trace_context_are_forwarded(stack: Stack)
     seen = [s for r in stack.replicas for s in r.seen][-1]
     assert seen.metadata["traceparent"] == traceparent and seen.metadata["x-request-id"] == "req-42"
     assert "authorization" not in seen.metadata
-    assert seen.time_remaining is not None and 1.0 < seen.time_remaining <= 3.0
+    # gRPC rounds deadlines on the wire: a few ms over the client timeout is normal.
+    assert seen.time_remaining is not None and 1.0 < seen.time_remaining <= 3.05
 
 
 async def test_the_callers_deadline_is_kept(stack: Stack) -> None:
