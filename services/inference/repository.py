@@ -184,6 +184,7 @@ class ModelRepository:
             slot.suspended = True
         if slot.suspended:
             slot.routes.clear()
+            self._changed()
         for task in list(slot.loading.values()):
             await asyncio.gather(task, return_exceptions=True)
         async with slot.lock:

@@ -87,7 +87,7 @@ class InferenceService:
             latency_us=record.latency_ns // 1000, queue_us=record.queue_ns // 1000,
             compute_us=record.compute_ns // 1000, batch_size=record.batch_size))
         if record.inputs is not None:
-            reporter.sample_inputs(record.model, record.version, dict(record.inputs))
+            reporter.sample_inputs(record.model, record.version, record.inputs)  # type: ignore[arg-type]
 
     def _on_version_state(self, model: str, version: int, ready: bool) -> None:
         loop = asyncio.get_running_loop()

@@ -108,10 +108,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[service_pb2.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        """Requests run concurrently; each answer is written when ready; ends when the client half-closes."""
+        """Requests run concurrently; each answer is written when ready; ends when the client half-closes.
+
+        A request's error is answered in-band (`error_message`), unless the caller opened the stream
+        with the `triton_grpc_error: true` header: then the first error ends the stream with its status.
+        """
         loop = asyncio.get_running_loop()
-        answers: asyncio.Queue[service_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
+        answers: asyncio.Queue[service_pb2.ModelStreamInferResponse | AiaasError | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        metadata = dict(context.invocation_metadata() or ())
+        grpc_errors = str(metadata.get("triton_grpc_error", "")).lower() == "true"
 
         async def answer(request: service_pb2.ModelInferRequest) -> None:
             try:
@@ -119,7 +125,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 response.parameters["triton_final_response"].bool_param = True
                 answers.put_nowait(service_pb2.ModelStreamInferResponse(infer_response=response))
             except AiaasError as exc:
-                answers.put_nowait(_stream_error(request, exc.message))
+                answers.put_nowait(exc if grpc_errors else _stream_error(request, exc.message))
             except Exception:
                 log.exception("stream request for model '%s' failed", request.model_name)
                 answers.put_nowait(_stream_error(request, "internal error; see the server log"))
@@ -138,6 +144,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         reader = loop.create_task(read())
         try:
             while (message := await answers.get()) is not None:
+                if isinstance(message, AiaasError):
+                    raise message
                 yield message
         finally:
             reader.cancel()

@@ -303,3 +303,14 @@ def test_cli_models_stats_and_infer(server: ServiceProcess, capsys: pytest.Captu
     assert out["model_version"] == "1" and len(out["outputs"]["output"]["data"]) == 10
     assert cli_main(["inference", "infer", "nope", "--url", server.address, "--inputs", payload]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_stream_with_triton_grpc_error_ends_on_first_error(server: ServiceProcess) -> None:
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    with tc.InferenceServerClient(server.address) as client:
+        client.start_stream(callback=lambda result, error: results.put((result, error)),
+                            headers={"triton_grpc_error": "true"})
+        client.async_stream_infer("nope", [fp32_input("input", np.ones((1, 10), np.float32))])
+        _, error = results.get(timeout=10)
+        assert error is not None and error.status() == "StatusCode.NOT_FOUND"
+        client.stop_stream()

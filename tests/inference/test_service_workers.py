@@ -102,3 +102,18 @@ def _wait_busy(pid: int, timeout: float = 20.0) -> None:
         if process.cpu_percent(None) > 50:
             return
     raise AssertionError("the worker never started the batch")
+
+
+def test_sigterm_drains_and_stops_every_worker(server: ServiceProcess) -> None:
+    pids = worker_pids(server)
+    assert pids
+    with tc.InferenceServerClient(server.address) as client:
+        answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        client.async_infer("spin", spin_inputs(40_000, np.ones((1, 4), np.float32)),
+                           callback=lambda result, error: answers.put((result, error)))
+        _wait_busy(pids[0])
+        assert server.stop() == 0  # SIGTERM: the in-flight request finishes first
+        result, error = answers.get(timeout=10)
+        assert error is None and result.as_numpy("y").shape == (1, 4)
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
