@@ -127,16 +127,15 @@ async def test_time_trigger_sends_a_partial_batch() -> None:
 
 async def test_wait_starts_when_the_first_request_arrives() -> None:
     runner = GatedRunner()
-    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=64, max_queue_delay_us=200_000))
-    loop = asyncio.get_running_loop()
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=64, max_queue_delay_us=500_000))
     first = start(batcher, rows(1, 1))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)
     second = start(batcher, rows(1, 2))
-    t0 = loop.time()
     a, b = await asyncio.wait_for(asyncio.gather(first, second), 5)
     assert runner.sizes == [2]
-    assert loop.time() - t0 < 0.19  # the second did not restart the clock
-    assert a.queue_ns > b.queue_ns
+    # Sent 0.5 s after the first arrived; had the second restarted the clock it would be >= 0.7 s.
+    assert 450_000_000 <= a.queue_ns < 650_000_000
+    assert a.queue_ns - b.queue_ns >= 150_000_000
 
 
 async def test_no_delay_and_busy_slot_batches_whatever_queued_meanwhile() -> None:
