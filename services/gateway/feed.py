@@ -12,6 +12,7 @@ import logging
 
 import grpc
 
+from aiaas.gateway.v1 import gateway_pb2
 from aiaas.registry.v1 import registry_pb2 as rpb
 from aiaas.registry.v1 import registry_pb2_grpc as rpb_grpc
 from services.gateway.convert import route_from_pb, stored_key_from_bytes
@@ -62,8 +63,6 @@ class CacheBuilder:
                 if self.ring is not None:
                     self.ring.put(entry)
             elif record.kind == ROUTE_KIND:
-                from aiaas.gateway.v1 import gateway_pb2
-
                 self.catalog.put_route(route_from_pb(gateway_pb2.Route.FromString(record.data)), record.revision)
         except Exception:  # one unreadable record must not stop the feed
             log.exception("ignoring unreadable %s record %r", record.kind, record.name)

@@ -54,6 +54,10 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _close_soon(channel: grpc.aio.Channel) -> None:
+    asyncio.ensure_future(channel.close())
+
+
 class _Transport:
     """One replica's channel and its cached method callables (raw bytes in and out)."""
 
@@ -103,10 +107,10 @@ class InferenceUpstream:
         added, removed = self.balancer.set_addresses(addresses)
         for replica in added:
             replica.transport = _Transport(replica.address, self._options)
+        loop = asyncio.get_running_loop()
         for replica in removed:
-            # In-flight calls keep their channel; close it once they are done.
-            channel = replica.transport.channel
-            asyncio.get_running_loop().call_later(60.0, asyncio.ensure_future, channel.close())
+            # In-flight calls keep their channel; close it once they are surely done.
+            loop.call_later(60.0, _close_soon, replica.transport.channel)
         if added or removed:
             log.info("inference replicas: %s", ", ".join(r.address for r in self.balancer.replicas) or "none")
 
