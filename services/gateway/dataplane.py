@@ -39,7 +39,7 @@ _INLINE_COMPARE_BYTES = 256 * 1024
 
 class Upstream(Protocol):
     async def call(self, method: str, request: bytes, *, timeout: float,
-                   metadata: tuple[tuple[str, str], ...] = ()) -> bytes: ...
+                   metadata: tuple[tuple[str, str], ...] = (), retry_not_found: bool = False) -> bytes: ...
 
     async def call_each(self, method: str, request: bytes, *, timeout: float,
                         metadata: tuple[tuple[str, str], ...] = ()) -> list[bytes]: ...
@@ -136,7 +136,7 @@ class DataPlane:
             check_request(request, len(raw), self.limits, self.signatures.get(resolution.model, resolution.version))
             response = await self.upstream.call(
                 "ModelInfer", retarget(raw, *resolution.forward()), timeout=self._timeout(call),
-                metadata=call.forward,
+                metadata=call.forward, retry_not_found=True,
             )
             served = response_version(response)
             if served.isdigit() and int(served) != resolution.version:
@@ -275,7 +275,8 @@ class DataPlane:
         authorize(caller, Role.READ, request.name.partition(":")[0])
         resolution = self.catalog.resolve(request.name, request.version, call.alias)
         answer = await self.upstream.call(method, retarget(raw, *resolution.forward()),
-                                          timeout=self._timeout(call), metadata=call.forward)
+                                          timeout=self._timeout(call), metadata=call.forward,
+                                          retry_not_found=True)
         # Inference echoes the `model:alias` it was asked for; the caller asked for the model.
         if method == "ModelMetadata":
             metadata = pb.ModelMetadataResponse.FromString(answer)

@@ -137,8 +137,12 @@ class InferenceUpstream:
                 log.exception("DNS refresh failed")
 
     async def call(self, method: str, request: bytes, *, timeout: float,
-                   metadata: Sequence[tuple[str, str]] = ()) -> bytes:
-        """Forward one unary call; another replica is tried on UNAVAILABLE within `timeout`."""
+                   metadata: Sequence[tuple[str, str]] = (), retry_not_found: bool = False) -> bytes:
+        """Forward one unary call; another replica is tried on UNAVAILABLE within `timeout`.
+
+        With `retry_not_found` (the registry says the target exists), a replica answering
+        NOT_FOUND is one that has not loaded it yet, and another one is tried too.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         tried: set[str] = set()
@@ -162,6 +166,12 @@ class InferenceUpstream:
                 return await self._call_one(replica, method, request, deadline - loop.time(), metadata)
             except errors.Unavailable as exc:
                 last = exc
+            except errors.NotFound as exc:
+                if not retry_not_found:
+                    raise
+                last = exc
+        if isinstance(last, errors.NotFound):
+            raise last
         if last is not None:
             raise errors.Unavailable(f"no inference replica could serve the request: {last.message}")
         raise errors.DeadlineExceeded("deadline exceeded before an inference replica answered")

@@ -162,6 +162,19 @@ async def test_unavailable_from_a_replica_is_retried_elsewhere(stack: Stack) -> 
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and info.value.message() == "replica says no"
 
 
+async def test_a_replica_without_the_model_yet_is_passed_over(stack: Stack) -> None:
+    stack.replicas[0].fail_with = grpc.StatusCode.NOT_FOUND
+    async with tca.InferenceServerClient(stack.address) as client:
+        for _ in range(6):
+            await client.infer("m", inputs([3]), headers=stack.headers())
+        stack.replicas[1].fail_with = grpc.StatusCode.NOT_FOUND
+        with pytest.raises(InferenceServerException) as info:
+            await client.infer("m", inputs([3]), headers=stack.headers())
+        assert info.value.status() == "StatusCode.NOT_FOUND"
+    # NOT_FOUND is about one model, not the replica's health: nobody is ejected.
+    assert all(r.ejections == 0 for r in stack.upstream.balancer.replicas)
+
+
 async def test_deadline_request_id_and_trace_context_are_forwarded(stack: Stack) -> None:
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     async with tca.InferenceServerClient(stack.address) as client:
