@@ -96,8 +96,12 @@ def register(address: str, name: str, path: Path, sizes: tuple[int, ...], max_ba
 
 
 async def drive(address: str, model: str, features: int, concurrency: int, seconds: float,
-                warmup_s: float) -> dict[str, Any]:
-    """A closed loop of `concurrency` callers, each sending one single-row request at a time."""
+                warmup_s: float, runs: int) -> dict[str, Any]:
+    """A closed loop of `concurrency` callers, each sending one single-row request at a time.
+
+    After a warm-up, `runs` measured windows; the row reports the median window's throughput
+    (as the Triton peer measurement did) and latency percentiles over every window.
+    """
     import tritonclient.grpc.aio as tca
 
     client = tca.InferenceServerClient(address)
@@ -125,10 +129,13 @@ async def drive(address: str, model: str, features: int, concurrency: int, secon
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     before = await _stats(client, model)
     measuring, errors = True, 0
-    began = time.perf_counter()
-    stop_at = began + seconds
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    wall = time.perf_counter() - began
+    rates = []
+    for _ in range(runs):
+        done = len(latencies)
+        began = time.perf_counter()
+        stop_at = began + seconds
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        rates.append((len(latencies) - done) / (time.perf_counter() - began))
     after = await _stats(client, model)
     await client.close()
     latencies.sort()
@@ -137,8 +144,10 @@ async def drive(address: str, model: str, features: int, concurrency: int, secon
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 if latencies else float("nan")
 
     executions = after[1] - before[1]
+    rates.sort()
     return {"model": model, "concurrency": concurrency, "requests": len(latencies), "errors": errors,
-            "rps": len(latencies) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+            "rps": rates[len(rates) // 2], "rps_min": rates[0], "rps_max": rates[-1],
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99),
             "mean_ms": sum(latencies) / len(latencies) * 1e3 if latencies else float("nan"),
             "mean_batch": (after[0] - before[0]) / executions if executions else 0.0}
 
@@ -151,7 +160,8 @@ async def _stats(client: Any, model: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (about 1 s per point)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measured window")
+    parser.add_argument("--runs", type=int, default=3, help="measured windows per point (the median is reported)")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--worker-threads", type=int, default=1,
                         help="torch threads in the model worker (more threads spin and steal the server's CPU)")
@@ -161,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     seconds = 1.0 if args.quick else args.seconds
-    warmup = 0.3 if args.quick else 1.0
+    warmup = 0.5 if args.quick else 2.0
+    runs = 1 if args.quick else args.runs
     names = [n for n in args.models.split(",") if n]
     levels = [int(c) for c in args.concurrency.split(",") if c]
 
@@ -186,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         ], env={"AIAAS_LOG_JSON": "false"}).start(timeout=300)
         for name in names:
             for concurrency in levels:
-                row = asyncio.run(drive(inference.address, name, MODELS[name][0], concurrency, seconds, warmup))
+                row = asyncio.run(drive(inference.address, name, MODELS[name][0], concurrency, seconds, warmup, runs))
                 row["in_process_b32_rows_s"] = limits[name]
                 row["ratio_to_b32"] = row["rps"] / limits[name]
                 rows.append(row)
@@ -208,11 +219,12 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | concurrency | req/s | p50 ms | p99 ms | mean ms | mean batch | errors | "
+    head = ("| model | concurrency | req/s (median) | req/s min-max | p50 ms | p99 ms | mean ms | mean batch | errors | "
             "in-process b32 rows/s | served / b32 |")
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+        lines.append(f"| {r['model']} | {r['concurrency']} | {r['rps']:.0f} | {r['rps_min']:.0f}-{r['rps_max']:.0f} | "
+                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['mean_ms']:.2f} | {r['mean_batch']:.1f} | {r['errors']} | "
                      f"{r['in_process_b32_rows_s']:.0f} | {r['ratio_to_b32']:.2f} |")
     return "\n".join(lines)
