@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 from services.common.errors import AiaasError
 from services.inference.loaders import LoadedModel, TensorSig, load_model
@@ -72,7 +73,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     except AiaasError as exc:
         conn.send(("error", exc.code.value, exc.message))
         return
-    except Exception as exc:  # the loader's own message is what the operator needs
+    except Exception as exc:  # noqa: BLE001 - the loader's own message is what the operator needs
         conn.send(("error", "failed_precondition", f"cannot load model: {type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", os.getpid()))
@@ -112,10 +113,17 @@ def _serve(conn: Connection, model: LoadedModel) -> None:
                 new_name = out_slab.name
             out_metas = packed.write(out_slab.buf)
             del packed
-            reply = ("ok", out_metas, in_ns, infer_ns, out_ns + time.perf_counter_ns() - started, new_name)
+            reply: tuple[Any, ...] = (
+                "ok",
+                out_metas,
+                in_ns,
+                infer_ns,
+                out_ns + time.perf_counter_ns() - started,
+                new_name,
+            )
         except AiaasError as exc:
             reply = ("fail", exc.code.value, exc.message)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the service as the batch's error
             reply = ("fail", "internal", f"model execution failed: {type(exc).__name__}: {exc}")
         conn.send(reply)
 

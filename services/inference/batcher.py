@@ -103,7 +103,7 @@ _QUEUED, _TAKEN, _DONE = 0, 1, 2
 
 
 class _Request:
-    __slots__ = ("inputs", "rows", "key", "future", "enqueued_ns", "deadline_ns", "state", "expiry")
+    __slots__ = ("deadline_ns", "enqueued_ns", "expiry", "future", "inputs", "key", "rows", "state")
 
     def __init__(
         self, inputs: dict[str, np.ndarray], rows: int, key: Hashable, future: asyncio.Future[Any], now: int
@@ -281,7 +281,7 @@ class DynamicBatcher:
             return
         try:
             await asyncio.wait_for(self._wait_idle(), grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for task in self._tasks:
                 task.cancel()
             for caller in self._inline:

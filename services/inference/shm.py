@@ -35,7 +35,10 @@ class Slab:
         self.owner = owner
         self.name = segment.name
         self.size = segment.size
-        self.buf = segment.buf
+        buf = segment.buf
+        if buf is None:
+            raise OSError(f"shared memory {segment.name} has no mapping")
+        self.buf: memoryview = buf
 
     @classmethod
     def create(cls, size: int, prefix: str = "aiaas") -> Slab:
@@ -48,7 +51,7 @@ class Slab:
 
     def close(self) -> None:
         """Unmap (and unlink when owned). Views into `buf` must be gone first."""
-        self.buf = None  # type: ignore[assignment]
+        self.buf = memoryview(b"")  # drop our view of the mapping
         try:
             self._segment.close()
         except BufferError:
@@ -88,7 +91,7 @@ class Packed:
                 size = payload.nbytes
                 if size:
                     flat = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
-                    buf[offset : offset + size] = flat
+                    buf[offset : offset + size] = flat.data
                 metas.append((name, payload.dtype.str, payload.shape, offset, size))
             offset += _aligned(size)
         return metas

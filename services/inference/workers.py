@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import dataclasses
+import logging
 import math
 import os
 import socket
@@ -131,7 +131,7 @@ class _Worker:
         loop.add_reader(self.conn.fileno(), self._on_readable)
         try:
             message = await asyncio.wait_for(asyncio.shield(self.waiter), self.pool.start_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._reap(kill=True)
             raise FailedPrecondition(
                 f"model worker for {self.pool.name} did not load within {self.pool.start_timeout_s:.0f}s"
@@ -481,4 +481,3 @@ class InProcessRunner:
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
-

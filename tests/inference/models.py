@@ -7,6 +7,7 @@ dim 0 = -1 when batched) and a numpy reference `expected(inputs) -> outputs` to 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +16,6 @@ import numpy as np
 import torch
 
 from services.inference.datatypes import KSERVE_TO_NUMPY
-
 
 
 def _jit_save(module: torch.nn.Module, path: Path, example: torch.Tensor | None = None) -> None:
@@ -47,7 +47,7 @@ class MLP(torch.nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         layers: list[torch.nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             linear = torch.nn.Linear(a, b)
             with torch.no_grad():
                 linear.weight.copy_(torch.randn(b, a, generator=generator) / a**0.5)

@@ -16,8 +16,21 @@ from services.inference.datatypes import (
     serialize_bytes_tensor,
 )
 
-FIXED = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-         "FP16", "FP32", "FP64", "BF16"]
+FIXED = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BF16",
+]
 
 
 def _sample(datatype: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -116,7 +129,7 @@ def test_dtype_mismatch_is_rejected() -> None:
 def test_bytes_encoding_matches_the_protocol_example() -> None:
     array = np.array([b"ab", "", "xyz"], dtype=object)
     raw = serialize_bytes_tensor(array)
-    assert raw.hex() == "02000000" "6162" "00000000" "03000000" "78797a"
+    assert raw.hex() == "020000006162000000000300000078797a"
     back = deserialize_bytes_tensor(raw, 3)
     assert back.dtype == object and list(back) == [b"ab", b"", b"xyz"]
 

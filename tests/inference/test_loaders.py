@@ -54,8 +54,24 @@ def test_dict_outputs_are_matched_by_name_and_cast(tmp_path: Path) -> None:
         np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-6)
 
 
-@pytest.mark.parametrize("datatype", ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
-                                      "INT32", "INT64", "FP16", "FP32", "FP64", "BF16"])
+@pytest.mark.parametrize(
+    "datatype",
+    [
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BF16",
+    ],
+)
 def test_torch_identity_every_datatype(tmp_path: Path, datatype: str) -> None:
     artifact = write_identity(tmp_path, "torchscript", datatype)
     model = load_model(artifact.path, artifact.format, artifact.inputs, artifact.outputs)
