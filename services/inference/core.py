@@ -190,11 +190,11 @@ class LoadedVersion:
         self._leave()
         return outcome
 
-    def record_rejected(self, elapsed_ns: int, exc: BaseException) -> None:
+    def record_rejected(self, exc: BaseException) -> None:
         """A request refused before it reached the executor (bad input) still counts as a failure."""
-        self.stats.record_failure(elapsed_ns)
+        self.stats.record_failure(0)
         if self._observer is not None:
-            self._observer(RequestRecord(self.model, self.version, status_of(exc), elapsed_ns))
+            self._observer(RequestRecord(self.model, self.version, status_of(exc), 0))
 
     def _finish_failed(self, started: int, exc: BaseException) -> None:
         elapsed = time.perf_counter_ns() - started

@@ -17,7 +17,7 @@ import grpc
 from tritonclient.grpc import service_pb2_grpc
 
 from aiaas.registry.v1 import registry_pb2
-from services.common.errors import AiaasError, InvalidArgument
+from services.common.errors import AiaasError, InvalidArgument, Unavailable
 from services.common.server import ServiceApp, channel_options
 from services.inference.core import RequestRecord
 from services.inference.follower import AliasFollower
@@ -125,14 +125,25 @@ class InferenceService:
         refs += [(name, 0, "") for name in self.triton_loaders if name not in {r[0] for r in refs}]
         if self.follower is not None:
             self.follower.start()
-        results = await asyncio.gather(*(self.repository.load(m, v, a) for m, v, a in refs), return_exceptions=True)
-        for (model, version, alias), result in zip(refs, results, strict=True):
-            if isinstance(result, BaseException):
-                detail = result.message if isinstance(result, AiaasError) else repr(result)
-                log.error("start-up load of %s %s failed: %s", model, version or alias or "", detail)
+        await asyncio.gather(*(self._load_at_start(m, v, a) for m, v, a in refs))
         if self.follower is not None:
             await self.follower.synced.wait()
             await self.repository.settle()
+
+    async def _load_at_start(self, model: str, version: int, alias: str) -> None:
+        """Retry while the registry (or a Triton server) is not up yet; give up on any other error."""
+        delay = self.settings.reconnect_min_s
+        while True:
+            try:
+                await self.repository.load(model, version, alias)
+                return
+            except Unavailable as exc:
+                log.warning("start-up load of %s waits for its source: %s", model, exc.message)
+            except AiaasError as exc:
+                log.error("start-up load of %s %s failed: %s", model, version or alias or "", exc.message)
+                return
+            await asyncio.sleep(delay)
+            delay = min(self.settings.reconnect_max_s, delay * 2)
 
     async def start(self) -> int:
         await self.prepare()

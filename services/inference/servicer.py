@@ -93,7 +93,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             parsed = parse_request(request, lv.input_plan or plan_for(lv))
         except AiaasError as exc:
-            lv.record_rejected(0, exc)
+            lv.record_rejected(exc)
             raise
         timeout_us = parsed.timeout_us
         deadline_bound = False
