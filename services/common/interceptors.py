@@ -10,7 +10,8 @@ import asyncio
 import inspect
 import logging
 import time
-import uuid
+import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -47,6 +48,10 @@ SERVER_FAULT_CODES = frozenset(
      grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED}
 )
 
+# Request ids for callers that send none: unique per process without a uuid per call.
+_ID_PREFIX = os.urandom(4).hex() + "-"
+_ID_COUNTER = itertools.count(1)
+
 _UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
@@ -60,6 +65,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.tracing = tracing
         self.tracer = trace.get_tracer("aiaas." + service)
         meter = metrics.get_meter("aiaas." + service)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self.rpc_duration = meter.create_histogram(
             "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
         )
@@ -73,6 +79,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or method.startswith(_UNTRACED_PREFIXES):
             return handler
+        # Handlers are fixed per method: wrap each once, not on every call (hot path).
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_handler(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method),
@@ -99,7 +114,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _enter(self, context: grpc.aio.ServicerContext, method: str) -> tuple[Any, Any]:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        request_id_var.set(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
+        request_id_var.set(metadata.get("x-request-id") or f"{_ID_PREFIX}{next(_ID_COUNTER):x}")
         method_var.set(method)
         span = None
         token = None
