@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
-import time
 import itertools
+import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 

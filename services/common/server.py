@@ -128,6 +128,6 @@ class ServiceApp:
         for hook in reversed(self._shutdown_hooks):
             try:
                 await hook()
-            except Exception:  # noqa: BLE001 - one failing hook must not stop the others
+            except Exception:
                 log.exception("shutdown hook failed")
         log.info("%s stopped", self.name)
