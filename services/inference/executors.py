@@ -27,6 +27,8 @@ def batching_config(spec: VersionSpec, settings: InferenceSettings) -> BatchingC
         max_queue_delay_us=max(0, serving.max_queue_delay_us),
         max_queue_size=serving.max_queue_size or settings.max_queue_size,
         default_timeout_us=max(0, serving.default_timeout_us),
+        priority_levels=settings.priority_levels,
+        default_priority_level=settings.default_priority_level or settings.priority_levels,
         # One batch per instance at a time keeps every worker busy without over-queueing them.
         max_concurrent_batches=max(1, serving.instance_count),
     )

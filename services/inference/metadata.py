@@ -54,7 +54,8 @@ def model_metadata(name: str, versions: Sequence[LoadedVersion], lv: LoadedVersi
     return response
 
 
-def model_config(lv: LoadedVersion) -> model_config_pb2.ModelConfig:
+def model_config(lv: LoadedVersion, priority_levels: int = 1,
+                 default_priority_level: int = 1) -> model_config_pb2.ModelConfig:
     spec = lv.spec
     serving = spec.serving
     batched = serving.max_batch_size > 0
@@ -74,6 +75,9 @@ def model_config(lv: LoadedVersion) -> model_config_pb2.ModelConfig:
         batching.default_queue_policy.max_queue_size = max(0, serving.max_queue_size)
         batching.default_queue_policy.default_timeout_microseconds = max(0, serving.default_timeout_us)
         batching.default_queue_policy.allow_timeout_override = True
+        if priority_levels > 1:
+            batching.priority_levels = priority_levels
+            batching.default_priority_level = default_priority_level
         device = serving.device or "cpu"
         kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if device.startswith("cuda") \
             else model_config_pb2.ModelInstanceGroup.KIND_CPU

@@ -109,6 +109,8 @@ class ModelRepository:
         else:
             routed = slot.routes.get(alias or self.default_alias)
             if alias and routed is None:
+                if alias in slot.targets and not slot.suspended:
+                    raise Unavailable(f"model '{name}': version {slot.targets[alias]} for alias '{alias}' is loading")
                 raise NotFound(f"Request for unknown model: alias '{alias}' of '{name}' is not served here")
             if routed is None:
                 ready = [v for v, candidate in slot.versions.items() if candidate.ready]

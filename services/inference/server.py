@@ -64,7 +64,9 @@ class InferenceService:
             drain_timeout_s=settings.drain_timeout_s, retry_min_s=settings.reconnect_min_s,
             retry_max_s=max(settings.reconnect_max_s, settings.reconnect_min_s),
             observer=self._report if self.reporter is not None else None)
-        self.servicer = InferenceServicer(self.repository, catalog=self._catalog)
+        self.servicer = InferenceServicer(self.repository, catalog=self._catalog,
+                                          priority_levels=settings.priority_levels,
+                                          default_priority_level=settings.default_priority_level)
         self.app.add_service(SERVICE_NAME, service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, self.servicer)
         self.follower: AliasFollower | None = None
         if settings.follow_aliases:

@@ -30,9 +30,11 @@ _LOG = "log settings are not supported by this server: set log_level at start-up
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, catalog: ModelCatalog | None = None) -> None:
+    def __init__(self, repository: ModelRepository, catalog: ModelCatalog | None = None, *,
+                 priority_levels: int = 1, default_priority_level: int = 0) -> None:
         self._repo = repository
         self._catalog = catalog
+        self._priority = (priority_levels, default_priority_level or priority_levels)
         self.ready = False
 
     # ---- health and metadata -------------------------------------------------------------------
@@ -62,7 +64,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: service_pb2.ModelConfigRequest,
                           context: Any) -> service_pb2.ModelConfigResponse:
         lv = self._repo.resolve(request.name, request.version)
-        return service_pb2.ModelConfigResponse(config=metadata.model_config(lv))
+        return service_pb2.ModelConfigResponse(config=metadata.model_config(lv, *self._priority))
 
     async def ModelStatistics(self, request: service_pb2.ModelStatisticsRequest,
                               context: Any) -> service_pb2.ModelStatisticsResponse:

@@ -38,6 +38,10 @@ class InferenceSettings(ServerSettings):
     # Used when a version's ServingConfig leaves it unset.
     max_queue_size: int = 1024
     device: str = "cpu"
+    # Priority levels of every version's batcher (1 is highest); requests without a `priority`
+    # parameter get default_priority_level (0 means the lowest level).
+    priority_levels: int = 1
+    default_priority_level: int = 0
     # "process": one worker process per model instance; "thread": a thread pool in this process.
     worker_mode: str = "process"
     # torch intra-op threads per worker; 0 lets the worker decide.
@@ -63,6 +67,8 @@ class InferenceSettings(ServerSettings):
             raise InvalidArgument(f"worker_mode must be one of {', '.join(WORKER_MODES)}, got {self.worker_mode!r}")
         if self.max_queue_size < 1:
             raise InvalidArgument("max_queue_size must be >= 1")
+        if self.priority_levels < 1 or not 0 <= self.default_priority_level <= self.priority_levels:
+            raise InvalidArgument("priority_levels must be >= 1 and default_priority_level in [0, priority_levels]")
         if self.torch_threads < 0:
             raise InvalidArgument("torch_threads must be >= 0")
         if self.follow_aliases and not self.registry_url:

@@ -137,6 +137,7 @@ async def test_alias_swap_waits_for_ready_then_drains_the_old_version(loader: Fa
     loader.block[2].set()
     await settle(repo, lambda: repo.routes("m") == {"production": 2})
     assert await infer(repo) == 2
+    assert await infer(repo, "m:production") == 2  # the gateway forwards aliases this way
     await asyncio.sleep(0.05)
     assert not old.closed  # still draining the request that resolved it before the switch
     assert [e.state for e in repo.index() if e.version == 1] == ["UNLOADING"]

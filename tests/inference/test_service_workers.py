@@ -41,8 +41,11 @@ def write_spin(directory: Path) -> Artifact:
 
 @pytest.fixture(scope="module")
 def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    registry.register("spin", write_spin(tmp_path_factory.mktemp("models")), alias="production", max_batch_size=4)
-    proc = start_inference(inference_args(registry, tmp_path_factory.mktemp("cache")))
+    artifact = write_spin(tmp_path_factory.mktemp("models"))
+    registry.register("spin", artifact, alias="production", max_batch_size=4)
+    # No batching: one request at a time, so the order the queue serves them in shows.
+    registry.register("spin-serial", artifact, alias="production", max_batch_size=0)
+    proc = start_inference(inference_args(registry, tmp_path_factory.mktemp("cache"), "--priority-levels", "2"))
     yield proc
     proc.stop()
 
@@ -63,14 +66,14 @@ def spin_inputs(iterations: int, x: np.ndarray) -> list[tc.InferInput]:
 
 def test_worker_killed_mid_batch(server: ServiceProcess) -> None:
     pids = worker_pids(server)
-    assert len(pids) == 1
+    assert len(pids) == 2  # one per version
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
     with tc.InferenceServerClient(server.address) as client:
         before = client.get_inference_statistics("spin").model_stats[0].inference_stats.fail.count
         answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
         client.async_infer("spin", spin_inputs(400_000, x), callback=lambda result, error: answers.put((result, error)))
-        _wait_busy(pids[0])
-        os.kill(pids[0], signal.SIGKILL)
+        busy = _wait_busy(pids)
+        os.kill(busy, signal.SIGKILL)
         result, error = answers.get(timeout=30)
         assert result is None
         assert error.status() == "StatusCode.UNAVAILABLE", error
@@ -89,19 +92,42 @@ def test_worker_killed_mid_batch(server: ServiceProcess) -> None:
         after = client.get_inference_statistics("spin").model_stats[0].inference_stats.fail.count
         assert after > before
     new = worker_pids(server)
-    assert len(new) == 1 and new[0] != pids[0]
+    assert len(new) == 2 and busy not in new and set(pids) - {busy} <= set(new)
 
 
-def _wait_busy(pid: int, timeout: float = 20.0) -> None:
-    """Until the worker burns CPU, i.e. the long batch is running inside it."""
-    process = psutil.Process(pid)
-    process.cpu_percent(None)
+def _wait_busy(pids: list[int], timeout: float = 20.0) -> int:
+    """The worker that starts burning CPU, i.e. the one running the long batch."""
+    processes = [psutil.Process(pid) for pid in pids]
+    for process in processes:
+        process.cpu_percent(None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.1)
-        if process.cpu_percent(None) > 50:
-            return
-    raise AssertionError("the worker never started the batch")
+        for process in processes:
+            if process.cpu_percent(None) > 50:
+                return process.pid
+    raise AssertionError("no worker started the batch")
+
+
+def test_priority_parameter_orders_the_queue(server: ServiceProcess) -> None:
+    x = np.ones((1, 4), np.float32)
+    finished: queue.Queue[str] = queue.Queue()
+
+    def send(client: tc.InferenceServerClient, name: str, iterations: int, priority: int = 0) -> None:
+        client.async_infer("spin-serial", spin_inputs(iterations, x), request_id=name, priority=priority,
+                           callback=lambda result, error: finished.put(error.message() if error else name))
+
+    with tc.InferenceServerClient(server.address) as client:
+        config = client.get_model_config("spin-serial").config
+        assert (config.dynamic_batching.priority_levels, config.dynamic_batching.default_priority_level) == (2, 2)
+        send(client, "first", 60_000)  # occupies the only worker
+        _wait_busy(worker_pids(server))
+        for name in ("low-1", "low-2", "low-3"):
+            send(client, name, 10)
+        send(client, "high", 10, priority=1)
+        order = [finished.get(timeout=30) for _ in range(5)]
+    assert order[0] == "first"
+    assert order[1] == "high", order
 
 
 def test_sigterm_drains_and_stops_every_worker(server: ServiceProcess) -> None:
@@ -111,7 +137,7 @@ def test_sigterm_drains_and_stops_every_worker(server: ServiceProcess) -> None:
         answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
         client.async_infer("spin", spin_inputs(40_000, np.ones((1, 4), np.float32)),
                            callback=lambda result, error: answers.put((result, error)))
-        _wait_busy(pids[0])
+        _wait_busy(pids)
         assert server.stop() == 0  # SIGTERM: the in-flight request finishes first
         result, error = answers.get(timeout=10)
         assert error is None and result.as_numpy("y").shape == (1, 4)
