@@ -18,7 +18,7 @@ _LAZY = {
     "deploy": "aiaas.deploy",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["GatewayClient", "MonitorClient", "RegistryClient", "__version__", "deploy"]
 
 
 def __getattr__(name: str) -> Any:

@@ -51,7 +51,10 @@ class ServiceProcess:
         self.args = list(args)
         self.env = {**os.environ, "AIAAS_LOG_JSON": "false", **(env or {})}
         self.env.setdefault("PYTHONPATH", str(REPO_ROOT))
-        self.log_file = tempfile.NamedTemporaryFile(prefix=f"aiaas-{name}-", suffix=".log", delete=False)
+        # Kept open for the child's lifetime and left on disk so a failing test can show it.
+        self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix=f"aiaas-{name}-", suffix=".log", delete=False
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
