@@ -15,7 +15,7 @@ _LAZY = {
     "RegistryClient": "aiaas.registry_client",
     "GatewayClient": "aiaas.gateway_client",
     "MonitorClient": "aiaas.monitor_client",
-    "deploy": "aiaas.deploy",
+    "deploy": "aiaas.deployment",
 }
 
 __all__ = ["GatewayClient", "MonitorClient", "RegistryClient", "__version__", "deploy"]

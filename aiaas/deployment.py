@@ -10,8 +10,6 @@ points the alias at it.
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,13 +82,3 @@ def deploy(
         transformation=candidate.transformation, parity=from_struct(version.reports["parity"])
         if "parity" in version.reports else candidate.report,
     )
-
-
-class _CallableModule(types.ModuleType):
-    # `import aiaas.deploy` binds the package attribute `aiaas.deploy` to this module, shadowing
-    # the lazily exported function; calling the module keeps `aiaas.deploy(...)` working either way.
-    def __call__(self, *args: Any, **kwargs: Any) -> Deployment:
-        return deploy(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
