@@ -68,7 +68,8 @@ def in_process_rows_per_s(path: Path, features: int, batch: int, seconds: float,
     return best
 
 
-def register(address: str, name: str, path: Path, sizes: tuple[int, ...], max_batch: int) -> None:
+def register(address: str, name: str, path: Path, sizes: tuple[int, ...], max_batch: int,
+             max_queue_delay_us: int = 0, preferred: tuple[int, ...] = ()) -> None:
     import grpc
 
     from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -81,7 +82,8 @@ def register(address: str, name: str, path: Path, sizes: tuple[int, ...], max_ba
             inputs=[registry_pb2.TensorSpec(name="x", datatype="FP32", shape=[-1, sizes[0]])],
             outputs=[registry_pb2.TensorSpec(name="y", datatype="FP32", shape=[-1, sizes[-1]])]),
         serving_config=registry_pb2.ServingConfig(max_batch_size=max_batch, instance_count=1, device="cpu",
-                                                  max_queue_size=4096))
+                                                  max_queue_size=4096, max_queue_delay_us=max_queue_delay_us,
+                                                  preferred_batch_sizes=list(preferred)))
 
     def messages() -> Any:
         yield registry_pb2.UploadVersionRequest(header=header)
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measured window")
     parser.add_argument("--runs", type=int, default=3, help="measured windows per point (the median is reported)")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-queue-delay-us", type=int, default=0,
+                        help="batcher queue delay (0: batches form from what queued while the worker was busy)")
     parser.add_argument("--worker-threads", type=int, default=1,
                         help="torch threads in the model worker (more threads spin and steal the server's CPU)")
     parser.add_argument("--limit-threads", type=int, default=2, help="torch threads for the in-process limit")
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         for name in names:
-            register(registry.address, name, tmp / f"{name}.pt", MODELS[name], args.max_batch)
+            register(registry.address, name, tmp / f"{name}.pt", MODELS[name], args.max_batch,
+                     args.max_queue_delay_us)
         inference = ServiceProcess("inference", args=[
             "--registry-url", registry.address, "--model-cache-dir", str(tmp / "cache"),
             "--torch-threads", str(args.worker_threads), "--log-level", "warning",
