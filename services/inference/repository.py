@@ -247,7 +247,12 @@ class ModelRepository:
         while not self._closed:
             await slot.dirty.wait()
             slot.dirty.clear()
-            if await self._reconcile(slot):
+            try:
+                ok = await self._reconcile(slot)
+            except Exception:  # noqa: BLE001 - keep reconciling this model, after a pause
+                log.exception("reconciling %s failed", slot.name)
+                ok = False
+            if ok:
                 slot.backoff_s = 0.0
                 continue
             slot.backoff_s = min(self.retry_max_s, max(self.retry_min_s, slot.backoff_s * 2))
