@@ -249,7 +249,7 @@ class ModelRepository:
             slot.dirty.clear()
             try:
                 ok = await self._reconcile(slot)
-            except Exception:  # noqa: BLE001 - keep reconciling this model, after a pause
+            except Exception:  # keep reconciling this model, after a pause
                 log.exception("reconciling %s failed", slot.name)
                 ok = False
             if ok:
