@@ -65,8 +65,10 @@ class ServiceApp:
             tracing = configure_telemetry(
                 name, otlp_endpoint=settings.otlp_endpoint, metrics_port=settings.metrics_port
             )
+        # The service interceptor wraps handlers at registration (see `add_service`), not per call.
+        self.interceptor = ServiceInterceptor(name, tracing=tracing)
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(name, tracing=tracing), *extra_interceptors],
+            interceptors=list(extra_interceptors) or None,
             options=[*channel_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -77,8 +79,10 @@ class ServiceApp:
         self._stopping: asyncio.Event | None = None
         self.port = 0
 
-    def add_service(self, full_name: str, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any) -> None:
-        add_to_server(servicer, self.server)
+    def add_service(self, full_name: str, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
+        """Register a servicer through its generated `add_..._to_server` (or any function that adds
+        generic handlers); every handler it adds is wrapped by the service interceptor."""
+        add_to_server(servicer, _InterceptedRegistrar(self.server, self.interceptor))
         self._service_names.append(full_name)
 
     def on_shutdown(self, hook: ShutdownHook) -> None:
@@ -131,3 +135,19 @@ class ServiceApp:
             except Exception:
                 log.exception("shutdown hook failed")
         log.info("%s stopped", self.name)
+
+
+class _InterceptedRegistrar:
+    """What `add_..._to_server` sees instead of the server: the handlers it adds get wrapped."""
+
+    def __init__(self, server: grpc.aio.Server, interceptor: ServiceInterceptor) -> None:
+        self._server = server
+        self._interceptor = interceptor
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(self._interceptor.wrap_generic(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        # grpc.aio ignores registered method handlers today; the generic handler serves the calls.
+        wrapped = {name: self._interceptor.wrap_cached(h, f"/{service_name}/{name}") for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service_name, wrapped)
