@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+from services.common.model_metrics import ModelMetrics
+
 log = logging.getLogger("aiaas.reporting")
 
 # Drift samples: how many rows of a tensor, how many columns per row, and how many samples
@@ -84,8 +86,11 @@ class TelemetryReporter:
         timeout_s: float = 1.0,
         samples_per_second: float = SAMPLES_PER_SECOND,
         channel_credentials: Any = None,
+        model_metrics: bool = True,
     ) -> None:
         self.target = target or None
+        # Per-model OpenTelemetry metrics are kept whether or not a monitor is configured.
+        self._model_metrics = ModelMetrics(source) if model_metrics else None
         self.source = source
         self.max_buffer = max(1, max_buffer)
         self.flush_interval_s = flush_interval_s
@@ -114,6 +119,8 @@ class TelemetryReporter:
 
     def record(self, rec: RequestRecord) -> None:
         """Queue one request record; drop (and count) it when the buffer is full or no monitor."""
+        if self._model_metrics is not None:
+            self._model_metrics.observe(rec.model, rec.version, rec.alias, rec.status, rec.latency_us, rec.batch_size)
         records = self._records
         if self.target is None or len(records) >= self.max_buffer:
             self.dropped += 1

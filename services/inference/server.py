@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
@@ -53,17 +52,16 @@ class InferenceService:
             settings.registry_url, options=channel_options(settings.max_message_bytes))
         self.loader = RegistryLoader(settings, self.registry_channel)
         self.triton_loaders = {name: TritonLoader(cfg) for name, cfg in load_backends(settings.triton_backends).items()}
-        self.reporter: Any = None
-        if settings.monitor_url:
-            from services.common.reporting import TelemetryReporter
+        from services.common.reporting import TelemetryReporter
 
-            self.reporter = TelemetryReporter(settings.monitor_url, source="inference")
+        # Always on: it keeps the per-model metrics; it ships records only with a monitor_url.
+        self.reporter = TelemetryReporter(settings.monitor_url or None, source="inference")
         loaders: dict[str, VersionLoader] = dict(self.triton_loaders)
         self.repository = ModelRepository(
             self.loader, default_alias=settings.default_alias, loaders=loaders,
             drain_timeout_s=settings.drain_timeout_s, retry_min_s=settings.reconnect_min_s,
             retry_max_s=max(settings.reconnect_max_s, settings.reconnect_min_s),
-            observer=self._report if self.reporter is not None else None)
+            observer=self._report)
         self.servicer = InferenceServicer(self.repository, catalog=self._catalog,
                                           priority_levels=settings.priority_levels,
                                           default_priority_level=settings.default_priority_level)
@@ -95,7 +93,7 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         loop.create_task(self.app.set_serving(f"{model}/{version}", ready))
         loop.create_task(self.app.set_serving(model, bool(self.repository.ready_versions(model))))
-        if ready and self.reporter is not None:
+        if ready:
             self.reporter.report_load(model, version)
 
     async def _catalog(self) -> list[str]:
@@ -113,8 +111,7 @@ class InferenceService:
 
     async def prepare(self) -> None:
         """Load what must be served before the port opens (bounded by startup_timeout_s)."""
-        if self.reporter is not None:
-            await self.reporter.start()
+        await self.reporter.start()
         try:
             await asyncio.wait_for(self._initial_load(), self.settings.startup_timeout_s)
         except TimeoutError:
@@ -158,8 +155,7 @@ class InferenceService:
         await self.repository.close()
         for loader in self.triton_loaders.values():
             await loader.close()
-        if self.reporter is not None:
-            await self.reporter.close()
+        await self.reporter.close()
         await self.registry_channel.close()
 
     async def run(self) -> None:
