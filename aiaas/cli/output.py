@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import IO, Any, Self
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
 
@@ -24,8 +24,21 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
 
 
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
 def jsonable(value: Any) -> Any:
     """Protobuf messages, datetimes, bytes, mappings and sequences as plain JSON values."""
+    if isinstance(value, struct_pb2.Struct):
+        # Struct keeps every number as a double: show whole numbers (versions, sizes) as integers.
+        return _whole_numbers(json_format.MessageToDict(value))
     if isinstance(value, Message):
         return json_format.MessageToDict(value, preserving_proto_field_name=True)
     if isinstance(value, datetime):
