@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import hashlib
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.support.procs import ServiceProcess
 
     tmp = Path(tempfile.mkdtemp(prefix="aiaas-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)
     limits: dict[str, float] = {}
     for name in names:
         build_mlp(MODELS[name], tmp / f"{name}.pt")

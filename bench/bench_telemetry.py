@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -126,6 +128,7 @@ def serving(args: argparse.Namespace) -> None:
     from tests.support.servers import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="aiaas-bench-telemetry-"))
+    atexit.register(shutil.rmtree, tmp, True)
     registry_proc = start_registry(tmp)
     registry = Registry(registry_proc)
     registry.register("bench", write_double(tmp), max_batch_size=16, max_queue_delay_us=200, alias="production")

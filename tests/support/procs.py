@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.support.servers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+_LOG_DIR: list[str] = []
+
+
+def _log_dir() -> str:
+    """One folder for this process's service logs, removed when the process exits."""
+    if not _LOG_DIR:
+        _LOG_DIR.append(tempfile.mkdtemp(prefix="aiaas-test-logs-"))
+        atexit.register(shutil.rmtree, _LOG_DIR[0], True)
+    return _LOG_DIR[0]
 
 
 def wait_healthy(address: str, service: str = "", timeout: float = 60.0,
@@ -51,9 +62,9 @@ class ServiceProcess:
         self.args = list(args)
         self.env = {**os.environ, "AIAAS_LOG_JSON": "false", **(env or {})}
         self.env.setdefault("PYTHONPATH", str(REPO_ROOT))
-        # Kept open for the child's lifetime and left on disk so a failing test can show it.
+        # Kept open for the child's lifetime so a failing test can show it; removed at exit.
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            prefix=f"aiaas-{name}-", suffix=".log", delete=False
+            prefix=f"aiaas-{name}-", suffix=".log", delete=False, dir=_log_dir()
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
