@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from aiaas.tensors import TensorSpec
 from services.common.errors import InvalidArgument
 
 # KServe v2 datatype <-> torch dtype. BYTES has no tensor form and is not exportable.
@@ -33,13 +34,6 @@ _NUMPY_BY_DATATYPE: dict[str, type] = {
     "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }
 FLOAT_DATATYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)

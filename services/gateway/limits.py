@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from aiaas.tensors import TensorSpec
 from services.common.errors import InvalidArgument, ResourceExhausted
 
 ELEMENT_BYTES = {
@@ -23,13 +24,6 @@ class RequestLimits:
     max_inputs: int = 64
     max_rank: int = 8
     max_elements: int = 64 * 1024 * 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)

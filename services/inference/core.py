@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from aiaas.tensors import TensorSpec
 from services.common.errors import AiaasError, DeadlineExceeded, Internal, Unavailable
 from services.inference.statistics import VersionStatistics
 
@@ -27,14 +28,6 @@ PLATFORM_BY_FORMAT = {
     "onnx": "onnxruntime_onnx",
     "triton": "triton",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    # Full shape; with batching the first dimension is the batch (-1). -1 marks a variable dim.
-    shape: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ import enum
 from datetime import datetime
 from typing import Any
 
+from aiaas.tensors import TensorSpec
+
 
 class ArtifactFormat(enum.Enum):
     TORCHSCRIPT = "torchscript"
@@ -27,13 +29,6 @@ class ChangeType(enum.Enum):
     RECORD_DELETED = "record_deleted"
     SNAPSHOT_DONE = "snapshot_done"
     HEARTBEAT = "heartbeat"
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aiaas.tensors import TensorSpec
 from services.inference.datatypes import KSERVE_TO_NUMPY
 
 
@@ -24,13 +25,6 @@ def _jit_save(module: torch.nn.Module, path: Path, example: torch.Tensor | None 
         warnings.simplefilter("ignore", DeprecationWarning)
         compiled = torch.jit.trace(module, example) if example is not None else torch.jit.script(module)
         torch.jit.save(compiled, str(path))
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
