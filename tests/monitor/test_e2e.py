@@ -81,7 +81,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
         for model in ("steady", "drifty", "fraud"):
             wait_model(inference, model)
         gateway.wait_ready(timeout=60)
-        yield Stack(registry, inference, gateway, monitor, monitor_args)
+        built = Stack(registry, inference, gateway, monitor, monitor_args)
+        yield built
+        procs.append(built.monitor)  # a test may have replaced the monitor with a new process
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -20,6 +20,14 @@ from tests.support.servers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _LOG_DIR: list[str] = []
+_STARTED: list[ServiceProcess] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A test that forgot a process must not leave it running after the session."""
+    for service in _STARTED:
+        service.kill()
 
 
 def _log_dir() -> str:
@@ -73,6 +81,7 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, wait: bool = True, timeout: float = 90.0) -> ServiceProcess:
+        _STARTED.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{self.name}", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
             cwd=REPO_ROOT, env=self.env, stdout=self.log_file, stderr=subprocess.STDOUT,
