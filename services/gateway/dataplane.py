@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from services.gateway.shadow import compare_responses
 from services.gateway.signatures import SignatureCache
 from services.gateway.stats import merge_index, merge_statistics
 from services.gateway.wire import response_version, retarget, wrap_stream_response
+from services.inference.datatypes import raw_to_array
 
 log = logging.getLogger("aiaas.gateway.dataplane")
 
@@ -35,6 +37,11 @@ log = logging.getLogger("aiaas.gateway.dataplane")
 ALIAS_PARAMETER = "alias"
 ROUTING_KEY_PARAMETER = "routing_key"
 _INLINE_COMPARE_BYTES = 256 * 1024
+# Datatypes decoded for drift samples (numbers with a numpy dtype; BYTES, BOOL and BF16 are left out).
+_DRIFT_DATATYPES = frozenset(("FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64",
+                              "UINT8", "UINT16", "UINT32", "UINT64"))
+# Drift samples scheduled but not yet taken; beyond this, samples are dropped (bounded work).
+_DRIFT_MAX_PENDING = 8
 
 
 class Upstream(Protocol):
@@ -79,7 +86,7 @@ class DataPlane:
         limits: RequestLimits | None = None, signatures: SignatureCache | None = None,
         reporter: TelemetryReporter | None = None, default_timeout_s: float = 30.0,
         shadow_max_concurrency: int = 16, shadow_tolerance: float = 1e-4, stream_window: int = 64,
-        ready: Any = None,
+        drift_sample_rate: float = 0.0, ready: Any = None,
     ) -> None:
         self.catalog = catalog
         self.ring = ring
@@ -92,6 +99,11 @@ class DataPlane:
         self.shadow_max_concurrency = shadow_max_concurrency
         self.shadow_tolerance = shadow_tolerance
         self.stream_window = stream_window
+        # Share of successful ModelInfer requests whose inputs go to the monitor for drift
+        # (the reporter caps it further, per model per second). 0 turns sampling off.
+        self.drift_sample_rate = drift_sample_rate if reporter is not None and reporter.target else 0.0
+        self.drift_pending = 0
+        self.drift_dropped = 0
         # A callable saying whether the gateway is ready (registry synced, replicas known).
         self.ready = ready or (lambda: True)
         self.shadow_stats: dict[tuple[str, int, int], ShadowStats] = {}
@@ -143,6 +155,8 @@ class DataPlane:
                 resolution = dataclasses.replace(resolution, version=int(served))
             if resolution.shadows:
                 self._mirror(raw, resolution, response)
+            if self.drift_sample_rate and random.random() < self.drift_sample_rate:
+                self._schedule_drift_sample(request, resolution)
             return response, resolution
         except AiaasError as exc:
             status = exc.code.name
@@ -164,6 +178,34 @@ class DataPlane:
             status=status, latency_us=int((time.perf_counter() - started) * 1e6),
             key_id=caller.key_id if caller else "",
         ))
+
+    # Drift samples ------------------------------------------------------------------------------
+
+    def _schedule_drift_sample(self, request: Any, resolution: Resolution) -> None:
+        """Decode and offer the inputs on a later loop turn, after the answer has been handed to gRPC."""
+        if self.drift_pending >= _DRIFT_MAX_PENDING:
+            self.drift_dropped += 1
+            return
+        self.drift_pending += 1
+        asyncio.get_running_loop().call_soon(self._drift_sample, request, resolution.model, resolution.version)
+
+    def _drift_sample(self, request: Any, model: str, version: int) -> None:
+        self.drift_pending -= 1
+        reporter = self.reporter
+        if reporter is None:
+            return
+        try:
+            inputs = {}
+            raw_contents = request.raw_input_contents
+            if len(raw_contents) != len(request.inputs):
+                return  # typed `contents` (not raw bytes): not sampled
+            for spec, raw in zip(request.inputs, raw_contents, strict=True):
+                if spec.datatype in _DRIFT_DATATYPES:
+                    inputs[spec.name] = raw_to_array(raw, spec.datatype, spec.shape)
+            if inputs:
+                reporter.sample_inputs(model, version, inputs)
+        except Exception:  # drift sampling must never disturb serving
+            log.debug("drift sample skipped", exc_info=True)
 
     # Shadows ----------------------------------------------------------------------------------
 

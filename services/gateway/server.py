@@ -160,7 +160,8 @@ def build_gateway(settings: GatewaySettings, *, configure_process: bool = True) 
         catalog=catalog, ring=ring, quotas=quotas, upstream=upstream, limits=limits,
         signatures=SignatureCache(fetch_signature), reporter=reporter, default_timeout_s=settings.default_timeout_s,
         shadow_max_concurrency=settings.shadow_max_concurrency, shadow_tolerance=settings.shadow_tolerance,
-        stream_window=settings.stream_window, ready=lambda: gateway.ready(),
+        stream_window=settings.stream_window, drift_sample_rate=settings.drift_sample_rate,
+        ready=lambda: gateway.ready(),
     )
     admin = GatewayAdmin(RegistryRecords(registry_channel), ring, catalog, encode_route, decode_route)
     app.add_service(INFERENCE_SERVICE, add_inference_proxy, InferenceProxy(plane))

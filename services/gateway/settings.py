@@ -48,6 +48,9 @@ class GatewaySettings(ServerSettings):
     shadow_max_concurrency: int = 16
     shadow_tolerance: float = 1e-4
     stream_window: int = 64
+    # Share of successful ModelInfer requests whose inputs are sent to the monitor for drift (PSI);
+    # the reporter also caps samples per model per second. 0 turns it off.
+    drift_sample_rate: float = 0.01
 
     # Request limits checked before forwarding.
     max_request_bytes: int = 64 * 1024 * 1024
@@ -70,5 +73,7 @@ class GatewaySettings(ServerSettings):
         for name in ("default_key_rps", "default_model_rps", "redis_timeout_ms", "default_timeout_s"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0")
+        if not 0.0 <= self.drift_sample_rate <= 1.0:
+            raise InvalidArgument("drift_sample_rate must be within [0, 1]")
         if self.shadow_max_concurrency < 0 or self.stream_window < 1:
             raise InvalidArgument("shadow_max_concurrency must be >= 0 and stream_window >= 1")

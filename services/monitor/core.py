@@ -69,6 +69,9 @@ class MonitorCore:
         self._canary_since: dict[str, int] = {}
         self._learners: dict[tuple[str, int], drift_math.BaselineLearner] = {}
         self._first_known: set[tuple[str, int]] = set()
+        # Versions the gateway sends drift samples for: inference's samples of them are ignored,
+        # since the same requests would otherwise be counted twice (once from each).
+        self._gateway_sampled: set[tuple[str, int]] = set()
         self._last_refresh = 0.0
 
     # ---- ingest ---------------------------------------------------------------------------
@@ -118,6 +121,11 @@ class MonitorCore:
         by_version: dict[tuple[str, int], list[Any]] = defaultdict(list)
         for sample in report.samples:
             by_version[(sample.model, sample.version)].append(sample)
+        if report.source == "gateway":
+            self._gateway_sampled.update(by_version)
+        elif report.source == "inference":
+            for key in self._gateway_sampled.intersection(by_version):
+                del by_version[key]
         increments: dict[tuple[str, int], Counter[str]] = {}
         for key, samples in by_version.items():
             entry = self.baselines.get(key)

@@ -15,6 +15,8 @@ import tritonclient.grpc.aio as tca
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
+from aiaas.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from services.common.reporting import TelemetryReporter
 from services.common.server import ServiceApp
 from services.gateway.balancer import Balancer
 from services.gateway.dataplane import DataPlane
@@ -312,3 +314,77 @@ def test_bad_dns_targets_are_refused() -> None:
 
     with pytest.raises(InvalidArgument, match="dns:///host:port"):
         InferenceUpstream(["dns:///nameonly"], Balancer(), max_message_bytes=1 << 20)
+
+
+class _MonitorDouble(monitor_pb2_grpc.MonitorServicer):
+    """Collects the ReportRequests a real TelemetryReporter sends."""
+
+    def __init__(self) -> None:
+        self.requests: list[monitor_pb2.ReportRequest] = []
+
+    async def Report(self, request: monitor_pb2.ReportRequest, context: grpc.aio.ServicerContext
+                     ) -> monitor_pb2.ReportResponse:
+        self.requests.append(request)
+        return monitor_pb2.ReportResponse(accepted=len(request.records))
+
+
+def drift_inputs(rows: int) -> list[tca.InferInput]:
+    x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+    ids = np.arange(rows, dtype=np.int64).reshape(rows, 1) + 100
+    words = np.array([[b"a"]] * rows, dtype=np.object_)
+    tensors = [tca.InferInput("x", [rows, 2], "FP32"), tca.InferInput("ids", [rows, 1], "INT64"),
+               tca.InferInput("words", [rows, 1], "BYTES")]
+    for tensor, data in zip(tensors, (x, ids, words), strict=True):
+        tensor.set_data_from_numpy(data)
+    return tensors
+
+
+async def test_drift_samples_of_live_inputs_reach_the_monitor(stack: Stack) -> None:
+    monitor = _MonitorDouble()
+    server = grpc.aio.server()
+    monitor_pb2_grpc.add_MonitorServicer_to_server(monitor, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    reporter = TelemetryReporter(f"127.0.0.1:{port}", source="gateway", flush_interval_s=60, model_metrics=False)
+    await reporter.start()
+    stack.plane.reporter = reporter
+    try:
+        async with tca.InferenceServerClient(stack.address) as client:
+            stack.plane.drift_sample_rate = 0.0
+            for _ in range(5):
+                await client.infer("m", drift_inputs(3), headers=stack.headers())
+            await asyncio.sleep(0.01)
+            assert not reporter._samples and stack.plane.drift_pending == 0
+            stack.plane.drift_sample_rate = 1.0
+            await client.infer("m", drift_inputs(3), headers=stack.headers())          # production -> 1
+            await client.infer("m:canary", drift_inputs(2), headers=stack.headers())   # canary -> 2
+        await asyncio.sleep(0.01)
+        await reporter.flush()
+    finally:
+        await reporter.close()
+        await server.stop(None)
+    samples = [s for request in monitor.requests for s in request.samples]
+    by_key = {(s.model, s.version, s.input): s for s in samples}
+    assert set(by_key) == {("m", 1, "x"), ("m", 1, "ids"), ("m", 2, "x"), ("m", 2, "ids")}  # BYTES left out
+    x1, ids2 = by_key[("m", 1, "x")], by_key[("m", 2, "ids")]
+    assert (x1.rows, x1.cols) == (3, 2) and (ids2.rows, ids2.cols) == (2, 1)
+    np.testing.assert_array_equal(np.frombuffer(x1.values_f32, "<f4"), np.arange(6, dtype=np.float32))
+    np.testing.assert_array_equal(np.frombuffer(ids2.values_f32, "<f4"), [100, 101])
+
+
+async def test_drift_sampling_is_bounded_and_off_without_a_monitor(stack: Stack) -> None:
+    plane = DataPlane(catalog=stack.catalog, ring=stack.ring, quotas=QuotaEnforcer(), upstream=stack.upstream,
+                      reporter=TelemetryReporter(None, source="gateway", model_metrics=False), drift_sample_rate=1.0)
+    assert plane.drift_sample_rate == 0.0  # nowhere to send samples: nothing is decoded
+    reporter = TelemetryReporter("127.0.0.1:1", source="gateway", model_metrics=False)  # never started
+    plane = DataPlane(catalog=stack.catalog, ring=stack.ring, quotas=QuotaEnforcer(), upstream=stack.upstream,
+                      reporter=reporter, drift_sample_rate=1.0)
+    request = pb.ModelInferRequest(model_name="m", raw_input_contents=[np.ones(2, np.float32).tobytes()])
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    resolution = stack.catalog.resolve("m", "", "", "")
+    for _ in range(20):  # a burst: at most 8 wait for their loop turn, the rest are dropped
+        plane._schedule_drift_sample(request, resolution)
+    assert (plane.drift_pending, plane.drift_dropped, len(reporter._samples)) == (8, 12, 0)
+    await asyncio.sleep(0)
+    assert plane.drift_pending == 0 and len(reporter._samples) == 8
+    assert {(s.model, s.version, s.input) for s in reporter._samples} == {("m", 1, "x")}

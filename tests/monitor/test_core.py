@@ -154,6 +154,17 @@ async def test_drift_alert_for_shifted_inputs_only(core: MonitorCore) -> None:
     assert alert.kind is AlertKind.DRIFT and dict(alert.details)["feature"] == "x[1]" and alert.value > 0.2
 
 
+async def test_inference_samples_are_not_counted_twice_once_the_gateway_samples(core: MonitorCore) -> None:
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=(2000, 1))
+    await core.set_baseline("m", 1, sample={"x": reference[:, 0].tolist()})
+    await core.ingest(Report("inference", [], samples=[_sample(rng.normal(size=(32, 1)))]))
+    assert [f.samples for f in await core.drift("m", 1)] == [32]  # inference alone (no gateway): counted
+    await core.ingest(Report("gateway", [], samples=[_sample(rng.normal(size=(32, 1)))]))
+    await core.ingest(Report("inference", [], samples=[_sample(rng.normal(size=(32, 1)))]))
+    assert [f.samples for f in await core.drift("m", 1)] == [64]  # the gateway's samples only from then on
+
+
 async def test_baseline_learned_from_first_rows(core: MonitorCore, control: MemoryControlPlane) -> None:
     await core.set_baseline("m", 2, learn_from_requests=200)
     rng = np.random.default_rng(4)
