@@ -71,7 +71,7 @@ def in_process_rows_per_s(path: Path, features: int, batch: int, seconds: float,
 
 
 def register(address: str, name: str, path: Path, sizes: tuple[int, ...], max_batch: int,
-             max_queue_delay_us: int = 0, preferred: tuple[int, ...] = ()) -> None:
+             max_queue_delay_us: int = 0, preferred: tuple[int, ...] = (), instances: int = 1) -> None:
     import grpc
 
     from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -83,7 +83,7 @@ def register(address: str, name: str, path: Path, sizes: tuple[int, ...], max_ba
         signature=registry_pb2.Signature(
             inputs=[registry_pb2.TensorSpec(name="x", datatype="FP32", shape=[-1, sizes[0]])],
             outputs=[registry_pb2.TensorSpec(name="y", datatype="FP32", shape=[-1, sizes[-1]])]),
-        serving_config=registry_pb2.ServingConfig(max_batch_size=max_batch, instance_count=1, device="cpu",
+        serving_config=registry_pb2.ServingConfig(max_batch_size=max_batch, instance_count=instances, device="cpu",
                                                   max_queue_size=4096, max_queue_delay_us=max_queue_delay_us,
                                                   preferred_batch_sizes=list(preferred)))
 
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measured window")
     parser.add_argument("--runs", type=int, default=3, help="measured windows per point (the median is reported)")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--instances", type=int, default=1, help="model worker processes per version")
     parser.add_argument("--max-queue-delay-us", type=int, default=0,
                         help="batcher queue delay (0: batches form from what queued while the worker was busy)")
     parser.add_argument("--worker-threads", type=int, default=1,
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             register(registry.address, name, tmp / f"{name}.pt", MODELS[name], args.max_batch,
-                     args.max_queue_delay_us)
+                     args.max_queue_delay_us, instances=args.instances)
         inference = ServiceProcess("inference", args=[
             "--registry-url", registry.address, "--model-cache-dir", str(tmp / "cache"),
             "--torch-threads", str(args.worker_threads), "--log-level", "warning",
