@@ -18,7 +18,7 @@ class Clock:
 def test_round_robin_when_idle_and_least_outstanding_when_busy() -> None:
     balancer = Balancer()
     balancer.set_addresses(["a", "b", "c"])
-    picks = Counter()
+    picks: Counter[str] = Counter()
     for _ in range(300):
         replica = balancer.pick()
         assert replica is not None

@@ -11,6 +11,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ def _write_onnx_mlp(module: MLP, sizes: Sequence[int], path: Path) -> None:
     _save_onnx(graph, path)
 
 
-def _save_onnx(graph: object, path: Path) -> None:
+def _save_onnx(graph: Any, path: Path) -> None:
     import onnx
     from onnx import helper
 
@@ -156,8 +157,8 @@ def write_identity(
         _jit_save(_Identity(), path)
     else:
         example = torch.zeros(2, 3, dtype=_torch_dtype(datatype))
-        dims = {i: torch.export.Dim(f"d{i}", min=1, max=1024) for i, d in enumerate(shape) if d < 0}
-        program = torch.export.export(_Identity(), (example,), dynamic_shapes={"x": dims})
+        dynamic = {i: torch.export.Dim(f"d{i}", min=1, max=1024) for i, d in enumerate(shape) if d < 0}
+        program = torch.export.export(_Identity(), (example,), dynamic_shapes={"x": dynamic})
         torch.export.save(program, str(path))
     spec_in = (TensorSpec("INPUT0", datatype, shape),)
     spec_out = (TensorSpec("OUTPUT0", datatype, shape),)
