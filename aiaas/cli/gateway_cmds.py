@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from aiaas.cli import output
+
 DEFAULT_GATEWAY = "localhost:8001"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -55,25 +57,11 @@ def parse_pairs(text: str, kind: Callable[[str], Any]) -> dict[str, Any]:
 
 def _print(args: argparse.Namespace, data: Any, columns: Sequence[str] | None = None) -> None:
     if args.json:
-        print(json.dumps(data, indent=2, default=str))
-        return
-    if columns is None:
-        for key, value in data.items():
-            print(f"{key:<12} {value}")
-        return
-    rows = [[_cell(item.get(c, "")) for c in columns] for item in data]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
+        output.print_json(data)
+    elif columns is None:
+        output.print_fields(data)
+    else:
+        output.print_table(data, columns)
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from aiaas.cli import output
+
 DEFAULT_URL = "localhost:50052"
 
 
@@ -32,17 +34,11 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _print(args: argparse.Namespace, data: Any, columns: Sequence[str] | None = None) -> None:
     if args.json:
-        print(json.dumps(data, indent=2, default=str))
-        return
-    if columns is None:
-        for key, value in data.items():
-            print(f"{key:<16} {value}")
-        return
-    rows = [[str(item.get(c, "")) for c in columns] for item in data]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        output.print_json(data)
+    elif columns is None:
+        output.print_fields(data)
+    else:
+        output.print_table(data, columns)
 
 
 def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
