@@ -18,7 +18,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@if [ ! -x "$(BIN)/python" ]; then \
-	  $(PYTHON) -m venv $(VENV) || { echo "python venv failed: on Debian run 'apt-get install -y python3-venv'"; exit 1; }; \
+	  $(PYTHON) -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq python3-venv && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } \
+	    || { echo "python venv failed: on Debian run 'apt-get install -y python3-venv' and retry"; exit 1; }; \
 	fi
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
