@@ -9,10 +9,17 @@ from importlib.metadata import version
 import kubernetes_validate
 import pytest
 
-from aiaas.k8s.checks import audit, check_service, check_workload, grace_period_s, workloads
+from aiaas.k8s.checks import (
+    SCRAPE_ANNOTATIONS,
+    audit,
+    check_service,
+    check_workload,
+    grace_period_s,
+    workloads,
+)
 from aiaas.k8s.kustomize import pod_spec, split_image
 from aiaas.k8s.patch import Manifest
-from aiaas.k8s.render import OVERLAYS, SERVICE_PORTS, render
+from aiaas.k8s.render import METRICS_PORT, OVERLAYS, SERVICE_PORTS, render
 from aiaas.k8s.rollout import missing_secrets
 
 # The oldest Kubernetes release supported, and the newest the schemas know.
@@ -95,6 +102,18 @@ def test_aiaas_services_use_native_grpc_health_probes_on_their_ports(overlay: tu
             assert c[probe]["grpc"] == {"port": port}, (service, probe)
 
 
+def test_aiaas_services_expose_grpc_and_metrics_and_ask_to_be_scraped(
+        overlay: tuple[str, list[Manifest]]) -> None:
+    _, objects = overlay
+    assert SCRAPE_ANNOTATIONS == {"prometheus.io/scrape": "true", "prometheus.io/port": "9464",
+                                  "prometheus.io/path": "/metrics"}
+    for service, port in SERVICE_PORTS.items():
+        ports = {p["name"]: p["containerPort"] for p in container(objects, service)["ports"]}
+        assert ports == {"grpc": port, "metrics": METRICS_PORT}, service
+        workload = next(w for w in workloads(objects) if w["metadata"]["name"] == service)
+        assert workload["spec"]["template"]["metadata"]["annotations"] == SCRAPE_ANNOTATIONS, service
+
+
 def test_grace_period_covers_prestop_and_drain(overlay: tuple[str, list[Manifest]]) -> None:
     from services.common.settings import ServerSettings
 
@@ -118,10 +137,13 @@ def test_audit_reports_each_missing_setting() -> None:
     c["livenessProbe"] = {"tcpSocket": {"port": 8001}}
     spec["terminationGracePeriodSeconds"] = 10
     spec["topologySpreadConstraints"] = []
+    c["ports"] = [p for p in c["ports"] if p["name"] != "metrics"]
+    del gateway["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"]
     problems = "\n".join(check_workload(gateway, 20))
     for expected in ("no readinessProbe", "no limits for memory", "root filesystem is not read-only",
                      "livenessProbe is not a grpc.health.v1 probe", "terminationGracePeriodSeconds",
-                     "no topology spread"):
+                     "no topology spread", "does not expose its Prometheus port 9464",
+                     "pod annotation prometheus.io/scrape"):
         assert expected in problems
 
 
@@ -133,7 +155,11 @@ def test_every_service_selects_a_pod_template_and_its_ports(overlay: tuple[str, 
     for name, port in SERVICE_PORTS.items():
         assert services[name]["spec"]["ports"][0]["port"] == port
     assert services["inference-headless"]["spec"]["clusterIP"] == "None"
+    # Only the monitor's Service carries its metrics port; Prometheus scrapes the other pods
+    # directly, and the gateway's (a LoadBalancer in prod) must not publish 9464.
     assert {p["port"] for p in services["monitor"]["spec"]["ports"]} == {50053, 9464}
+    for name in ("gateway", "registry", "inference", "inference-headless"):
+        assert {p["port"] for p in services[name]["spec"]["ports"]} == {SERVICE_PORTS[name.split("-")[0]]}, name
 
 
 def test_a_service_that_selects_nothing_is_reported() -> None:
@@ -155,7 +181,7 @@ def test_configured_addresses_match_the_services(overlay: tuple[str, list[Manife
         host, _, port = data[key].partition(":")
         assert host == service and int(port) == SERVICE_PORTS[service]
     assert data["AIAAS_INFERENCE_TARGETS"] == f"dns:///inference-headless:{SERVICE_PORTS['inference']}"
-    assert int(data["AIAAS_MONITOR_METRICS_PORT"]) in ports["monitor"]
+    assert int(data["AIAAS_METRICS_PORT"]) == METRICS_PORT and METRICS_PORT in ports["monitor"]
     if name == "dev":
         assert data["AIAAS_REGISTRY_DATABASE_URL"] == "sqlite:////data/registry.db"
         assert "AIAAS_REDIS_URL" not in data

@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from aiaas.k8s.netpol import OUTSIDE, allowed_paths, selector_matches
-from aiaas.k8s.render import render
+from aiaas.k8s.render import METRICS_PORT, SERVICE_PORTS, render
 
 SERVICE_PATHS = {
     ("gateway", "registry", 50051),
@@ -25,9 +25,10 @@ STORE_PATHS = {
 
 
 def expected_paths(pods: set[str], extra: set[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
-    # The gateway is public, to every source; Prometheus may scrape the monitor from the namespace.
+    # The gateway is public, to every source; Prometheus may scrape each aiaas service's metrics
+    # port from any pod in the namespace (never from outside it, and never the data stores).
     public = {(source, "gateway", 8001) for source in pods | {OUTSIDE}}
-    scrape = {(source, "monitor", 9464) for source in pods}
+    scrape = {(source, service, METRICS_PORT) for source in pods for service in SERVICE_PORTS}
     return SERVICE_PATHS | extra | public | scrape
 
 
@@ -45,6 +46,13 @@ def test_prod_admits_the_data_stores_only_to_their_users(overlay: str) -> None:
 def test_only_the_gateway_is_reachable_from_outside() -> None:
     paths = allowed_paths(render("prod"))
     assert {(dst, port) for src, dst, port in paths if src == OUTSIDE} == {("gateway", 8001)}
+
+
+def test_metrics_ports_are_scrapable_only_from_the_namespace() -> None:
+    paths = allowed_paths(render("prod"))
+    scraped = {dst for src, dst, port in paths if port == METRICS_PORT}
+    assert scraped == set(SERVICE_PORTS)
+    assert not any(src == OUTSIDE and port == METRICS_PORT for src, _, port in paths)
 
 
 def test_a_pod_no_policy_selects_is_open_to_all() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from aiaas.k8s.checks import workloads
 from aiaas.k8s.kustomize import pod_spec
-from aiaas.k8s.render import OVERLAYS, SERVICE_PORTS, render
+from aiaas.k8s.render import METRICS_PORT, OVERLAYS, SERVICE_PORTS, render
 from services.common.settings import ServerSettings, load_settings
 
 
@@ -51,6 +51,7 @@ def test_container_environment_loads_into_the_service_settings(overlay: str, ser
     settings = load_settings(settings_class(service), [], service=service, environ=env)
     assert settings.port == SERVICE_PORTS[service]
     assert settings.grace_period_s == float(env["AIAAS_GRACE_PERIOD_S"])
+    assert settings.metrics_port == METRICS_PORT
     fields = {f.name for f in dataclasses.fields(settings)}
     if "registry_url" in fields and service != "registry":
         assert settings.registry_url == "registry:50051"  # type: ignore[attr-defined]
@@ -63,8 +64,6 @@ def test_container_environment_loads_into_the_service_settings(overlay: str, ser
         assert settings.inference_targets == ("dns:///inference-headless:50052",)  # type: ignore[attr-defined]
         assert settings.key_pepper  # type: ignore[attr-defined]
         assert settings.redis_url == (None if overlay == "dev" else "redis://redis:6379/0")  # type: ignore[attr-defined]
-    if service == "monitor":
-        assert settings.metrics_port == 9464
     if service == "inference":
         assert settings.device == ("cuda:0" if overlay == "gpu" else "cpu")  # type: ignore[attr-defined]
         assert settings.follow_aliases == ("production", "canary")  # type: ignore[attr-defined]

@@ -1,8 +1,8 @@
 """What every rendered workload and Service must satisfy; each check returns readable problems.
 
 `audit(objects)` is what `aiaas k8s render --check` and the tests run: probes, resources,
-security, drain timing and spreading for every workload, and Services that select a pod
-template and name its ports.
+security, drain timing and spreading for every workload, the Prometheus port and scrape
+annotations of every aiaas service, and Services that select a pod template and name its ports.
 """
 
 from __future__ import annotations
@@ -11,11 +11,17 @@ from typing import Any
 
 from aiaas.k8s.kustomize import pod_spec
 from aiaas.k8s.patch import Manifest
-from aiaas.k8s.render import NAME_LABEL, SERVICE_PORTS
+from aiaas.k8s.render import METRICS_PORT, NAME_LABEL, SERVICE_PORTS
 
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet"})
 # The slack for the process to exit after the drain, beyond preStop + AIAAS_GRACE_PERIOD_S.
 EXIT_SLACK_S = 5
+# The pod annotations a Prometheus kubernetes_sd `pod` job keys on; every aiaas pod carries them.
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": str(METRICS_PORT),
+    "prometheus.io/path": "/metrics",
+}
 
 
 def workloads(objects: list[Manifest]) -> list[Manifest]:
@@ -56,6 +62,7 @@ def check_workload(workload: Manifest, drain_s: float) -> list[str]:
         prestop_s = max(prestop_s, _prestop_sleep_s(container))
     if name in SERVICE_PORTS:
         problems += _check_aiaas_container(spec, name)
+        problems += _check_scrape_annotations(workload)
         budget = prestop_s + drain_s + EXIT_SLACK_S
         if spec.get("terminationGracePeriodSeconds", 30) < budget:
             problems.append(f"terminationGracePeriodSeconds below preStop + drain + exit ({budget:g} s)")
@@ -120,6 +127,9 @@ def _check_aiaas_container(spec: dict[str, Any], name: str) -> list[str]:
         problems.append(f"command is not python -m services.{name}")
     if port not in {p["containerPort"] for p in container.get("ports", [])}:
         problems.append(f"does not expose its default port {port}")
+    named = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    if named.get("metrics") != METRICS_PORT:
+        problems.append(f"does not expose its Prometheus port {METRICS_PORT} as 'metrics'")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc = container.get(probe, {}).get("grpc")
         if grpc is None or grpc.get("port") != port or grpc.get("service", "") != "":
@@ -129,6 +139,12 @@ def _check_aiaas_container(spec: dict[str, Any], name: str) -> list[str]:
     if mounts.get("/tmp") not in empty_dirs:
         problems.append("/tmp is not an emptyDir (the root filesystem is read-only)")
     return problems
+
+
+def _check_scrape_annotations(workload: Manifest) -> list[str]:
+    annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+    return [f"pod annotation {key} is not {value!r}" for key, value in SCRAPE_ANNOTATIONS.items()
+            if annotations.get(key) != value]
 
 
 def _prestop_sleep_s(container: dict[str, Any]) -> float:
