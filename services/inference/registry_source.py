@@ -78,6 +78,9 @@ def registry_error(exc: grpc.aio.AioRpcError, what: str) -> AiaasError:
     return Internal(message)
 
 
+ARTIFACT_FILE = "artifact"
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -87,7 +90,12 @@ def file_sha256(path: Path) -> str:
 
 
 class ArtifactCache:
-    """Artifacts under `<dir>/<sha256>`; a cached file is reused only when its hash still matches."""
+    """Each artifact in its own directory, `<dir>/<sha256>/artifact` (directory 0755, file 0444).
+
+    A cached file is reused only when its hash still matches. One directory per artifact means a
+    worker can be given read access to its own artifact's directory and nothing else, and nothing
+    inside one artifact can name a sibling file (ONNX external data is refused by the safety gate).
+    """
 
     def __init__(self, directory: Path, stub: registry_pb2_grpc.ModelRegistryStub) -> None:
         self.directory = directory
@@ -100,7 +108,7 @@ class ArtifactCache:
             raise DataLoss(f"model '{spec.model}' version {spec.version} has no valid artifact sha256")
         lock = self._locks.setdefault(sha, asyncio.Lock())
         async with lock:
-            path = self.directory / sha
+            path = self.directory / sha / ARTIFACT_FILE
             if path.exists() and await asyncio.to_thread(file_sha256, path) == sha:
                 return path
             await self._download(spec, path)
@@ -113,7 +121,8 @@ class ArtifactCache:
             return path
 
     async def _download(self, spec: VersionSpec, path: Path) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o755)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         digest = hashlib.sha256()
         size = 0
@@ -135,6 +144,7 @@ class ArtifactCache:
             raise DataLoss(f"artifact of '{spec.model}' version {spec.version} failed verification: "
                            f"got {size} bytes with sha256 {digest.hexdigest()}, expected {spec.size} bytes "
                            f"with sha256 {spec.sha256}")
+        os.chmod(partial, 0o444)
         os.replace(partial, path)
         log.info("downloaded %s version %d (%d bytes)", spec.model, spec.version, size)
 
