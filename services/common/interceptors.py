@@ -2,11 +2,14 @@
 
 Every `AiaasError` maps to a status through `STATUS_BY_CODE`; anything else becomes INTERNAL
 with a generic message (the traceback goes to the log, with the request id the caller sees).
+Status messages are bounded (`bounded_message`), and request messages are parsed inside the
+wrapper, so a malformed one is INVALID_ARGUMENT naming the method, not grpc's INTERNAL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import inspect
 import itertools
 import logging
@@ -16,11 +19,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 
 from services.common.context import method_var, request_id_var, trace_id_var
-from services.common.errors import AiaasError, ErrorCode
+from services.common.errors import AiaasError, ErrorCode, InvalidArgument
 
 log = logging.getLogger("aiaas.rpc")
 
@@ -54,9 +58,49 @@ _ID_COUNTER = itertools.count(1)
 
 _UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
+# A status message travels percent-encoded in one trailer; clients refuse trailers past their
+# metadata limit (8 KiB by default) and report "Stream removed". Longer messages are cut.
+MAX_STATUS_MESSAGE_BYTES = 2048
+# Bytes grpc sends as themselves in `grpc-message`; every other byte becomes `%XX`.
+_PLAIN_BYTES = bytes(b for b in range(0x20, 0x7F) if b != 0x25)
+_WIRE_COST = bytes(1 if b in _PLAIN_BYTES else 3 for b in range(256))
+_MARKER_ROOM = 40
+
+Deserializer = Callable[[bytes], Any]
+
 
 def status_for(error: AiaasError) -> grpc.StatusCode:
     return STATUS_BY_CODE[error.code]
+
+
+def bounded_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """`message` as valid UTF-8 whose encoded trailer stays within about `limit` bytes: a longer
+    one is cut at a character boundary and says how many characters were left out."""
+    data = message.encode("utf-8", "replace")  # a lone surrogate becomes "?"
+    if len(data) + 2 * len(data.translate(None, _PLAIN_BYTES)) <= limit:
+        return data.decode("utf-8")
+    spent = list(itertools.accumulate(data.translate(_WIRE_COST)))
+    kept = data[: bisect.bisect_right(spent, limit - _MARKER_ROOM)].decode("utf-8", "ignore")
+    return f"{kept}... ({len(message) - len(kept)} more characters)"
+
+
+def checked_deserializer(deserialize: Deserializer | None, method: str) -> Deserializer | None:
+    """`deserialize`, raising InvalidArgument (naming the method and message type) on bytes that
+    do not parse, instead of the DecodeError grpc would turn into INTERNAL."""
+    if deserialize is None:
+        return None
+    message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    type_name = message_type.full_name if message_type is not None else "its request type"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            raise InvalidArgument(
+                f"malformed request to {method}: {len(data)} bytes that do not parse as {type_name}"
+            ) from None
+
+    return parse
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -95,27 +139,28 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        # grpc gets no request deserializer for single requests: the wrapper parses inside its
+        # error mapping. Streamed requests are parsed by grpc on each read, inside the handler.
+        parse = checked_deserializer(handler.request_deserializer, method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, method, parse),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.unary_stream, method, parse),
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(handler.stream_stream, method),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=parse,
             response_serializer=handler.response_serializer,
         )
 
@@ -140,7 +185,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(exc, AiaasError):
             if exc.metadata:
                 context.set_trailing_metadata(tuple(exc.metadata.items()))
-            await context.abort(STATUS_BY_CODE[exc.code], exc.message)
+            await context.abort(STATUS_BY_CODE[exc.code], bounded_message(exc.message))
         log.error("unexpected error in %s", method, exc_info=exc)
         await context.abort(
             grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get()}); see the server log"
@@ -158,12 +203,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if token is not None:
             otel_context.detach(token)
 
-    def _wrap_unary(self, fn: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _wrap_unary(self, fn: Callable[..., Any], method: str, parse: Deserializer | None = None) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             span, token = self._enter(context, method)
             code = grpc.StatusCode.OK
             try:
+                if parse is not None:
+                    request = parse(request)
                 return await fn(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() if isinstance(context.code(), grpc.StatusCode) else grpc.StatusCode.CANCELLED
@@ -176,15 +223,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapper
 
-    def _wrap_stream(self, fn: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _wrap_stream(self, fn: Callable[..., Any], method: str, parse: Deserializer | None = None) -> Callable[..., Any]:
         if not inspect.isasyncgenfunction(fn):
-            return self._wrap_unary(fn, method)
+            return self._wrap_unary(fn, method, parse)
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
             span, token = self._enter(context, method)
             code = grpc.StatusCode.OK
             try:
+                if parse is not None:
+                    request = parse(request)
                 async for response in fn(request, context):
                     yield response
             except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):

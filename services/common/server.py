@@ -1,8 +1,8 @@
 """One way to run a grpc.aio server for every service.
 
-`ServiceApp` owns the server: options (message sizes), the interceptor, health and reflection,
-TLS / mTLS, and graceful shutdown (health NOT_SERVING, stop accepting, drain within the grace
-period, run shutdown hooks, exit 0).
+`ServiceApp` owns the server: options (message sizes, per-connection caps, keepalive), the
+interceptor, health and reflection, TLS / mTLS, and graceful shutdown (health NOT_SERVING, stop
+accepting, drain within the grace period, run shutdown hooks, exit 0).
 """
 
 from __future__ import annotations
@@ -35,6 +35,27 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def server_options(settings: ServerSettings, max_receive_bytes: int) -> list[tuple[str, Any]]:
+    """Options bounding what one caller or connection can hold: grpc-core refuses a message over
+    `max_receive_bytes` from its 5-byte length prefix (RESOURCE_EXHAUSTED), before buffering it."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_ping_interval_ms),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+    ]
+    if settings.max_connection_idle_ms:
+        options.append(("grpc.max_connection_idle_ms", settings.max_connection_idle_ms))
+    if settings.max_connection_age_ms:
+        options.append(("grpc.max_connection_age_ms", settings.max_connection_age_ms))
+        options.append(("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_ms))
+    return options
+
+
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     if not settings.tls_cert:
         return None
@@ -56,20 +77,25 @@ class ServiceApp:
         *,
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         configure_process: bool = True,
+        max_receive_bytes: int | None = None,
     ) -> None:
+        """`max_receive_bytes`: the service's real per-message cap when it is smaller than
+        `settings.max_message_bytes` (the gateway's largest request, the registry's chunk)."""
         self.name = name
         self.settings = settings
+        self.max_receive_bytes = max_receive_bytes or settings.max_message_bytes
         tracing = False
         if configure_process:
             configure_logging(name, settings.log_level, settings.log_json)
             tracing = configure_telemetry(
-                name, otlp_endpoint=settings.otlp_endpoint, metrics_port=settings.metrics_port
+                name, otlp_endpoint=settings.otlp_endpoint, metrics_port=settings.metrics_port,
+                metrics_host=settings.host,
             )
         # The service interceptor wraps handlers at registration (see `add_service`), not per call.
         self.interceptor = ServiceInterceptor(name, tracing=tracing)
         self.server = grpc.aio.server(
             interceptors=list(extra_interceptors) or None,
-            options=[*channel_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)],
+            options=server_options(settings, self.max_receive_bytes),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()

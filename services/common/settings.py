@@ -40,6 +40,24 @@ class ServerSettings:
     # Port for a Prometheus /metrics endpoint; 0 disables it.
     metrics_port: int = 0
     max_concurrent_rpcs: int = 10_000
+    # Per connection: how many calls one connection may have open at once (HTTP/2
+    # SETTINGS_MAX_CONCURRENT_STREAMS), so one connection cannot take every call slot.
+    max_concurrent_streams: int = 256
+    # Ping a connection that has been quiet this long, and close it when no answer comes within
+    # the timeout: a dead or vanished peer does not hold its calls and file descriptor forever.
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    # Clients may ping at most this often when no data flows (more often: GOAWAY), and may ping
+    # with no call open when `keepalive_permit_without_calls` is on.
+    keepalive_min_ping_interval_ms: int = 10_000
+    keepalive_permit_without_calls: bool = True
+    # Close a connection with no open call for this long (0: never).
+    max_connection_idle_ms: int = 300_000
+    # Close every connection after this long, letting open calls finish within the grace
+    # (0: never). Off by default: it also ends long watch and inference streams, which their
+    # clients must then reopen; set it where a load balancer needs connections to move.
+    max_connection_age_ms: int = 0
+    max_connection_age_grace_ms: int = 30_000
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -52,6 +70,14 @@ class ServerSettings:
             raise InvalidArgument("tls_client_ca (mTLS) needs tls_cert and tls_key")
         if self.grace_period_s < 0:
             raise InvalidArgument("grace_period_s must be >= 0")
+        if self.max_concurrent_rpcs < 1 or self.max_concurrent_streams < 1:
+            raise InvalidArgument("max_concurrent_rpcs and max_concurrent_streams must be >= 1")
+        if self.keepalive_time_ms < 1000 or self.keepalive_timeout_ms < 1000:
+            raise InvalidArgument("keepalive_time_ms and keepalive_timeout_ms must be at least 1000")
+        for name in ("keepalive_min_ping_interval_ms", "max_connection_idle_ms", "max_connection_age_ms",
+                     "max_connection_age_grace_ms"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0 (0 turns it off)")
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:

@@ -14,8 +14,16 @@ log = logging.getLogger("aiaas.telemetry")
 _configured = False
 
 
-def configure_telemetry(service: str, *, otlp_endpoint: str | None, metrics_port: int) -> bool:
-    """Install providers once. Returns True when traces are exported (so spans are worth making)."""
+def metrics_bind_address(host: str) -> str:
+    """The address the /metrics endpoint binds: the service's own `--host` (gRPC spells IPv6 `[::1]`)."""
+    return host.strip()[1:-1] if host.strip().startswith("[") else host.strip()
+
+
+def configure_telemetry(service: str, *, otlp_endpoint: str | None, metrics_port: int, metrics_host: str) -> bool:
+    """Install providers once. Returns True when traces are exported (so spans are worth making).
+
+    The Prometheus endpoint listens on `metrics_host`, the address the service's gRPC port binds,
+    so a service kept on loopback does not publish its metrics on every interface."""
     global _configured
     if _configured:
         return otlp_endpoint is not None
@@ -26,7 +34,7 @@ def configure_telemetry(service: str, *, otlp_endpoint: str | None, metrics_port
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port)
+        start_http_server(metrics_port, addr=metrics_bind_address(metrics_host))
         readers.append(PrometheusMetricReader())
     tracer_provider = TracerProvider(resource=resource)
     if otlp_endpoint:

@@ -29,6 +29,7 @@ from services.gateway.records import RegistryRecords
 from services.gateway.router import Catalog
 from services.gateway.servicer import (
     INFERENCE_SERVICE,
+    BodyGate,
     GatewayAdminServicer,
     InferenceProxy,
     add_inference_proxy,
@@ -129,7 +130,9 @@ class Gateway:
 
 def build_gateway(settings: GatewaySettings, *, configure_process: bool = True) -> Gateway:
     """Wire the gateway; call inside the running event loop."""
-    app = ServiceApp("gateway", settings, configure_process=configure_process)
+    # No request is larger than max_request_bytes: grpc refuses one before reading it.
+    app = ServiceApp("gateway", settings, configure_process=configure_process,
+                     max_receive_bytes=settings.max_request_bytes)
     ring = KeyRing(settings.key_pepper.encode(), enabled=settings.auth_enabled,
                    bootstrap_token=settings.bootstrap_admin_key)
     catalog = Catalog(settings.default_alias)
@@ -164,8 +167,12 @@ def build_gateway(settings: GatewaySettings, *, configure_process: bool = True) 
         ready=lambda: gateway.ready(),
     )
     admin = GatewayAdmin(RegistryRecords(registry_channel), ring, catalog, encode_route, decode_route)
-    app.add_service(INFERENCE_SERVICE, add_inference_proxy, InferenceProxy(plane))
-    app.add_service(ADMIN_SERVICE, gw_grpc.add_GatewayAdminServicer_to_server, GatewayAdminServicer(admin, ring))
+    # Keys are checked before any request body is read (see servicer.BodyGate).
+    app.add_service(INFERENCE_SERVICE, add_inference_proxy,
+                    InferenceProxy(plane, body_timeout_s=settings.body_timeout_s))
+    gate = BodyGate(ring, settings.body_timeout_s)
+    app.add_service(ADMIN_SERVICE, gate.adding(gw_grpc.add_GatewayAdminServicer_to_server),
+                    GatewayAdminServicer(admin, ring))
     gateway = Gateway(settings=settings, app=app, catalog=catalog, ring=ring, feed=feed, upstream=upstream,
                       quotas=quotas, plane=plane, reporter=reporter, registry_channel=registry_channel, redis=redis)
     app.on_shutdown(gateway.close)

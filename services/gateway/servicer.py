@@ -2,20 +2,30 @@
 
 The inference service is registered by hand under its Triton method paths with identity
 (de)serializers: request and response bytes pass through untouched (see dataplane.py).
+
+Every unary method is served as stream-unary (the same wire format, so unary clients such as
+tritonclient see no difference) so that the gateway checks the caller's `authorization`
+metadata before it reads the request body (`BodyGate`): a caller without a valid key is
+refused at once, before a byte of its message is buffered, and a keyed caller that never
+sends its message is cut off after `body_timeout_s` instead of holding a call slot.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import propagate, trace
 from tritonclient.grpc import service_pb2 as pb
 
 from aiaas.gateway.v1 import gateway_pb2 as gw
 from aiaas.gateway.v1 import gateway_pb2_grpc as gw_grpc
 from services.common.context import request_id_var
+from services.common.errors import AiaasError, DeadlineExceeded, InvalidArgument
 from services.gateway import convert
 from services.gateway.admin import GatewayAdmin
 from services.gateway.dataplane import CallInfo, DataPlane
@@ -23,9 +33,11 @@ from services.gateway.domain import Caller, Role
 from services.gateway.keys import KeyRing, authorize
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+_MODEL_INFER = f"/{INFERENCE_SERVICE}/ModelInfer"
 _TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
 EXTENSIONS = ("model_repository", "schedule_policy", "model_configuration", "binary_tensor_data", "parameters",
               "statistics")
+DEFAULT_BODY_TIMEOUT_S = 10.0
 
 
 def call_info(context: grpc.aio.ServicerContext) -> CallInfo:
@@ -54,13 +66,107 @@ def call_info(context: grpc.aio.ServicerContext) -> CallInfo:
     return info
 
 
+class BodyGate:
+    """Reads a unary call's one request message only after the caller's metadata passed."""
+
+    def __init__(self, ring: KeyRing, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
+        self.ring = ring
+        self.body_timeout_s = body_timeout_s
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The caller behind the call's `authorization` metadata; Unauthenticated when missing or bad."""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                return self.ring.authenticate(str(value))
+        return self.ring.authenticate(None)
+
+    async def read(self, context: grpc.aio.ServicerContext, method: str) -> Any:
+        """The call's one request message, within `body_timeout_s` of asking for it."""
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                request = await context.read()
+                # A unary client half-closes right after its message: the second read is EOF.
+                extra = await context.read() if request is not grpc.aio.EOF else grpc.aio.EOF
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{method}: the request message did not arrive within {self.body_timeout_s:g}s "
+                "(the gateway's body_timeout_s)"
+            ) from None
+        if request is grpc.aio.EOF:
+            raise InvalidArgument(f"{method}: the call ended without a request message")
+        if extra is not grpc.aio.EOF:
+            raise InvalidArgument(f"{method} takes one request message; the call sent more")
+        return request
+
+    def guard(self, handler: grpc.RpcMethodHandler, method: str, *,
+              authenticate: bool = True) -> grpc.RpcMethodHandler:
+        """A unary-unary `handler` served as stream-unary: authenticate, then read its message."""
+        fn = handler.unary_unary
+        if fn is None:
+            return handler
+
+        async def handle(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            if authenticate:
+                self.authenticate(context)
+            return await fn(await self.read(context, method), context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            handle, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def adding(self, add_to_server: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        """A generated `add_..._to_server` whose handlers come back guarded (see `guard`)."""
+        def add(servicer: Any, server: Any) -> None:
+            add_to_server(servicer, _GuardedRegistrar(server, self))
+
+        return add
+
+
+class _GuardedRegistrar:
+    """What a generated `add_..._to_server` sees instead of the server: its unary handlers get guarded."""
+
+    def __init__(self, server: Any, gate: BodyGate) -> None:
+        self._server = server
+        self._gate = gate
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_GuardedGenericHandler(h, self._gate) for h in handlers))
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(service_name, {
+            name: self._gate.guard(h, f"/{service_name}/{name}") for name, h in handlers.items()
+        })
+
+
+class _GuardedGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, gate: BodyGate) -> None:
+        self._inner = inner
+        self._gate = gate
+        # One guarded handler per method, so the interceptor's per-method cache keeps hitting.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._gate.guard(handler, method))
+            self._guarded[method] = cached
+        return cached[1]
+
+
 def _served_by(context: grpc.aio.ServicerContext, version: int, alias: str) -> None:
     context.set_trailing_metadata((("model-version", str(version)), ("model-alias", alias)))
 
 
 class InferenceProxy:
-    def __init__(self, plane: DataPlane, *, name: str = "aiaas-gateway", version: str = "") -> None:
+    def __init__(self, plane: DataPlane, *, name: str = "aiaas-gateway", version: str = "",
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         self.plane = plane
+        self.gate = BodyGate(plane.ring, body_timeout_s)
         self._metadata = pb.ServerMetadataResponse(name=name, version=version, extensions=EXTENSIONS)
         self._live = pb.ServerLiveResponse(live=True).SerializeToString()
 
@@ -73,8 +179,24 @@ class InferenceProxy:
     async def ServerMetadata(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return self._metadata.SerializeToString()
 
-    async def ModelInfer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        response, resolution = await self.plane.infer(raw, call_info(context))
+    async def ModelInfer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        info = call_info(context)
+        try:
+            caller = self.plane.ring.authenticate(info.authorization)
+        except AiaasError as exc:
+            # The data plane's own record of a refused call (what `DataPlane.infer` reports).
+            self.plane._report(None, "", None, exc.code.name, started)
+            raise
+        raw = await self.gate.read(context, _MODEL_INFER)
+        info.timeout = context.time_remaining()
+        try:
+            response, resolution = await self.plane.infer_as(caller, raw, info, started)
+        except DecodeError:
+            raise InvalidArgument(
+                f"malformed request to {_MODEL_INFER}: {len(raw)} bytes that do not parse as "
+                "inference.ModelInferRequest"
+            ) from None
         _served_by(context, resolution.version, resolution.alias)
         return response
 
@@ -101,21 +223,33 @@ class InferenceProxy:
         return await self.plane.repository_change(call_info(context))
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        unary = grpc.unary_unary_rpc_method_handler
+        def keyed(name: str, fn: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]) -> Any:
+            return self.gate.guard(grpc.unary_unary_rpc_method_handler(fn), f"/{INFERENCE_SERVICE}/{name}")
+
         return {
-            "ServerLive": unary(self.ServerLive),
-            "ServerReady": unary(self.ServerReady),
-            "ServerMetadata": unary(self.ServerMetadata),
-            "ModelReady": unary(self._model_read("ModelReady")),
-            "ModelMetadata": unary(self._model_read("ModelMetadata")),
-            "ModelConfig": unary(self._model_read("ModelConfig")),
-            "ModelInfer": unary(self.ModelInfer),
+            # Open to every caller and their request is empty: answered without reading a body.
+            "ServerLive": _bodiless(self.ServerLive),
+            "ServerReady": _bodiless(self.ServerReady),
+            "ServerMetadata": _bodiless(self.ServerMetadata),
+            "ModelReady": keyed("ModelReady", self._model_read("ModelReady")),
+            "ModelMetadata": keyed("ModelMetadata", self._model_read("ModelMetadata")),
+            "ModelConfig": keyed("ModelConfig", self._model_read("ModelConfig")),
+            "ModelInfer": grpc.stream_unary_rpc_method_handler(self.ModelInfer),
+            # Authenticated before the first read by the data plane.
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.ModelStreamInfer),
-            "ModelStatistics": unary(self.ModelStatistics),
-            "RepositoryIndex": unary(self.RepositoryIndex),
-            "RepositoryModelLoad": unary(self.RepositoryChange),
-            "RepositoryModelUnload": unary(self.RepositoryChange),
+            "ModelStatistics": keyed("ModelStatistics", self.ModelStatistics),
+            "RepositoryIndex": keyed("RepositoryIndex", self.RepositoryIndex),
+            "RepositoryModelLoad": keyed("RepositoryModelLoad", self.RepositoryChange),
+            "RepositoryModelUnload": keyed("RepositoryModelUnload", self.RepositoryChange),
         }
+
+
+def _bodiless(fn: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]) -> grpc.RpcMethodHandler:
+    """A method whose request carries nothing: answered at once, its body (if any) never read."""
+    async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        return await fn(b"", context)
+
+    return grpc.stream_unary_rpc_method_handler(handle)
 
 
 def add_inference_proxy(proxy: InferenceProxy, server: grpc.aio.Server) -> None:

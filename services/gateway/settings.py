@@ -52,8 +52,12 @@ class GatewaySettings(ServerSettings):
     # the reporter also caps samples per model per second. 0 turns it off.
     drift_sample_rate: float = 0.01
 
-    # Request limits checked before forwarding.
+    # Request limits checked before forwarding. `max_request_bytes` is also the gRPC receive
+    # limit: a larger message is refused from its length prefix, before it is buffered.
     max_request_bytes: int = 64 * 1024 * 1024
+    # A caller's request message must arrive within this long once its key was accepted (keys
+    # are checked before any body is read); long enough for the largest request on a slow link.
+    body_timeout_s: float = 10.0
     max_inputs: int = 64
     max_rank: int = 8
     max_elements: int = 64 * 1024 * 1024
@@ -75,5 +79,11 @@ class GatewaySettings(ServerSettings):
                 raise InvalidArgument(f"{name} must be >= 0")
         if not 0.0 <= self.drift_sample_rate <= 1.0:
             raise InvalidArgument("drift_sample_rate must be within [0, 1]")
+        if not 1024 <= self.max_request_bytes <= self.max_message_bytes:
+            raise InvalidArgument(
+                f"max_request_bytes must be between 1 KiB and max_message_bytes ({self.max_message_bytes})"
+            )
+        if self.body_timeout_s <= 0:
+            raise InvalidArgument("body_timeout_s must be > 0")
         if self.shadow_max_concurrency < 0 or self.stream_window < 1:
             raise InvalidArgument("shadow_max_concurrency must be >= 0 and stream_window >= 1")
