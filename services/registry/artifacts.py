@@ -13,12 +13,16 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from services.common.errors import DataLoss, InvalidArgument
+from services.common.errors import Aborted, DataLoss, InvalidArgument
 
 log = logging.getLogger("aiaas.registry.artifacts")
+
+UPLOAD_PREFIX = "upload-"
+UPLOAD_SUFFIX = ".part"
 
 
 class PendingArtifact:
@@ -30,14 +34,21 @@ class PendingArtifact:
         self.expected_size = expected_size
         self.size = 0
         self._hash = hashlib.sha256()
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=store.tmp_dir)
+        fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=UPLOAD_SUFFIX, dir=store.tmp_dir)
         self.path = Path(name)
         self._file = os.fdopen(fd, "wb")
+        store._track(self)
+
+    @property
+    def live(self) -> bool:
+        return not self._file.closed
 
     def write(self, chunk: bytes) -> None:
         if self.size + len(chunk) > self.expected_size:
             raise InvalidArgument(f"received more than the declared artifact_size of {self.expected_size} bytes")
         self._file.write(chunk)
+        # Reach the file now, so its mtime shows a live upload to the sweepers of every replica.
+        self._file.flush()
         self._hash.update(chunk)
         self.size += len(chunk)
 
@@ -53,18 +64,24 @@ class PendingArtifact:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        self.store._untrack(self)
         target = self.store.path_for(digest)
         if target.exists():
             self.path.unlink(missing_ok=True)
             return True
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path, target)
+        try:
+            os.replace(self.path, target)
+        except FileNotFoundError:
+            raise Aborted("this upload's temporary file was removed as stale (another replica's sweeper saw it "
+                          "untouched longer than upload_stale_after_s); nothing was stored: retry the upload") from None
         _fsync_dir(target.parent)
         return False
 
     def discard(self) -> None:
         if not self._file.closed:
             self._file.close()
+        self.store._untrack(self)
         self.path.unlink(missing_ok=True)
 
 
@@ -85,6 +102,22 @@ class ArtifactStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         # Serializes "store blob + record version" against "no version left + remove blob" in this process.
         self.lock = threading.RLock()
+        # Uploads of this process still writing; weak, so a leaked one is swept like a dead replica's.
+        self._live: weakref.WeakSet[PendingArtifact] = weakref.WeakSet()
+        self._live_lock = threading.Lock()
+
+    def _track(self, pending: PendingArtifact) -> None:
+        with self._live_lock:
+            self._live.add(pending)
+
+    def _untrack(self, pending: PendingArtifact) -> None:
+        with self._live_lock:
+            self._live.discard(pending)
+
+    def live_uploads(self) -> set[Path]:
+        """Temporary files of this process's uploads in progress."""
+        with self._live_lock:
+            return {pending.path for pending in list(self._live) if pending.live}
 
     def path_for(self, sha256: str) -> Path:
         return self.blob_dir / sha256[:2] / sha256[2:]
@@ -116,15 +149,28 @@ class ArtifactStore:
             log.error("artifact %s is corrupt (size %d, expected %d)", sha256, total, size)
             raise DataLoss(f"artifact {sha256} is corrupt in the artifact store (size {total}, expected {size})")
 
-    def clean_stale_uploads(self, older_than_s: float = 3600.0) -> int:
-        """Remove temporary files left by a crashed process (other replicas may be uploading now)."""
+    def clean_stale_uploads(self, older_than_s: float, spare: Collection[Path] = ()) -> int:
+        """Remove upload temporary files untouched for `older_than_s`, except those in `spare`.
+
+        Other replicas sharing this directory may be uploading now: their files are told apart by age
+        only, so `older_than_s` must stay well above the idle timeout after which an upload is aborted.
+        """
         removed = 0
         cutoff = time.time() - older_than_s
-        for path in self.tmp_dir.glob("upload-*.part"):
+        for path in self.tmp_dir.glob(f"{UPLOAD_PREFIX}*{UPLOAD_SUFFIX}"):
+            if path in spare:
+                continue
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
                     removed += 1
             except FileNotFoundError:
                 continue
+        if removed:
+            log.info("removed %d stale upload file(s) untouched for over %gs from %s", removed, older_than_s,
+                     self.tmp_dir)
         return removed
+
+    def sweep_dead_uploads(self, older_than_s: float) -> int:
+        """`clean_stale_uploads`, sparing the uploads this process is still writing."""
+        return self.clean_stale_uploads(older_than_s, spare=self.live_uploads())

@@ -7,12 +7,14 @@ them in a thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.registry import validation as check
 from services.registry.artifacts import ArtifactStore, PendingArtifact
 from services.registry.entities import (
@@ -29,7 +31,41 @@ from services.registry.store import NO_CHECK, RegistryStore
 log = logging.getLogger("aiaas.registry.core")
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
+# The upload header (signature, metadata, reports) as sent; larger reports can follow with AttachReport.
+MAX_UPLOAD_HEADER_BYTES = 4 * 1024 * 1024
+# Room for a message's own fields around its largest payload (a chunk, a header, a 1 MiB record).
+MESSAGE_FRAMING_BYTES = 64 * 1024
+# The largest message the registry accepts: anything bigger is refused before it is buffered.
+MAX_REQUEST_BYTES = max(MAX_CHUNK_BYTES, MAX_UPLOAD_HEADER_BYTES) + MESSAGE_FRAMING_BYTES
 DEFAULT_DOWNLOAD_CHUNK = 1024 * 1024
+
+
+class UploadSlots:
+    """At most `limit` uploads at once; one more is refused before it holds a file."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._in_use = 0
+        self._lock = threading.Lock()
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._lock:
+            if self._in_use >= self.limit:
+                plural = "s" if self._in_use != 1 else ""
+                raise ResourceExhausted(
+                    f"this registry already has {self._in_use} upload{plural} in progress, its limit (setting "
+                    "max_concurrent_uploads); retry in a few seconds", metadata={"retry-after-ms": "2000"})
+            self._in_use += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_use -= 1
 
 
 class Upload:
@@ -38,14 +74,17 @@ class Upload:
     def __init__(self, core: RegistryCore, spec: VersionSpec) -> None:
         self.core = core
         self.spec = spec
+        # `abort` may come from another thread (a cancelled stream) while a chunk is being written.
+        self._lock = threading.Lock()
         self._pending: PendingArtifact | None = core.artifacts.begin(spec.artifact_sha256, spec.artifact_size)
 
     def write(self, chunk: bytes) -> None:
-        if self._pending is None:
-            raise FailedPrecondition("this upload is already finished")
         if len(chunk) > MAX_CHUNK_BYTES:
             raise InvalidArgument(f"an upload chunk is {len(chunk)} bytes; send at most {MAX_CHUNK_BYTES} per message")
-        self._pending.write(chunk)
+        with self._lock:
+            if self._pending is None:
+                raise FailedPrecondition("this upload is already finished")
+            self._pending.write(chunk)
 
     def finish(self) -> tuple[ModelVersion, bool]:
         """Verify the artifact, store it once, then create the version. Returns (version, deduplicated)."""
@@ -69,16 +108,20 @@ class Upload:
         return version, deduplicated
 
     def abort(self) -> None:
-        if self._pending is not None:
-            self._pending.discard()
-            self._pending = None
+        # The artifact lock first, as `finish` takes it: an abort never cuts a commit in half.
+        with self.core.artifacts.lock, self._lock:
+            if self._pending is not None:
+                self._pending.discard()
+                self._pending = None
 
 
 class RegistryCore:
-    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, *, max_artifact_bytes: int) -> None:
+    def __init__(self, store: RegistryStore, artifacts: ArtifactStore, *, max_artifact_bytes: int,
+                 max_concurrent_uploads: int = 64) -> None:
         self.store = store
         self.artifacts = artifacts
         self.max_artifact_bytes = max_artifact_bytes
+        self.upload_slots = UploadSlots(max_concurrent_uploads)
 
     # Models.
     def create_model(self, name: str, description: str = "", labels: dict[str, str] | None = None,
@@ -107,20 +150,23 @@ class RegistryCore:
 
     # Versions.
     def begin_upload(self, spec: VersionSpec) -> Upload:
-        """Check everything about the version before a byte is received."""
+        """Check everything about the version before a byte is received; only then open a temporary file.
+
+        The caller holds one of `upload_slots` for the whole upload."""
         spec = check.version_spec(spec, self.max_artifact_bytes)
         self.store.check_new_version(spec)
         return Upload(self, spec)
 
     def upload_bytes(self, spec: VersionSpec, data: bytes) -> tuple[ModelVersion, bool]:
         """Upload a whole artifact held in memory (tests, small artifacts)."""
-        upload = self.begin_upload(spec)
-        try:
-            for start in range(0, len(data), MAX_CHUNK_BYTES):
-                upload.write(data[start:start + MAX_CHUNK_BYTES])
-            return upload.finish()
-        finally:
-            upload.abort()
+        with self.upload_slots.hold():
+            upload = self.begin_upload(spec)
+            try:
+                for start in range(0, len(data), MAX_CHUNK_BYTES):
+                    upload.write(data[start:start + MAX_CHUNK_BYTES])
+                return upload.finish()
+            finally:
+                upload.abort()
 
     def get_version(self, model: str, version: int = 0, alias: str = "") -> ModelVersion:
         check.name(model)

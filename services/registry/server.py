@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -10,13 +12,45 @@ from sqlalchemy.engine import make_url
 from aiaas.registry.v1 import registry_pb2_grpc
 from services.common.server import ServiceApp
 from services.registry.artifacts import ArtifactStore
-from services.registry.core import RegistryCore
+from services.registry.core import MAX_REQUEST_BYTES, RegistryCore
 from services.registry.feed import FeedHub
-from services.registry.servicer import RegistryServicer
+from services.registry.servicer import RegistryServicer, UploadLimits
 from services.registry.settings import RegistrySettings
 from services.registry.sql_store import SqlRegistryStore
 
 SERVICE_NAME = "aiaas.registry.v1.ModelRegistry"
+
+log = logging.getLogger("aiaas.registry.server")
+
+
+class UploadSweeper:
+    """Every `interval_s`, removes temporary files of dead uploads: a crashed replica's, or a stream lost
+    without its handler seeing it. This process's live uploads are spared; other replicas' by age."""
+
+    def __init__(self, artifacts: ArtifactStore, *, interval_s: float, stale_after_s: float) -> None:
+        self.artifacts = artifacts
+        self.interval_s = interval_s
+        self.stale_after_s = stale_after_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="upload-sweeper")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.to_thread(self.artifacts.sweep_dead_uploads, self.stale_after_s)
+            except Exception:  # the sweeper outlives one bad pass (a vanished mount, a permission error)
+                log.exception("sweeping stale uploads in %s failed; trying again in %gs", self.artifacts.tmp_dir,
+                              self.interval_s)
 
 
 class RegistryApp(ServiceApp):
@@ -24,15 +58,18 @@ class RegistryApp(ServiceApp):
 
     hub: FeedHub
     store: SqlRegistryStore
+    sweeper: UploadSweeper
 
     async def start(self) -> int:
         await self.hub.start()
+        self.sweeper.start()
         return await super().start()
 
     async def shutdown(self) -> None:
         # Watches never finish by themselves: end them first, or they would hold the drain
         # for the whole grace period. Watchers reconnect to another replica with their revision.
         await self.hub.close()
+        await self.sweeper.close()
         await super().shutdown()
 
 
@@ -47,13 +84,21 @@ def create_app(settings: RegistrySettings, *, configure_process: bool = True) ->
     _prepare_sqlite_dir(url)
     store = SqlRegistryStore(url, feed_retention=settings.feed_retention)
     artifacts = ArtifactStore(settings.resolved_artifact_dir())
-    artifacts.clean_stale_uploads()
-    core = RegistryCore(store, artifacts, max_artifact_bytes=settings.max_artifact_bytes)
+    # Same rule as the sweeper: other replicas may be uploading into this directory right now.
+    artifacts.clean_stale_uploads(settings.upload_stale_after_s)
+    core = RegistryCore(store, artifacts, max_artifact_bytes=settings.max_artifact_bytes,
+                        max_concurrent_uploads=settings.max_concurrent_uploads)
     hub = FeedHub(store, poll_s=settings.feed_poll_s, heartbeat_s=settings.heartbeat_s)
-    app = RegistryApp("registry", settings, configure_process=configure_process)
+    # Every request fits in a chunk or a header plus framing; responses (listings, downloads) may be larger.
+    app = RegistryApp("registry", settings, configure_process=configure_process, max_receive_bytes=MAX_REQUEST_BYTES)
     app.hub = hub
     app.store = store
-    app.add_service(SERVICE_NAME, registry_pb2_grpc.add_ModelRegistryServicer_to_server, RegistryServicer(core, hub))
+    app.sweeper = UploadSweeper(artifacts, interval_s=settings.upload_sweep_interval_s,
+                                stale_after_s=settings.upload_stale_after_s)
+    limits = UploadLimits(idle_timeout_s=settings.upload_idle_timeout_s,
+                          max_duration_s=settings.upload_max_duration_s)
+    app.add_service(SERVICE_NAME, registry_pb2_grpc.add_ModelRegistryServicer_to_server,
+                    RegistryServicer(core, hub, limits))
 
     async def close_store() -> None:
         await asyncio.to_thread(store.close)

@@ -6,6 +6,7 @@ Errors raised by the core travel as `AiaasError`s to the one interceptor, which 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,18 +14,56 @@ import grpc
 
 from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry.v1 import registry_pb2_grpc
-from services.common.errors import InvalidArgument
+from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.registry import convert
-from services.registry.core import RegistryCore
+from services.registry.core import MAX_UPLOAD_HEADER_BYTES, RegistryCore
 from services.registry.feed import FeedHub
 
 run = asyncio.to_thread
 
 
+@dataclasses.dataclass(frozen=True)
+class UploadLimits:
+    idle_timeout_s: float = 60.0
+    max_duration_s: float = 3600.0
+
+
+class UploadStream:
+    """The messages of one upload, each awaited no longer than the idle timeout and the overall bound.
+
+    Only artifact bytes count as progress: empty messages do not keep an upload alive."""
+
+    def __init__(self, messages: AsyncIterator[pb.UploadVersionRequest], limits: UploadLimits) -> None:
+        self._messages = aiter(messages)
+        self._limits = limits
+        self._loop = asyncio.get_running_loop()
+        self._ends_at = self._loop.time() + limits.max_duration_s
+        self._progress_at = self._loop.time()
+
+    def progressed(self) -> None:
+        self._progress_at = self._loop.time()
+
+    async def next(self) -> pb.UploadVersionRequest | None:
+        idle_ends_at = self._progress_at + self._limits.idle_timeout_s
+        try:
+            async with asyncio.timeout_at(min(idle_ends_at, self._ends_at)):
+                return await anext(self._messages, None)
+        except TimeoutError:
+            if idle_ends_at <= self._ends_at:
+                raise DeadlineExceeded(
+                    f"the upload sent no artifact bytes for {self._limits.idle_timeout_s:g} s (setting "
+                    "upload_idle_timeout_s) and was aborted; nothing was stored: send chunks without long "
+                    "pauses and retry") from None
+            raise DeadlineExceeded(
+                f"the upload ran longer than {self._limits.max_duration_s:g} s (setting upload_max_duration_s) "
+                "and was aborted; nothing was stored") from None
+
+
 class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
-    def __init__(self, core: RegistryCore, hub: FeedHub) -> None:
+    def __init__(self, core: RegistryCore, hub: FeedHub, limits: UploadLimits | None = None) -> None:
         self.core = core
         self.hub = hub
+        self.limits = limits or UploadLimits()
 
     # Models.
     async def CreateModel(self, request: pb.CreateModelRequest, context: Any) -> pb.CreateModelResponse:
@@ -55,20 +94,29 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     # Versions.
     async def UploadVersion(self, request_iterator: AsyncIterator[pb.UploadVersionRequest],
                             context: Any) -> pb.UploadVersionResponse:
-        first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("header"):
-            raise InvalidArgument("the upload stream must start with a header message, then send chunks")
-        upload = await run(self.core.begin_upload, convert.version_spec(first.header))
-        try:
-            async for message in request_iterator:
-                if message.HasField("header"):
-                    raise InvalidArgument("the upload stream carries a header twice; send it once, first")
-                if message.chunk:
-                    await run(upload.write, message.chunk)
-            found, deduplicated = await run(upload.finish)
-        finally:
-            # A broken stream (cancelled call) leaves no temporary file behind.
-            upload.abort()
+        # The slot is taken before anything is read: a refused upload holds no file and no thread.
+        with self.core.upload_slots.hold():
+            stream = UploadStream(request_iterator, self.limits)
+            first = await stream.next()
+            if first is None or not first.HasField("header"):
+                raise InvalidArgument("the upload stream must start with a header message, then send chunks")
+            if (size := first.header.ByteSize()) > MAX_UPLOAD_HEADER_BYTES:
+                raise InvalidArgument(f"the upload header is {size} bytes; the limit is {MAX_UPLOAD_HEADER_BYTES}: "
+                                      "attach large reports after the upload with AttachReport")
+            upload = await run(self.core.begin_upload, convert.version_spec(first.header))
+            try:
+                stream.progressed()
+                while (message := await stream.next()) is not None:
+                    if message.HasField("header"):
+                        raise InvalidArgument("the upload stream carries a header twice; send it once, first")
+                    if message.chunk:
+                        await run(upload.write, message.chunk)
+                        stream.progressed()
+                found, deduplicated = await run(upload.finish)
+            finally:
+                # A broken, idle or cancelled stream leaves no temporary file behind. In a thread: it waits
+                # for a chunk still being written.
+                await run(upload.abort)
         return pb.UploadVersionResponse(version=convert.version(found), deduplicated=deduplicated)
 
     async def GetVersion(self, request: pb.GetVersionRequest, context: Any) -> pb.GetVersionResponse:

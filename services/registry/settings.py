@@ -33,6 +33,18 @@ class RegistrySettings(ServerSettings):
     feed_poll_s: float = 0.25
     # How long a watch stays silent before a HEARTBEAT.
     heartbeat_s: float = 5.0
+    # Uploads in progress at once; one more is refused with RESOURCE_EXHAUSTED before it holds anything.
+    max_concurrent_uploads: int = 64
+    # An upload that sends no artifact bytes for this long is aborted (DEADLINE_EXCEEDED).
+    upload_idle_timeout_s: float = 60.0
+    # An upload still running after this long is aborted, however steadily it sends.
+    upload_max_duration_s: float = 3600.0
+    # Temporary files of dead uploads (a crashed replica, a lost stream) are removed once untouched
+    # this long. Live uploads write at least every upload_idle_timeout_s, so keep it well above that:
+    # replicas sharing an artifact directory sweep each other's files.
+    upload_stale_after_s: float = 300.0
+    # How often this process looks for such files.
+    upload_sweep_interval_s: float = 60.0
 
     def validate(self) -> None:
         super().validate()
@@ -42,6 +54,16 @@ class RegistrySettings(ServerSettings):
             raise InvalidArgument("feed_retention must be at least 1")
         if self.feed_poll_s <= 0 or self.heartbeat_s <= 0:
             raise InvalidArgument("feed_poll_s and heartbeat_s must be positive")
+        if self.max_concurrent_uploads < 1:
+            raise InvalidArgument("max_concurrent_uploads must be at least 1")
+        if self.upload_idle_timeout_s <= 0 or self.upload_sweep_interval_s <= 0:
+            raise InvalidArgument("upload_idle_timeout_s and upload_sweep_interval_s must be positive")
+        if self.upload_max_duration_s < self.upload_idle_timeout_s:
+            raise InvalidArgument("upload_max_duration_s must be at least upload_idle_timeout_s")
+        if self.upload_stale_after_s < 2 * self.upload_idle_timeout_s:
+            raise InvalidArgument(
+                f"upload_stale_after_s ({self.upload_stale_after_s:g}) must be at least twice upload_idle_timeout_s "
+                f"({self.upload_idle_timeout_s:g}), or the sweeper could remove a live upload's file")
 
     def resolved_database_url(self) -> str:
         if self.database_url:
