@@ -2,7 +2,9 @@
 
 Requests arrive and leave as raw bytes: the gateway parses a request's header fields, and
 forwards the caller's own bytes with the chosen `model_version` appended, so tensors are
-never re-serialized. No grpc API here: the servicer hands in what it read from the call.
+never re-serialized. Declared shapes are checked against the raw bytes before forwarding
+(BYTES included: a 4-byte length prefix per element at least), without decoding a tensor.
+No grpc API here: the servicer hands in what it read from the call.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from services.gateway.shadow import compare_responses
 from services.gateway.signatures import SignatureCache
 from services.gateway.stats import merge_index, merge_statistics
 from services.gateway.wire import response_version, retarget, wrap_stream_response
-from services.inference.datatypes import raw_to_array
+from services.inference.datatypes import BytesBudget, check_raw_size, raw_to_array
 
 log = logging.getLogger("aiaas.gateway.dataplane")
 
@@ -78,6 +80,22 @@ def _string_parameter(request: Any, name: str) -> str:
     if name in request.parameters:
         return str(request.parameters[name].string_param)
     return ""
+
+
+def check_bytes_inputs(request: Any, model: str) -> None:
+    """Each BYTES input's declared shape against its raw bytes and the per-request BYTES bounds.
+
+    O(inputs), nothing decoded; fixed-size inputs are checked by `check_request`. Only a request
+    with one raw entry per input is checked: inference refuses any other mix before decoding.
+    """
+    tensors = request.inputs
+    raws = request.raw_input_contents
+    if len(raws) != len(tensors):
+        return
+    budget = BytesBudget()
+    for tensor, data in zip(tensors, raws, strict=True):
+        if tensor.datatype == "BYTES":
+            check_raw_size(tensor.name, "BYTES", tensor.shape, len(data), budget, model)
 
 
 class DataPlane:
@@ -146,6 +164,7 @@ class DataPlane:
             )
             await self.quotas.check(caller, resolution.model, resolution.quota)
             check_request(request, len(raw), self.limits, self.signatures.get(resolution.model, resolution.version))
+            check_bytes_inputs(request, resolution.model)
             response = await self.upstream.call(
                 "ModelInfer", retarget(raw, *resolution.forward()), timeout=self._timeout(call),
                 metadata=call.forward, retry_not_found=True,

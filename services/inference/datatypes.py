@@ -3,6 +3,11 @@
 numpy has no bfloat16, so BF16 travels through numpy as its uint16 bit patterns; the worker views
 them as torch.bfloat16. BYTES tensors are numpy object arrays of `bytes`; on the wire each element
 is a 4-byte little-endian length followed by its bytes (KSERVE_V2_PROTOCOL.md §4.3).
+
+A request's declared shapes are checked against the bytes it carries before anything is
+allocated (`check_raw_size`, O(rank) per input): a shape is a claim, the raw bytes are the
+evidence, and a BYTES element costs far more memory decoded than its 4-byte prefix on the wire.
+The gateway runs the same checks before forwarding.
 """
 
 from __future__ import annotations
@@ -41,6 +46,19 @@ _ELEMENT_SIZE: dict[str, int] = {
 }
 
 _LENGTH = struct.Struct("<I")
+_PREFIX = _LENGTH.size
+
+# Bounds checked before a tensor is decoded, shared by gateway and inference. Module constants
+# until the services' settings carry them.
+# numpy's own limit on dimensions; deeper shapes cannot be built anyway.
+MAX_RANK = 64
+# BYTES elements in one request, all inputs together: decoded, each costs a Python bytes
+# object (~40 bytes) however short it was on the wire.
+MAX_BYTES_ELEMENTS = 1 << 22
+# One BYTES element.
+MAX_BYTES_ELEMENT_BYTES = 64 << 20
+# The BYTES tensors of one request together, length prefixes included (decoding copies them).
+MAX_BYTES_REQUEST_BYTES = 1 << 30
 
 
 def _check_datatype(datatype: str) -> None:
@@ -91,11 +109,16 @@ def serialize_bytes_tensor(array: np.ndarray) -> bytes:
 
 
 def deserialize_bytes_tensor(raw: bytes | bytearray | memoryview, count: int) -> np.ndarray:
-    """A flat object array of `count` bytes elements; InvalidArgument if `raw` is malformed."""
+    """A flat object array of `count` bytes elements; InvalidArgument if `raw` is malformed.
+
+    `count` is checked against `raw` and the bounds before the array is allocated.
+    """
     view = memoryview(raw).cast("B")
     total = len(view)
+    _check_bytes_count(count, total)
     result = np.empty(count, dtype=object)
     unpack = _LENGTH.unpack_from
+    limit = MAX_BYTES_ELEMENT_BYTES
     offset = 0
     for index in range(count):
         if offset + 4 > total:
@@ -111,6 +134,10 @@ def deserialize_bytes_tensor(raw: bytes | bytearray | memoryview, count: int) ->
                 f"malformed BYTES tensor: element {index} declares {length} bytes at offset {offset} "
                 f"but only {total - offset} remain"
             )
+        if length > limit:
+            raise InvalidArgument(
+                f"BYTES element {index} of {count} is {length} bytes, over the limit of {limit} per element"
+            )
         result[index] = bytes(view[offset:end])
         offset = end
     if offset != total:
@@ -120,7 +147,90 @@ def deserialize_bytes_tensor(raw: bytes | bytearray | memoryview, count: int) ->
     return result
 
 
+def _check_bytes_count(count: int, total: int) -> None:
+    if count * _PREFIX > total:
+        raise InvalidArgument(
+            f"malformed BYTES tensor: {count} elements need at least {count * _PREFIX} bytes (a 4-byte length "
+            f"prefix each) but {total} bytes were received: element {total // _PREFIX} of {count} has no "
+            "4-byte length prefix"
+        )
+    if count > MAX_BYTES_ELEMENTS:
+        raise InvalidArgument(
+            f"BYTES tensor of {count} elements is over the limit of {MAX_BYTES_ELEMENTS} elements per request"
+        )
+
+
+def element_count(name: str, shape: Sequence[int], model: str = "") -> int:
+    """The elements `shape` declares, in O(rank); InvalidArgument for a negative or excess dimension."""
+    rank = len(shape)
+    if rank > MAX_RANK:
+        raise InvalidArgument(f"{_input(name, model)}: shape has {rank} dimensions, more than {MAX_RANK}")
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise InvalidArgument(f"{_input(name, model)}: negative dimension in shape {_dims(shape)}")
+        count *= dim
+    return count
+
+
+class BytesBudget:
+    """What the BYTES inputs of one request may add up to, charged input by input before decoding."""
+
+    __slots__ = ("elements", "size")
+
+    def __init__(self) -> None:
+        self.elements = 0
+        self.size = 0
+
+    def charge(self, name: str, count: int, size: int, model: str = "") -> None:
+        self.elements += count
+        self.size += size
+        if self.elements > MAX_BYTES_ELEMENTS:
+            raise InvalidArgument(
+                f"{_input(name, model)}: the request's BYTES inputs declare {self.elements} elements so far, "
+                f"over the limit of {MAX_BYTES_ELEMENTS} per request")
+        if self.size > MAX_BYTES_REQUEST_BYTES:
+            raise InvalidArgument(
+                f"{_input(name, model)}: the request's BYTES inputs hold {self.size} bytes so far, over the "
+                f"limit of {MAX_BYTES_REQUEST_BYTES} per request")
+
+
+def check_raw_size(name: str, datatype: str, shape: Sequence[int], size: int, budget: BytesBudget | None = None,
+                   model: str = "") -> int:
+    """Check the `size` bytes received for an input against its declared `shape`; returns its element count.
+
+    A fixed-size datatype needs exactly count * element size bytes; BYTES needs a 4-byte length
+    prefix per element at least, within the per-request bounds (charged to `budget`). O(rank):
+    nothing is read or allocated. An unknown datatype is left to the caller to refuse.
+    """
+    count = element_count(name, shape, model)
+    itemsize = _ELEMENT_SIZE.get(datatype)
+    if itemsize is not None:
+        if size != count * itemsize:
+            raise InvalidArgument(
+                f"{_input(name, model)}: shape {_dims(shape)} of {datatype} declares {count} elements "
+                f"({count * itemsize} bytes) but raw_input_contents holds {size} bytes")
+    elif datatype == "BYTES":
+        if count * _PREFIX > size:
+            raise InvalidArgument(
+                f"{_input(name, model)}: shape {_dims(shape)} declares {count} BYTES elements, which need at "
+                f"least {count * _PREFIX} bytes (a 4-byte length prefix each), but raw_input_contents holds "
+                f"{size} bytes")
+        (budget or BytesBudget()).charge(name, count, size, model)
+    return count
+
+
+def _input(name: str, model: str) -> str:
+    return f"input '{name}' for model '{model}'" if model else f"input '{name}'"
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
 def _element_count(shape: Sequence[int], datatype: str) -> int:
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"invalid shape for {datatype} tensor: {len(shape)} dimensions, more than {MAX_RANK}")
     for dim in shape:
         if dim < 0:
             raise InvalidArgument(f"invalid shape {list(shape)} for {datatype} tensor: negative dimension")

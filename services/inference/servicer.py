@@ -2,6 +2,10 @@
 
 Errors are raised as `AiaasError`s; the service interceptor maps them to status codes. On the
 stream, a request's error goes in-band in `error_message` and the stream carries on.
+
+Each request's declared shapes are checked against its raw bytes before it is parsed (O(inputs));
+a request whose tensors take element-by-element work to decode or encode (BYTES, typed contents)
+is parsed and answered in a thread, so small requests on the event loop are not held up.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -17,7 +22,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from aiaas import __version__
 from services.common.errors import AiaasError, InvalidArgument, NotFound, Unavailable, Unimplemented
 from services.inference import metadata
-from services.inference.convert import build_response, parse_request, plan_for
+from services.inference.convert import InputPlan, ParsedRequest, build_response, parse_request, plan_for
+from services.inference.datatypes import BytesBudget, check_raw_size, element_count
 from services.inference.repository import IndexEntry, ModelRepository, parse_version
 
 log = logging.getLogger("aiaas.inference.servicer")
@@ -28,6 +34,16 @@ _SHM = "shared memory is not supported by this server: send tensors in raw_input
 _TRACE = "trace settings are not supported by this server: traces are exported with OpenTelemetry (otlp_endpoint)"
 _LOG = "log settings are not supported by this server: set log_level at start-up"
 
+# Requests of one ModelStreamInfer call running or answered but not yet written; while this many
+# are, the stream is not read further, so a fast sender backs up in HTTP/2 flow control instead of
+# in this server's memory. A module constant until settings.py carries it.
+MAX_STREAM_IN_FLIGHT = 64
+# Elements a request may ask to be decoded or encoded one by one (BYTES, typed contents) on the
+# event loop (well under a millisecond); above it the work goes to the conversion threads.
+INLINE_CONVERT_ELEMENTS = 4096
+# Threads converting large requests; more large requests than this wait for one.
+CONVERT_THREADS = 2
+
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, catalog: ModelCatalog | None = None, *,
@@ -36,6 +52,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._catalog = catalog
         self._priority = (priority_levels, default_priority_level or priority_levels)
         self.ready = False
+        self._converters: ThreadPoolExecutor | None = None
 
     # ---- health and metadata -------------------------------------------------------------------
 
@@ -92,8 +109,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: service_pb2.ModelInferRequest,
                      remaining_s: float | None) -> service_pb2.ModelInferResponse:
         lv = self._repo.resolve(request.model_name, request.model_version)
+        plan = lv.input_plan or plan_for(lv)
         try:
-            parsed = parse_request(request, lv.input_plan or plan_for(lv))
+            if check_sizes(request, plan) > INLINE_CONVERT_ELEMENTS:
+                parsed = await self._convert(parse_request, request, plan)
+            else:
+                parsed = parse_request(request, plan)
         except AiaasError as exc:
             lv.record_rejected(exc)
             raise
@@ -106,7 +127,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 deadline_bound = True
         outcome = await lv.infer(parsed.inputs, parsed.rows, priority=parsed.priority, timeout_us=timeout_us,
                                  deadline_bound=deadline_bound)
+        if _object_elements(outcome.outputs, parsed) > INLINE_CONVERT_ELEMENTS:
+            return await self._convert(build_response, request, lv, parsed, outcome.outputs)
         return build_response(request, lv, parsed, outcome.outputs)
+
+    async def _convert(self, function: Callable[..., Any], *args: Any) -> Any:
+        if self._converters is None:
+            self._converters = ThreadPoolExecutor(CONVERT_THREADS, thread_name_prefix="aiaas-convert")
+        return await asyncio.get_running_loop().run_in_executor(self._converters, function, *args)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[service_pb2.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
@@ -117,6 +145,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         """
         loop = asyncio.get_running_loop()
         answers: asyncio.Queue[service_pb2.ModelStreamInferResponse | AiaasError | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
         metadata = dict(context.invocation_metadata() or ())
         grpc_errors = str(metadata.get("triton_grpc_error", "")).lower() == "true"
@@ -135,6 +164,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    await slots.acquire()  # released once its answer is written
                     task = loop.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -149,6 +179,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 if isinstance(message, AiaasError):
                     raise message
                 yield message
+                slots.release()
         finally:
             reader.cancel()
             for task in list(running):
@@ -208,6 +239,45 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def LogSettings(self, request: Any, context: Any) -> Any:
         raise Unimplemented(_LOG)
+
+
+def check_sizes(request: service_pb2.ModelInferRequest, plan: InputPlan) -> int:
+    """Each input's declared shape against its raw bytes, before anything is parsed; O(inputs).
+
+    Returns how many elements parsing will convert one by one (BYTES and typed contents; raw
+    numbers are a zero-copy view). A request that does not match the model's inputs at all is
+    left for `parse_request` to explain.
+    """
+    tensors = request.inputs
+    raws = request.raw_input_contents
+    if len(tensors) != plan.count or (raws and len(raws) != len(tensors)):
+        return 0
+    model = plan.model
+    budget = BytesBudget()
+    elements = 0
+    for index, tensor in enumerate(tensors):
+        spec = plan.inputs.get(tensor.name)
+        if spec is None or spec.datatype != tensor.datatype:
+            continue  # parse_request refuses it
+        if raws:
+            count = check_raw_size(tensor.name, tensor.datatype, tensor.shape, len(raws[index]), budget, model)
+            if spec.dtype is None:
+                elements += count
+        else:
+            elements += element_count(tensor.name, tensor.shape, model)
+    return elements
+
+
+def _object_elements(outputs: dict[str, Any], parsed: ParsedRequest) -> int:
+    """Elements `build_response` will encode one by one (BYTES outputs, classified outputs)."""
+    total = 0
+    for array in outputs.values():
+        if array.dtype == object:
+            total += array.size
+    for name, classes in parsed.outputs or ():
+        if classes:
+            total += outputs[name].size
+    return total
 
 
 def _stream_error(request: service_pb2.ModelInferRequest, message: str) -> service_pb2.ModelStreamInferResponse:
