@@ -1,4 +1,8 @@
-"""Artifact formats and runners: load an artifact (never by unpickling) and call it on numpy arrays.
+"""Artifact formats and runners: load an artifact through the artifact gate and call it on numpy arrays.
+
+Every loader here goes through `aiaas.artifact_gate` (the same checks the registry runs at upload
+and inference runs at load): nothing is unpickled, and a graph calling file or I/O operators is
+refused before it runs. A refusal is an InvalidArgument naming what was found.
 
 A runner takes the inputs in signature order and returns the outputs in signature order, so the
 parity gate can compare an eager module, a TorchScript archive, a `torch.export` program and an
@@ -8,13 +12,12 @@ ONNX model the same way.
 from __future__ import annotations
 
 import enum
-import io
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from aiaas import artifact_gate
 from services.common.errors import InvalidArgument
 
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
@@ -65,20 +68,31 @@ def module_runner(module: Callable[..., object]) -> Runner:
 
 
 def load_torchscript(data: bytes) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        # torch.jit.load itself is deprecated, and quantized weights warn as they are rebuilt.
-        warnings.simplefilter("ignore")
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    module.eval()
-    return module
+    try:
+        return artifact_gate.load_torchscript(data, map_location="cpu")
+    except artifact_gate.UnsafeArtifact as exc:
+        raise InvalidArgument(f"refused: {exc}") from None
 
 
 def load_torch_export(data: bytes) -> torch.export.ExportedProgram:
-    return torch.export.load(io.BytesIO(data))
+    try:
+        return artifact_gate.load_torch_export(data)
+    except artifact_gate.UnsafeArtifact as exc:
+        raise InvalidArgument(f"refused: {exc}") from None
+
+
+def check_onnx(data: bytes) -> bytes:
+    """The ONNX bytes, once the gate has checked them (no external data, no custom op domains)."""
+    try:
+        return artifact_gate.onnx_model_bytes(data)
+    except artifact_gate.UnsafeArtifact as exc:
+        raise InvalidArgument(f"refused: {exc}") from None
 
 
 def onnx_runner(data: bytes) -> Runner:
     import onnxruntime as ort
+
+    data = check_onnx(data)
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

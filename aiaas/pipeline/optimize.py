@@ -24,7 +24,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from aiaas.pipeline.artifacts import ArtifactFormat, first_line, load_torch_export, load_torchscript
+from aiaas.pipeline.artifacts import (
+    ArtifactFormat,
+    check_onnx,
+    first_line,
+    load_torch_export,
+    load_torchscript,
+)
 from aiaas.pipeline.export import batch_dynamic_shapes, exportable_batch, quiet_export
 from aiaas.pipeline.signature import FLOAT_DATATYPES, Signature, generate_inputs, torch_dtype
 from services.common.errors import InvalidArgument
@@ -100,6 +106,8 @@ def _cast_wrapper(inner: torch.nn.Module, signature: Signature, dtype: torch.dty
 def _onnx_file_op(data: bytes, op: str, level: str = "extended") -> bytes:
     import onnxruntime as ort
 
+    data = check_onnx(data)
+
     with tempfile.TemporaryDirectory(prefix="aiaas-ort-") as tmp:
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
         with open(src, "wb") as f:
@@ -154,7 +162,9 @@ def _transform_torch(fmt: ArtifactFormat, data: bytes, signature: Signature, tra
             module = load_torchscript(data)
         else:
             with quiet_export(), torch.no_grad():
-                module = torch.jit.trace(load_torch_export(data).module(), _example(signature), check_trace=False)
+                exported = load_torch_export(data).module()
+                exported.validate_inputs = False  # its shape pre-hook cannot run under torch.jit.trace
+                module = torch.jit.trace(exported, _example(signature), check_trace=False)
         return Transformed(ArtifactFormat.TORCHSCRIPT, _quantize_torchscript(module), "quantize:int8-dynamic")
     if transformation in ("fp16", "bf16"):
         dtype = torch.float16 if transformation == "fp16" else torch.bfloat16

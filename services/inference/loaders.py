@@ -1,7 +1,10 @@
 """Loading a model artifact and calling it on numpy tensors, without ever unpickling.
 
-TorchScript goes through `torch.jit.load`, a `torch.export` archive through `torch.export.load`,
-ONNX through `onnxruntime.InferenceSession`. Inputs are passed positionally in signature order
+Every format loads through `aiaas.artifact_gate`, which refuses what can run code before any
+deserializer sees it: TorchScript is scanned (archive code, then every inlined graph) around
+`torch.jit.load`; a `torch.export` archive is rebuilt from its checked JSON and raw tensors
+(never `torch.export.load`, which unpickles); ONNX is checked (no external data, no custom op
+domains) and its checked bytes, not its path, go to `onnxruntime.InferenceSession`. Inputs are passed positionally in signature order
 (ONNX: by name); outputs may be one tensor, a tuple/list in signature order, or a dict by name.
 The same `LoadedModel` runs inside a worker process and in the in-process runner.
 """
@@ -17,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from aiaas import artifact_gate
 from services.common.errors import AiaasError, FailedPrecondition, Internal, InvalidArgument
 from services.inference.datatypes import KSERVE_TO_NUMPY
 
@@ -144,17 +148,15 @@ class TorchModel:
         self._on_cpu = device == "cpu"
         try:
             if format == "torchscript":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is still served
-                    module = torch.jit.load(path, map_location=self._device)
+                module = artifact_gate.load_torchscript(path, map_location=self._device)
             else:
-                module = torch.export.load(path).module()
+                module = artifact_gate.load_torch_export(path).module()
                 if not self._on_cpu:
                     module = module.to(self._device)
-            if hasattr(module, "eval") and format == "torchscript":
-                module.eval()
         except AiaasError:
             raise
+        except artifact_gate.UnsafeArtifact as exc:
+            raise InvalidArgument(f"cannot load {format} artifact: refused: {exc}") from None
         except Exception as exc:
             raise InvalidArgument(f"cannot load {format} artifact: {_first_line(exc)}") from exc
         self._module = module
@@ -244,7 +246,11 @@ class OnnxModel:
         if device != "cpu":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])}))
         try:
-            self._session = ort.InferenceSession(path, sess_options=options, providers=providers)
+            model_bytes = artifact_gate.onnx_model_bytes(path)
+        except artifact_gate.UnsafeArtifact as exc:
+            raise InvalidArgument(f"cannot load onnx artifact: refused: {exc}") from None
+        try:
+            self._session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
         except Exception as exc:
             raise InvalidArgument(f"cannot load onnx artifact: {_first_line(exc)}") from exc
         if device != "cpu" and "CUDAExecutionProvider" not in self._session.get_providers():
