@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from services.common.errors import Aborted, DataLoss, InvalidArgument
@@ -52,8 +52,12 @@ class PendingArtifact:
         self._hash.update(chunk)
         self.size += len(chunk)
 
-    def commit(self) -> bool:
-        """Verify and move into the store; returns True when the content was already stored."""
+    def commit(self, check_content: Callable[[Path], None] | None = None) -> bool:
+        """Verify and move into the store; returns True when the content was already stored.
+
+        `check_content` (the artifact gate) reads the complete, hash-verified file before it becomes
+        visible; whatever it raises aborts the commit and nothing is stored.
+        """
         if self.size != self.expected_size:
             raise InvalidArgument(f"the stream ended after {self.size} bytes, but artifact_size declared "
                                   f"{self.expected_size}; nothing was stored")
@@ -62,6 +66,8 @@ class PendingArtifact:
             raise InvalidArgument(f"artifact sha256 mismatch: declared {self.expected_sha256}, received {digest}; "
                                   "nothing was stored")
         self._file.flush()
+        if check_content is not None:
+            check_content(self.path)
         os.fsync(self._file.fileno())
         self._file.close()
         self.store._untrack(self)

@@ -12,8 +12,10 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from aiaas import artifact_gate
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.registry import validation as check
 from services.registry.artifacts import ArtifactStore, PendingArtifact
@@ -94,7 +96,7 @@ class Upload:
         artifacts = self.core.artifacts
         with artifacts.lock:
             try:
-                deduplicated = pending.commit()
+                deduplicated = pending.commit(self._check_content)
             except BaseException:
                 self.abort()
                 raise
@@ -107,6 +109,14 @@ class Upload:
                 raise
         return version, deduplicated
 
+    def _check_content(self, path: Path) -> None:
+        """The artifact gate on the complete upload: nothing that can run code becomes a version."""
+        try:
+            artifact_gate.check_artifact(path, self.spec.format.value,
+                                         allow_torchscript="torchscript" in self.core.allowed_formats)
+        except artifact_gate.UnsafeArtifact as exc:
+            raise InvalidArgument(f"artifact refused: {exc}; nothing was stored") from None
+
     def abort(self) -> None:
         # The artifact lock first, as `finish` takes it: an abort never cuts a commit in half.
         with self.core.artifacts.lock, self._lock:
@@ -117,7 +127,9 @@ class Upload:
 
 class RegistryCore:
     def __init__(self, store: RegistryStore, artifacts: ArtifactStore, *, max_artifact_bytes: int,
-                 max_concurrent_uploads: int = 64) -> None:
+                 max_concurrent_uploads: int = 64,
+                 allowed_formats: frozenset[str] = frozenset(artifact_gate.FORMATS)) -> None:
+        self.allowed_formats = frozenset(allowed_formats)
         self.store = store
         self.artifacts = artifacts
         self.max_artifact_bytes = max_artifact_bytes
@@ -154,6 +166,9 @@ class RegistryCore:
 
         The caller holds one of `upload_slots` for the whole upload."""
         spec = check.version_spec(spec, self.max_artifact_bytes)
+        if spec.format.value not in self.allowed_formats:
+            raise InvalidArgument(f"this registry does not accept {spec.format.value} artifacts (setting "
+                                  f"allowed_formats: {', '.join(sorted(self.allowed_formats))})")
         self.store.check_new_version(spec)
         return Upload(self, spec)
 

@@ -87,7 +87,8 @@ def create_app(settings: RegistrySettings, *, configure_process: bool = True) ->
     # Same rule as the sweeper: other replicas may be uploading into this directory right now.
     artifacts.clean_stale_uploads(settings.upload_stale_after_s)
     core = RegistryCore(store, artifacts, max_artifact_bytes=settings.max_artifact_bytes,
-                        max_concurrent_uploads=settings.max_concurrent_uploads)
+                        max_concurrent_uploads=settings.max_concurrent_uploads,
+                        allowed_formats=settings.format_set())
     hub = FeedHub(store, poll_s=settings.feed_poll_s, heartbeat_s=settings.heartbeat_s)
     # Every request fits in a chunk or a header plus framing; responses (listings, downloads) may be larger.
     app = RegistryApp("registry", settings, configure_process=configure_process, max_receive_bytes=MAX_REQUEST_BYTES)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from aiaas import artifact_gate
 from services.common.errors import InvalidArgument
 from services.common.settings import ServerSettings
 
@@ -45,6 +46,12 @@ class RegistrySettings(ServerSettings):
     upload_stale_after_s: float = 300.0
     # How often this process looks for such files.
     upload_sweep_interval_s: float = 60.0
+    # Artifact formats this registry accepts (comma-separated); each is checked by the artifact gate
+    # at upload. Drop 'torchscript' to turn off the deprecated format whose archives carry code.
+    allowed_formats: str = "torchscript,torch_export,onnx,safetensors"
+
+    def format_set(self) -> frozenset[str]:
+        return frozenset(f.strip() for f in self.allowed_formats.split(",") if f.strip())
 
     def validate(self) -> None:
         super().validate()
@@ -54,6 +61,10 @@ class RegistrySettings(ServerSettings):
             raise InvalidArgument("feed_retention must be at least 1")
         if self.feed_poll_s <= 0 or self.heartbeat_s <= 0:
             raise InvalidArgument("feed_poll_s and heartbeat_s must be positive")
+        unknown = set(self.format_set()) - set(artifact_gate.FORMATS)
+        if unknown or not self.format_set():
+            raise InvalidArgument(f"allowed_formats {self.allowed_formats!r}: use a comma-separated subset of "
+                                  f"{', '.join(artifact_gate.FORMATS)}")
         if self.max_concurrent_uploads < 1:
             raise InvalidArgument("max_concurrent_uploads must be at least 1")
         if self.upload_idle_timeout_s <= 0 or self.upload_sweep_interval_s <= 0:

@@ -14,6 +14,7 @@ import pytest
 from aiaas.cli import output
 from aiaas.cli.main import main
 from tests.registry.service import RunningRegistry, running_registry
+from tests.support.blobs import onnx_blob
 
 
 @pytest.fixture(scope="module", params=["sqlite"])
@@ -35,10 +36,10 @@ def run_json(capsys: pytest.CaptureFixture[str], registry: RunningRegistry, *arg
 
 def test_register_list_show_alias_rollback_audit(capsys: pytest.CaptureFixture[str], registry: RunningRegistry,
                                                  tmp_path: Path) -> None:
-    artifact = tmp_path / "m.pt"
-    for content in (b"first", b"second"):
+    artifact = tmp_path / "m.onnx"
+    for content in (onnx_blob("first"), onnx_blob("second")):
         artifact.write_bytes(content)
-        code, out, err = run(capsys, registry, "register", "cli-model", str(artifact), "--format", "torchscript",
+        code, out, err = run(capsys, registry, "register", "cli-model", str(artifact), "--format", "onnx",
                              "--input", "x:FP32:-1,10", "--output", "y:FP32:-1,2", "--max-batch-size", "8",
                              "--metadata", "accuracy=0.93", "--metadata", "owner=vision")
         assert code == 0, err
@@ -47,7 +48,7 @@ def test_register_list_show_alias_rollback_audit(capsys: pytest.CaptureFixture[s
     assert version["version"] == "2" and version["created_by"] == "cli-test"
     assert version["signature"]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "10"]}]
     assert version["metadata"] == {"accuracy": 0.93, "owner": "vision"}
-    assert version["artifact_sha256"] == hashlib.sha256(b"second").hexdigest()
+    assert version["artifact_sha256"] == hashlib.sha256(onnx_blob("second")).hexdigest()
 
     code, out, _ = run(capsys, registry, "models", "list")
     assert code == 0 and out.splitlines()[0].split() == ["NAME", "LATEST", "ALIASES", "DESCRIPTION", "UPDATED"]
@@ -70,7 +71,7 @@ def test_register_list_show_alias_rollback_audit(capsys: pytest.CaptureFixture[s
     assert [e["action"] for e in events][:3] == ["alias.rollback", "alias.set", "alias.set"]
 
     code, out, _ = run(capsys, registry, "download", "cli-model", "production", "-o", str(tmp_path / "back.pt"))
-    assert code == 0 and (tmp_path / "back.pt").read_bytes() == b"first"
+    assert code == 0 and (tmp_path / "back.pt").read_bytes() == onnx_blob("first")
 
 
 def test_errors_are_one_line_with_an_exit_code(capsys: pytest.CaptureFixture[str], registry: RunningRegistry,

@@ -13,6 +13,7 @@ from services.registry.core import RegistryCore
 from services.registry.entities import ChangeType, Lineage
 from services.registry.sql_store import SqlRegistryStore
 from tests.registry.conftest import blobs, spec_for
+from tests.support.blobs import onnx_blob
 
 
 def test_models_create_get_update_list_delete(core: RegistryCore) -> None:
@@ -48,9 +49,10 @@ def test_list_models_pages_with_tokens(core: RegistryCore) -> None:
 
 
 def test_versions_are_numbered_per_model_and_keep_what_was_declared(core: RegistryCore) -> None:
-    v1, dedup1 = core.upload_bytes(spec_for("a", b"one", metadata={"acc": 0.9}), b"one")
-    v2, dedup2 = core.upload_bytes(spec_for("a", b"two", lineage=Lineage(1, "quantize:int8-dynamic")), b"two")
-    other, _ = core.upload_bytes(spec_for("b", b"one"), b"one")
+    v1, dedup1 = core.upload_bytes(spec_for("a", onnx_blob("one"), metadata={"acc": 0.9}), onnx_blob("one"))
+    v2, dedup2 = core.upload_bytes(spec_for("a", onnx_blob("two"), lineage=Lineage(1, "quantize:int8-dynamic")),
+                                   onnx_blob("two"))
+    other, _ = core.upload_bytes(spec_for("b", onnx_blob("one")), onnx_blob("one"))
     assert (v1.version, v2.version, other.version) == (1, 2, 1)
     assert (dedup1, dedup2) == (False, False)
     got = core.get_version("a", 2)
@@ -69,7 +71,7 @@ def test_concurrent_uploads_get_distinct_numbers(core: RegistryCore) -> None:
     errors: list[BaseException] = []
 
     def upload(i: int) -> None:
-        data = f"artifact {i}".encode()
+        data = onnx_blob(f"artifact {i}")
         try:
             numbers.append(core.upload_bytes(spec_for("busy", data), data)[0].version)
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
@@ -85,7 +87,7 @@ def test_concurrent_uploads_get_distinct_numbers(core: RegistryCore) -> None:
 
 
 def test_identical_content_is_stored_once_and_deleted_with_its_last_version(core: RegistryCore) -> None:
-    data = b"same bytes"
+    data = onnx_blob("same bytes")
     core.upload_bytes(spec_for("a", data), data)
     _, deduplicated = core.upload_bytes(spec_for("b", data), data)
     assert deduplicated
@@ -97,9 +99,9 @@ def test_identical_content_is_stored_once_and_deleted_with_its_last_version(core
 
 
 def test_failed_upload_leaves_no_version_and_no_blob(core: RegistryCore) -> None:
-    data = b"real content"
+    data = onnx_blob("real content")
     with pytest.raises(InvalidArgument, match="sha256 mismatch"):
-        core.upload_bytes(spec_for("m", b"other content", artifact_size=len(data)), data)
+        core.upload_bytes(spec_for("m", onnx_blob("other content"), artifact_size=len(data)), data)
     upload = core.begin_upload(spec_for("m", data))
     upload.write(data[:4])
     upload.abort()  # a stream that broke
@@ -117,7 +119,7 @@ def test_failed_upload_leaves_no_version_and_no_blob(core: RegistryCore) -> None
 
 
 def test_alias_compare_and_set_and_rollback(core: RegistryCore) -> None:
-    for data in (b"v1", b"v2", b"v3"):
+    for data in (onnx_blob("v1"), onnx_blob("v2"), onnx_blob("v3")):
         core.upload_bytes(spec_for("m", data), data)
     core.set_alias("m", "production", 1, expected_version=0, actor="alice", reason="launch")
     with pytest.raises(Aborted, match="points at version 1, not the expected version 2"):
@@ -147,7 +149,7 @@ def test_alias_compare_and_set_and_rollback(core: RegistryCore) -> None:
 
 
 def test_racing_alias_moves_with_compare_and_set_one_wins(core: RegistryCore) -> None:
-    for data in (b"v1", b"v2", b"v3"):
+    for data in (onnx_blob("v1"), onnx_blob("v2"), onnx_blob("v3")):
         core.upload_bytes(spec_for("m", data), data)
     core.set_alias("m", "production", 1)
     barrier = threading.Barrier(2)
@@ -189,7 +191,7 @@ def test_records_compare_and_set(core: RegistryCore) -> None:
 
 def test_audit_log_by_model_and_time(core: RegistryCore) -> None:
     start = datetime.now(UTC) - timedelta(seconds=1)
-    core.upload_bytes(spec_for("a", b"1"), b"1")
+    core.upload_bytes(spec_for("a", onnx_blob("1")), onnx_blob("1"))
     core.set_alias("a", "production", 1, actor="alice", reason="go")
     core.create_model("b")
     core.append_audit("monitor", "canary.rollback", "a", 1, {"slo": "p99"})
@@ -204,7 +206,7 @@ def test_audit_log_by_model_and_time(core: RegistryCore) -> None:
 
 
 def test_feed_is_gapless_ordered_and_pruned(core: RegistryCore, store: SqlRegistryStore) -> None:
-    core.upload_bytes(spec_for("m", b"1"), b"1")
+    core.upload_bytes(spec_for("m", onnx_blob("1")), onnx_blob("1"))
     core.set_alias("m", "production", 1)
     events = store.events_after(0, 100)
     assert [e.type for e in events] == [ChangeType.MODEL_CREATED, ChangeType.VERSION_CREATED, ChangeType.ALIAS_MOVED]

@@ -14,6 +14,7 @@ from services.registry.entities import ChangeEvent, ChangeType
 from services.registry.feed import FeedHub
 from services.registry.sql_store import SqlRegistryStore
 from tests.registry.conftest import spec_for
+from tests.support.blobs import onnx_blob
 
 
 async def _next(stream: AsyncIterator[ChangeEvent], timeout: float = 5.0) -> ChangeEvent:
@@ -30,7 +31,7 @@ async def _until(stream: AsyncIterator[ChangeEvent], kind: ChangeType) -> list[C
 
 
 async def test_snapshot_then_live_events_arrive_promptly(core: RegistryCore, store: SqlRegistryStore) -> None:
-    await asyncio.to_thread(core.upload_bytes, spec_for("m", b"1"), b"1")
+    await asyncio.to_thread(core.upload_bytes, spec_for("m", onnx_blob("1")), onnx_blob("1"))
     await asyncio.to_thread(core.set_alias, "m", "production", 1)
     await asyncio.to_thread(core.put_record, "route", "r", b"data")
     hub = FeedHub(store, poll_s=30.0, heartbeat_s=30.0)  # only the in-process notify can wake it
@@ -45,7 +46,7 @@ async def test_snapshot_then_live_events_arrive_promptly(core: RegistryCore, sto
     waiting = asyncio.ensure_future(_next(stream))
     await asyncio.sleep(0.05)
     started = time.monotonic()
-    await asyncio.to_thread(core.upload_bytes, spec_for("m", b"2"), b"2")
+    await asyncio.to_thread(core.upload_bytes, spec_for("m", onnx_blob("2")), onnx_blob("2"))
     event = await waiting
     assert (event.type, event.version, event.revision) == (ChangeType.VERSION_CREATED, 2, 5)
     assert time.monotonic() - started < 0.5
@@ -58,7 +59,7 @@ async def test_resume_gets_exactly_the_missed_events_in_order(core: RegistryCore
     hub = FeedHub(store, heartbeat_s=30.0)
     await hub.start()
     for i in range(1, 4):
-        await asyncio.to_thread(core.upload_bytes, spec_for("m", bytes([i])), bytes([i]))
+        await asyncio.to_thread(core.upload_bytes, spec_for("m", onnx_blob(bytes([i]))), onnx_blob(bytes([i])))
     await asyncio.to_thread(core.set_alias, "m", "canary", 3)
     stream = hub.watch(2)
     got = [await _next(stream) for _ in range(3)]

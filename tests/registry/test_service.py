@@ -17,6 +17,7 @@ from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry.v1 import registry_pb2_grpc
 from aiaas.registry_client import RegistryClient, RegistryError
 from tests.registry.service import RunningRegistry, eventually, running_registry
+from tests.support.blobs import onnx_blob
 
 SIGNATURE = {"inputs": ["x:FP32:-1,4"], "outputs": ["y:FP32:-1,2"]}
 MiB = 1024 * 1024
@@ -66,7 +67,7 @@ def test_health_reports_the_registry_serving(registry: RunningRegistry) -> None:
 
 def test_register_list_get_and_download_verified(client: RegistryClient, tmp_path: Path) -> None:
     artifact = tmp_path / "model.onnx"
-    artifact.write_bytes(b"\x01\x02" * (MiB + 7))
+    artifact.write_bytes(onnx_blob("rt", min_size=2 * MiB + 14))  # three chunks
     seen: list[tuple[int, int]] = []
     version = client.register("rt-model", artifact, format="onnx", signature=SIGNATURE,
                               serving_config={"max_batch_size": 8, "preferred_batch_sizes": [4, 8]},
@@ -91,7 +92,7 @@ def test_errors_carry_codes_and_actionable_messages(client: RegistryClient) -> N
     ]
     client.create_model("err-model")
     cases.append((lambda: client.create_model("err-model"), grpc.StatusCode.ALREADY_EXISTS, "already exists"))
-    client.register("err-model", b"w", format="safetensors", signature=SIGNATURE)
+    client.register("err-model", onnx_blob("w"), format="onnx", signature=SIGNATURE)
     client.set_alias("err-model", "production", 1)
     cases += [
         (lambda: client.delete_version("err-model", 1), grpc.StatusCode.FAILED_PRECONDITION, "aliased by production"),
@@ -109,7 +110,7 @@ def test_errors_carry_codes_and_actionable_messages(client: RegistryClient) -> N
 
 def test_bad_uploads_leave_no_version_and_no_blob(stub: registry_pb2_grpc.ModelRegistryStub,
                                                   registry: RunningRegistry) -> None:
-    data = b"payload" * 100
+    data = onnx_blob("payload" * 100)
     before = registry.files()
     chunk = pb.UploadVersionRequest(chunk=data)
     bad = [
@@ -144,7 +145,7 @@ def test_bad_uploads_leave_no_version_and_no_blob(stub: registry_pb2_grpc.ModelR
 
 def test_upload_killed_mid_stream_leaves_nothing(stub: registry_pb2_grpc.ModelRegistryStub,
                                                  registry: RunningRegistry) -> None:
-    data = b"z" * (3 * MiB)
+    data = onnx_blob("z", min_size=3 * MiB)
     before = registry.files()
     sent_some = threading.Event()
     never = threading.Event()
@@ -160,7 +161,7 @@ def test_upload_killed_mid_stream_leaves_nothing(stub: registry_pb2_grpc.ModelRe
     assert eventually(lambda: any(p.parent.name == "tmp" for p in registry.files()))  # it was writing
     future.cancel()
     never.set()
-    assert eventually(lambda: registry.files() == before)
+    assert eventually(lambda: registry.files() == before), (before, registry.files())
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetModel(pb.GetModelRequest(name="killed"), timeout=5)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -168,7 +169,7 @@ def test_upload_killed_mid_stream_leaves_nothing(stub: registry_pb2_grpc.ModelRe
 
 def test_identical_content_is_deduplicated(stub: registry_pb2_grpc.ModelRegistryStub,
                                            registry: RunningRegistry) -> None:
-    data = b"dedup me"
+    data = onnx_blob("dedup me")
     replies = [stub.UploadVersion(iter([pb.UploadVersionRequest(header=header(name, data)),
                                         pb.UploadVersionRequest(chunk=data)]), timeout=10)
                for name in ("dedup-a", "dedup-b")]
@@ -178,8 +179,8 @@ def test_identical_content_is_deduplicated(stub: registry_pb2_grpc.ModelRegistry
 
 
 def test_racing_alias_moves_with_compare_and_set(client: RegistryClient) -> None:
-    for data in (b"1", b"2", b"3"):
-        client.register("race", data, format="torchscript", signature=SIGNATURE)
+    for data in (onnx_blob("1"), onnx_blob("2"), onnx_blob("3")):
+        client.register("race", data, format="onnx", signature=SIGNATURE)
     client.set_alias("race", "production", 1)
     barrier = threading.Barrier(2)
     results: dict[int, str] = {}
@@ -209,7 +210,7 @@ def test_racing_alias_moves_with_compare_and_set(client: RegistryClient) -> None
 
 
 def test_watch_delivers_alias_moves_promptly(client: RegistryClient) -> None:
-    client.register("watched", b"w1", format="onnx", signature=SIGNATURE)
+    client.register("watched", onnx_blob("w1"), format="onnx", signature=SIGNATURE)
     stream = client.watch(0, models=["watched"])
     while next(stream).type != pb.CHANGE_EVENT_TYPE_SNAPSHOT_DONE:
         pass
@@ -230,7 +231,7 @@ def test_watcher_reconnects_with_its_last_revision(client: RegistryClient) -> No
         if event.type == pb.CHANGE_EVENT_TYPE_SNAPSHOT_DONE:
             break
     stream.close()  # disconnected; meanwhile three changes happen
-    client.register("resume", b"r1", format="onnx", signature=SIGNATURE)
+    client.register("resume", onnx_blob("r1"), format="onnx", signature=SIGNATURE)
     client.set_alias("resume", "staging", 1)
     client.put_record("route", "resume", b"{}")
     resumed = client.watch(last)
@@ -269,8 +270,8 @@ def test_sigterm_ends_watches_and_exits_cleanly() -> None:
 
 def test_a_corrupted_blob_is_reported_as_data_loss(client: RegistryClient, registry: RunningRegistry,
                                                     tmp_path: Path) -> None:
-    data = b"will be corrupted on disk"
-    version = client.register("corrupt", data, format="safetensors", signature=SIGNATURE)
+    data = onnx_blob("will be corrupted on disk")
+    version = client.register("corrupt", data, format="onnx", signature=SIGNATURE)
     blob = registry.artifact_dir / "sha256" / version.artifact_sha256[:2] / version.artifact_sha256[2:]
     blob.write_bytes(b"X" + data[1:])
     with pytest.raises(RegistryError) as caught:

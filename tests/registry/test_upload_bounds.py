@@ -24,6 +24,7 @@ from services.registry.core import MAX_REQUEST_BYTES, MAX_UPLOAD_HEADER_BYTES, U
 from services.registry.servicer import UploadLimits, UploadStream
 from tests.registry.service import RunningRegistry, eventually
 from tests.registry.test_service import SIGNATURE, header
+from tests.support.blobs import onnx_blob
 
 MiB = 1024 * 1024
 MAX_UPLOADS = 3
@@ -179,7 +180,7 @@ def test_the_sweeper_removes_dead_uploads_and_spares_live_ones(
     unrelated.write_bytes(b"not an upload")
     os.utime(unrelated, (hour_ago, hour_ago))
 
-    data = os.urandom(3 * 1024)
+    data = onnx_blob(os.urandom(8).hex(), min_size=3 * 1024)
     parts = threading.Semaphore(0)
 
     def slow_upload() -> Iterator[pb.UploadVersionRequest]:
@@ -203,10 +204,10 @@ def test_the_sweeper_removes_dead_uploads_and_spares_live_ones(
         assert eventually(lambda: not dead.exists(), timeout=3)
         time.sleep(0.6)  # three more sweeps
         assert live.exists() and other_replica.exists() and unrelated.exists()
-        parts.release(2)
+        parts.release(-(-len(data) // 1024) - 1)  # the remaining chunks
         reply = future.result(timeout=10)
     finally:
-        parts.release(3)
+        parts.release(8)
         other_replica.unlink(missing_ok=True)
         unrelated.unlink(missing_ok=True)
     assert reply.version.artifact_sha256 == hashlib.sha256(data).hexdigest()
@@ -215,7 +216,7 @@ def test_the_sweeper_removes_dead_uploads_and_spares_live_ones(
 
 def test_a_normal_upload_still_works_after_all_this(registry: RunningRegistry, tmp_path: Path) -> None:
     artifact = tmp_path / "model.onnx"
-    artifact.write_bytes(os.urandom(5 * MiB + 3))  # two chunks
+    artifact.write_bytes(onnx_blob(os.urandom(8).hex(), min_size=5 * MiB + 3))  # two chunks
     with RegistryClient(registry.address, actor="tester", timeout=30) as client:
         version = client.register("after-attacks", artifact, format="onnx", signature=SIGNATURE)
         client.download_artifact("after-attacks", version.version, tmp_path / "back.onnx")
