@@ -2,32 +2,40 @@
 
 The service starts it as a fresh interpreter (never a fork of the service, and without
 multiprocessing's re-import of the service's main module), hands it a socket as FD, and sends
-the `WorkerConfig` as the first message.
+the `WorkerConfig` as the first message, in plain values only.
 
-It loads the model once, then serves one batch at a time: inputs are read in place from the
-input slab, outputs are written to the output slab (a larger one is created when they do not
-fit), and only small control tuples cross the pipe.
+While it is still one thread and has imported nothing heavy, the worker confines itself
+(`sandbox.apply`: limits, no network, an unprivileged user, Landlock); only then does it import
+numpy, torch or onnxruntime and load the model. It serves one batch at a time: inputs are read in
+place from the input slab, outputs are written to the output slab, and only small control tuples
+cross the pipe. Slabs arrive as descriptors (see `shm`); when outputs do not fit, the worker asks
+the service for a bigger output slab and waits for it.
 
-Messages in:  ("run", in_slab, out_slab, input_metas) | ("stop",)
-Messages out: ("ready", pid) | ("error", code, message)      after loading
-              ("ok", output_metas, in_ns, infer_ns, out_ns, new_out_slab | None)
-              ("fail", code, message)
+Messages in:  ("run", in_slab, out_slab, input_metas, fresh_slab_names) + their descriptors
+              ("out", name) + its descriptor               answers ("grow", nbytes)
+              ("stop",)
+Messages out: ("ready", pid, sandbox_report) | ("error", code, message)      after loading
+              ("grow", nbytes)
+              ("ok", output_metas, in_ns, infer_ns, out_ns) | ("fail", code, message)
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from services.common.errors import AiaasError
-from services.inference.loaders import LoadedModel, TensorSig, load_model
-from services.inference.shm import Packed, Slab, views
+from services.inference import sandbox
+
+if TYPE_CHECKING:
+    from services.inference.loaders import LoadedModel, TensorSig
+    from services.inference.shm import MappedSlab
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +46,23 @@ class WorkerConfig:
     outputs: tuple[TensorSig, ...]
     device: str
     threads: int
+    sandbox: sandbox.SandboxPolicy = dataclasses.field(default_factory=sandbox.SandboxPolicy)
+
+    def message(self) -> dict[str, Any]:
+        """Builtins only: the worker reads it before it may import numpy or the loaders."""
+        return {
+            "artifact_path": self.artifact_path,
+            "format": self.format,
+            "inputs": [(s.name, s.datatype, tuple(s.shape)) for s in self.inputs],
+            "outputs": [(s.name, s.datatype, tuple(s.shape)) for s in self.outputs],
+            "device": self.device,
+            "threads": self.threads,
+            "sandbox": dataclasses.asdict(self.sandbox),
+        }
 
 
 def _service_owns_shared_memory() -> None:
-    """The service creates, adopts and unlinks every segment; a tracker here would unlink its slabs."""
+    """The service creates and unlinks every segment; a tracker here must never unlink one."""
     from multiprocessing import resource_tracker
 
     def untracked(name: str, rtype: str) -> None:
@@ -51,76 +72,72 @@ def _service_owns_shared_memory() -> None:
     resource_tracker.unregister = untracked  # type: ignore[assignment]
 
 
-def worker_main(conn: Connection, config: WorkerConfig) -> None:
-    # The service owns shutdown; Ctrl-C in a terminal must not kill workers under it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def worker_main(conn: Connection, config: dict[str, Any], report: sandbox.SandboxReport) -> None:
+    from services.common.errors import AiaasError
+    from services.inference.loaders import TensorSig, load_model
+
     _service_owns_shared_memory()
+    artifact = config["artifact_path"]
+    path = report.paths.get(artifact, artifact)
     try:
-        if config.format != "onnx":  # an ONNX worker never needs torch's memory or start-up time
+        if config["format"] != "onnx":  # an ONNX worker never needs torch's memory or start-up time
             import torch
 
-            torch.set_num_threads(config.threads)
-            with contextlib.suppress(RuntimeError):  # only settable before any parallel work
+            torch.set_num_threads(config["threads"])
+            try:  # only settable before any parallel work
                 torch.set_num_interop_threads(1)
+            except RuntimeError:
+                pass
         model = load_model(
-            config.artifact_path,
-            config.format,
-            config.inputs,
-            config.outputs,
-            device=config.device,
-            threads=config.threads,
+            path,
+            config["format"],
+            tuple(TensorSig(*spec) for spec in config["inputs"]),
+            tuple(TensorSig(*spec) for spec in config["outputs"]),
+            device=config["device"],
+            threads=config["threads"],
         )
     except AiaasError as exc:
-        conn.send(("error", exc.code.value, exc.message))
+        conn.send(("error", exc.code.value, exc.message.replace(path, artifact)))
         return
     except Exception as exc:  # noqa: BLE001 - the loader's own message is what the operator needs
-        conn.send(("error", "failed_precondition", f"cannot load model: {type(exc).__name__}: {exc}"))
+        message = f"cannot load model: {type(exc).__name__}: {exc}".replace(path, artifact)
+        conn.send(("error", "failed_precondition", message))
         return
-    conn.send(("ready", os.getpid()))
+    if path != artifact:
+        os.close(int(path.rsplit("/", 1)[1]))  # loaded: the descriptor kept for it is done
+    conn.send(("ready", os.getpid(), report.as_dict()))
     _serve(conn, model)
 
 
 def _serve(conn: Connection, model: LoadedModel) -> None:
-    in_slab: Slab | None = None
-    out_slab: Slab | None = None
+    from services.common.errors import AiaasError
+    from services.inference.shm import MappedSlab, Packed, receive_fds, views
+
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    slabs: dict[str, MappedSlab] = {}  # the current input and output slabs, by name
     while True:
         try:
             message = conn.recv()
+            if message[0] != "run":
+                return
+            _, in_name, out_name, metas, fresh = message
+            for name, fd in zip(fresh, receive_fds(sock, len(fresh)) if fresh else [], strict=True):
+                slabs[name] = MappedSlab(name, fd)
+            _keep(slabs, (in_name, out_name))
         except (EOFError, OSError):
             return  # the service went away
-        if message[0] != "run":
-            return
-        _, in_name, out_name, metas = message
-        if in_slab is None or in_slab.name != in_name:
-            if in_slab is not None:
-                in_slab.close()
-            in_slab = Slab.attach(in_name)
-        if out_slab is None or out_slab.name != out_name:
-            if out_slab is not None:
-                out_slab.close()
-            out_slab = Slab.attach(out_name)
         try:
-            outputs, in_ns, infer_ns, out_ns = model.run(views(in_slab.buf, metas))
+            outputs, in_ns, infer_ns, out_ns = model.run(views(slabs[in_name].buf, metas))
             started = time.perf_counter_ns()
             packed = Packed(outputs)
             del outputs
-            new_name = None
-            if packed.nbytes > out_slab.size:
-                # The service adopts (and later unlinks) the bigger slab we create here.
-                out_slab.close()
-                out_slab = Slab.create(max(packed.nbytes, 2 * out_slab.size))
-                out_slab.owner = False  # the service adopts it
-                new_name = out_slab.name
-            out_metas = packed.write(out_slab.buf)
+            if packed.nbytes > slabs[out_name].size:
+                out_name = _bigger_out_slab(conn, sock, slabs, out_name, packed.nbytes)
+                if not out_name:
+                    return
+            out_metas = packed.write(slabs[out_name].buf)
             del packed
-            reply: tuple[Any, ...] = (
-                "ok",
-                out_metas,
-                in_ns,
-                infer_ns,
-                out_ns + time.perf_counter_ns() - started,
-                new_name,
-            )
+            reply: tuple[Any, ...] = ("ok", out_metas, in_ns, infer_ns, out_ns + time.perf_counter_ns() - started)
         except AiaasError as exc:
             reply = ("fail", exc.code.value, exc.message)
         except Exception as exc:  # noqa: BLE001 - reported to the service as the batch's error
@@ -128,10 +145,48 @@ def _serve(conn: Connection, model: LoadedModel) -> None:
         conn.send(reply)
 
 
+def _keep(slabs: dict[str, MappedSlab], names: tuple[str, ...]) -> None:
+    for name in [n for n in slabs if n not in names]:
+        slabs.pop(name).close()
+
+
+def _bigger_out_slab(conn: Connection, sock: socket.socket, slabs: dict[str, MappedSlab], old: str,
+                     nbytes: int) -> str:  # fmt: skip
+    """Ask the service for an output slab of at least `nbytes`; its name, or '' if told to stop."""
+    from services.inference.shm import MappedSlab, receive_fds
+
+    try:
+        conn.send(("grow", nbytes))
+        answer = conn.recv()
+        if answer[0] != "out":
+            return ""
+        name = answer[1]
+        slabs[name] = MappedSlab(name, receive_fds(sock, 1)[0])
+    except (EOFError, OSError):
+        return ""
+    slabs.pop(old).close()
+    return str(name)
+
+
 def main() -> None:
+    # The service owns shutdown; Ctrl-C in a terminal must not kill workers under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(int(sys.argv[1]))
-    fields = conn.recv()
-    worker_main(conn, WorkerConfig(*fields))
+    config = conn.recv()
+    try:
+        report = sandbox.apply(sandbox.SandboxPolicy(**config["sandbox"]))
+    except sandbox.SandboxRefused as exc:
+        conn.send(("error", "failed_precondition", str(exc)))
+        return
+    if "filesystem" in report.applied:
+        sys.dont_write_bytecode = True  # nothing is writable now; do not even try
+        # torch names a temp and a compile-cache directory on import (tempfile probes by writing a
+        # file; the cache directory is created). Eager models write neither: name ones that exist,
+        # so the names resolve while any write still fails with EACCES.
+        scratch = "/tmp" if os.path.isdir("/tmp") else "/"
+        tempfile.tempdir = scratch
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
+    worker_main(conn, config, report)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 
 from services.inference.batcher import BatchExecution, BatchingConfig, DynamicBatcher, InferOutcome
 from services.inference.core import LoadedVersion, VersionSpec
+from services.inference.sandbox import SandboxPolicy, resolve_user
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("aiaas.inference.executors")
@@ -32,6 +33,13 @@ def batching_config(spec: VersionSpec, settings: InferenceSettings) -> BatchingC
         # One batch per instance at a time keeps every worker busy without over-queueing them.
         max_concurrent_batches=max(1, serving.instance_count),
     )
+
+
+def sandbox_policy(settings: InferenceSettings) -> SandboxPolicy:
+    """The confinement of this service's model workers (the pool adds the artifact and device)."""
+    uid, gid = resolve_user(settings.worker_user) if settings.worker_sandbox != "off" else (65534, 65534)
+    return SandboxPolicy(mode=settings.worker_sandbox, uid=uid, gid=gid, open_files=settings.worker_open_files,
+                         address_space_bytes=settings.worker_address_space_mb * 2**20)  # fmt: skip
 
 
 def warmup_sizes(spec: VersionSpec) -> tuple[int, ...]:
@@ -65,8 +73,11 @@ class BatchedExecutor:
         }
         from services.inference import workers
 
-        runner_cls = workers.WorkerPool if settings.worker_mode == "process" else workers.InProcessRunner
-        self.pool = runner_cls(**kwargs)
+        if settings.worker_mode == "process":
+            self.pool: workers.WorkerPool | workers.InProcessRunner = workers.WorkerPool(
+                **kwargs, sandbox=sandbox_policy(settings), batch_timeout_s=settings.batch_timeout_s)
+        else:  # threads share the service's process: no sandbox and no batch watchdog
+            self.pool = workers.InProcessRunner(**kwargs)
         self.batcher: DynamicBatcher | None = None
 
     async def start(self) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from services.common.errors import InvalidArgument
 from services.common.settings import ServerSettings
+from services.inference.sandbox import DEFAULT_ADDRESS_SPACE_MB, resolve_user
+from services.inference.sandbox import MODES as SANDBOX_MODES
 
 # Triton's own limit: real tensors (images, embeddings) must fit in one message.
 INFERENCE_MAX_MESSAGE_BYTES = 2**31 - 1
@@ -46,6 +48,19 @@ class InferenceSettings(ServerSettings):
     worker_mode: str = "process"
     # torch intra-op threads per worker; 0 lets the worker decide.
     torch_threads: int = 0
+    # Confinement of model worker processes (docs/isolation.md): "auto" applies what this host
+    # allows and logs the rest, "require" refuses to start a worker that lacks an essential measure,
+    # "off" runs workers with the service's own rights.
+    worker_sandbox: str = "auto"
+    # The user workers run as when the service runs as root: a name, a uid, or uid:gid.
+    worker_user: str = "nobody"
+    # Open files a worker may hold.
+    worker_open_files: int = 256
+    # Address space a CPU worker may map besides 4x its artifact's size (torch alone reserves
+    # ~0.9 GiB); 0 removes the cap. GPU workers are never capped (the driver reserves far more).
+    worker_address_space_mb: int = DEFAULT_ADDRESS_SPACE_MB
+    # Longest one batch may run in a worker before the worker is killed and restarted; 0: no bound.
+    batch_timeout_s: float = 60.0
     # JSON or YAML file mapping a served model name to {url, model_name[, model_version]}.
     triton_backends: str | None = None
     monitor_url: str | None = None
@@ -75,3 +90,15 @@ class InferenceSettings(ServerSettings):
             raise InvalidArgument("follow_aliases needs registry_url")
         if self.drain_timeout_s <= 0 or self.startup_timeout_s <= 0:
             raise InvalidArgument("drain_timeout_s and startup_timeout_s must be > 0")
+        if self.worker_sandbox not in SANDBOX_MODES:
+            raise InvalidArgument(
+                f"worker_sandbox must be one of {', '.join(SANDBOX_MODES)}, got {self.worker_sandbox!r}")
+        if self.worker_sandbox != "off":
+            try:
+                resolve_user(self.worker_user)
+            except ValueError as exc:
+                raise InvalidArgument(f"worker_user: {exc}") from None
+        if self.worker_open_files < 32:
+            raise InvalidArgument("worker_open_files must be >= 32")
+        if self.worker_address_space_mb < 0 or self.batch_timeout_s < 0:
+            raise InvalidArgument("worker_address_space_mb and batch_timeout_s must be >= 0 (0: no limit)")

@@ -1,16 +1,23 @@
 """Shared-memory slabs that carry tensors between the service and its worker processes.
 
-A slab is one `multiprocessing.shared_memory` segment. Tensors are packed into it at 64-byte
-aligned offsets; only a small tuple of metadata per tensor (name, dtype, shape, offset, size)
-crosses the pipe. BYTES tensors travel as their length-prefixed serialization.
+A slab is one `multiprocessing.shared_memory` segment, always created (and unlinked) by the
+service. The worker never opens one by name: the service passes the descriptor over the Unix
+socket (SCM_RIGHTS) and the worker maps it (`MappedSlab`), so a sandboxed worker needs no access
+to /dev/shm, and cannot reach another worker's slabs. Tensors are packed at 64-byte aligned
+offsets; only a small tuple of metadata per tensor (name, dtype, shape, offset, size) crosses the
+pipe. BYTES tensors travel as their length-prefixed serialization.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import secrets
+import socket
 from collections.abc import Mapping, Sequence
 from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
 
 import numpy as np
 
@@ -28,7 +35,7 @@ def _aligned(n: int) -> int:
 
 
 class Slab:
-    """One shared-memory segment; `owner` unlinks it on close."""
+    """One shared-memory segment the service created; `owner` unlinks it on close."""
 
     def __init__(self, segment: shared_memory.SharedMemory, owner: bool) -> None:
         self._segment = segment
@@ -45,9 +52,10 @@ class Slab:
         name = f"{prefix}_{secrets.token_hex(8)}"
         return cls(shared_memory.SharedMemory(name=name, create=True, size=max(ALIGN, size)), owner=True)
 
-    @classmethod
-    def attach(cls, name: str, *, owner: bool = False) -> Slab:
-        return cls(shared_memory.SharedMemory(name=name), owner=owner)
+    @property
+    def fd(self) -> int:
+        """The segment's descriptor, to pass to a worker (SharedMemory keeps it open until close)."""
+        return int(self._segment._fd)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """Unmap (and unlink when owned). Views into `buf` must be gone first."""
@@ -62,6 +70,44 @@ class Slab:
                 self._segment.unlink()
             except FileNotFoundError:
                 pass
+
+
+class MappedSlab:
+    """A worker's mapping of a slab whose descriptor the service passed; closing only unmaps."""
+
+    def __init__(self, name: str, fd: int) -> None:
+        try:
+            self.size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)  # the mapping holds its own reference
+        self.name = name
+        self.buf: memoryview = memoryview(self._map)
+
+    def close(self) -> None:
+        """Unmap. Views into `buf` must be gone first; if one lingers, the mapping goes with it."""
+        buf, self.buf = self.buf, memoryview(b"")
+        try:
+            buf.release()
+            self._map.close()
+        except BufferError:
+            pass  # a view still exists; the mapping goes when it is collected
+
+
+def send_fds(conn: Connection, fds: Sequence[int]) -> None:
+    """Pass descriptors over the connection's Unix socket, after the message that names them."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        socket.send_fds(sock, [b"F"], list(fds))
+
+
+def receive_fds(sock: socket.socket, count: int) -> list[int]:
+    """The `count` descriptors `send_fds` passed; OSError when they did not all arrive."""
+    data, fds, _, _ = socket.recv_fds(sock, 1, count)
+    if data != b"F" or len(fds) != count:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"expected {count} shared-memory descriptor(s), got {len(fds)}")
+    return fds
 
 
 def _payloads(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray | bytes]]:

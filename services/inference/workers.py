@@ -1,10 +1,13 @@
 """Model instances: worker processes fed through shared memory, or a thread pool in-process.
 
-`WorkerPool` runs each instance in its own fresh interpreter (see `_worker_main`). Tensors cross
-in shared-memory slabs (one input and one output slab per worker) and only a small control tuple crosses the pipe. The event
-loop never blocks: it writes the input slab, sends the tuple, and a reader callback on the pipe
-resolves the batch's future. A worker whose pipe closes has died: its in-flight batch fails
-with Unavailable (the gateway retries) and a new process is started in the background.
+`WorkerPool` runs each instance in its own fresh interpreter (see `_worker_main`), confined by
+`sandbox` before it loads anything, with a scrubbed environment. Tensors cross in shared-memory
+slabs (one input and one output slab per worker, passed as descriptors) and only a small control
+tuple crosses the pipe. The event loop never blocks: it writes the input slab, sends the tuple,
+and a reader callback on the pipe resolves the batch's future. A worker whose pipe closes has
+died: its in-flight batch fails with Unavailable (the gateway retries) and a new process is
+started in the background. A batch that runs past `batch_timeout_s` gets its worker killed
+(SIGKILL), fails with DeadlineExceeded, and the same restart follows.
 
 `InProcessRunner` has the same interface and runs the model in a thread pool.
 """
@@ -30,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.errors import AiaasError, FailedPrecondition, Internal, Unavailable
+from services.common.errors import AiaasError, DeadlineExceeded, FailedPrecondition, Internal, Unavailable
 from services.inference._worker_main import WorkerConfig
 from services.inference.batcher import BatchResult
 from services.inference.datatypes import KSERVE_TO_NUMPY
@@ -43,22 +46,25 @@ from services.inference.loaders import (
     parse_device,
     signature_of,
 )
-from services.inference.shm import Packed, Slab, copies
+from services.inference.sandbox import SandboxPolicy, SandboxReport
+from services.inference.shm import Packed, Slab, copies, send_fds
 
 log = logging.getLogger(__name__)
 
 _ERRORS: dict[str, type[AiaasError]] = {cls.code.value: cls for cls in AiaasError.__subclasses__()}
 _MIN_SLAB = 64 * 1024
 _BYTES_ELEMENT_GUESS = 64
+# A sandboxed worker inherits only these variables: the service's credentials and endpoints stay
+# out of reach of model code (it can read its own environment).
+_WORKER_ENV_PREFIXES = ("PATH", "HOME", "LANG", "LC_", "TZ", "PYTHON", "LD_LIBRARY_PATH", "OMP_", "KMP_",
+                        "GOMP_", "MKL_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "ORT_")  # fmt: skip
+# Room for weights held twice while loading plus optimized copies, on top of the runtime's allowance.
+_ADDRESS_SPACE_PER_ARTIFACT_BYTE = 4
 
 
-def _config_fields(config: WorkerConfig) -> tuple[Any, ...]:
-    return tuple(getattr(config, field.name) for field in dataclasses.fields(config))
-
-
-def _worker_env() -> dict[str, str]:
+def _worker_env(scrub: bool) -> dict[str, str]:
     """The worker imports `services` from where this process found it."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not scrub or k.startswith(_WORKER_ENV_PREFIXES)}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
@@ -107,6 +113,9 @@ class _Worker:
         self.waiter: asyncio.Future[tuple[Any, ...]] | None = None
         self.in_slab = Slab.create(pool.slab_bytes)
         self.out_slab = Slab.create(pool.out_slab_bytes)
+        self.mapped: set[str] = set()  # slabs whose descriptors this process holds
+        self.deadline: asyncio.TimerHandle | None = None
+        self.end_reason = ""  # why the service ended the process, when it did
 
     @property
     def label(self) -> str:
@@ -115,18 +124,19 @@ class _Worker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair()
+        env = _worker_env(self.pool.worker_config.sandbox.mode != "off")
         try:
             command = [sys.executable, "-m", "services.inference._worker_main", str(child_sock.fileno())]
             self.process = await loop.run_in_executor(
                 None,
-                lambda: subprocess.Popen(
-                    command, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env()
-                ),
+                lambda: subprocess.Popen(command, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, env=env),
             )
         finally:
             child_sock.close()
         self.conn = Connection(parent_sock.detach())
-        self.conn.send(_config_fields(self.pool.worker_config))
+        self.conn.send(self.pool.worker_config.message())
+        self.mapped = set()
+        self.end_reason = ""
         self.waiter = loop.create_future()
         loop.add_reader(self.conn.fileno(), self._on_readable)
         try:
@@ -148,6 +158,7 @@ class _Worker:
             await self._reap()
             raise _error(message[1], message[2])
         self.pid = message[1]
+        self.pool._sandboxed(self, SandboxReport(**message[2]))
         self.alive = True
 
     def _on_readable(self) -> None:
@@ -155,26 +166,55 @@ class _Worker:
         assert conn is not None
         try:
             message = conn.recv()
+            if message[0] == "grow":
+                self._grow_out_slab(message[1])
+                return
         except (EOFError, OSError):
             self._died()
             return
+        self._disarm()
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(message)
         elif self.busy:
             # The batch that wanted this answer was cancelled; the worker is free again.
-            if message[0] == "ok" and message[5] is not None:
-                self._adopt_out_slab(message[5])
             self.busy = False
             self.pool._release(self)
 
-    def _adopt_out_slab(self, name: str) -> None:
-        self.out_slab.close()
-        self.out_slab = Slab.attach(name, owner=True)
+    def _grow_out_slab(self, nbytes: int) -> None:
+        """The outputs did not fit: a bigger output slab, passed to the waiting worker."""
+        assert self.conn is not None
+        old, self.out_slab = self.out_slab, Slab.create(max(nbytes, 2 * self.out_slab.size))
+        old.close()
+        self.conn.send(("out", self.out_slab.name))
+        send_fds(self.conn, [self.out_slab.fd])
+        self.mapped = {self.in_slab.name, self.out_slab.name}
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _batch_overdue(self) -> None:
+        """The batch ran past batch_timeout_s: fail it, kill the worker, let the restart follow."""
+        self.deadline = None
+        if not self.alive or self.process is None:
+            return
+        timeout = self.pool.batch_timeout_s
+        self.end_reason = f"killed after a batch ran past batch_timeout_s={timeout:g}s"
+        log.error("model worker for %s (pid %d) did not finish a batch within %gs; killing it",
+                  self.pool.name, self.pid, timeout)  # fmt: skip
+        self.fail_in_flight(DeadlineExceeded(
+            f"model {self.pool.name} did not finish the batch within {timeout:g}s (batch_timeout_s); "
+            "its worker was killed and is restarting"))  # fmt: skip
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self._died()
 
     def _died(self) -> None:
         """The pipe closed: the process is gone (or going). Its batch fails once we know why."""
         loop = asyncio.get_running_loop()
+        self._disarm()
         if self.conn is not None:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(self.conn.fileno())
@@ -193,6 +233,7 @@ class _Worker:
 
     async def _reap(self, timeout_s: float = 5.0, *, kill: bool = False) -> int | None:
         """Wait for the process to exit (kill it if it will not) and return its exit code."""
+        self._disarm()
         process = self.process
         if process is None:
             return None
@@ -223,21 +264,25 @@ class _Worker:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[tuple[Any, ...]] = loop.create_future()
         self.waiter = waiter
+        fresh = [slab for slab in (self.in_slab, self.out_slab) if slab.name not in self.mapped]
         try:
             if self.conn is None:
                 raise OSError("no pipe")
-            self.conn.send(("run", self.in_slab.name, self.out_slab.name, metas))
+            self.conn.send(("run", self.in_slab.name, self.out_slab.name, metas, tuple(s.name for s in fresh)))
+            if fresh:
+                send_fds(self.conn, [slab.fd for slab in fresh])
         except OSError:
             self.waiter = None
             raise Unavailable(f"model worker for {self.pool.name} is gone; retry") from None
+        self.mapped = {self.in_slab.name, self.out_slab.name}
+        if self.pool.batch_timeout_s > 0:
+            self.deadline = loop.call_later(self.pool.batch_timeout_s, self._batch_overdue)
         sent = time.perf_counter_ns()
         reply = await waiter
         received = time.perf_counter_ns()
         if reply[0] == "fail":
             raise _error(reply[1], reply[2])
-        _, out_metas, in_ns, infer_ns, out_ns, new_out = reply
-        if new_out is not None:
-            self._adopt_out_slab(new_out)
+        _, out_metas, in_ns, infer_ns, out_ns = reply
         outputs = copies(self.out_slab.buf, out_metas)
         finished = time.perf_counter_ns()
         # Pipe and wake-up time is not the model's: count it as input/output handling.
@@ -262,7 +307,11 @@ class _Worker:
 
 
 class WorkerPool:
-    """`instance_count` worker processes for one model version."""
+    """`instance_count` worker processes for one model version, each sandboxed by `sandbox`.
+
+    `sandbox.address_space_bytes` is the runtime's allowance; each worker may map that plus four
+    times its artifact's size. `batch_timeout_s` bounds one batch (0: no bound).
+    """
 
     def __init__(
         self,
@@ -277,6 +326,8 @@ class WorkerPool:
         torch_threads: int | None = None,
         name: str | None = None,
         start_timeout_s: float = 300.0,
+        sandbox: SandboxPolicy | None = None,
+        batch_timeout_s: float = 60.0,
     ) -> None:
         if format not in FORMATS:
             raise FailedPrecondition(f"unknown model format '{format}'; expected one of {', '.join(FORMATS)}")
@@ -285,9 +336,20 @@ class WorkerPool:
         self.instance_count = max(1, instance_count)
         self.max_batch_size = max_batch_size
         self.start_timeout_s = start_timeout_s
+        self.batch_timeout_s = max(0.0, batch_timeout_s)
+        policy = sandbox or SandboxPolicy()
+        allowance = policy.address_space_bytes
+        if allowance > 0:
+            with contextlib.suppress(OSError):  # a missing artifact fails with the loader's message
+                allowance += _ADDRESS_SPACE_PER_ARTIFACT_BYTE * os.path.getsize(artifact_path)
+        policy = dataclasses.replace(policy, readable=(artifact_path,), device=device or "cpu",
+                                     address_space_bytes=allowance)  # fmt: skip
         self.worker_config = WorkerConfig(
-            artifact_path, format, self.inputs, self.outputs, device or "cpu", torch_threads or 1
+            artifact_path, format, self.inputs, self.outputs, device or "cpu", torch_threads or 1, policy
         )
+        # What the sandbox held in the latest start of each instance (what `sandbox.apply` reported).
+        self.sandbox_reports: dict[int, SandboxReport] = {}
+        self._warned_unconfined = False
         rows = max(1, max_batch_size)
         batched = max_batch_size > 0
         self.slab_bytes = max(_MIN_SLAB, rows * _row_bytes(self.inputs, batched))
@@ -310,6 +372,21 @@ class WorkerPool:
     def shared_memory_names(self) -> list[str]:
         """The slabs the workers use now (under /dev/shm on Linux)."""
         return [name for w in self._workers for name in (w.in_slab.name, w.out_slab.name)]
+
+    def _sandboxed(self, worker: _Worker, report: SandboxReport) -> None:
+        """Log what confines a worker: once per pool in full, and a warning while something is missing."""
+        first = not self.sandbox_reports
+        self.sandbox_reports[worker.index] = report
+        if report.mode == "off":
+            if first:
+                log.warning("model workers for %s run unconfined (worker_sandbox=off)", self.name)
+            return
+        if report.missing_essential and not self._warned_unconfined:
+            self._warned_unconfined = True
+            log.warning("model worker %s (pid %d) is only partly confined: %s", worker.label, worker.pid,
+                        report.summary())  # fmt: skip
+        elif first:
+            log.info("model worker %s (pid %d) %s", worker.label, worker.pid, report.summary())
 
     async def start(self) -> None:
         """Spawn every instance and load the model in each; the loader's error if one fails."""
@@ -406,7 +483,8 @@ class WorkerPool:
     async def _restart(self, worker: _Worker) -> None:
         code = await worker._reap()
         worker.fail_in_flight(Unavailable(f"model worker for {self.name} crashed (exit code {code}); retry"))
-        log.error("model worker for %s crashed (exit code %s); restarting", self.name, code)
+        why = worker.end_reason or "crashed"
+        log.error("model worker for %s %s (exit code %s); restarting", self.name, why, code)
         delay = 0.5
         while not self._closed:
             try:
