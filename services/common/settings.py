@@ -41,8 +41,9 @@ class ServerSettings:
     metrics_port: int = 0
     max_concurrent_rpcs: int = 10_000
     # Per connection: how many calls one connection may have open at once (HTTP/2
-    # SETTINGS_MAX_CONCURRENT_STREAMS), so one connection cannot take every call slot.
-    max_concurrent_streams: int = 256
+    # SETTINGS_MAX_CONCURRENT_STREAMS), so one connection cannot take every call slot. Internal
+    # clients multiplex all their calls on one connection (gateway -> inference): keep it high.
+    max_concurrent_streams: int = 1024
     # Ping a connection that has been quiet this long, and close it when no answer comes within
     # the timeout: a dead or vanished peer does not hold its calls and file descriptor forever.
     keepalive_time_ms: int = 60_000

@@ -15,6 +15,8 @@ class GatewaySettings(ServerSettings):
     """The public door: auth, quotas, alias routing, canary, shadow traffic, retries."""
 
     port: int = 8001
+    # The public door: one client connection gets at most this many open calls.
+    max_concurrent_streams: int = 256
     registry_url: str = "127.0.0.1:50051"
     # Inference replicas: "host:port" entries, or one "dns:///name:port" resolved to every address.
     inference_targets: tuple[str, ...] = ("127.0.0.1:50052",)
