@@ -120,31 +120,32 @@ def deserialize_bytes_tensor(raw: bytes | bytearray | memoryview, count: int) ->
     unpack = _LENGTH.unpack_from
     limit = MAX_BYTES_ELEMENT_BYTES
     offset = 0
+    error = ""
     for index in range(count):
         if offset + 4 > total:
-            raise InvalidArgument(
-                f"malformed BYTES tensor: element {index} of {count} has no 4-byte length prefix "
-                f"(offset {offset}, {total} bytes in all)"
-            )
+            error = (f"malformed BYTES tensor: element {index} of {count} has no 4-byte length prefix "
+                     f"(offset {offset}, {total} bytes in all)")
+            break
         (length,) = unpack(view, offset)
         offset += 4
         end = offset + length
         if end > total:
-            raise InvalidArgument(
-                f"malformed BYTES tensor: element {index} declares {length} bytes at offset {offset} "
-                f"but only {total - offset} remain"
-            )
+            error = (f"malformed BYTES tensor: element {index} declares {length} bytes at offset {offset} "
+                     f"but only {total - offset} remain")
+            break
         if length > limit:
-            raise InvalidArgument(
-                f"BYTES element {index} of {count} is {length} bytes, over the limit of {limit} per element"
-            )
+            error = f"BYTES element {index} of {count} is {length} bytes, over the limit of {limit} per element"
+            break
         result[index] = bytes(view[offset:end])
         offset = end
-    if offset != total:
-        raise InvalidArgument(
-            f"malformed BYTES tensor: {total - offset} trailing bytes after {count} elements"
-        )
-    return result
+    else:
+        if offset == total:
+            return result
+        error = f"malformed BYTES tensor: {total - offset} trailing bytes after {count} elements"
+    # Drop what was decoded here, in this thread: the error's traceback would keep it alive
+    # until whoever catches it lets go (the event loop, for a request decoded in a thread).
+    del result
+    raise InvalidArgument(error)
 
 
 def _check_bytes_count(count: int, total: int) -> None:

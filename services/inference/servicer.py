@@ -11,6 +11,7 @@ is parsed and answered in a thread, so small requests on the event loop are not 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -111,10 +112,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         lv = self._repo.resolve(request.model_name, request.model_version)
         plan = lv.input_plan or plan_for(lv)
         try:
-            if check_sizes(request, plan) > INLINE_CONVERT_ELEMENTS:
-                parsed = await self._convert(parse_request, request, plan)
-            else:
-                parsed = parse_request(request, plan)
+            heavy = check_sizes(request, plan) > INLINE_CONVERT_ELEMENTS
+            parsed = await self._convert(parse_request, request, plan) if heavy else parse_request(request, plan)
         except AiaasError as exc:
             lv.record_rejected(exc)
             raise
@@ -125,16 +124,30 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if timeout_us is None or deadline_us < timeout_us:
                 timeout_us = deadline_us
                 deadline_bound = True
-        outcome = await lv.infer(parsed.inputs, parsed.rows, priority=parsed.priority, timeout_us=timeout_us,
-                                 deadline_bound=deadline_bound)
-        if _object_elements(outcome.outputs, parsed) > INLINE_CONVERT_ELEMENTS:
-            return await self._convert(build_response, request, lv, parsed, outcome.outputs)
-        return build_response(request, lv, parsed, outcome.outputs)
+        outputs: dict[str, Any] = {}
+        try:
+            outcome = await lv.infer(parsed.inputs, parsed.rows, priority=parsed.priority, timeout_us=timeout_us,
+                                     deadline_bound=deadline_bound)
+            outputs = outcome.outputs
+            del outcome
+            if heavy or _object_elements(outputs, parsed) > INLINE_CONVERT_ELEMENTS:
+                heavy = True
+                return await self._convert(build_response, request, lv, parsed, outputs)  # type: ignore[no-any-return]
+            return build_response(request, lv, parsed, outputs)
+        finally:
+            if heavy:
+                # Millions of decoded elements take a while to free as well: the last references
+                # go in a conversion thread, not on the event loop.
+                self._converters_pool().submit(_let_go, parsed, outputs)
+                del parsed, outputs
 
     async def _convert(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._converters_pool(), function, *args)
+
+    def _converters_pool(self) -> ThreadPoolExecutor:
         if self._converters is None:
             self._converters = ThreadPoolExecutor(CONVERT_THREADS, thread_name_prefix="aiaas-convert")
-        return await asyncio.get_running_loop().run_in_executor(self._converters, function, *args)
+        return self._converters
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[service_pb2.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
@@ -242,42 +255,52 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 def check_sizes(request: service_pb2.ModelInferRequest, plan: InputPlan) -> int:
-    """Each input's declared shape against its raw bytes, before anything is parsed; O(inputs).
+    """Each BYTES input's declared shape against its raw bytes, before anything is parsed; O(inputs).
 
-    Returns how many elements parsing will convert one by one (BYTES and typed contents; raw
-    numbers are a zero-copy view). A request that does not match the model's inputs at all is
+    Returns how many elements parsing will convert one by one (BYTES and typed contents). A
+    fixed-size raw input costs nothing here: `parse_request` compares its size with its shape
+    before taking a zero-copy view. A request that does not match the model's inputs at all is
     left for `parse_request` to explain.
     """
-    tensors = request.inputs
     raws = request.raw_input_contents
+    if raws and not _has_bytes_inputs(plan):
+        return 0
+    tensors = request.inputs
     if len(tensors) != plan.count or (raws and len(raws) != len(tensors)):
         return 0
-    model = plan.model
-    budget = BytesBudget()
+    budget: BytesBudget | None = None
     elements = 0
     for index, tensor in enumerate(tensors):
-        spec = plan.inputs.get(tensor.name)
-        if spec is None or spec.datatype != tensor.datatype:
-            continue  # parse_request refuses it
-        if raws:
-            count = check_raw_size(tensor.name, tensor.datatype, tensor.shape, len(raws[index]), budget, model)
-            if spec.dtype is None:
-                elements += count
-        else:
-            elements += element_count(tensor.name, tensor.shape, model)
+        if not raws:
+            elements += element_count(tensor.name, tensor.shape, plan.model)
+        elif tensor.datatype == "BYTES":
+            spec = plan.inputs.get(tensor.name)
+            if spec is None or spec.datatype != "BYTES":
+                continue  # parse_request refuses it
+            budget = budget or BytesBudget()
+            elements += check_raw_size(tensor.name, "BYTES", tensor.shape, len(raws[index]), budget, plan.model)
     return elements
+
+
+@functools.lru_cache(maxsize=1024)
+def _has_bytes_inputs(plan: InputPlan) -> bool:
+    return any(spec.dtype is None for spec in plan.inputs.values())
 
 
 def _object_elements(outputs: dict[str, Any], parsed: ParsedRequest) -> int:
     """Elements `build_response` will encode one by one (BYTES outputs, classified outputs)."""
     total = 0
     for array in outputs.values():
-        if array.dtype == object:
+        if array.dtype.kind == "O":
             total += array.size
     for name, classes in parsed.outputs or ():
         if classes:
             total += outputs[name].size
     return total
+
+
+def _let_go(*_: object) -> None:
+    """Run in a conversion thread so that its arguments' last references are dropped there."""
 
 
 def _stream_error(request: service_pb2.ModelInferRequest, message: str) -> service_pb2.ModelStreamInferResponse:
