@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import psutil
 import pytest
 from google.protobuf.struct_pb2 import Struct
+from safetensors.numpy import save as safetensors_save
 
 from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry.v1 import registry_pb2_grpc
@@ -23,13 +25,13 @@ from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.registry.core import MAX_REQUEST_BYTES, MAX_UPLOAD_HEADER_BYTES, UploadSlots
 from services.registry.servicer import UploadLimits, UploadStream
 from tests.registry.service import RunningRegistry, eventually
-from tests.registry.test_service import SIGNATURE, header
 from tests.support.blobs import onnx_blob
 
 MiB = 1024 * 1024
+SIGNATURE = {"inputs": ["x:FP32:-1,4"], "outputs": ["y:FP32:-1,2"]}
 MAX_UPLOADS = 3
-IDLE_S = 3.0
-STALE_S = 6.0
+IDLE_S = 4.0
+STALE_S = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,22 @@ def registry() -> Iterator[RunningRegistry]:
 def stub(registry: RunningRegistry) -> Iterator[registry_pb2_grpc.ModelRegistryStub]:
     with grpc.insecure_channel(registry.address, options=[("grpc.max_send_message_length", 512 * MiB)]) as channel:
         yield registry_pb2_grpc.ModelRegistryStub(channel)
+
+
+def weights(size: int) -> bytes:
+    """A real safetensors file (the artifact gate checks what it stores) of about `size` bytes."""
+    return safetensors_save({"w": np.frombuffer(os.urandom(size), dtype=np.uint8)})
+
+
+def header(model: str, data: bytes, **changes: object) -> pb.UploadVersionHeader:
+    fields: dict[str, object] = {
+        "model": model, "format": pb.ARTIFACT_FORMAT_SAFETENSORS, "artifact_sha256": hashlib.sha256(data).hexdigest(),
+        "artifact_size": len(data), "create_model": True,
+        "signature": pb.Signature(inputs=[pb.TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
+                                  outputs=[pb.TensorSpec(name="y", datatype="FP32", shape=[-1, 2])]),
+    }
+    fields.update(changes)
+    return pb.UploadVersionHeader(**fields)  # type: ignore[arg-type]
 
 
 def part_files(registry: RunningRegistry) -> list[Path]:
@@ -172,23 +190,17 @@ def test_the_sweeper_removes_dead_uploads_and_spares_live_ones(
     tmp = registry.artifact_dir / "tmp"
     hour_ago = time.time() - 3600
     dead = tmp / "upload-crashed-replica.part"
-    dead.write_bytes(b"left by a process that died")
-    os.utime(dead, (hour_ago, hour_ago))
     other_replica = tmp / "upload-other-replica.part"  # recently written: maybe another replica's live upload
-    other_replica.write_bytes(b"still being written elsewhere")
     unrelated = tmp / "notes.txt"
-    unrelated.write_bytes(b"not an upload")
-    os.utime(unrelated, (hour_ago, hour_ago))
-
-    data = onnx_blob(os.urandom(8).hex(), min_size=3 * 1024)
+    data = weights(3 * 1024)
     parts = threading.Semaphore(0)
 
     def slow_upload() -> Iterator[pb.UploadVersionRequest]:
         yield pb.UploadVersionRequest(header=header("swept-alive", data))
-        for start in range(0, len(data), 1024):
+        for chunk in (data[:1024], data[1024:]):
             if not parts.acquire(timeout=10):
                 return
-            yield pb.UploadVersionRequest(chunk=data[start:start + 1024])
+            yield pb.UploadVersionRequest(chunk=chunk)
 
     def own_part() -> Path | None:
         found = [p for p in part_files(registry) if p not in (dead, other_replica)]
@@ -201,13 +213,18 @@ def test_the_sweeper_removes_dead_uploads_and_spares_live_ones(
         live = own_part()
         assert live is not None
         os.utime(live, (hour_ago, hour_ago))  # looks dead by age, but this process is still writing it
+        # Made after that: the sweep that removes `dead` has seen `live` old too.
+        dead.write_bytes(b"left by a process that died")
+        os.utime(dead, (hour_ago, hour_ago))
+        other_replica.write_bytes(b"still being written elsewhere")
+        unrelated.write_bytes(b"not an upload")
+        os.utime(unrelated, (hour_ago, hour_ago))
         assert eventually(lambda: not dead.exists(), timeout=3)
-        time.sleep(0.6)  # three more sweeps
         assert live.exists() and other_replica.exists() and unrelated.exists()
-        parts.release(-(-len(data) // 1024) - 1)  # the remaining chunks
+        parts.release()
         reply = future.result(timeout=10)
     finally:
-        parts.release(8)
+        parts.release(2)
         other_replica.unlink(missing_ok=True)
         unrelated.unlink(missing_ok=True)
     assert reply.version.artifact_sha256 == hashlib.sha256(data).hexdigest()
