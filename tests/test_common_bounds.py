@@ -182,6 +182,10 @@ async def test_one_connection_runs_at_most_max_concurrent_streams_calls(probe: S
     _running[:] = [0, 0]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{probe.port}") as channel:
         call = channel.unary_unary(f"/{PROBE}/Slow")
+        # The first call opens the connection and brings the server's SETTINGS (the cap): streams
+        # opened before the client knows it may be refused (REFUSED_STREAM) rather than queued.
+        assert await call(b"", timeout=10) == b"done"
+        _running[:] = [0, 0]
         answers = await asyncio.gather(*(call(b"", timeout=10) for _ in range(6)))
     assert answers == [b"done"] * 6
     assert _running[1] == 2

@@ -43,6 +43,10 @@ def server_options(settings: ServerSettings, max_receive_bytes: int) -> list[tup
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Count open HTTP/2 streams against the cap, so clients queue calls past it. grpc's default
+        # also counts calls that ended but are not yet freed and refuses new ones meanwhile
+        # (REFUSED_STREAM: UNAVAILABLE to a client running near the cap).
+        ("grpc.http.overload_protection", 0),
         ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_ping_interval_ms),
