@@ -249,7 +249,6 @@ _PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version",
 _PT2_WEIGHT_RE = re.compile(r"data/weights/weight_[0-9]{1,9}")
 _PT2_CONSTANT_RE = re.compile(r"data/constants/tensor_[0-9]{1,9}")
 _PT2_EXTRA_RE = re.compile(r"extra/[A-Za-z0-9_.\-]{1,200}")
-_PT2_SAMPLE_RE = re.compile(r"data/sample_inputs/model(?:/.*)?")
 
 
 @dataclasses.dataclass
@@ -279,9 +278,15 @@ def _check_pt2(source: str | os.PathLike[str] | bytes) -> _Pt2:
                 raise UnsafeArtifact(f"{what} stores tensors in the legacy pickled format ({name!r}); "
                                      "re-save it with a current torch.export.save")
             if not (name in _PT2_FIXED or _PT2_WEIGHT_RE.fullmatch(name) or _PT2_CONSTANT_RE.fullmatch(name)
-                    or _PT2_EXTRA_RE.fullmatch(name) or _PT2_SAMPLE_RE.fullmatch(name)):
+                    or _PT2_EXTRA_RE.fullmatch(name)):
                 raise UnsafeArtifact(f"{what} has an unexpected entry {name!r}; only one program "
                                      "('model'), its raw weights and constants, and extra/ files are accepted")
+        for name in names:
+            if name == "data/sample_inputs/model.pt":
+                # Never read by our loader, but other tools (torch.export.load) unpickle it: it may hold
+                # tensors only, which an opcode scan proves without unpickling.
+                check_tensor_pickle(_read_entry(handle, f"{prefix}/{name}", MAX_JSON_BYTES, what),
+                                    f"{what}: sample inputs ({name})")
         for required in ("archive_format", "models/model.json"):
             if required not in names:
                 raise UnsafeArtifact(f"{what} has no {required!r} entry; save it with torch.export.save")
@@ -396,6 +401,35 @@ def _walk_program(value: Any, operators: set[str], what: str, depth: int) -> Non
     elif isinstance(value, list):
         for item in value:
             _walk_program(item, operators, what, depth + 1)
+
+
+# What `torch.save` writes for plain tensors and containers: the globals of a weights-only pickle.
+_TENSOR_PICKLE_GLOBALS = frozenset({
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_tensor"), ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"),
+    ("torch", "bfloat16"), ("torch", "float16"), ("torch", "float32"), ("torch", "float64"), ("torch", "int8"),
+    ("torch", "int16"), ("torch", "int32"), ("torch", "int64"), ("torch", "uint8"), ("torch", "bool"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+})
+
+
+def check_tensor_pickle(data: bytes, where: str) -> None:
+    """`data` (a torch.save zip) pickles only tensors, storages and plain containers; read by opcodes only."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if len(pickles) != 1:
+            raise UnsafeArtifact(f"{where} is not a torch.save archive (a plain pickle is refused)")
+        for opcode, arg, _pos in pickletools.genops(archive.read(pickles[0])):
+            if opcode.name in ("GLOBAL", "INST"):
+                module, _, name = str(arg).partition(" ")
+                storage = module == "torch" and name.endswith("Storage")
+                if (module, name) not in _TENSOR_PICKLE_GLOBALS and not storage:
+                    raise UnsafeArtifact(f"{where} pickles {module}.{name}, which is not a tensor; refused")
+            elif opcode.name in ("STACK_GLOBAL", "EXT1", "EXT2", "EXT4"):
+                raise UnsafeArtifact(f"{where} uses pickle opcode {opcode.name}, which names code indirectly")
+    except (zipfile.BadZipFile, ValueError, IndexError, struct.error, KeyError) as exc:
+        raise UnsafeArtifact(f"{where} is not a torch.save archive ({str(exc)[:120]})") from None
 
 
 # ---------------------------------------------------------------------------------------------- TorchScript

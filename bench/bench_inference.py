@@ -53,8 +53,10 @@ def in_process_rows_per_s(path: Path, features: int, batch: int, seconds: float,
     """
     import torch
 
+    from aiaas.artifact_gate import load_torchscript
+
     torch.set_num_threads(threads)
-    model = torch.jit.load(str(path))
+    model = load_torchscript(path)
     x = torch.randn(batch, features)
     best = 0.0
     with torch.inference_mode():

@@ -52,11 +52,10 @@ class PendingArtifact:
         self._hash.update(chunk)
         self.size += len(chunk)
 
-    def commit(self, check_content: Callable[[Path], None] | None = None) -> bool:
-        """Verify and move into the store; returns True when the content was already stored.
+    def verify(self, check_content: Callable[[Path], None] | None = None) -> None:
+        """Size and sha256 as declared, then `check_content` (the artifact gate) on the complete file.
 
-        `check_content` (the artifact gate) reads the complete, hash-verified file before it becomes
-        visible; whatever it raises aborts the commit and nothing is stored.
+        Whatever this raises means nothing is stored; the caller discards the upload.
         """
         if self.size != self.expected_size:
             raise InvalidArgument(f"the stream ended after {self.size} bytes, but artifact_size declared "
@@ -68,10 +67,14 @@ class PendingArtifact:
         self._file.flush()
         if check_content is not None:
             check_content(self.path)
+
+    def commit(self) -> bool:
+        """Verify and move into the store; returns True when the content was already stored."""
+        self.verify()
         os.fsync(self._file.fileno())
         self._file.close()
         self.store._untrack(self)
-        target = self.store.path_for(digest)
+        target = self.store.path_for(self.expected_sha256)
         if target.exists():
             self.path.unlink(missing_ok=True)
             return True

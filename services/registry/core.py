@@ -94,9 +94,16 @@ class Upload:
         if pending is None:
             raise FailedPrecondition("this upload is already finished")
         artifacts = self.core.artifacts
+        try:
+            # The gate reads the whole hash-verified file: outside the artifact lock, so a slow check
+            # does not hold up other uploads' commits and deletes.
+            pending.verify(self._check_content)
+        except BaseException:
+            self.abort()
+            raise
         with artifacts.lock:
             try:
-                deduplicated = pending.commit(self._check_content)
+                deduplicated = pending.commit()
             except BaseException:
                 self.abort()
                 raise
