@@ -25,7 +25,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY aiaas ./aiaas
 COPY services ./services
-RUN pip install . \
+RUN pip install '.[onnx]' \
  && python -m compileall -q /opt/aiaas/lib \
  && pip check
 
