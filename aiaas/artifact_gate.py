@@ -357,7 +357,8 @@ def _as_int(value: Any, what: str) -> int:
 def _check_tensor_meta(meta: Any, nbytes: int, fqn: str, what: str) -> None:
     if not isinstance(meta, dict):
         raise UnsafeArtifact(f"{what}: {fqn!r} has no tensor metadata")
-    itemsize = _DTYPE_BYTES.get(meta.get("dtype"))
+    dtype = meta.get("dtype")
+    itemsize = _DTYPE_BYTES.get(dtype) if isinstance(dtype, int) else None
     if itemsize is None:
         raise UnsafeArtifact(f"{what}: {fqn!r} has unknown dtype code {meta.get('dtype')!r}")
     sizes = [_as_int(s, what) for s in meta.get("sizes", [])]

@@ -100,7 +100,7 @@ def test_half_types_need_raw_bytes(server: ServiceProcess, datatype: str) -> Non
 
 
 @pytest.mark.parametrize("raw,fragment", [
-    (b"\x05\x00\x00\x00ab", "declares 5 bytes"),
+    (b"\x05\x00\x00\x00ab\x00\x00", "declares 5 bytes"),
     (b"\x01\x00", "length prefix"),
     (b"\x01\x00\x00\x00a\x00\x00\x00\x00zz", "trailing"),
 ])
