@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -61,7 +63,7 @@ class Sampler:
     def __init__(self, services: dict[str, ServiceProcess]) -> None:
         self.processes = {name: psutil.Process(s.proc.pid) for name, s in services.items()  # type: ignore[union-attr]
                           if s.proc is not None}
-        self.peak = {name: 0 for name in self.processes}
+        self.peak = self.rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -99,8 +101,8 @@ class Outcome:
     peak: dict[str, int] = field(default_factory=dict)
     after: dict[str, int] = field(default_factory=dict)
     fds: dict[str, int] = field(default_factory=dict)
-    during_ms: float | str = "-"
-    after_ms: float | str = "-"
+    during: str = "-"
+    after_request: str = "-"
     seconds: float = 0.0
 
 
@@ -120,14 +122,22 @@ def count_codes(results: list[object]) -> tuple[dict[str, int], dict[str, str]]:
     return codes, examples
 
 
-async def _silent() -> AsyncIterator[bytes]:
-    await asyncio.Event().wait()
-    yield b""
+class Silent:
+    """A request stream that sends `first` (if any), then nothing until `release` is set."""
 
+    def __init__(self, release: asyncio.Event, first: bytes | None = None) -> None:
+        self.release = release
+        self.first = first
 
-async def _header_then_silent(header: bytes) -> AsyncIterator[bytes]:
-    yield header
-    await asyncio.Event().wait()
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        await self.release.wait()
+        raise StopAsyncIteration
 
 
 def infer_request(name: str, datatype: str = "FP32", shape: tuple[int, ...] = (1, 4), raw: bytes | None = None,
@@ -149,51 +159,60 @@ class Stack:
     def services(self) -> dict[str, ServiceProcess]:
         return {"gateway": self.gateway, "inference": self.replica, "registry": self.registry.proc}
 
-    def normal_call(self, target: str) -> Callable[[grpc.aio.Channel], Awaitable[object]]:
-        if target == "registry":
-            return lambda channel: channel.unary_unary(LIST_MODELS)(rpb.ListModelsRequest().SerializeToString(),
-                                                                    timeout=30)
-        name = "tiny" if target == "gateway" else "tiny:production"
-        metadata = (("authorization", f"Bearer {self.token}"),) if target == "gateway" else ()
-        payload = infer_request(name)
-        return lambda channel: channel.unary_unary(MODEL_INFER)(payload, metadata=metadata, timeout=30)
-
     def address(self, target: str) -> str:
         return self.services[target].address
 
 
-async def timed(call: Callable[[grpc.aio.Channel], Awaitable[object]], address: str) -> float | str:
+def normal_request(target: str, token: str) -> tuple[str, bytes, tuple[tuple[str, str], ...]]:
+    """Method, request and metadata of one ordinary call to `target`."""
+    if target == "registry":
+        return LIST_MODELS, rpb.ListModelsRequest().SerializeToString(), ()
+    if target == "gateway":
+        return MODEL_INFER, infer_request("tiny"), (("authorization", f"Bearer {token}"),)
+    return MODEL_INFER, infer_request("tiny:production"), ()
+
+
+async def time_one(address: str, target: str, token: str) -> str:
+    method, payload, metadata = normal_request(target, token)
     async with grpc.aio.insecure_channel(address) as channel:
         started = time.perf_counter()
         try:
-            await call(channel)
+            await channel.unary_unary(method)(payload, metadata=metadata, timeout=60)
         except grpc.aio.AioRpcError as exc:
             return f"{exc.code().name} after {(time.perf_counter() - started) * 1e3:.0f} ms"
-        return (time.perf_counter() - started) * 1e3
+        return f"{(time.perf_counter() - started) * 1e3:.1f} ms"
+
+
+def probe(address: str, target: str, token: str) -> str:
+    """One normal request from a process of its own: the attacking process's loop is busy."""
+    done = subprocess.run([sys.executable, "-m", "bench.bench_attacks", "--probe", address, target, token],
+                          capture_output=True, text=True, timeout=180, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+    return done.stdout.strip() or f"probe failed: {done.stderr.strip()[-200:]}"
 
 
 async def run_attack(stack: Stack, name: str, target: str,
                      attack: Callable[[], Awaitable[list[object]]], settle_s: float = 1.0) -> Outcome:
     outcome = Outcome(name, target)
-    normal = stack.normal_call(target)
+    address = stack.address(target)
     with Sampler(stack.services) as sampler:
         outcome.before = sampler.rss()
         started = time.perf_counter()
         running = asyncio.ensure_future(attack())
         await asyncio.sleep(settle_s)  # let the attack land, then try a normal request next to it
-        outcome.during_ms = await timed(normal, stack.address(target))
+        outcome.during = await asyncio.to_thread(probe, address, target, stack.token)
         outcome.codes, outcome.examples = count_codes(await running)
         outcome.seconds = time.perf_counter() - started
         await asyncio.sleep(1.0)
         outcome.peak = dict(sampler.peak)
     outcome.after = sampler.rss()
     outcome.fds = sampler.fds()
-    outcome.after_ms = await timed(normal, stack.address(target))
+    outcome.after_request = await asyncio.to_thread(probe, address, target, stack.token)
     return outcome
 
 
 async def many_calls(address: str, count: int, open_call: Callable[[grpc.aio.Channel], Awaitable[object]],
-                     per_channel: int = 200) -> list[object]:
+                     per_channel: int = 200, release: asyncio.Event | None = None) -> list[object]:
     # One connection per channel (not grpc's shared one), each under the per-connection stream cap.
     options = [("grpc.max_send_message_length", -1), ("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(max(1, -(-count // per_channel)))]
@@ -201,6 +220,9 @@ async def many_calls(address: str, count: int, open_call: Callable[[grpc.aio.Cha
         calls = [open_call(channels[i // per_channel]) for i in range(count)]
         return list(await asyncio.gather(*calls, return_exceptions=True))
     finally:
+        if release is not None:
+            release.set()  # silent request streams end before their channels close
+            await asyncio.sleep(0.1)
         for channel in channels:
             await channel.close()
 
@@ -219,10 +241,13 @@ def attacks(stack: Stack, scale: float, hold_s: float) -> list[tuple[str, str, C
         serving_config=rpb.ServingConfig(max_batch_size=8, device="cpu"))).SerializeToString()
     big_chunk = rpb.UploadVersionRequest(chunk=b"\0" * (200 * MIB)).SerializeToString()
 
-    def stream(address: str, method: str, requests: Callable[[], AsyncIterator[bytes]], count: int,
-               metadata: tuple[tuple[str, str], ...] = ()) -> Callable[[], Awaitable[list[object]]]:
-        return lambda: many_calls(address, count, lambda ch: ch.stream_unary(method)(
-            requests(), metadata=metadata, timeout=hold_s))
+    def stream(address: str, method: str, count: int, first: bytes | None = None) -> Callable[[], Awaitable[list[object]]]:
+        async def attack() -> list[object]:
+            release = asyncio.Event()
+            return await many_calls(address, count, lambda ch: ch.stream_unary(method)(
+                Silent(release, first), timeout=hold_s), release=release)
+
+        return attack
 
     def unary(address: str, payload: bytes, count: int,
               metadata: tuple[tuple[str, str], ...] = ()) -> Callable[[], Awaitable[list[object]]]:
@@ -236,14 +261,14 @@ def attacks(stack: Stack, scale: float, hold_s: float) -> list[tuple[str, str, C
         return await many_calls(registry, 1, lambda ch: ch.stream_unary(UPLOAD)(messages(), timeout=hold_s))
 
     return [
-        (f"{header_only} header-only key-less ModelInfer", "gateway", stream(gateway, MODEL_INFER, _silent, header_only)),
+        (f"{header_only} header-only key-less ModelInfer", "gateway", stream(gateway, MODEL_INFER, header_only)),
         ("4 x 200 MiB key-less ModelInfer", "gateway", unary(gateway, oversized, 4)),
         ("1 x 200 MiB keyed ModelInfer", "gateway", unary(gateway, oversized, 1, keyed)),
         ("3 x BYTES shape lie [1, 67108864]", "inference", unary(inference, lie_direct, 3)),
         ("3 x BYTES shape lie, keyed", "gateway", unary(gateway, lie_gateway, 3, keyed)),
         ("1 x 200 MiB UploadVersion chunk", "registry", chunk_upload),
         (f"{header_only // 10} header-only uploads", "registry",
-         stream(registry, UPLOAD, lambda: _header_then_silent(upload_header), header_only // 10)),
+         stream(registry, UPLOAD, header_only // 10, upload_header)),
     ]
 
 
@@ -256,11 +281,8 @@ def print_outcome(outcome: Outcome) -> None:
     for service in outcome.before:
         print(f"  {service:<9} RSS {outcome.before[service] / MIB:7.0f} MiB -> peak {outcome.peak[service] / MIB:7.0f}"
               f" -> after {outcome.after[service] / MIB:7.0f} MiB   fds {outcome.fds[service]:>6}")
-
-    def fmt(value: float | str) -> str:
-        return f"{value:.1f} ms" if isinstance(value, float) else value
-
-    print(f"  normal {outcome.target} request: during {fmt(outcome.during_ms)}, after {fmt(outcome.after_ms)}")
+    print(f"  normal {outcome.target} request (own process, new connection): during {outcome.during}, "
+          f"after {outcome.after_request}")
 
 
 async def run_all(stack: Stack, scale: float, hold_s: float) -> None:
@@ -272,7 +294,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tenth of the header-only calls")
     parser.add_argument("--hold-s", type=float, default=10.0, help="client deadline of every attack call")
+    parser.add_argument("--probe", nargs=3, metavar=("ADDRESS", "TARGET", "TOKEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        print(asyncio.run(time_one(*args.probe)))
+        return
     scale = 0.1 if args.quick else 1.0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
