@@ -8,7 +8,7 @@ imported) and takes, as far as this host allows:
 - network: a new network namespace (only an unconfigured loopback), by `unshare(CLONE_NEWNET)` as
   root or inside a new user namespace otherwise;
 - user: from root to an unprivileged uid/gid (no supplementary groups, no capabilities left);
-- no_new_privs, then Landlock: read-only access to the Python runtime, system libraries, a few
+- no_new_privs, then Landlock (see `landlock`): read-only access to the Python runtime, system libraries, a few
   /proc, /sys and /dev entries and the worker's own artifact; no write, create, remove or execute
   anywhere; no TCP bind or connect; no signals or abstract Unix sockets outside the sandbox.
 
@@ -34,6 +34,8 @@ import sysconfig
 from collections.abc import Iterable
 from typing import Any
 
+from services.inference import landlock
+
 MODES = ("auto", "require", "off")
 # Without these a worker is not considered sandboxed under mode "require".
 ESSENTIAL = ("network", "user", "filesystem", "no_new_privs", "core_dumps", "open_files")
@@ -46,34 +48,16 @@ _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAPBSET_DROP = 24
-_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
-_LANDLOCK_CREATE_RULESET_VERSION = 1
-_LANDLOCK_RULE_PATH_BENEATH = 1
-
-# Landlock filesystem rights (include/uapi/linux/landlock.h).
-EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-_ABI1_FS = (1 << 13) - 1  # execute .. make_sym
-REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
-_FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
-_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
-_SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1 << 0, 1 << 1
-
-_READ = READ_FILE | READ_DIR
-_DEVICE = READ_FILE | WRITE_FILE | TRUNCATE | IOCTL_DEV
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+# machine: (AUDIT_ARCH_*, __NR_socket); io_uring_setup is 425 everywhere (io_uring can open sockets).
+_SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+_NR_IO_URING_SETUP = 425
+_READ = landlock.READ_FILE | landlock.READ_DIR
+_DEVICE = landlock.READ_FILE | landlock.WRITE_FILE | landlock.TRUNCATE | landlock.IOCTL_DEV
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-
-
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]  # fmt: skip
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +138,11 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
     if policy.mode == "off":
         report.missing["all"] = "worker_sandbox is off"
         return report
+    if sys.platform != "linux":
+        report.missing.update(dict.fromkeys(ESSENTIAL, f"the sandbox needs Linux, this is {sys.platform}"))
+        if policy.mode == "require":
+            raise SandboxRefused(f"worker_sandbox=require but the sandbox needs Linux, this is {sys.platform}")
+        return report
     threads = _thread_count()
     held = _open_readable(policy.readable, report)
     rule_fds = _open_rule_paths(_rule_paths(policy))
@@ -171,6 +160,10 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
                 report.applied["no_new_privs"] = "set"
             else:
                 report.missing["no_new_privs"] = os.strerror(ctypes.get_errno())
+            if policy.device == "cpu":
+                _deny_sockets(report)
+            else:
+                report.missing["sockets"] = f"not filtered on {policy.device} (GPU drivers may use Unix sockets)"
             _landlock(rule_fds, report)
         else:
             why = f"{threads} threads were already running; only the calling one would be confined"
@@ -180,8 +173,9 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
     finally:
         for fd in rule_fds:
             os.close(fd)
-    if "network" not in report.applied and "tcp" in report.applied:
-        report.applied["network"] = "TCP only (Landlock); " + report.missing.pop("network")
+    if "network" not in report.applied and ("sockets" in report.applied or "tcp" in report.applied):
+        held_by = "no new sockets (seccomp)" if "sockets" in report.applied else "TCP only (Landlock)"
+        report.applied["network"] = f"{held_by}; " + report.missing.pop("network")
     if policy.mode == "require" and report.missing_essential:
         lacking = "; ".join(f"{k}: {v}" for k, v in report.missing_essential.items())
         raise SandboxRefused(f"worker_sandbox=require but the worker could not be confined ({lacking})")
@@ -240,6 +234,46 @@ def _unshare_network(flags: int, report: SandboxReport) -> None:
         report.applied["network"] = "new network namespace (in a new user namespace)"
     else:
         report.applied["network"] = "new network namespace"
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _deny_sockets(report: SandboxReport) -> None:
+    """seccomp: socket(2) and io_uring_setup(2) fail with EPERM; a foreign syscall ABI kills the process.
+
+    The worker's pipe to the service exists already; it never needs another socket. This is what
+    keeps UDP, raw, netlink and Unix sockets out of reach where no network namespace could be made.
+    """
+    arch = _SECCOMP_ARCH.get(os.uname().machine)
+    if arch is None:
+        report.missing["sockets"] = f"no seccomp filter for {os.uname().machine}"
+        return
+    audit_arch, nr_socket = arch
+    load, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    deny, allow, kill = 0x00050000 | errno.EPERM, 0x7FFF0000, 0x80000000
+    program = [
+        (load, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 0, 6, audit_arch),
+        (load, 0, 0, 0),  # seccomp_data.nr
+        (jge, 4, 0, 0x40000000),  # x32 system calls
+        (jeq, 1, 0, nr_socket),
+        (jeq, 0, 1, _NR_IO_URING_SETUP),
+        (ret, 0, 0, deny),
+        (ret, 0, 0, allow),
+        (ret, 0, 0, kill),
+    ]
+    filters = (_SockFilter * len(program))(*(_SockFilter(*step) for step in program))
+    fprog = _SockFprog(len(program), filters)
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        report.missing["sockets"] = f"seccomp: {os.strerror(ctypes.get_errno())}"
+    else:
+        report.applied["sockets"] = "no new sockets (seccomp)"
 
 
 def _drop_user(policy: SandboxPolicy, held: dict[str, int], report: SandboxReport) -> None:
@@ -374,24 +408,6 @@ def _thread_count() -> int:
 # --- Landlock ------------------------------------------------------------------------------------
 
 
-def landlock_abi() -> int:
-    """The kernel's Landlock ABI version; 0 when it has none (or a seccomp filter hides it)."""
-    version = _libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
-                            ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))  # fmt: skip
-    return max(0, int(version))
-
-
-def _handled_fs(abi: int) -> int:
-    rights = _ABI1_FS
-    if abi >= 2:
-        rights |= REFER
-    if abi >= 3:
-        rights |= TRUNCATE
-    if abi >= 5:
-        rights |= IOCTL_DEV
-    return rights
-
-
 def _rule_paths(policy: SandboxPolicy) -> dict[str, int]:
     """Every path the worker may open after the sandbox, and with which rights."""
     rules: dict[str, int] = {}
@@ -419,7 +435,7 @@ def _rule_paths(policy: SandboxPolicy) -> dict[str, int]:
         for path in ("/proc/driver", "/sys"):
             rules[path] = rules.get(path, 0) | _READ
     for path in policy.readable:
-        rules[path] = READ_FILE  # the artifact: read, never execute or write
+        rules[path] = landlock.READ_FILE  # the artifact: read, never execute or write
     return rules
 
 
@@ -432,55 +448,38 @@ def _open_rule_paths(rules: dict[str, int]) -> dict[int, int]:
         except OSError:
             continue
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
-            rights &= _FILE_RIGHTS
+            rights &= landlock.FILE_RIGHTS
         opened[fd] = rights
     return opened
 
 
 def _landlock(rule_fds: dict[int, int], report: SandboxReport) -> None:
-    abi = landlock_abi()
-    if abi < 1:
-        why = os.strerror(ctypes.get_errno()) if ctypes.get_errno() else "not supported"
-        report.missing["filesystem"] = f"Landlock unavailable ({why}; Linux >= 5.13 with landlock enabled)"
+    version = landlock.abi()
+    if version < 1:
+        report.missing["filesystem"] = landlock.unavailable_reason()
         report.missing["tcp"] = report.missing["scope"] = "Landlock unavailable"
         return
-    handled = _handled_fs(abi)
-    attr = _RulesetAttr(handled, _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0,
-                        _SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL if abi >= 6 else 0)  # fmt: skip
-    size = 8 if abi < 4 else 16 if abi < 6 else 24
-    ruleset = _libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
-                            ctypes.c_size_t(size), ctypes.c_uint32(0))  # fmt: skip
-    if ruleset < 0:
-        report.missing["filesystem"] = f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}"
-        return
     try:
-        for fd, rights in rule_fds.items():
-            rule = _PathBeneathAttr(rights & handled, fd)
-            if _libc.syscall(ctypes.c_long(_SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset),
-                             ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0)) < 0:
-                report.missing["filesystem"] = f"landlock_add_rule: {os.strerror(ctypes.get_errno())}"
-                return
-        if _libc.syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
-            report.missing["filesystem"] = f"landlock_restrict_self: {os.strerror(ctypes.get_errno())}"
-            return
-    finally:
-        os.close(ruleset)
-    report.applied["filesystem"] = f"Landlock ABI {abi}: read-only runtime and artifact, no writes or exec"
-    if abi >= 4:
+        landlock.restrict_self(rule_fds, version)
+    except OSError as exc:
+        report.missing["filesystem"] = exc.strerror or str(exc)
+        return
+    report.applied["filesystem"] = f"Landlock ABI {version}: read-only runtime and artifact, no writes or exec"
+    if version >= 4:
         report.applied["tcp"] = "no TCP bind or connect (Landlock)"
     else:
-        report.missing["tcp"] = f"Landlock ABI {abi} < 4 cannot restrict TCP"
-    if abi >= 6:
+        report.missing["tcp"] = f"Landlock ABI {version} < 4 cannot restrict TCP"
+    if version >= 6:
         report.applied["scope"] = "no signals or abstract Unix sockets outside the sandbox"
     else:
-        report.missing["scope"] = f"Landlock ABI {abi} < 6 cannot scope signals"
+        report.missing["scope"] = f"Landlock ABI {version} < 6 cannot scope signals"
 
 
 # --- a diagnostic: apply a policy here and show what held ----------------------------------------------
 
 
-def probe(policy: SandboxPolicy, *, connect: str = "", reads: Iterable[str] = (), write_dir: str = "",
-          signal_pid: int = 0) -> dict[str, Any]:  # fmt: skip
+def probe(policy: SandboxPolicy, *, connect: str = "", connect_unix: str = "", reads: Iterable[str] = (),
+          write_dir: str = "", signal_pid: int = 0) -> dict[str, Any]:  # fmt: skip
     """Apply `policy` to this process, then try what a hostile model would; the results as a dict."""
     try:
         report = apply(policy)
@@ -494,12 +493,23 @@ def probe(policy: SandboxPolicy, *, connect: str = "", reads: Iterable[str] = ()
         fields = dict(line.split(":", 1) for line in status if ":" in line)
     result["no_new_privs"] = fields.get("NoNewPrivs", "").strip()
     result["cap_eff"] = fields.get("CapEff", "").strip()
-    result["interfaces"] = sorted(name for _, name in socket.if_nameindex())
+    result["netns"] = os.readlink("/proc/self/ns/net")
     if connect:
         host, _, port = connect.rpartition(":")
         result["connect"] = _attempt(lambda: socket.create_connection((host, int(port)), timeout=2).close())
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            result["udp"] = _attempt(lambda: udp.sendto(b"probe", (host, int(port))))
+
+        def send_udp() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.sendto(b"probe", (host, int(port)))
+
+        result["udp"] = _attempt(send_udp)
+    if connect_unix:
+
+        def connect_to_unix() -> None:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(connect_unix)
+
+        result["unix"] = _attempt(connect_to_unix)
     for path in reads:
         result["reads"][path] = _attempt(lambda p=path: open(report.paths.get(p, p), "rb").close())
     if write_dir:
@@ -533,6 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readable", action="append", default=[], help="a file the sandbox lets it read")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--connect", default="", help="HOST:PORT to try a TCP connection to")
+    parser.add_argument("--connect-unix", default="", help="a Unix socket path to try to connect to")
     parser.add_argument("--read", action="append", default=[], help="a file to try to read")
     parser.add_argument("--write-dir", default="", help="a directory to try to create a file in")
     parser.add_argument("--signal-pid", type=int, default=0, help="a process to try to signal (signal 0)")
@@ -540,8 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     uid, gid = resolve_user(args.user)
     policy = SandboxPolicy(args.mode, uid, gid, args.open_files, args.address_space_mb * 2**20,
                            tuple(args.readable), args.device)  # fmt: skip
-    result = probe(policy, connect=args.connect, reads=args.read + args.readable, write_dir=args.write_dir,
-                   signal_pid=args.signal_pid)  # fmt: skip
+    result = probe(policy, connect=args.connect, connect_unix=args.connect_unix, reads=args.read + args.readable,
+                   write_dir=args.write_dir, signal_pid=args.signal_pid)  # fmt: skip
     print(json.dumps(result, indent=2, sort_keys=True))
 
 

@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from services.common.errors import DeadlineExceeded, FailedPrecondition
-from services.inference import sandbox
+from services.inference import landlock, sandbox
 from services.inference.workers import WorkerPool
 from tests.inference.conftest import Registry, inference_args, start_inference
 from tests.inference.models import Artifact, write_mlp
@@ -32,7 +32,7 @@ from tests.inference.test_service_workers import spin_inputs, write_spin
 from tests.inference.test_workers import pool_for, start, wait_alive
 
 ROOT = os.geteuid() == 0
-LANDLOCK = sandbox.landlock_abi()
+LANDLOCK = landlock.abi()
 NOBODY = sandbox.resolve_user("nobody")
 CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN = 6, 7, 21
 
@@ -133,23 +133,38 @@ def listener() -> Iterator[socket.socket]:
         yield server
 
 
-def test_inside_the_sandbox_a_model_reaches_nothing(shared_dir: Path, listener: socket.socket) -> None:
+@pytest.fixture
+def unix_listener(shared_dir: Path) -> Iterator[str]:
+    """A Unix socket anyone may connect to (mode 777): no file mode stops a sandboxed client."""
+    path = str(shared_dir / "open.sock")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        os.chmod(path, 0o777)
+        server.listen()
+        yield path
+    os.unlink(path)
+
+
+def test_inside_the_sandbox_a_model_reaches_nothing(shared_dir: Path, listener: socket.socket,
+                                                    unix_listener: str) -> None:  # fmt: skip
     own = world_readable(write_mlp(shared_dir, "onnx", sizes=(10, 20, 10)))
     other = world_readable(write_mlp(shared_dir, "onnx", sizes=(10, 30, 10)))  # another version's artifact
     port = listener.getsockname()[1]
     result = run_probe("--readable", own.path, "--read", other.path, "--read", "/etc/passwd",
-                       "--connect", f"127.0.0.1:{port}", "--write-dir", str(shared_dir),
-                       "--signal-pid", str(os.getpid()))  # fmt: skip
+                       "--connect", f"127.0.0.1:{port}", "--connect-unix", unix_listener,
+                       "--write-dir", str(shared_dir), "--signal-pid", str(os.getpid()))  # fmt: skip
     applied = result["report"]["applied"]
-    assert result["connect"] != "ok"
+    assert result["connect"] != "ok" and result["udp"] != "ok"
+    if sandbox._SECCOMP_ARCH.get(os.uname().machine):  # x86_64 and aarch64: no socket can even be made
+        assert applied["sockets"] == "no new sockets (seccomp)"
+        assert result["connect"] == result["udp"] == result["unix"] == "EPERM"
     assert result["limits"]["RLIMIT_NOFILE"] == 256 and result["limits"]["RLIMIT_CORE"] == 0
     assert result["no_new_privs"] == "1"
     if ROOT:
         assert result["euid"] == NOBODY[0] and result["egid"] == NOBODY[1] and result["groups"] == []
         assert int(result["cap_eff"], 16) == 0
-        # A fresh network namespace: only a loopback, and it is down.
-        assert applied["network"] == "new network namespace" and result["interfaces"] == ["lo"]
-        assert result["udp"] == "ENETUNREACH"
+        assert applied["network"] == "new network namespace"
+        assert result["netns"] != os.readlink("/proc/self/ns/net")
     if LANDLOCK:
         assert "filesystem" in applied
         assert result["reads"][own.path] == "ok"
@@ -181,9 +196,9 @@ def test_without_cap_sys_admin_the_network_is_cut_in_a_user_namespace(listener: 
     assert result["euid"] == NOBODY[0] and result["connect"] != "ok"
     if report["applied"]["network"].startswith("new network namespace"):
         assert report["applied"]["network"] == "new network namespace (in a new user namespace)"
-        assert result["interfaces"] == ["lo"] and int(result["cap_eff"], 16) == 0
-    else:  # unprivileged user namespaces are off on this host: Landlock still blocks TCP
-        assert report["applied"]["network"].startswith("TCP only (Landlock)")
+        assert result["netns"] != os.readlink("/proc/self/ns/net") and int(result["cap_eff"], 16) == 0
+    else:  # unprivileged user namespaces are off on this host: seccomp and Landlock still hold
+        assert report["applied"]["network"].startswith(("no new sockets (seccomp)", "TCP only (Landlock)"))
 
 
 @pytest.mark.skipif(not ROOT, reason="simulates a root service without some capabilities")
