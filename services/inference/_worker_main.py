@@ -11,17 +11,20 @@ place from the input slab, outputs are written to the output slab, and only smal
 cross the pipe. Slabs arrive as descriptors (see `shm`); when outputs do not fit, the worker asks
 the service for a bigger output slab and waits for it.
 
-Messages in:  ("run", in_slab, out_slab, input_metas, fresh_slab_names) + their descriptors
-              ("out", name) + its descriptor               answers ("grow", nbytes)
+Messages in (pickled by the service):
+              ("run", in_slab, out_slab, input_metas, fresh_slab_names) + their descriptors
+              ("out", name) + its descriptor | ("refuse", message)     answers ("grow", nbytes)
               ("stop",)
-Messages out: ("ready", pid, sandbox_report) | ("error", code, message)      after loading
-              ("grow", nbytes)
-              ("ok", output_metas, in_ns, infer_ns, out_ns) | ("fail", code, message)
+Messages out (JSON: the service never unpickles what a worker running model code sends):
+              ["ready", pid, sandbox_report] | ["error", code, message]      after loading
+              ["grow", nbytes]
+              ["ok", output_metas, in_ns, infer_ns, out_ns] | ["fail", code, message]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -61,6 +64,10 @@ class WorkerConfig:
         }
 
 
+def reply(conn: Connection, *fields: Any) -> None:
+    conn.send_bytes(json.dumps(fields).encode())
+
+
 def _service_owns_shared_memory() -> None:
     """The service creates and unlinks every segment; a tracker here must never unlink one."""
     from multiprocessing import resource_tracker
@@ -97,15 +104,15 @@ def worker_main(conn: Connection, config: dict[str, Any], report: sandbox.Sandbo
             threads=config["threads"],
         )
     except AiaasError as exc:
-        conn.send(("error", exc.code.value, exc.message.replace(path, artifact)))
+        reply(conn, "error", exc.code.value, exc.message.replace(path, artifact))
         return
     except Exception as exc:  # noqa: BLE001 - the loader's own message is what the operator needs
         message = f"cannot load model: {type(exc).__name__}: {exc}".replace(path, artifact)
-        conn.send(("error", "failed_precondition", message))
+        reply(conn, "error", "failed_precondition", message)
         return
     if path != artifact:
         os.close(int(path.rsplit("/", 1)[1]))  # loaded: the descriptor kept for it is done
-    conn.send(("ready", os.getpid(), report.as_dict()))
+    reply(conn, "ready", os.getpid(), report.as_dict())
     _serve(conn, model)
 
 
@@ -137,12 +144,12 @@ def _serve(conn: Connection, model: LoadedModel) -> None:
                     return
             out_metas = packed.write(slabs[out_name].buf)
             del packed
-            reply: tuple[Any, ...] = ("ok", out_metas, in_ns, infer_ns, out_ns + time.perf_counter_ns() - started)
+            answer: tuple[Any, ...] = ("ok", out_metas, in_ns, infer_ns, out_ns + time.perf_counter_ns() - started)
         except AiaasError as exc:
-            reply = ("fail", exc.code.value, exc.message)
+            answer = ("fail", exc.code.value, exc.message)
         except Exception as exc:  # noqa: BLE001 - reported to the service as the batch's error
-            reply = ("fail", "internal", f"model execution failed: {type(exc).__name__}: {exc}")
-        conn.send(reply)
+            answer = ("fail", "internal", f"model execution failed: {type(exc).__name__}: {exc}")
+        reply(conn, *answer)
 
 
 def _keep(slabs: dict[str, MappedSlab], names: tuple[str, ...]) -> None:
@@ -153,11 +160,14 @@ def _keep(slabs: dict[str, MappedSlab], names: tuple[str, ...]) -> None:
 def _bigger_out_slab(conn: Connection, sock: socket.socket, slabs: dict[str, MappedSlab], old: str,
                      nbytes: int) -> str:  # fmt: skip
     """Ask the service for an output slab of at least `nbytes`; its name, or '' if told to stop."""
+    from services.common.errors import ResourceExhausted
     from services.inference.shm import MappedSlab, receive_fds
 
     try:
-        conn.send(("grow", nbytes))
+        reply(conn, "grow", nbytes)
         answer = conn.recv()
+        if answer[0] == "refuse":
+            raise ResourceExhausted(answer[1])
         if answer[0] != "out":
             return ""
         name = answer[1]
@@ -176,7 +186,7 @@ def main() -> None:
     try:
         report = sandbox.apply(sandbox.SandboxPolicy(**config["sandbox"]))
     except sandbox.SandboxRefused as exc:
-        conn.send(("error", "failed_precondition", str(exc)))
+        reply(conn, "error", "failed_precondition", str(exc))
         return
     if "filesystem" in report.applied:
         sys.dont_write_bytecode = True  # nothing is writable now; do not even try

@@ -96,6 +96,20 @@ class SandboxReport:
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: object) -> SandboxReport:
+        """Back from `as_dict`, as a worker sent it: strings only, or TypeError."""
+        if not isinstance(data, dict) or not isinstance(data.get("mode"), str):
+            raise TypeError("not a sandbox report")
+        fields = {}
+        for key in ("applied", "missing", "paths"):
+            value = data.get(key, {})
+            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in value.items()):  # fmt: skip
+                raise TypeError(f"sandbox report field {key} is not a map of strings")
+            fields[key] = {k[:200]: v[:1000] for k, v in value.items()}
+        return cls(data["mode"][:20], **fields)
+
 
 class SandboxRefused(Exception):
     """Mode "require" and an essential measure could not be taken."""
@@ -511,7 +525,8 @@ def probe(policy: SandboxPolicy, *, connect: str = "", connect_unix: str = "", r
 
         result["unix"] = _attempt(connect_to_unix)
     for path in reads:
-        result["reads"][path] = _attempt(lambda p=path: open(report.paths.get(p, p), "rb").close())
+        where = report.paths.get(path, path)
+        result["reads"][path] = _attempt(lambda where=where: open(where, "rb").close())
     if write_dir:
         target = os.path.join(write_dir, f"sandbox-probe-{os.getpid()}")
         result["write"] = _attempt(lambda: open(target, "wb").close())

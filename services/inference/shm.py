@@ -15,16 +15,23 @@ import mmap
 import os
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 
 import numpy as np
 
-from services.inference.datatypes import deserialize_bytes_tensor, serialize_bytes_tensor
+from services.common.errors import AiaasError
+from services.inference.datatypes import (
+    KSERVE_TO_NUMPY,
+    MAX_RANK,
+    deserialize_bytes_tensor,
+    serialize_bytes_tensor,
+)
 
 ALIGN = 64
 OBJECT = "|O"  # dtype.str of BYTES tensors (numpy object arrays)
+_FIXED = {dtype.str for name, dtype in KSERVE_TO_NUMPY.items() if name != "BYTES"}
 
 # (name, numpy dtype str, shape, offset, nbytes)
 TensorMeta = tuple[str, str, tuple[int, ...], int, int]
@@ -157,7 +164,30 @@ def views(buf: memoryview, metas: Sequence[TensorMeta]) -> dict[str, np.ndarray]
     return arrays
 
 
-def copies(buf: memoryview, metas: Sequence[TensorMeta]) -> dict[str, np.ndarray]:
-    """Arrays copied out of the slab, so the slab can be reused at once."""
-    arrays = views(buf, metas)
+def copies(buf: memoryview, metas: Sequence[TensorMeta], names: Collection[str]) -> dict[str, np.ndarray]:
+    """Arrays copied out of the slab, so the slab can be reused at once.
+
+    The metas come from a worker running model code: each is checked against the slab and the
+    expected output `names` before anything is read or allocated (ValueError if one is wrong).
+    """
+    try:
+        arrays = views(buf, [_checked(meta, len(buf), names) for meta in metas])
+    except AiaasError as exc:  # a BYTES payload that does not decode
+        raise ValueError(exc.message) from None
     return {name: a.copy() if a.dtype != object else a for name, a in arrays.items()}
+
+
+def _checked(meta: object, size: int, names: Collection[str]) -> TensorMeta:
+    if not isinstance(meta, (list, tuple)) or len(meta) != 5:
+        raise ValueError(f"output description {str(meta)[:100]!r} is not (name, dtype, shape, offset, size)")
+    name, dtype, shape, offset, nbytes = meta
+    if name not in names:
+        raise ValueError(f"output {str(name)[:100]!r} is not in the signature")
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK or \
+            not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"output '{name}' has shape {str(shape)[:100]}")
+    if not (isinstance(offset, int) and isinstance(nbytes, int) and 0 <= offset and 0 <= nbytes <= size - offset):
+        raise ValueError(f"output '{name}' lies outside the {size} byte slab (offset {offset}, {nbytes} bytes)")
+    if dtype != OBJECT and (dtype not in _FIXED or math.prod(shape) * np.dtype(dtype).itemsize != nbytes):
+        raise ValueError(f"output '{name}' of dtype {str(dtype)[:20]} and shape {list(shape)} is not {nbytes} bytes")
+    return name, dtype, tuple(shape), offset, nbytes

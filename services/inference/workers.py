@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -33,7 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from services.common.errors import AiaasError, DeadlineExceeded, FailedPrecondition, Internal, Unavailable
+from services.common.errors import (
+    AiaasError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    Unavailable,
+)
 from services.inference._worker_main import WorkerConfig
 from services.inference.batcher import BatchResult
 from services.inference.datatypes import KSERVE_TO_NUMPY
@@ -60,6 +67,34 @@ _WORKER_ENV_PREFIXES = ("PATH", "HOME", "LANG", "LC_", "TZ", "PYTHON", "LD_LIBRA
                         "GOMP_", "MKL_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "ORT_")  # fmt: skip
 # Room for weights held twice while loading plus optimized copies, on top of the runtime's allowance.
 _ADDRESS_SPACE_PER_ARTIFACT_BYTE = 4
+# Bounds on what a worker (running untrusted model code) may make the service read or allocate.
+_MAX_REPLY_BYTES = 1 << 20
+_MAX_OUT_SLAB_BYTES = 2**31
+_MAX_ERROR_CHARS = 2000
+_REPLY_LENGTHS = {"ready": 3, "error": 3, "grow": 2, "ok": 5, "fail": 3}
+
+
+class _Malformed(Exception):
+    """A worker sent something outside the protocol: it is broken or hostile, and is killed."""
+
+
+def _read_reply(conn: Connection) -> list[Any]:
+    """A worker's message: JSON, bounded, shape-checked. Never unpickled."""
+    try:
+        message = json.loads(conn.recv_bytes(_MAX_REPLY_BYTES))
+    except ValueError as exc:
+        raise _Malformed(f"undecodable message ({exc})") from None
+    if not isinstance(message, list) or not message or _REPLY_LENGTHS.get(message[0]) != len(message):
+        raise _Malformed(f"unexpected message {str(message)[:100]!r}")
+    if message[0] in ("error", "fail"):
+        if not isinstance(message[1], str) or not isinstance(message[2], str):
+            raise _Malformed("error without a code and a message")
+        message[2] = message[2][:_MAX_ERROR_CHARS]
+    elif message[0] == "grow" and not (isinstance(message[1], int) and message[1] > 0):
+        raise _Malformed(f"bad output size {message[1]!r}")
+    elif message[0] == "ok" and not all(isinstance(n, int) and n >= 0 for n in message[2:]):
+        raise _Malformed("bad timings")
+    return message
 
 
 def _worker_env(scrub: bool) -> dict[str, str]:
@@ -129,7 +164,9 @@ class _Worker:
             command = [sys.executable, "-m", "services.inference._worker_main", str(child_sock.fileno())]
             self.process = await loop.run_in_executor(
                 None,
-                lambda: subprocess.Popen(command, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, env=env),
+                lambda: subprocess.Popen(
+                    command, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, env=env
+                ),
             )
         finally:
             child_sock.close()
@@ -157,20 +194,28 @@ class _Worker:
         if message[0] == "error":
             await self._reap()
             raise _error(message[1], message[2])
-        self.pid = message[1]
-        self.pool._sandboxed(self, SandboxReport(**message[2]))
+        try:
+            self.pid = int(message[1])
+            report = SandboxReport.from_dict(message[2])
+        except (TypeError, ValueError):
+            await self._reap(kill=True)
+            raise FailedPrecondition(f"model worker for {self.pool.name} sent a malformed start message") from None
+        self.pool._sandboxed(self, report)
         self.alive = True
 
     def _on_readable(self) -> None:
         conn = self.conn
         assert conn is not None
         try:
-            message = conn.recv()
+            message = _read_reply(conn)
             if message[0] == "grow":
                 self._grow_out_slab(message[1])
                 return
         except (EOFError, OSError):
             self._died()
+            return
+        except _Malformed as exc:
+            self._kill(f"killed: it broke the protocol ({exc})")
             return
         self._disarm()
         waiter, self.waiter = self.waiter, None
@@ -184,6 +229,10 @@ class _Worker:
     def _grow_out_slab(self, nbytes: int) -> None:
         """The outputs did not fit: a bigger output slab, passed to the waiting worker."""
         assert self.conn is not None
+        if nbytes > _MAX_OUT_SLAB_BYTES:
+            limit = f"over the {_MAX_OUT_SLAB_BYTES} byte limit of one response"
+            self.conn.send(("refuse", f"model {self.pool.name} produced {nbytes} bytes of outputs, {limit}"))
+            return
         old, self.out_slab = self.out_slab, Slab.create(max(nbytes, 2 * self.out_slab.size))
         old.close()
         self.conn.send(("out", self.out_slab.name))
@@ -201,14 +250,19 @@ class _Worker:
         if not self.alive or self.process is None:
             return
         timeout = self.pool.batch_timeout_s
-        self.end_reason = f"killed after a batch ran past batch_timeout_s={timeout:g}s"
         log.error("model worker for %s (pid %d) did not finish a batch within %gs; killing it",
                   self.pool.name, self.pid, timeout)  # fmt: skip
         self.fail_in_flight(DeadlineExceeded(
             f"model {self.pool.name} did not finish the batch within {timeout:g}s (batch_timeout_s); "
             "its worker was killed and is restarting"))  # fmt: skip
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
+        self._kill(f"killed after a batch ran past batch_timeout_s={timeout:g}s")
+
+    def _kill(self, reason: str) -> None:
+        """End the process now (SIGKILL); the restart path reaps it and starts another."""
+        self.end_reason = reason
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
         self._died()
 
     def _died(self) -> None:
@@ -268,7 +322,8 @@ class _Worker:
         try:
             if self.conn is None:
                 raise OSError("no pipe")
-            self.conn.send(("run", self.in_slab.name, self.out_slab.name, metas, tuple(s.name for s in fresh)))
+            fresh_names = tuple(slab.name for slab in fresh)
+            self.conn.send(("run", self.in_slab.name, self.out_slab.name, metas, fresh_names))
             if fresh:
                 send_fds(self.conn, [slab.fd for slab in fresh])
         except OSError:
@@ -283,7 +338,10 @@ class _Worker:
         if reply[0] == "fail":
             raise _error(reply[1], reply[2])
         _, out_metas, in_ns, infer_ns, out_ns = reply
-        outputs = copies(self.out_slab.buf, out_metas)
+        try:
+            outputs = copies(self.out_slab.buf, out_metas, self.pool.output_names)
+        except ValueError as exc:
+            raise Internal(f"model worker for {self.pool.name} described its outputs wrongly: {exc}") from None
         finished = time.perf_counter_ns()
         # Pipe and wake-up time is not the model's: count it as input/output handling.
         transit = max(0, received - sent - in_ns - infer_ns - out_ns)
@@ -332,6 +390,7 @@ class WorkerPool:
         if format not in FORMATS:
             raise FailedPrecondition(f"unknown model format '{format}'; expected one of {', '.join(FORMATS)}")
         self.inputs, self.outputs = signature_of(inputs), signature_of(outputs)
+        self.output_names = frozenset(sig.name for sig in self.outputs)
         self.name = name or artifact_path
         self.instance_count = max(1, instance_count)
         self.max_batch_size = max_batch_size

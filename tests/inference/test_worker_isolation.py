@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import multiprocessing
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -23,11 +26,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from services.common.errors import DeadlineExceeded, FailedPrecondition
-from services.inference import landlock, sandbox
+from services.common.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted
+from services.inference import landlock, sandbox, workers
+from services.inference.shm import copies
 from services.inference.workers import WorkerPool
 from tests.inference.conftest import Registry, inference_args, start_inference
-from tests.inference.models import Artifact, write_mlp
+from tests.inference.models import Artifact, write_identity, write_mlp
 from tests.inference.test_service_workers import spin_inputs, write_spin
 from tests.inference.test_workers import pool_for, start, wait_alive
 
@@ -239,7 +243,7 @@ async def test_a_batch_past_batch_timeout_kills_the_worker_which_comes_back(
     pool = await start(pools, pool_for(artifact, batch_timeout_s=1.0))
     pid = pool.pids[0]
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
-    quick = {"x": x, "n": np.array([[1]], np.int64)}
+    quick: dict[str, np.ndarray] = {"x": x, "n": np.array([[1]], np.int64)}
     np.testing.assert_array_equal((await pool.run_batch(quick)).outputs["y"], x)
     began = time.monotonic()
     with pytest.raises(DeadlineExceeded, match=r"did not finish the batch within 1s \(batch_timeout_s\); "
@@ -296,3 +300,60 @@ def test_settings_refuse_unknown_modes_and_users() -> None:
     with pytest.raises(InvalidArgument, match="workers must not run as root"):
         InferenceSettings(worker_user="0").validate()
     assert sandbox.resolve_user("1234:5678") == (1234, 5678)
+
+
+class _Payload:
+    """What a hostile worker would pickle: unpickling it creates `path`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return open, (str(self.path), "w")
+
+
+def test_the_service_never_unpickles_what_a_worker_sends(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    service_end, worker_end = multiprocessing.Pipe()
+    with service_end, worker_end:
+        worker_end.send(("ok", _Payload(marker)))  # Connection.send pickles
+        with pytest.raises(workers._Malformed, match="undecodable message"):
+            workers._read_reply(service_end)
+        worker_end.send_bytes(json.dumps(["ok", [], -1, 0, 0]).encode())
+        with pytest.raises(workers._Malformed, match="bad timings"):
+            workers._read_reply(service_end)
+        os.write(worker_end.fileno(), struct.pack("!i", 2 << 20))  # a 2 MiB message announced: not read
+        with pytest.raises(OSError, match="bad message length"):
+            workers._read_reply(service_end)
+    assert not marker.exists()
+
+
+def test_output_descriptions_from_a_worker_are_checked_before_reading() -> None:
+    buf = memoryview(bytearray(1024))
+    names = {"y"}
+    assert copies(buf, [("y", "<f4", [2, 3], 64, 24)], names)["y"].shape == (2, 3)
+    wrong = {
+        "outside the 1024 byte slab": ("y", "<f4", [256], 64, 1024),
+        "is not in the signature": ("z", "<f4", [2], 0, 8),
+        "is not 8 bytes": ("y", "<f4", [1 << 40], 0, 8),
+        "has shape": ("y", "<f4", [-1], 0, 0),
+        "of dtype |O8": ("y", "|O8", [1], 0, 8),
+        "need at least 4000 bytes": ("y", "|O", [1000], 0, 64),  # the BYTES count lie
+    }
+    for message, meta in wrong.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            copies(buf, [meta], names)
+
+
+async def test_outputs_over_the_response_limit_fail_the_batch_only(
+    tmp_path: Path, pools: list[WorkerPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workers, "_MAX_OUT_SLAB_BYTES", 1 << 20)
+    artifact = write_identity(tmp_path, "torchscript", "FP32")
+    pool = await start(pools, pool_for(artifact, max_batch_size=4))
+    pid = pool.pids[0]
+    with pytest.raises(ResourceExhausted, match=r"produced \d+ bytes of outputs, over the 1048576 byte limit"):
+        await pool.run_batch({"INPUT0": np.ones((1, 300_000), np.float32)})
+    small = np.ones((2, 5), np.float32)
+    np.testing.assert_array_equal((await pool.run_batch({"INPUT0": small})).outputs["OUTPUT0"], small)
+    assert pool.pids == [pid]
