@@ -36,8 +36,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 def server_options(settings: ServerSettings, max_receive_bytes: int) -> list[tuple[str, Any]]:
-    """Options bounding what one caller or connection can hold: grpc-core refuses a message over
-    `max_receive_bytes` from its 5-byte length prefix (RESOURCE_EXHAUSTED), before buffering it."""
+    """Options bounding what one caller or connection can hold.
+
+    grpc-core refuses a message over `max_receive_bytes` with RESOURCE_EXHAUSTED, but (grpcio 1.81,
+    grpc/grpc#43012) only once the whole message has arrived: an oversized message is buffered once
+    before it is refused. That is why the gateway checks the API key before it reads any body, and
+    why the per-connection stream cap below matters."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_receive_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
