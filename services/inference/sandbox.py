@@ -189,7 +189,7 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
             os.close(fd)
     if "network" not in report.applied and ("sockets" in report.applied or "tcp" in report.applied):
         held_by = "no new sockets (seccomp)" if "sockets" in report.applied else "TCP only (Landlock)"
-        report.applied["network"] = f"{held_by}; " + report.missing.pop("network")
+        report.applied["network"] = f"{held_by}; " + report.missing.pop("network", "no network namespace")
     if policy.mode == "require" and report.missing_essential:
         lacking = "; ".join(f"{k}: {v}" for k, v in report.missing_essential.items())
         raise SandboxRefused(f"worker_sandbox=require but the worker could not be confined ({lacking})")
