@@ -163,6 +163,7 @@ def test_inside_the_sandbox_a_model_reaches_nothing(shared_dir: Path, listener: 
         assert applied["sockets"] == "no new sockets (seccomp)"
         assert result["connect"] == result["udp"] == result["unix"] == "EPERM"
     assert result["limits"]["RLIMIT_NOFILE"] == 256 and result["limits"]["RLIMIT_CORE"] == 0
+    assert result["limits"]["RLIMIT_FSIZE"] == 0 and applied["file_size"] == "0"  # its stdout/stderr are pipes
     assert result["no_new_privs"] == "1"
     if ROOT:
         assert result["euid"] == NOBODY[0] and result["egid"] == NOBODY[1] and result["groups"] == []
