@@ -209,6 +209,8 @@ class _Worker:
         try:
             message = _read_reply(conn)
             if message[0] == "grow":
+                if not self.busy:
+                    raise _Malformed("asked for an output slab with no batch running")
                 self._grow_out_slab(message[1])
                 return
         except (EOFError, OSError):
