@@ -406,12 +406,17 @@ def _walk_program(value: Any, operators: set[str], what: str, depth: int) -> Non
 
 # What `torch.save` writes for plain tensors and containers: the globals of a weights-only pickle.
 _TENSOR_PICKLE_GLOBALS = frozenset({
-    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"), ("torch.storage", "UntypedStorage"),
     ("torch._utils", "_rebuild_tensor"), ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"),
     ("torch", "bfloat16"), ("torch", "float16"), ("torch", "float32"), ("torch", "float64"), ("torch", "int8"),
     ("torch", "int16"), ("torch", "int32"), ("torch", "int64"), ("torch", "uint8"), ("torch", "bool"),
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
 })
+
+
+_TORCH_DTYPE_RE = re.compile(r"u?int(?:8|16|32|64)|float(?:16|32|64)|bfloat16|half|double|float|long|int|short|"
+                             r"bool|complex(?:32|64|128)|cfloat|cdouble|float8_[a-z0-9]+|q(?:u)?int[0-9x]+")
 
 
 def check_tensor_pickle(data: bytes, where: str) -> None:
@@ -424,11 +429,13 @@ def check_tensor_pickle(data: bytes, where: str) -> None:
         for opcode, arg, _pos in pickletools.genops(archive.read(pickles[0])):
             if opcode.name in ("GLOBAL", "INST"):
                 module, _, name = str(arg).partition(" ")
-                storage = module == "torch" and name.endswith("Storage")
+                storage = module == "torch" and (name.endswith("Storage") or bool(_TORCH_DTYPE_RE.fullmatch(name)))
                 if (module, name) not in _TENSOR_PICKLE_GLOBALS and not storage:
                     raise UnsafeArtifact(f"{where} pickles {module}.{name}, which is not a tensor; refused")
             elif opcode.name in ("STACK_GLOBAL", "EXT1", "EXT2", "EXT4"):
                 raise UnsafeArtifact(f"{where} uses pickle opcode {opcode.name}, which names code indirectly")
+    except UnsafeArtifact:
+        raise
     except (zipfile.BadZipFile, ValueError, IndexError, struct.error, KeyError) as exc:
         raise UnsafeArtifact(f"{where} is not a torch.save archive ({str(exc)[:120]})") from None
 
@@ -495,6 +502,8 @@ def _scan_torchscript_pickle(data: bytes, where: str) -> None:
                         raise UnsafeArtifact(f"{where} instantiates custom class {arg!r}, which is not allowed")
                 elif not module.startswith(("__torch__", "torch", "collections", "builtins")):
                     raise UnsafeArtifact(f"{where} names {arg!r}, which is not a TorchScript type")
+    except UnsafeArtifact:
+        raise
     except (ValueError, IndexError, struct.error) as exc:
         raise UnsafeArtifact(f"{where} is not a valid pickle stream ({exc})") from None
 
