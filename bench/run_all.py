@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.bench_engine", "bench.bench_inference", "bench.bench_gateway", "bench.bench_telemetry")
+BENCHMARKS = ("bench.bench_engine", "bench.bench_inference", "bench.bench_gateway", "bench.bench_telemetry",
+              "bench.bench_attacks")
 
 
 def main() -> int:
