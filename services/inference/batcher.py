@@ -8,7 +8,7 @@ dtypes and every non-batch dimension, so only those are concatenated along dim 0
 
 Nothing here polls: the scheduler runs when a request arrives, a batch finishes, a request
 expires or is cancelled, or the one queue-delay timer fires. Expired and cancelled requests are
-dropped before the model runs. Tensor merge and split live in `_merge` / `_split`.
+dropped before the model runs. Tensor merge and split live in `services.inference.batching`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.inference.batching import merge, rows_and_key, split
 
 log = logging.getLogger(__name__)
 
@@ -118,53 +119,6 @@ class _Request:
         self.expiry: asyncio.TimerHandle | None = None
 
 
-def _rows_and_key(inputs: dict[str, np.ndarray], batching: bool) -> tuple[int, Hashable]:
-    if not inputs:
-        raise InvalidArgument("request has no inputs")
-    if not batching:
-        return 1, None
-    rows = -1
-    key = []
-    for name, array in inputs.items():
-        if array.ndim == 0:
-            raise InvalidArgument(f"input '{name}' has no batch dimension (shape [])")
-        if rows < 0:
-            rows = array.shape[0]
-        elif array.shape[0] != rows:
-            dims = {n: a.shape[0] for n, a in inputs.items()}
-            raise InvalidArgument(f"inputs disagree on the batch dimension: {dims}")
-        key.append((name, array.dtype.str, array.shape[1:]))
-    if rows < 1:
-        raise InvalidArgument("request batch size must be >= 1, got 0")
-    key.sort()
-    return rows, tuple(key)
-
-
-def _merge(requests: list[_Request]) -> dict[str, np.ndarray]:
-    if len(requests) == 1:
-        return requests[0].inputs
-    return {name: np.concatenate([r.inputs[name] for r in requests]) for name in requests[0].inputs}
-
-
-def _split(
-    outputs: dict[str, np.ndarray], requests: list[_Request], rows: int
-) -> list[dict[str, np.ndarray]]:
-    if len(requests) == 1:
-        return [outputs]
-    for name, array in outputs.items():
-        if array.ndim == 0 or array.shape[0] != rows:
-            raise Internal(
-                f"model returned output '{name}' with shape {list(array.shape)} for a batch of {rows} rows"
-            )
-    parts = []
-    start = 0
-    for request in requests:
-        end = start + request.rows
-        parts.append({name: array[start:end] for name, array in outputs.items()})
-        start = end
-    return parts
-
-
 class DynamicBatcher:
     """Queues requests, forms batches, runs them through `run_batch`, answers each request."""
 
@@ -213,7 +167,7 @@ class DynamicBatcher:
         if not self._accepting:
             raise Unavailable(f"model '{self._name}' is {self._closing_reason}; retry")
         config = self.config
-        rows, key = _rows_and_key(inputs, self._batching)
+        rows, key = rows_and_key(inputs, self._batching)
         if self._batching and rows > config.max_batch_size:
             raise InvalidArgument(
                 f"inference request batch-size must be <= {config.max_batch_size} "
@@ -446,9 +400,9 @@ class DynamicBatcher:
         rows = sum(r.rows for r in batch) if self._batching else 1
         try:
             try:
-                inputs = _merge(batch)
+                inputs = merge([r.inputs for r in batch])
                 result = await self._run_batch(inputs)
-                parts = _split(result.outputs, batch, rows) if self._batching else [result.outputs]
+                parts = split(result.outputs, [r.rows for r in batch], rows) if self._batching else [result.outputs]
             except AiaasError as exc:
                 _fail(batch, exc)
                 return
