@@ -12,38 +12,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from opentelemetry import metrics
 from tritonclient.grpc import service_pb2 as pb
 
 from services.common.errors import AiaasError, Unavailable
 from services.common.reporting import RequestRecord, TelemetryReporter
 from services.gateway.domain import Caller, Role
+from services.gateway.drift_sampler import DriftSampler
 from services.gateway.keys import KeyRing, authorize
 from services.gateway.limits import RequestLimits, check_request
 from services.gateway.quotas import QuotaEnforcer
-from services.gateway.router import Catalog, Resolution, ShadowCopy
-from services.gateway.shadow import compare_responses
+from services.gateway.router import Catalog, Resolution
+from services.gateway.shadow import ShadowMirror, ShadowStats
 from services.gateway.signatures import SignatureCache
 from services.gateway.stats import merge_index, merge_statistics
 from services.gateway.wire import response_version, retarget, wrap_stream_response
-from services.inference.datatypes import BytesBudget, check_raw_size, raw_to_array
+from services.inference.datatypes import BytesBudget, check_raw_size
 
 log = logging.getLogger("aiaas.gateway.dataplane")
 
 # Request parameters a caller may use instead of metadata to choose an alias or routing key.
 ALIAS_PARAMETER = "alias"
 ROUTING_KEY_PARAMETER = "routing_key"
-_INLINE_COMPARE_BYTES = 256 * 1024
-# Datatypes decoded for drift samples (numbers with a numpy dtype; BYTES, BOOL and BF16 are left out).
-_DRIFT_DATATYPES = frozenset(("FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64",
-                              "UINT8", "UINT16", "UINT32", "UINT64"))
-# Drift samples scheduled but not yet taken; beyond this, samples are dropped (bounded work).
-_DRIFT_MAX_PENDING = 8
 
 
 class Upstream(Protocol):
@@ -67,13 +60,6 @@ class CallInfo:
     forward: tuple[tuple[str, str], ...] = ()
     # A stream opened with `triton_grpc_error: true` ends on its first error instead of in-band errors.
     grpc_error: bool = False
-
-
-@dataclasses.dataclass
-class ShadowStats:
-    compared: int = 0
-    mismatched: int = 0
-    max_abs_diff: float = 0.0
 
 
 def _string_parameter(request: Any, name: str) -> str:
@@ -114,26 +100,47 @@ class DataPlane:
         self.signatures = signatures or SignatureCache(None)
         self.reporter = reporter
         self.default_timeout_s = default_timeout_s
-        self.shadow_max_concurrency = shadow_max_concurrency
-        self.shadow_tolerance = shadow_tolerance
         self.stream_window = stream_window
-        # Share of successful ModelInfer requests whose inputs go to the monitor for drift
-        # (the reporter caps it further, per model per second). 0 turns sampling off.
-        self.drift_sample_rate = drift_sample_rate if reporter is not None and reporter.target else 0.0
-        self.drift_pending = 0
-        self.drift_dropped = 0
         # A callable saying whether the gateway is ready (registry synced, replicas known).
         self.ready = ready or (lambda: True)
-        self.shadow_stats: dict[tuple[str, int, int], ShadowStats] = {}
-        self.shadow_dropped = 0
-        self._shadow_tasks: set[asyncio.Task[None]] = set()
-        meter = metrics.get_meter("aiaas.gateway")
-        self._shadow_diff = meter.create_histogram(
-            "gateway.shadow.max_abs_diff", description="Largest output difference, shadow vs live"
-        )
-        self._shadow_mismatch = meter.create_counter(
-            "gateway.shadow.mismatches", description="Shadow answers that differ from the live one"
-        )
+        self.shadows = ShadowMirror(upstream.call, reporter, max_concurrency=shadow_max_concurrency,
+                                    tolerance=shadow_tolerance, timeout_s=default_timeout_s)
+        # Drift samples go nowhere without a reporter that has a monitor: then nothing is decoded.
+        self.drift = DriftSampler(reporter, drift_sample_rate if reporter is not None and reporter.target else 0.0)
+
+    # Shadow mirroring and drift sampling live in their own modules; these keep the old names.
+    @property
+    def reporter(self) -> TelemetryReporter | None:
+        return self._reporter
+
+    @reporter.setter
+    def reporter(self, reporter: TelemetryReporter | None) -> None:
+        self._reporter = reporter
+        if hasattr(self, "drift"):
+            self.shadows.reporter = self.drift.reporter = reporter
+
+    @property
+    def shadow_stats(self) -> dict[tuple[str, int, int], ShadowStats]:
+        return self.shadows.stats
+
+    async def drain_shadows(self) -> None:
+        await self.shadows.drain()
+
+    @property
+    def drift_sample_rate(self) -> float:
+        return self.drift.rate
+
+    @drift_sample_rate.setter
+    def drift_sample_rate(self, rate: float) -> None:
+        self.drift.rate = rate
+
+    @property
+    def drift_pending(self) -> int:
+        return self.drift.pending
+
+    @property
+    def drift_dropped(self) -> int:
+        return self.drift.dropped
 
     def _timeout(self, call: CallInfo) -> float:
         return call.timeout if call.timeout is not None else self.default_timeout_s
@@ -173,9 +180,8 @@ class DataPlane:
             if served.isdigit() and int(served) != resolution.version:
                 resolution = dataclasses.replace(resolution, version=int(served))
             if resolution.shadows:
-                self._mirror(raw, resolution, response)
-            if self.drift_sample_rate and random.random() < self.drift_sample_rate:
-                self._schedule_drift_sample(request, resolution)
+                self.shadows.mirror(raw, resolution, response)
+            self.drift.maybe_sample(request, resolution.model, resolution.version)
             return response, resolution
         except AiaasError as exc:
             status = exc.code.name
@@ -197,87 +203,6 @@ class DataPlane:
             status=status, latency_us=int((time.perf_counter() - started) * 1e6),
             key_id=caller.key_id if caller else "",
         ))
-
-    # Drift samples ------------------------------------------------------------------------------
-
-    def _schedule_drift_sample(self, request: Any, resolution: Resolution) -> None:
-        """Decode and offer the inputs on a later loop turn, after the answer has been handed to gRPC."""
-        if self.drift_pending >= _DRIFT_MAX_PENDING:
-            self.drift_dropped += 1
-            return
-        self.drift_pending += 1
-        asyncio.get_running_loop().call_soon(self._drift_sample, request, resolution.model, resolution.version)
-
-    def _drift_sample(self, request: Any, model: str, version: int) -> None:
-        self.drift_pending -= 1
-        reporter = self.reporter
-        if reporter is None:
-            return
-        try:
-            inputs = {}
-            raw_contents = request.raw_input_contents
-            if len(raw_contents) != len(request.inputs):
-                return  # typed `contents` (not raw bytes): not sampled
-            for spec, raw in zip(request.inputs, raw_contents, strict=True):
-                if spec.datatype in _DRIFT_DATATYPES:
-                    inputs[spec.name] = raw_to_array(raw, spec.datatype, spec.shape)
-            if inputs:
-                reporter.sample_inputs(model, version, inputs)
-        except Exception:  # drift sampling must never disturb serving
-            log.debug("drift sample skipped", exc_info=True)
-
-    # Shadows ----------------------------------------------------------------------------------
-
-    def _mirror(self, raw: bytes, resolution: Resolution, live: bytes) -> None:
-        for copy in resolution.shadows:
-            if len(self._shadow_tasks) >= self.shadow_max_concurrency:
-                self.shadow_dropped += 1
-                continue
-            task = asyncio.get_running_loop().create_task(
-                self._shadow(retarget(raw, *copy.forward(resolution.model)), resolution, copy, live)
-            )
-            self._shadow_tasks.add(task)
-            task.add_done_callback(self._shadow_tasks.discard)
-
-    async def _shadow(self, request: bytes, resolution: Resolution, copy: ShadowCopy, live: bytes) -> None:
-        shadow_version = copy.version
-        try:
-            answer = await self.upstream.call("ModelInfer", request, timeout=self.default_timeout_s)
-            served = response_version(answer)
-            shadow_version = int(served) if served.isdigit() else shadow_version
-            if shadow_version == resolution.version:
-                return
-            live_response = pb.ModelInferResponse.FromString(live)
-            shadow_response = pb.ModelInferResponse.FromString(answer)
-            if len(live) + len(answer) > _INLINE_COMPARE_BYTES:
-                result = await asyncio.to_thread(compare_responses, live_response, shadow_response,
-                                                 self.shadow_tolerance)
-            else:
-                result = compare_responses(live_response, shadow_response, self.shadow_tolerance)
-            diff, mismatched = result.max_abs_diff, result.mismatched
-        except AiaasError as exc:
-            log.info("shadow request to %s version %d failed: %s", resolution.model, copy.version, exc.message)
-            diff, mismatched = float("inf"), True
-        except Exception:  # shadow traffic must never disturb serving
-            log.exception("shadow comparison failed")
-            return
-        key = (resolution.model, resolution.version, shadow_version)
-        stats = self.shadow_stats.setdefault(key, ShadowStats())
-        stats.compared += 1
-        stats.mismatched += int(mismatched)
-        stats.max_abs_diff = max(stats.max_abs_diff, diff)
-        attributes = {"model": resolution.model, "live_version": str(resolution.version),
-                      "shadow_version": str(shadow_version)}
-        if diff != float("inf"):
-            self._shadow_diff.record(diff, attributes)
-        if mismatched:
-            self._shadow_mismatch.add(1, attributes)
-        if self.reporter is not None:
-            self.reporter.report_shadow_diff(resolution.model, resolution.version, shadow_version, diff, mismatched)
-
-    async def drain_shadows(self) -> None:
-        if self._shadow_tasks:
-            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
 
     # ModelStreamInfer ---------------------------------------------------------------------------
 

@@ -383,7 +383,7 @@ async def test_drift_sampling_is_bounded_and_off_without_a_monitor(stack: Stack)
     request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
     resolution = stack.catalog.resolve("m", "", "", "")
     for _ in range(20):  # a burst: at most 8 wait for their loop turn, the rest are dropped
-        plane._schedule_drift_sample(request, resolution)
+        plane.drift.maybe_sample(request, resolution.model, resolution.version)
     assert (plane.drift_pending, plane.drift_dropped, len(reporter._samples)) == (8, 12, 0)
     await asyncio.sleep(0)
     assert plane.drift_pending == 0 and len(reporter._samples) == 8
