@@ -8,14 +8,10 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
+from aiaas.formats import ArtifactFormat
 from aiaas.registry.v1 import registry_pb2 as pb
 
-FORMATS: dict[str, pb.ArtifactFormat] = {
-    "torchscript": pb.ARTIFACT_FORMAT_TORCHSCRIPT,
-    "torch_export": pb.ARTIFACT_FORMAT_TORCH_EXPORT,
-    "onnx": pb.ARTIFACT_FORMAT_ONNX,
-    "safetensors": pb.ARTIFACT_FORMAT_SAFETENSORS,
-}
+FORMATS: dict[str, pb.ArtifactFormat] = {f.value: f.pb for f in ArtifactFormat}
 FORMAT_NAMES: dict[int, str] = {int(v): k for k, v in FORMATS.items()}
 
 SignatureLike = pb.Signature | Mapping[str, Any]

@@ -37,7 +37,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("torchscript", "torch_export", "onnx", "safetensors")
+from aiaas import formats
+
+# Every format the registry stores, each checked below (declared in aiaas.formats).
+FORMATS = formats.FORMATS
 
 MAX_ZIP_ENTRIES = 100_000
 MAX_JSON_BYTES = 256 * 1024 * 1024

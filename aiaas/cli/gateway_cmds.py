@@ -114,6 +114,7 @@ def _create_in_registry(args: argparse.Namespace, models: list[str], roles: list
                         expires: float | None) -> tuple[Any, str]:
     import grpc
 
+    from aiaas.records import API_KEY
     from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
     from services.gateway.convert import ROLE_NAMES, key_to_pb, stored_key_to_bytes
     from services.gateway.domain import QuotaSpec
@@ -134,7 +135,7 @@ def _create_in_registry(args: argparse.Namespace, models: list[str], roles: list
     with grpc.insecure_channel(args.registry) as channel:
         stub = registry_pb2_grpc.ModelRegistryStub(channel)
         stub.PutRecord(registry_pb2.PutRecordRequest(
-            record=registry_pb2.Record(kind="api_key", name=entry.key_id, data=stored_key_to_bytes(entry)),
+            record=registry_pb2.Record(kind=API_KEY.kind, name=entry.key_id, data=stored_key_to_bytes(entry)),
             expected_revision=0, actor="cli"), timeout=args.timeout)
     return key_to_pb(entry), token
 

@@ -11,36 +11,16 @@ ONNX model the same way.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from aiaas import artifact_gate
+from aiaas.formats import ArtifactFormat
 from services.common.errors import InvalidArgument
 
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
-
-
-class ArtifactFormat(enum.Enum):
-    TORCHSCRIPT = "torchscript"
-    TORCH_EXPORT = "torch_export"
-    ONNX = "onnx"
-    SAFETENSORS = "safetensors"
-
-    @classmethod
-    def parse(cls, value: str | ArtifactFormat) -> ArtifactFormat:
-        if isinstance(value, ArtifactFormat):
-            return value
-        aliases = {"ts": "torchscript", "jit": "torchscript", "export": "torch_export", "pt2": "torch_export",
-                   "torch-export": "torch_export"}
-        key = aliases.get(value.lower(), value.lower())
-        try:
-            return cls(key)
-        except ValueError:
-            choices = ", ".join(f.value for f in cls if f is not cls.SAFETENSORS)
-            raise InvalidArgument(f"unknown format {value!r}; choose one of {choices}") from None
 
 
 def first_line(exc: BaseException) -> str:

@@ -19,34 +19,15 @@ from typing import Any, Self
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from aiaas.pipeline.artifacts import ArtifactFormat
-from aiaas.pipeline.signature import ServingConfig, Signature, TensorSpec
+from aiaas import serving
+from aiaas.formats import ArtifactFormat
+from aiaas.pipeline.signature import Signature, TensorSpec
 from aiaas.pipeline.steps import Candidate
 from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry_client import RegistryClient
-from services.common.errors import InvalidArgument
+from aiaas.serving import ServingConfig
 
 DEFAULT_REGISTRY = "localhost:50051"
-
-_FORMAT_TO_PB = {
-    ArtifactFormat.TORCHSCRIPT: pb.ARTIFACT_FORMAT_TORCHSCRIPT,
-    ArtifactFormat.TORCH_EXPORT: pb.ARTIFACT_FORMAT_TORCH_EXPORT,
-    ArtifactFormat.ONNX: pb.ARTIFACT_FORMAT_ONNX,
-    ArtifactFormat.SAFETENSORS: pb.ARTIFACT_FORMAT_SAFETENSORS,
-}
-_FORMAT_FROM_PB: dict[int, ArtifactFormat] = {int(v): k for k, v in _FORMAT_TO_PB.items()}
-
-
-def format_to_pb(fmt: ArtifactFormat) -> int:
-    return int(_FORMAT_TO_PB[fmt])
-
-
-def format_from_pb(value: int) -> ArtifactFormat:
-    try:
-        return _FORMAT_FROM_PB[value]
-    except KeyError:
-        raise InvalidArgument(f"version has no known artifact format ({value})") from None
-
 
 def signature_to_pb(signature: Signature) -> pb.Signature:
     def specs(items: tuple[TensorSpec, ...]) -> list[pb.TensorSpec]:
@@ -60,23 +41,6 @@ def signature_from_pb(message: pb.Signature) -> Signature:
         return tuple(TensorSpec(s.name, s.datatype, tuple(int(d) for d in s.shape)) for s in items)
 
     return Signature(specs(message.inputs), specs(message.outputs))
-
-
-def serving_to_pb(serving: ServingConfig) -> pb.ServingConfig:
-    return pb.ServingConfig(
-        max_batch_size=serving.max_batch_size, preferred_batch_sizes=list(serving.preferred_batch_sizes),
-        max_queue_delay_us=serving.max_queue_delay_us, instance_count=serving.instance_count,
-        device=serving.device, max_queue_size=serving.max_queue_size, default_timeout_us=serving.default_timeout_us,
-    )
-
-
-def serving_from_pb(message: pb.ServingConfig) -> ServingConfig:
-    return ServingConfig(
-        max_batch_size=message.max_batch_size, preferred_batch_sizes=tuple(message.preferred_batch_sizes),
-        max_queue_delay_us=message.max_queue_delay_us, instance_count=message.instance_count or 1,
-        device=message.device or "cpu", max_queue_size=message.max_queue_size,
-        default_timeout_us=message.default_timeout_us,
-    )
 
 
 def _plain(value: Any) -> Any:
@@ -148,7 +112,7 @@ class Publisher:
     def upload(self, model: str, candidate: Candidate, metadata: Mapping[str, Any] | None = None) -> pb.ModelVersion:
         return self.client.upload_version(
             model, candidate.data, format=candidate.format.value, signature=signature_to_pb(candidate.signature),
-            serving_config=serving_to_pb(candidate.serving_config),
+            serving_config=serving.to_pb(candidate.serving_config),
             metadata=_plain({**candidate.metadata, **(metadata or {})}),
             lineage=pb.Lineage(parent_version=candidate.parent_version, transformation=candidate.transformation),
             reports={"parity": _plain(candidate.report)},
@@ -159,8 +123,8 @@ class Publisher:
             path = Path(tmp) / "artifact"
             found = self.client.download_artifact(model, version or alias or None, path)
             data = path.read_bytes()
-        return ParentArtifact(found, format_from_pb(found.format), data, signature_from_pb(found.signature),
-                              serving_from_pb(found.serving_config))
+        return ParentArtifact(found, ArtifactFormat.from_pb(found.format), data, signature_from_pb(found.signature),
+                              serving.from_pb(found.serving_config))
 
     def get_model(self, name: str) -> pb.Model:
         return self.client.get_model(name)

@@ -1,7 +1,7 @@
 """Signatures derived from example tensors, and sample inputs generated from a signature.
 
-The pipeline's own plain types (`TensorSpec`, `Signature`, `ServingConfig`) mirror the registry
-proto's messages; `aiaas.pipeline.publish` converts them at the boundary.
+The pipeline's plain types: `Signature` here, `TensorSpec` (aiaas.tensors) and `ServingConfig`
+(aiaas.serving) shared with every service; `aiaas.pipeline.publish` converts them at the boundary.
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from aiaas.errors import InvalidArgument
+from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
-from services.common.errors import InvalidArgument
+
+__all__ = ["FLOAT_DATATYPES", "ServingConfig", "Signature", "TensorSpec", "as_tensor_tuple", "check_inputs",
+           "datatype_of", "derive_signature", "generate_inputs", "numpy_dtype", "torch_dtype"]
 
 # KServe v2 datatype <-> torch dtype. BYTES has no tensor form and is not exportable.
 _TORCH_BY_DATATYPE: dict[str, torch.dtype] = {
@@ -40,28 +44,6 @@ FLOAT_DATATYPES = frozenset({"FP16", "BF16", "FP32", "FP64"})
 class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class ServingConfig:
-    """How the inference service batches and places a version (mirrors the proto message)."""
-
-    max_batch_size: int = 32
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_delay_us: int = 1000
-    instance_count: int = 1
-    device: str = "cpu"
-    max_queue_size: int = 0
-    default_timeout_us: int = 0
-
-    def validate(self) -> None:
-        if self.max_batch_size < 0:
-            raise InvalidArgument("max_batch_size must be >= 0 (0 disables batching)")
-        bad = [b for b in self.preferred_batch_sizes if b < 1 or (self.max_batch_size and b > self.max_batch_size)]
-        if bad:
-            raise InvalidArgument(f"preferred_batch_sizes {bad} must be within 1..max_batch_size")
-        if self.instance_count < 1:
-            raise InvalidArgument("instance_count must be >= 1")
 
 
 def datatype_of(dtype: torch.dtype) -> str:

@@ -28,23 +28,9 @@ from services.common.errors import AiaasError, ErrorCode, InvalidArgument
 
 log = logging.getLogger("aiaas.rpc")
 
-STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {
-    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorCode.ABORTED: grpc.StatusCode.ABORTED,
-    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
-    ErrorCode.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
-    ErrorCode.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
-    ErrorCode.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
-    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
-}
+# The one status table: each code travels as the gRPC status of its name (aiaas.errors), and
+# `aiaas.errors.error_from_rpc` reads the same naming backwards on the calling side.
+STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {code: grpc.StatusCode[code.status_name] for code in ErrorCode}
 
 # Codes that mean the server failed (OpenTelemetry's rule); the rest are the caller's doing.
 SERVER_FAULT_CODES = frozenset(

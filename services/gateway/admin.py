@@ -10,10 +10,10 @@ import dataclasses
 import time
 from typing import Any, Protocol
 
+from aiaas.records import API_KEY, ROUTE
 from services.common.errors import InvalidArgument, NotFound
 from services.gateway.convert import stored_key_from_bytes, stored_key_to_bytes
 from services.gateway.domain import ApiKeyEntry, Caller, QuotaSpec, Role, Route
-from services.gateway.feed import KEY_KIND, ROUTE_KIND
 from services.gateway.keys import KeyRing, make_key
 from services.gateway.records import StoredRecord
 from services.gateway.router import Catalog
@@ -51,7 +51,7 @@ class GatewayAdmin:
             self.ring.pepper, name=name, models=models or ("*",), roles=roles or frozenset({Role.INFER, Role.READ}),
             created_by=caller.key_id, expire_time=expire_time, quota=quota,
         )
-        await self.store.put(KEY_KIND, entry.key_id, stored_key_to_bytes(entry), expected_revision=0,
+        await self.store.put(API_KEY.kind, entry.key_id, stored_key_to_bytes(entry), expected_revision=0,
                              actor=actor_of(caller))
         self.ring.put(entry)
         await self.store.audit(actor=actor_of(caller), action="gateway.key.create", details={
@@ -66,11 +66,11 @@ class GatewayAdmin:
 
     async def _update_key(self, caller: Caller, key_id: str, action: str, reason: str, **changes: Any) -> ApiKeyEntry:
         try:
-            record = await self.store.get(KEY_KIND, key_id)
+            record = await self.store.get(API_KEY.kind, key_id)
         except NotFound:
             raise NotFound(f"API key {key_id!r} not found") from None
         entry = dataclasses.replace(stored_key_from_bytes(record.data), **changes)
-        await self.store.put(KEY_KIND, key_id, stored_key_to_bytes(entry), expected_revision=record.revision,
+        await self.store.put(API_KEY.kind, key_id, stored_key_to_bytes(entry), expected_revision=record.revision,
                              actor=actor_of(caller))
         self.ring.put(entry)
         await self.store.audit(actor=actor_of(caller), action=action, details={
@@ -92,7 +92,7 @@ class GatewayAdmin:
         if route.model not in self.catalog.models:
             raise NotFound(f"Request for unknown model: '{route.model}' is not found")
         record = await self.store.put(
-            ROUTE_KIND, route.model, self.encode_route(route),
+            ROUTE.kind, route.model, self.encode_route(route),
             expected_revision=expected_revision if expected_revision > 0 else -1, actor=actor_of(caller),
         )
         self.catalog.put_route(route, record.revision)
@@ -106,7 +106,7 @@ class GatewayAdmin:
 
     async def get_route(self, model: str) -> tuple[Route, int, dict[str, int]]:
         try:
-            record = await self.store.get(ROUTE_KIND, model)
+            record = await self.store.get(ROUTE.kind, model)
         except NotFound:
             raise NotFound(f"model {model!r} has no route (it serves its '{self.catalog.default_alias}' alias)") from None
         route: Route = self.decode_route(record.data)
@@ -115,10 +115,10 @@ class GatewayAdmin:
         return route, record.revision, resolved
 
     async def list_routes(self) -> list[Route]:
-        return [self.decode_route(r.data) for r in sorted(await self.store.list(ROUTE_KIND), key=lambda r: r.name)]
+        return [self.decode_route(r.data) for r in sorted(await self.store.list(ROUTE.kind), key=lambda r: r.name)]
 
     async def delete_route(self, caller: Caller, model: str, reason: str) -> None:
-        await self.store.delete(ROUTE_KIND, model, actor=actor_of(caller))
+        await self.store.delete(ROUTE.kind, model, actor=actor_of(caller))
         self.catalog.remove_route(model)
         await self.store.audit(actor=actor_of(caller), action="gateway.route.delete", model=model,
                                details={"reason": reason})

@@ -13,6 +13,7 @@ import logging
 import grpc
 
 from aiaas.gateway.v1 import gateway_pb2
+from aiaas.records import API_KEY, ROUTE
 from aiaas.registry.v1 import registry_pb2 as rpb
 from aiaas.registry.v1 import registry_pb2_grpc as rpb_grpc
 from services.gateway.convert import route_from_pb, stored_key_from_bytes
@@ -22,8 +23,8 @@ from services.gateway.router import Catalog
 
 log = logging.getLogger("aiaas.gateway.feed")
 
-KEY_KIND = "api_key"
-ROUTE_KIND = "route"
+KEY_KIND = API_KEY.kind
+ROUTE_KIND = ROUTE.kind
 E = rpb.ChangeEventType
 
 

@@ -20,28 +20,6 @@ log = logging.getLogger("aiaas.gateway.upstream")
 SERVICE = "inference.GRPCInferenceService"
 DNS_SCHEME = "dns:///"
 
-ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.AiaasError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.ABORTED: errors.Aborted,
-    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-    grpc.StatusCode.CANCELLED: errors.Cancelled,
-    grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
-    grpc.StatusCode.OUT_OF_RANGE: errors.OutOfRange,
-    grpc.StatusCode.DATA_LOSS: errors.DataLoss,
-}
-
-
-def upstream_error(exc: grpc.aio.AioRpcError) -> errors.AiaasError:
-    """The replica's status, passed on to the caller with its message."""
-    return ERROR_BY_STATUS.get(exc.code(), errors.Internal)(exc.details() or exc.code().name)
-
 
 def split_dns_target(target: str) -> tuple[str, int]:
     host, _, port = target[len(DNS_SCHEME):].rpartition(":")
@@ -184,7 +162,8 @@ class InferenceUpstream:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self.balancer.failed(replica)
-            raise upstream_error(exc) from None
+            # The replica's status, passed on to the caller with its message.
+            raise errors.error_from_rpc(exc) from None
         finally:
             replica.outstanding -= 1
         self.balancer.succeeded(replica)

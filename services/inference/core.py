@@ -16,29 +16,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from aiaas.formats import platform_of
+from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
 from services.common.errors import AiaasError, DeadlineExceeded, Internal, Unavailable
 from services.inference.statistics import VersionStatistics
-
-# The artifact formats the service loads; none of them is unpickled.
-FORMATS = ("torchscript", "torch_export", "onnx", "triton")
-PLATFORM_BY_FORMAT = {
-    "torchscript": "pytorch_libtorch",
-    "torch_export": "pytorch_libtorch",
-    "onnx": "onnxruntime_onnx",
-    "triton": "triton",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ServingConfig:
-    max_batch_size: int = 0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_delay_us: int = 0
-    instance_count: int = 1
-    device: str = ""
-    max_queue_size: int = 0
-    default_timeout_us: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +29,11 @@ class VersionSpec:
 
     model: str
     version: int
+    # An `aiaas.formats` name, or "triton" for a model delegated to a remote Triton server.
     format: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    serving: ServingConfig = ServingConfig()
+    serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
     sha256: str = ""
     size: int = 0
     # Platform reported by a remote Triton server; derived from the format otherwise.
@@ -58,7 +41,7 @@ class VersionSpec:
 
     @property
     def platform(self) -> str:
-        return self.remote_platform or PLATFORM_BY_FORMAT.get(self.format, self.format)
+        return self.remote_platform or platform_of(self.format)
 
     @property
     def key(self) -> tuple[str, int]:

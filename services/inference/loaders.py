@@ -21,10 +21,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from aiaas import artifact_gate
+from aiaas.formats import SERVABLE_FORMATS
+from services.common.datatypes import KSERVE_TO_NUMPY
 from services.common.errors import AiaasError, FailedPrecondition, Internal, InvalidArgument
-from services.inference.datatypes import KSERVE_TO_NUMPY
 
-FORMATS = ("torchscript", "torch_export", "onnx")
+# The formats served here (aiaas.formats is where a format is declared).
+FORMATS = SERVABLE_FORMATS
 
 
 class TensorSpecLike(Protocol):

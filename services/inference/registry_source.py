@@ -12,70 +12,40 @@ from pathlib import Path
 
 import grpc
 
-from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.common.errors import (
-    AiaasError,
-    DataLoss,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-)
-from services.inference.core import Executor, LoadedVersion, ServingConfig, TensorSpec, VersionSpec
+from aiaas import serving
+from aiaas.formats import ArtifactFormat
+from aiaas.registry.v1 import registry_pb2
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from services.common.registry_client import RegistryClient
+from services.inference.core import Executor, LoadedVersion, TensorSpec, VersionSpec
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("aiaas.inference.registry")
 
-FORMAT_BY_PROTO = {
-    registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT: "torchscript",
-    registry_pb2.ARTIFACT_FORMAT_TORCH_EXPORT: "torch_export",
-    registry_pb2.ARTIFACT_FORMAT_ONNX: "onnx",
-}
 _HASH_CHUNK = 4 * 1024 * 1024
 
 
 def spec_from_proto(version: registry_pb2.ModelVersion) -> VersionSpec:
-    fmt = FORMAT_BY_PROTO.get(version.format)
-    if fmt is None:
+    try:
+        fmt: ArtifactFormat | None = ArtifactFormat.from_pb(version.format)
+    except InvalidArgument:
+        fmt = None
+    if fmt is None or not fmt.servable:
         name = registry_pb2.ArtifactFormat.Name(version.format)
         raise FailedPrecondition(
             f"model '{version.model}' version {version.version}: format {name} cannot be served "
             "(TorchScript, torch.export or ONNX only)")
     sig = version.signature
-    cfg = version.serving_config
     return VersionSpec(
         model=version.model,
         version=version.version,
-        format=fmt,
+        format=fmt.value,
         inputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in sig.inputs),
         outputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in sig.outputs),
-        serving=ServingConfig(
-            max_batch_size=cfg.max_batch_size,
-            preferred_batch_sizes=tuple(cfg.preferred_batch_sizes),
-            max_queue_delay_us=cfg.max_queue_delay_us,
-            instance_count=cfg.instance_count or 1,
-            device=cfg.device,
-            max_queue_size=cfg.max_queue_size,
-            default_timeout_us=cfg.default_timeout_us,
-        ),
+        serving=serving.from_pb(version.serving_config),
         sha256=version.artifact_sha256,
         size=version.artifact_size,
     )
-
-
-def registry_error(exc: grpc.aio.AioRpcError, what: str) -> AiaasError:
-    code = exc.code()
-    message = f"{what}: {exc.details()}"
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(message)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(message)
-    if code == grpc.StatusCode.DATA_LOSS:
-        return DataLoss(message)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable(f"registry unreachable ({what}): {exc.details()}")
-    return Internal(message)
 
 
 ARTIFACT_FILE = "artifact"
@@ -97,9 +67,9 @@ class ArtifactCache:
     inside one artifact can name a sibling file (ONNX external data is refused by the safety gate).
     """
 
-    def __init__(self, directory: Path, stub: registry_pb2_grpc.ModelRegistryStub) -> None:
+    def __init__(self, directory: Path, registry: RegistryClient) -> None:
         self.directory = directory
-        self._stub = stub
+        self._registry = registry
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def fetch(self, spec: VersionSpec) -> Path:
@@ -126,19 +96,16 @@ class ArtifactCache:
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         digest = hashlib.sha256()
         size = 0
-        request = registry_pb2.DownloadArtifactRequest(model=spec.model, version=spec.version,
-                                                       chunk_size=4 * 1024 * 1024)
         try:
             with partial.open("wb") as handle:
-                async for message in self._stub.DownloadArtifact(request):
-                    if message.WhichOneof("payload") != "chunk":
-                        continue
-                    digest.update(message.chunk)
-                    size += len(message.chunk)
-                    handle.write(message.chunk)
-        except grpc.aio.AioRpcError as exc:
+                async for chunk in self._registry.download(
+                        spec.model, spec.version, context=f"downloading '{spec.model}' version {spec.version}"):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    handle.write(chunk)
+        except BaseException:
             partial.unlink(missing_ok=True)
-            raise registry_error(exc, f"downloading '{spec.model}' version {spec.version}") from None
+            raise
         if digest.hexdigest() != spec.sha256.lower() or (spec.size and size != spec.size):
             partial.unlink(missing_ok=True)
             raise DataLoss(f"artifact of '{spec.model}' version {spec.version} failed verification: "
@@ -154,32 +121,28 @@ class RegistryLoader:
 
     def __init__(self, settings: InferenceSettings, channel: grpc.aio.Channel) -> None:
         self.settings = settings
-        self.stub = registry_pb2_grpc.ModelRegistryStub(channel)
-        self.cache = ArtifactCache(settings.cache_dir, self.stub)
+        self.registry = RegistryClient(channel, timeout_s=30)
+        self.stub = self.registry.stub
+        self.cache = ArtifactCache(settings.cache_dir, self.registry)
 
     async def describe(self, model: str, version: int, alias: str) -> VersionSpec:
-        request = registry_pb2.GetVersionRequest(model=model, version=version)
-        try:
-            if version:
-                reply = await self.stub.GetVersion(request, timeout=30)
-            else:
-                reply = await self._default_version(model, alias)
-        except grpc.aio.AioRpcError as exc:
-            raise registry_error(exc, f"looking up '{model}' version {version or alias}") from None
-        return spec_from_proto(reply.version)
+        context = f"looking up '{model}' version {version or alias}"
+        if version:
+            found = await self.registry.get_version(model, version, context=context)
+        else:
+            found = await self._default_version(model, alias, context)
+        return spec_from_proto(found)
 
-    async def _default_version(self, model: str, alias: str) -> registry_pb2.GetVersionResponse:
+    async def _default_version(self, model: str, alias: str, context: str) -> registry_pb2.ModelVersion:
         """The version `alias` points at, else the latest one."""
         try:
-            return await self.stub.GetVersion(registry_pb2.GetVersionRequest(model=model, alias=alias), timeout=30)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-        found = await self.stub.GetModel(registry_pb2.GetModelRequest(name=model), timeout=30)
-        if not found.model.latest_version:
+            return await self.registry.get_version(model, alias=alias, context=context)
+        except NotFound:
+            pass
+        latest = (await self.registry.get_model(model, context=context)).latest_version
+        if not latest:
             raise NotFound(f"model '{model}' has no versions")
-        return await self.stub.GetVersion(
-            registry_pb2.GetVersionRequest(model=model, version=found.model.latest_version), timeout=30)
+        return await self.registry.get_version(model, latest, context=context)
 
     async def open(self, spec: VersionSpec, lv: LoadedVersion) -> Executor:
         from services.inference.executors import BatchedExecutor

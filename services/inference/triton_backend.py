@@ -24,29 +24,19 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from aiaas.formats import TRITON
+from aiaas.serving import ServingConfig
+from services.common.datatypes import array_to_raw, raw_to_array
 from services.common.errors import (
     AiaasError,
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     Unavailable,
+    error_from_rpc,
 )
-from services.inference.core import LoadedVersion, Outcome, ServingConfig, TensorSpec, VersionSpec
-from services.inference.datatypes import array_to_raw, raw_to_array
+from services.inference.core import LoadedVersion, Outcome, TensorSpec, VersionSpec
 
-_ERROR_BY_STATUS: dict[str, type[AiaasError]] = {
-    "StatusCode.NOT_FOUND": NotFound,
-    "StatusCode.INVALID_ARGUMENT": InvalidArgument,
-    "StatusCode.UNAVAILABLE": Unavailable,
-    "StatusCode.RESOURCE_EXHAUSTED": ResourceExhausted,
-    "StatusCode.DEADLINE_EXCEEDED": DeadlineExceeded,
-    "StatusCode.CANCELLED": Cancelled,
-    "StatusCode.FAILED_PRECONDITION": FailedPrecondition,
-}
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
 
@@ -86,13 +76,9 @@ def load_backends(path: str | None) -> dict[str, TritonModelConfig]:
 
 
 def _error_from(exc: BaseException, what: str) -> AiaasError:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        status, message = str(exc.code()), exc.details() or ""
-    elif isinstance(exc, InferenceServerException):
-        status, message = str(exc.status()), exc.message() or ""
-    else:
-        return Internal(f"{what}: {exc}")
-    return _ERROR_BY_STATUS.get(status, Internal)(f"{what}: {message}")
+    if isinstance(exc, (grpc.aio.AioRpcError, InferenceServerException)):
+        return error_from_rpc(exc, what)
+    return Internal(f"{what}: {exc}")
 
 
 class TritonLoader:
@@ -125,7 +111,7 @@ class TritonLoader:
             return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in items)
 
         return VersionSpec(
-            model=model, version=local_version, format="triton",
+            model=model, version=local_version, format=TRITON,
             inputs=tensors(metadata.inputs), outputs=tensors(metadata.outputs),
             serving=ServingConfig(max_batch_size=max_batch), remote_platform=metadata.platform or "triton",
         )

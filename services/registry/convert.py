@@ -7,8 +7,8 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from aiaas import serving
 from aiaas.registry.v1 import registry_pb2 as pb
-from services.common.errors import InvalidArgument
 from services.registry.entities import (
     AliasMove,
     ArtifactFormat,
@@ -19,19 +19,11 @@ from services.registry.entities import (
     Model,
     ModelVersion,
     Record,
-    ServingConfig,
     Signature,
     TensorSpec,
     VersionSpec,
 )
 
-FORMAT_TO_PB = {
-    ArtifactFormat.TORCHSCRIPT: pb.ARTIFACT_FORMAT_TORCHSCRIPT,
-    ArtifactFormat.TORCH_EXPORT: pb.ARTIFACT_FORMAT_TORCH_EXPORT,
-    ArtifactFormat.ONNX: pb.ARTIFACT_FORMAT_ONNX,
-    ArtifactFormat.SAFETENSORS: pb.ARTIFACT_FORMAT_SAFETENSORS,
-}
-FORMAT_FROM_PB: dict[int, ArtifactFormat] = {int(v): k for k, v in FORMAT_TO_PB.items()}
 CHANGE_TO_PB = {kind: pb.ChangeEventType.Value("CHANGE_EVENT_TYPE_" + kind.name) for kind in ChangeType}
 
 
@@ -55,13 +47,6 @@ def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(value)
 
 
-def artifact_format(value: int) -> ArtifactFormat:
-    try:
-        return FORMAT_FROM_PB[value]
-    except KeyError:
-        raise InvalidArgument("format is required: torchscript, torch_export, onnx or safetensors") from None
-
-
 def signature(sig: Signature) -> pb.Signature:
     return pb.Signature(
         inputs=[pb.TensorSpec(name=s.name, datatype=s.datatype, shape=s.shape) for s in sig.inputs],
@@ -76,22 +61,6 @@ def from_signature(sig: pb.Signature) -> Signature:
     )
 
 
-def serving_config(cfg: ServingConfig) -> pb.ServingConfig:
-    return pb.ServingConfig(
-        max_batch_size=cfg.max_batch_size, preferred_batch_sizes=cfg.preferred_batch_sizes,
-        max_queue_delay_us=cfg.max_queue_delay_us, instance_count=cfg.instance_count, device=cfg.device,
-        max_queue_size=cfg.max_queue_size, default_timeout_us=cfg.default_timeout_us,
-    )
-
-
-def from_serving_config(cfg: pb.ServingConfig) -> ServingConfig:
-    return ServingConfig(
-        max_batch_size=cfg.max_batch_size, preferred_batch_sizes=tuple(cfg.preferred_batch_sizes),
-        max_queue_delay_us=cfg.max_queue_delay_us, instance_count=cfg.instance_count, device=cfg.device,
-        max_queue_size=cfg.max_queue_size, default_timeout_us=cfg.default_timeout_us,
-    )
-
-
 def model(m: Model) -> pb.Model:
     return pb.Model(
         name=m.name, description=m.description, labels=m.labels, aliases=m.aliases, latest_version=m.latest_version,
@@ -101,8 +70,8 @@ def model(m: Model) -> pb.Model:
 
 def version(v: ModelVersion) -> pb.ModelVersion:
     return pb.ModelVersion(
-        model=v.model, version=v.version, format=FORMAT_TO_PB[v.format], artifact_sha256=v.artifact_sha256,
-        artifact_size=v.artifact_size, signature=signature(v.signature), serving_config=serving_config(v.serving_config),
+        model=v.model, version=v.version, format=v.format.pb, artifact_sha256=v.artifact_sha256,
+        artifact_size=v.artifact_size, signature=signature(v.signature), serving_config=serving.to_pb(v.serving_config),
         metadata=struct(v.metadata),
         lineage=pb.Lineage(parent_version=v.lineage.parent_version, transformation=v.lineage.transformation,
                            parent_model=v.lineage.parent_model),
@@ -113,9 +82,9 @@ def version(v: ModelVersion) -> pb.ModelVersion:
 
 def version_spec(header: pb.UploadVersionHeader) -> VersionSpec:
     return VersionSpec(
-        model=header.model, format=artifact_format(header.format), artifact_sha256=header.artifact_sha256,
+        model=header.model, format=ArtifactFormat.from_pb(header.format), artifact_sha256=header.artifact_sha256,
         artifact_size=header.artifact_size, signature=from_signature(header.signature),
-        serving_config=from_serving_config(header.serving_config), metadata=from_struct(header.metadata),
+        serving_config=serving.from_pb(header.serving_config), metadata=from_struct(header.metadata),
         lineage=Lineage(header.lineage.parent_version, header.lineage.transformation, header.lineage.parent_model),
         actor=header.actor, create_model=header.create_model,
         reports={name: from_struct(report) for name, report in header.reports.items()},

@@ -7,14 +7,12 @@ import enum
 from datetime import datetime
 from typing import Any
 
+from aiaas.formats import ArtifactFormat
+from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
 
-
-class ArtifactFormat(enum.Enum):
-    TORCHSCRIPT = "torchscript"
-    TORCH_EXPORT = "torch_export"
-    ONNX = "onnx"
-    SAFETENSORS = "safetensors"
+__all__ = ["AliasMove", "ArtifactFormat", "AuditEvent", "ChangeEvent", "ChangeType", "Lineage", "Model",
+           "ModelVersion", "Page", "Record", "ServingConfig", "Signature", "TensorSpec", "VersionSpec"]
 
 
 class ChangeType(enum.Enum):
@@ -35,17 +33,6 @@ class ChangeType(enum.Enum):
 class Signature:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class ServingConfig:
-    max_batch_size: int = 0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_delay_us: int = 0
-    instance_count: int = 1
-    device: str = "cpu"
-    max_queue_size: int = 0
-    default_timeout_us: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +63,7 @@ class VersionSpec:
     artifact_sha256: str
     artifact_size: int
     signature: Signature
-    serving_config: ServingConfig = ServingConfig()
+    serving_config: ServingConfig = dataclasses.field(default_factory=ServingConfig)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     lineage: Lineage = Lineage()
     actor: str = "anonymous"

@@ -14,16 +14,12 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
-DEVICE_RE = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
 DATATYPES = frozenset(
     {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
      "FP16", "BF16", "FP32", "FP64", "BYTES"}
 )
 MAX_RANK = 16
 MAX_TENSORS = 256
-MAX_BATCH_SIZE = 65536
-MAX_QUEUE_DELAY_US = 60_000_000
-MAX_INSTANCES = 64
 MAX_DESCRIPTION = 4096
 MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
@@ -148,30 +144,8 @@ def signature(sig: Signature, serving: ServingConfig) -> Signature:
 
 
 def serving_config(cfg: ServingConfig) -> ServingConfig:
-    if not 0 <= cfg.max_batch_size <= MAX_BATCH_SIZE:
-        raise InvalidArgument(f"serving_config.max_batch_size must be 0..{MAX_BATCH_SIZE}, got {cfg.max_batch_size}")
-    for size in cfg.preferred_batch_sizes:
-        if not 1 <= size <= cfg.max_batch_size:
-            raise InvalidArgument(f"serving_config.preferred_batch_sizes: {size} is not between 1 and max_batch_size "
-                                  f"({cfg.max_batch_size})")
-    if not 0 <= cfg.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
-        raise InvalidArgument(f"serving_config.max_queue_delay_us must be 0..{MAX_QUEUE_DELAY_US}")
-    if not 0 <= cfg.instance_count <= MAX_INSTANCES:
-        raise InvalidArgument(f"serving_config.instance_count must be 0..{MAX_INSTANCES} (0 means 1)")
-    device = cfg.device or "cpu"
-    if not DEVICE_RE.fullmatch(device):
-        raise InvalidArgument(f"serving_config.device {cfg.device!r} is invalid: use 'cpu', 'cuda' or 'cuda:N'")
-    if cfg.max_queue_size < 0 or cfg.default_timeout_us < 0:
-        raise InvalidArgument("serving_config.max_queue_size and default_timeout_us must be >= 0")
-    return ServingConfig(
-        max_batch_size=cfg.max_batch_size,
-        preferred_batch_sizes=tuple(sorted(set(cfg.preferred_batch_sizes))),
-        max_queue_delay_us=cfg.max_queue_delay_us,
-        instance_count=cfg.instance_count or 1,
-        device=device,
-        max_queue_size=cfg.max_queue_size,
-        default_timeout_us=cfg.default_timeout_us,
-    )
+    """The rules live with the type (aiaas.serving), so the pipeline checks the same ones before upload."""
+    return cfg.normalized()
 
 
 def lineage(value: Lineage) -> Lineage:

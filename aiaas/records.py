@@ -1,0 +1,58 @@
+"""The kinds of registry Records the platform keeps, each with its name rule and its codec.
+
+A Record is (kind, name, data bytes) in the registry, versioned by revision and sent on the change
+feed. The gateway keeps API keys and routes there, the monitor SLOs and baselines, and the CLI
+writes the first admin key. Adding a kind is a `RecordKind` here (its data is one proto message).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Generic, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from aiaas.errors import InvalidArgument
+from aiaas.gateway.v1 import gateway_pb2
+from aiaas.monitor.v1 import monitor_pb2
+from aiaas.registry.v1 import registry_pb2
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordKind(Generic[M]):
+    """One kind of Record: its `kind` string, the message its data holds, and how it is named."""
+
+    kind: str
+    message: type[M]
+    named_by: str
+
+    def encode(self, message: M) -> bytes:
+        if not isinstance(message, self.message):
+            raise TypeError(f"a {self.kind} record holds {self.message.DESCRIPTOR.full_name}, "
+                            f"not {type(message).__name__}")
+        return message.SerializeToString()
+
+    def decode(self, data: bytes, name: str = "") -> M:
+        try:
+            return self.message.FromString(data)
+        except DecodeError:
+            raise InvalidArgument(f"{self.kind} record {name!r} does not parse as "
+                                  f"{self.message.DESCRIPTOR.full_name}") from None
+
+    def record(self, name: str, message: M) -> registry_pb2.Record:
+        """The registry Record that stores `message` under `name`."""
+        return registry_pb2.Record(kind=self.kind, name=name, data=self.encode(message))
+
+
+API_KEY = RecordKind("api_key", gateway_pb2.StoredApiKey, "key id")
+ROUTE = RecordKind("route", gateway_pb2.Route, "model")
+SLO = RecordKind("slo", monitor_pb2.SLO, "model")
+BASELINE = RecordKind("baseline", monitor_pb2.Baseline, "<model>/<version>")
+
+KINDS: dict[str, RecordKind[Message]] = {k.kind: k for k in (API_KEY, ROUTE, SLO, BASELINE)}  # type: ignore[misc]
+
+
+def baseline_name(model: str, version: int) -> str:
+    return f"{model}/{version}"
