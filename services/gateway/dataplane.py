@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from tritonclient.grpc import service_pb2 as pb
 
+from services.common.datatypes import BytesBudget, check_raw_size
 from services.common.errors import AiaasError, Unavailable
 from services.common.reporting import RequestRecord, TelemetryReporter
 from services.gateway.domain import Caller, Role
@@ -30,7 +31,6 @@ from services.gateway.shadow import ShadowMirror, ShadowStats
 from services.gateway.signatures import SignatureCache
 from services.gateway.stats import merge_index, merge_statistics
 from services.gateway.wire import response_version, retarget, wrap_stream_response
-from services.inference.datatypes import BytesBudget, check_raw_size
 
 log = logging.getLogger("aiaas.gateway.dataplane")
 

@@ -12,8 +12,8 @@ import logging
 import random
 from typing import Any
 
+from services.common.datatypes import raw_to_array
 from services.common.reporting import TelemetryReporter
-from services.inference.datatypes import raw_to_array
 
 log = logging.getLogger("aiaas.gateway.drift")
 

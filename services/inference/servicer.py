@@ -21,10 +21,10 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from aiaas import __version__
+from services.common.datatypes import BytesBudget, check_raw_size, element_count
 from services.common.errors import AiaasError, InvalidArgument, NotFound, Unavailable, Unimplemented
 from services.inference import metadata
 from services.inference.convert import InputPlan, ParsedRequest, build_response, parse_request, plan_for
-from services.inference.datatypes import BytesBudget, check_raw_size, element_count
 from services.inference.repository import IndexEntry, ModelRepository, parse_version
 
 log = logging.getLogger("aiaas.inference.servicer")

@@ -21,13 +21,13 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from services.common.errors import AiaasError
-from services.inference.datatypes import (
+from services.common.datatypes import (
     KSERVE_TO_NUMPY,
     MAX_RANK,
     deserialize_bytes_tensor,
     serialize_bytes_tensor,
 )
+from services.common.errors import AiaasError
 
 ALIGN = 64
 OBJECT = "|O"  # dtype.str of BYTES tensors (numpy object arrays)

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from services.common.datatypes import KSERVE_TO_NUMPY
 from services.common.errors import (
     AiaasError,
     DeadlineExceeded,
@@ -43,7 +44,6 @@ from services.common.errors import (
 )
 from services.inference._worker_main import WorkerConfig
 from services.inference.batcher import BatchResult
-from services.inference.datatypes import KSERVE_TO_NUMPY
 from services.inference.loaders import (
     FORMATS,
     LoadedModel,

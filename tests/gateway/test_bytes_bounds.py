@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from services.common.datatypes import MAX_BYTES_ELEMENTS
 from services.common.server import ServiceApp
 from services.gateway.balancer import Balancer
 from services.gateway.dataplane import DataPlane
@@ -25,7 +26,6 @@ from services.gateway.router import Catalog
 from services.gateway.servicer import INFERENCE_SERVICE, InferenceProxy, add_inference_proxy
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstream import InferenceUpstream
-from services.inference.datatypes import MAX_BYTES_ELEMENTS
 from tests.gateway.upstream_double import EchoReplica
 
 PEPPER = b"pepper"

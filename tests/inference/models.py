@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from aiaas.tensors import TensorSpec
-from services.inference.datatypes import KSERVE_TO_NUMPY
+from services.common.datatypes import KSERVE_TO_NUMPY
 
 
 def _jit_save(module: torch.nn.Module, path: Path, example: torch.Tensor | None = None) -> None:

@@ -26,8 +26,7 @@ import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from aiaas.tensors import TensorSpec
-from services.common.errors import InvalidArgument
-from services.inference.datatypes import (
+from services.common.datatypes import (
     MAX_BYTES_ELEMENT_BYTES,
     MAX_BYTES_ELEMENTS,
     MAX_BYTES_REQUEST_BYTES,
@@ -36,6 +35,7 @@ from services.inference.datatypes import (
     check_raw_size,
     deserialize_bytes_tensor,
 )
+from services.common.errors import InvalidArgument
 from services.inference.servicer import MAX_STREAM_IN_FLIGHT
 from tests.inference import models
 from tests.inference.conftest import Registry, inference_args, start_inference, wait_model

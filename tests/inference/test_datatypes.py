@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.common.errors import InvalidArgument
-from services.inference.datatypes import (
+from services.common.datatypes import (
     KSERVE_TO_NUMPY,
     array_to_raw,
     deserialize_bytes_tensor,
@@ -15,6 +14,7 @@ from services.inference.datatypes import (
     raw_to_array,
     serialize_bytes_tensor,
 )
+from services.common.errors import InvalidArgument
 
 FIXED = [
     "BOOL",
