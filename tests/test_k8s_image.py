@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from aiaas.k8s.checks import workloads
-from aiaas.k8s.kustomize import pod_spec
+from aiaas.k8s.manifest import pod_spec
 from aiaas.k8s.render import METRICS_PORT, SERVICE_PORTS, render
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,7 @@ from aiaas.k8s.checks import (
     grace_period_s,
     workloads,
 )
-from aiaas.k8s.kustomize import pod_spec, split_image
-from aiaas.k8s.patch import Manifest
+from aiaas.k8s.manifest import Manifest, pod_spec, split_image
 from aiaas.k8s.render import METRICS_PORT, OVERLAYS, SERVICE_PORTS, render
 from aiaas.k8s.rollout import missing_secrets
 

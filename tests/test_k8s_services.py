@@ -9,7 +9,7 @@ import importlib
 import pytest
 
 from aiaas.k8s.checks import workloads
-from aiaas.k8s.kustomize import pod_spec
+from aiaas.k8s.manifest import pod_spec
 from aiaas.k8s.render import METRICS_PORT, OVERLAYS, SERVICE_PORTS, render
 from services.common.settings import ServerSettings, load_settings
 

@@ -47,8 +47,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from aiaas.k8s.checks import audit
-    from aiaas.k8s.kustomize import KustomizeError
-    from aiaas.k8s.render import render, to_yaml
+    from aiaas.k8s.render import KustomizeError, render, to_yaml
 
     try:
         objects = render(args.overlay)
@@ -69,8 +68,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from kubernetes.client.exceptions import ApiException
 
     from aiaas.k8s import cluster
-    from aiaas.k8s.kustomize import KustomizeError
-    from aiaas.k8s.render import render
+    from aiaas.k8s.render import KustomizeError, render
 
     try:
         objects = render(args.overlay)

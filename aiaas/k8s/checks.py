@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiaas.k8s.kustomize import pod_spec
-from aiaas.k8s.patch import Manifest
+from aiaas.k8s.manifest import Manifest, pod_spec
 from aiaas.k8s.render import METRICS_PORT, NAME_LABEL, SERVICE_PORTS
 
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet"})

