@@ -3,6 +3,9 @@
 A service declares a dataclass deriving from `ServerSettings`; `load_settings` reads, for each
 field `foo_bar`: the flag `--foo-bar`, else `AIAAS_<SERVICE>_FOO_BAR`, else `AIAAS_FOO_BAR`,
 else the dataclass default. Settings are built once at start-up and passed down.
+
+`--help` lists every setting with its type, default, environment variables and description: the
+comment lines above the field (or `field(metadata={"help": ...})`), read by `settings_help` only then.
 """
 
 from __future__ import annotations
@@ -26,19 +29,30 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 class ServerSettings:
     """What every gRPC service shares. Services subclass it and override `port`."""
 
+    # Address the gRPC server (and the metrics endpoint) binds; 0.0.0.0 listens on every interface.
     host: str = "0.0.0.0"
+    # gRPC port; each service sets its own default, 0 picks a free one.
     port: int = 0
+    # Largest gRPC message sent or received (a service may cap what it receives lower); a larger one
+    # is refused with RESOURCE_EXHAUSTED.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # PEM certificate chain file; set with tls_key, the service serves TLS instead of plaintext.
     tls_cert: str | None = None
+    # PEM private key file of tls_cert.
     tls_key: str | None = None
     # When set, clients must present a certificate signed by this CA (mTLS).
     tls_client_ca: str | None = None
+    # On SIGTERM, how long in-flight calls may run on before they are cancelled.
     grace_period_s: float = 20.0
+    # Python logging level: debug, info, warning, error.
     log_level: str = "info"
+    # One JSON object per log line (for collectors); off: plain text for people.
     log_json: bool = True
+    # OpenTelemetry collector (host:port, gRPC) receiving traces and metrics; unset: no export.
     otlp_endpoint: str | None = None
     # Port for a Prometheus /metrics endpoint; 0 disables it.
     metrics_port: int = 0
+    # Calls the whole server runs at once; further calls are refused with RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 10_000
     # Per connection: how many calls one connection may have open at once (HTTP/2
     # SETTINGS_MAX_CONCURRENT_STREAMS), so one connection cannot take every call slot. Internal
@@ -47,10 +61,12 @@ class ServerSettings:
     # Ping a connection that has been quiet this long, and close it when no answer comes within
     # the timeout: a dead or vanished peer does not hold its calls and file descriptor forever.
     keepalive_time_ms: int = 60_000
+    # How long such a ping may go unanswered before the connection is closed.
     keepalive_timeout_ms: int = 20_000
     # Clients may ping at most this often when no data flows (more often: GOAWAY), and may ping
     # with no call open when `keepalive_permit_without_calls` is on.
     keepalive_min_ping_interval_ms: int = 10_000
+    # Accept client pings on a connection with no call open.
     keepalive_permit_without_calls: bool = True
     # Close a connection with no open call for this long (0: never).
     max_connection_idle_ms: int = 300_000
@@ -58,6 +74,7 @@ class ServerSettings:
     # (0: never). Off by default: it also ends long watch and inference streams, which their
     # clients must then reopen; set it where a load balancer needs connections to move.
     max_connection_age_ms: int = 0
+    # How long calls still open at max_connection_age_ms may run before the connection closes.
     max_connection_age_grace_ms: int = 30_000
 
     def validate(self) -> None:
@@ -113,6 +130,39 @@ def _parse(raw: str, kind: type, name: str) -> Any:
         raise InvalidArgument(f"setting {name}: cannot read {raw!r} as {kind.__name__}") from None
 
 
+def _env_names(service: str, name: str) -> list[str]:
+    return [f"AIAAS_{service.upper()}_{name.upper()}", f"AIAAS_{name.upper()}"]
+
+
+def _add_setting(container: argparse._ActionsContainer, field: dataclasses.Field[Any], kind: type,
+                 help_text: str | None = None) -> argparse.Action:
+    flag = "--" + field.name.replace("_", "-")
+    if kind is bool:
+        return container.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction,
+                                      help=help_text)
+    return container.add_argument(flag, dest=field.name, default=None, metavar=kind.__name__.upper(), help=help_text)
+
+
+class _SettingsHelp(argparse.Action):
+    """`-h/--help`: every setting with its type, default, env names and description, then exit. The
+    descriptions are read from source here, so a service that starts normally never pays for it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, settings_cls: type, service: str) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show every setting: flag, type, default, environment variables, description")
+        self.settings_cls = settings_cls
+        self.service = service
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from services.common.settings_help import help_parser
+
+        described = help_parser(self.settings_cls, self.service, _add_setting, lambda a: _base_type(a)[0],
+                                lambda name: _env_names(self.service, name))
+        described.print_help()
+        parser.exit()
+
+
 def load_settings(
     cls: type[T],
     argv: Sequence[str] | None = None,
@@ -122,14 +172,11 @@ def load_settings(
 ) -> T:
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(prog=f"python -m services.{service}", description=cls.__doc__)
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service}", description=cls.__doc__,
+                                     add_help=False)
+    parser.add_argument("-h", "--help", action=_SettingsHelp, settings_cls=cls, service=service)
     for field in dataclasses.fields(cls):
-        kind, _ = _base_type(hints[field.name])
-        flag = "--" + field.name.replace("_", "-")
-        if kind is bool:
-            parser.add_argument(flag, dest=field.name, default=None, action=argparse.BooleanOptionalAction)
-        else:
-            parser.add_argument(flag, dest=field.name, default=None, help=f"env AIAAS_{field.name.upper()}")
+        _add_setting(parser, field, _base_type(hints[field.name])[0])
     parsed = vars(parser.parse_args(list(argv) if argv is not None else []))
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
@@ -138,7 +185,7 @@ def load_settings(
         if flag_value is not None:
             values[field.name] = flag_value if kind is bool else _parse(flag_value, kind, field.name)
             continue
-        for key in (f"AIAAS_{service.upper()}_{field.name.upper()}", f"AIAAS_{field.name.upper()}"):
+        for key in _env_names(service, field.name):
             if key in env:
                 values[field.name] = _parse(env[key], kind, key)
                 break
