@@ -1,6 +1,9 @@
 """The demo model `aiaas up` serves: the classic tutorial MLP (10 -> 50 -> 10), trained for a
 moment on a seeded synthetic task (the class is the largest of ten fixed linear projections of
 the input), so its answers mean something and repeat from one machine to the next.
+
+It is registered as a `torch.export` program (`DEMO_FORMAT`), which the artifact gate rebuilds
+without any pickle; `aiaas up --demo-format torchscript` still registers TorchScript.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ DEMO_INPUT = "INPUT0"
 DEMO_OUTPUT = "OUTPUT0"
 DEMO_FEATURES = 10
 DEMO_CLASSES = 10
+DEMO_FORMAT = "torch_export"
 DEMO_SERVING = ServingConfig(max_batch_size=32, preferred_batch_sizes=(8, 16, 32), max_queue_delay_us=500)
 
 

@@ -1,7 +1,8 @@
 """`aiaas.deploy(module, example_inputs, name=..., alias=...)`: from an `nn.Module` in your process
 to a served version in one call.
 
-It exports the module (TorchScript by default, `torch.export` or ONNX on request), derives the
+It exports the module (`torch.export` by default, which the artifact gate rebuilds without any
+pickle; ONNX or TorchScript on request), derives the
 signature from the example inputs (batch dimension variable), runs the parity gate against the
 module itself, registers the artifact with its serving config, lineage and parity report, and
 points the alias at it.
@@ -41,7 +42,7 @@ def deploy(
     *,
     name: str,
     alias: str | None = "production",
-    format: str = "torchscript",
+    format: str = "torch_export",
     registry: str | grpc.Channel | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,

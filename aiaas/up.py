@@ -253,9 +253,10 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
                 ) from None
 
 
-def ensure_demo(registry: str) -> str:
-    """Register the demo once; a later `up` finds it. Returns a line saying which it was."""
-    from aiaas.demo import DEMO_MODEL, DEMO_SERVING, example_input, train_demo
+def ensure_demo(registry: str, fmt: str | None = None) -> str:
+    """Register the demo once (as `fmt`, default `DEMO_FORMAT`: torch.export); a later `up` finds it.
+    Returns a line saying which it was."""
+    from aiaas.demo import DEMO_FORMAT, DEMO_MODEL, DEMO_SERVING, example_input, train_demo
     from aiaas.pipeline.artifacts import ArtifactFormat
     from aiaas.pipeline.publish import Publisher
     from aiaas.pipeline.steps import export_candidate
@@ -272,15 +273,16 @@ def ensure_demo(registry: str) -> str:
             if model.latest_version:
                 publisher.set_alias(DEMO_MODEL, "production", model.latest_version, reason="aiaas up")
                 return f"{DEMO_MODEL}: production -> latest version {model.latest_version}"
+        export_format = ArtifactFormat.parse(fmt or DEMO_FORMAT)
         trained = train_demo()
-        candidate = export_candidate(trained.module, example_input(), ArtifactFormat.TORCHSCRIPT, serving=DEMO_SERVING)
+        candidate = export_candidate(trained.module, example_input(), export_format, serving=DEMO_SERVING)
         version = publisher.upload(DEMO_MODEL, candidate, {
             "source": "aiaas up", "description": "tutorial MLP 10-50-10 on a synthetic 10-class task",
             "accuracy": round(trained.accuracy, 4), "train_steps": trained.steps,
         })
         publisher.set_alias(DEMO_MODEL, "production", version.version, reason="aiaas up: demo model")
     return (f"{DEMO_MODEL}: trained for {trained.train_seconds:.1f}s (accuracy {trained.accuracy:.1%}), "
-            f"registered version {version.version} (torchscript), production -> {version.version}")
+            f"registered version {version.version} ({export_format.value}), production -> {version.version}")
 
 
 def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.Event,
@@ -338,7 +340,7 @@ def _stop_all(children: list[ChildService]) -> None:
 
 def run_up(
     *, home: str | None = None, base_port: int | None = None, host: str = "127.0.0.1", demo: bool = True,
-    startup_timeout_s: float = 120.0,
+    startup_timeout_s: float = 120.0, demo_format: str | None = None,
 ) -> int:
     state = aiaas_home(home)
     (state / "logs").mkdir(parents=True, exist_ok=True)
@@ -349,7 +351,7 @@ def run_up(
     try:
         with home_lock(state):
             check_ports_free(host, ports)
-            return _run(state, host, ports, demo, startup_timeout_s, stop, children)
+            return _run(state, host, ports, demo, startup_timeout_s, stop, children, demo_format)
     except StartupFailed as exc:
         print(f"aiaas up: {exc}", file=sys.stderr)
         _stop_all(children)
@@ -364,7 +366,7 @@ def run_up(
 
 
 def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_timeout_s: float,
-         stop: threading.Event, children: list[ChildService]) -> int:
+         stop: threading.Event, children: list[ChildService], demo_format: str | None = None) -> int:
     # The packages `up` itself was imported from, so a source checkout works without an install.
     package_root = str(Path(__file__).resolve().parent.parent)
     python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
@@ -387,7 +389,7 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     gateway = f"{local}:{ports['gateway']}"
     if demo:
-        _say("  " + ensure_demo(f"{local}:{ports['registry']}"))
+        _say("  " + ensure_demo(f"{local}:{ports['registry']}", demo_format))
         row = wait_model_ready(gateway, "demo", time.monotonic() + startup_timeout_s, stop,
                                auth.admin_key if auth else None)
         _say(f"  demo answers through the gateway: OUTPUT0[0] argmax = {max(range(len(row)), key=row.__getitem__)}")

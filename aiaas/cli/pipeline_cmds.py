@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     convert.add_argument("--weights", help="safetensors state dict to load into the factory's module")
     convert.add_argument("--name", help="model to register the version under")
     convert.add_argument("--format", "--to", dest="format", default=None,
-                         help="torchscript (default), torch_export or onnx; a version converts to onnx")
+                         help="torch_export (default), torchscript or onnx; a version converts to onnx")
     convert.add_argument("--input-shape", action="append", default=[], metavar="D1,D2,...",
                          help="shape of one input without its batch dimension; once per input")
     convert.add_argument("--input-dtype", action="append", default=[], metavar="DTYPE",
@@ -84,6 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                          "Prometheus BASE+64 (default: 8001, 50051, 50052, 50053, 9464)")
     up.add_argument("--host", default="127.0.0.1", help="address the services listen on (127.0.0.1)")
     up.add_argument("--no-demo", action="store_true", help="do not register the demo model")
+    up.add_argument("--demo-format", choices=["torch_export", "torchscript", "onnx"], default=None,
+                    help="artifact format the demo is registered in the first time (torch_export)")
     up.add_argument("--startup-timeout", type=float, default=120.0, help="seconds each service has to be healthy")
     up.set_defaults(func=cmd_up)
 
@@ -153,4 +155,4 @@ def cmd_up(args: argparse.Namespace) -> int:
     from aiaas.up import run_up
 
     return run_up(home=args.home, base_port=args.base_port, host=args.host, demo=not args.no_demo,
-                  startup_timeout_s=args.startup_timeout)
+                  startup_timeout_s=args.startup_timeout, demo_format=args.demo_format)

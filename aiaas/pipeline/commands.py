@@ -139,7 +139,7 @@ def convert(args: argparse.Namespace) -> int:
         return _convert_version(args)
     if not args.weights or not args.name:
         raise InvalidArgument("converting a module needs --weights FILE.safetensors and --name MODEL")
-    fmt = ArtifactFormat.parse(args.format or "torchscript")
+    fmt = ArtifactFormat.parse(args.format or "torch_export")
     module = load_factory(args.source)
     load_weights(module, args.weights)
     sample = load_sample(args.sample, args.input_name) if args.sample else None

@@ -1,6 +1,7 @@
 """Export an `nn.Module` to a servable artifact with a variable batch dimension.
 
-TorchScript is traced (`torch.jit.trace`): data-dependent control flow is frozen into the trace,
+`torch.export` is the default format: a `.pt2` the artifact gate rebuilds without unpickling
+anything. TorchScript (deprecated in torch 2.13, still selectable) is traced (`torch.jit.trace`): data-dependent control flow is frozen into the trace,
 which the parity gate then catches. `torch.export` and ONNX (the dynamo exporter) mark dimension 0
 of every input as one shared dynamic `batch` dimension.
 """
@@ -63,13 +64,17 @@ def to_torchscript(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> b
     return buffer.getvalue()
 
 
+def program_bytes(program: torch.export.ExportedProgram) -> bytes:
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
 def to_torch_export(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> bytes:
     args = exportable_batch(inputs)
     with quiet_export():
         program = torch.export.export(module, args, dynamic_shapes=batch_dynamic_shapes(args))
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    return buffer.getvalue()
+    return program_bytes(program)
 
 
 def to_onnx(

@@ -3,13 +3,13 @@ format conversion. Each works on the parent's artifact bytes alone (no original 
 
 | transformation | TorchScript parent | torch.export parent | ONNX parent |
 |---|---|---|---|
-| `int8-dynamic` | graph-mode `quantize_dynamic_jit` (Linear) | traced, then as TorchScript (result is TorchScript) | `onnxruntime.quantization.quantize_dynamic` |
+| `int8-dynamic` | graph-mode `quantize_dynamic_jit` (Linear) | torchao `quantize_` (int8 dynamic), re-exported (`aiaas.pipeline.quantize_export`) | `onnxruntime.quantization.quantize_dynamic` |
 | `fp16` / `bf16` | module cast, wrapped in input/output casts | same, re-exported | fp16: `convert_float_to_float16(keep_io_types)`; bf16 refused |
 | `ort-optimize` | refused | refused | `SessionOptions.optimized_model_filepath` |
 | `to-onnx` | legacy exporter (dynamic batch axis) | dynamo exporter | refused |
 
-fp16/bf16 versions keep the parent's signature: inputs and outputs stay FP32 and the casts happen
-inside the model, so clients do not change.
+Every result keeps its parent's format. fp16/bf16 versions keep the parent's signature: inputs and
+outputs stay FP32 and the casts happen inside the model, so clients do not change.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from aiaas.pipeline.artifacts import (
     load_torch_export,
     load_torchscript,
 )
-from aiaas.pipeline.export import batch_dynamic_shapes, exportable_batch, quiet_export
+from aiaas.pipeline.export import batch_dynamic_shapes, exportable_batch, program_bytes, quiet_export
+from aiaas.pipeline.quantize_export import quantize_int8_dynamic
 from aiaas.pipeline.signature import FLOAT_DATATYPES, Signature, generate_inputs, torch_dtype
 from services.common.errors import InvalidArgument
 
@@ -159,13 +160,9 @@ def _to_onnx(fmt: ArtifactFormat, data: bytes, signature: Signature) -> bytes:
 def _transform_torch(fmt: ArtifactFormat, data: bytes, signature: Signature, transformation: str) -> Transformed:
     if transformation == "int8-dynamic":
         if fmt is ArtifactFormat.TORCHSCRIPT:
-            module = load_torchscript(data)
-        else:
-            with quiet_export(), torch.no_grad():
-                exported = load_torch_export(data).module()
-                exported.validate_inputs = False  # its shape pre-hook cannot run under torch.jit.trace
-                module = torch.jit.trace(exported, _example(signature), check_trace=False)
-        return Transformed(ArtifactFormat.TORCHSCRIPT, _quantize_torchscript(module), "quantize:int8-dynamic")
+            return Transformed(fmt, _quantize_torchscript(load_torchscript(data)), "quantize:int8-dynamic")
+        return Transformed(fmt, quantize_int8_dynamic(load_torch_export(data), _example(signature)),
+                           "quantize:int8-dynamic")
     if transformation in ("fp16", "bf16"):
         dtype = torch.float16 if transformation == "fp16" else torch.bfloat16
         example = _example(signature)
@@ -178,9 +175,7 @@ def _transform_torch(fmt: ArtifactFormat, data: bytes, signature: Signature, tra
             args = exportable_batch(example)
             with quiet_export():
                 program = torch.export.export(wrapper, args, dynamic_shapes=batch_dynamic_shapes(args, varargs=True))
-            buffer = io.BytesIO()
-            torch.export.save(program, buffer)
-            out = buffer.getvalue()
+            out = program_bytes(program)
         return Transformed(fmt, out, f"cast:{transformation}")
     if transformation == "to-onnx":
         return Transformed(ArtifactFormat.ONNX, _to_onnx(fmt, data, signature), "convert:onnx")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
+
 import numpy as np
 import pytest
 import torch
 
+from aiaas import artifact_gate
 from aiaas.pipeline.artifacts import ArtifactFormat, load_runner
 from aiaas.pipeline.parity import ParityRefused, Tolerances
 from aiaas.pipeline.signature import ServingConfig
@@ -30,7 +34,7 @@ def parents() -> dict[ArtifactFormat, Candidate]:
         (TS, "fp16", TS, "cast:fp16"),
         (TS, "bf16", TS, "cast:bf16"),
         (TS, "to-onnx", ONNX, "convert:onnx"),
-        (EXPORT, "int8-dynamic", TS, "quantize:int8-dynamic"),
+        (EXPORT, "int8-dynamic", EXPORT, "quantize:int8-dynamic"),
         (EXPORT, "fp16", EXPORT, "cast:fp16"),
         (ONNX, "int8-dynamic", ONNX, "quantize:int8-dynamic"),
         (ONNX, "fp16", ONNX, "cast:fp16"),
@@ -55,8 +59,35 @@ def test_transformation_passes_its_gate(
     x = np.random.default_rng(0).normal(size=(5, 10)).astype(np.float32)
     (out,) = load_runner(candidate.format, candidate.data)([x])
     assert out.dtype == np.float32 and out.shape == (5, 10)
-    if transformation == "int8-dynamic":
+    if transformation == "int8-dynamic" and parent_format is not EXPORT:
         assert report["size_bytes"]["candidate"] < report["size_bytes"]["parent"]
+
+
+def test_int8_of_an_export_is_torchao_int8_in_plain_aten(parents: dict[ArtifactFormat, Candidate]) -> None:
+    parent = parents[EXPORT]
+    candidate = transform_candidate(parent.format, parent.data, parent.signature, SERVING, "int8-dynamic",
+                                    measure_latency=False)
+    # What the gate (registry, inference) reads: no torchao operator, int8 matmuls, no pickle.
+    operators = artifact_gate.check_artifact(candidate.data, "torch_export").operators
+    assert "aten::_int_mm" in operators and not any(op.startswith("torchao::") for op in operators)
+    assert "aten::linear" not in operators
+    program = artifact_gate.load_torch_export(candidate.data)
+    matrices = [t for t in program.state_dict.values() if t.dim() == 2 and t.shape[1] > 1]
+    assert matrices and all(t.dtype == torch.int8 for t in matrices)
+    # Provenance (stack traces naming this machine's paths) is not stored.
+    with zipfile.ZipFile(io.BytesIO(candidate.data)) as archive:
+        graph = next(archive.read(n) for n in archive.namelist() if n.endswith("models/model.json"))
+    assert b"stack_trace" not in graph and b"site-packages" not in graph
+
+
+def test_int8_of_an_export_shrinks_a_model_whose_weights_dominate() -> None:
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).eval()
+    parent = export_candidate(wide, torch.randn(4, 256), EXPORT, serving=SERVING, measure_latency=False)
+    report = transform_candidate(parent.format, parent.data, parent.signature, SERVING, "int8-dynamic",
+                                 measure_latency=False).report
+    assert report["passed"], report["failures"]
+    assert report["size_bytes"]["ratio"] < 0.5
 
 
 def test_report_compares_latency_against_parent(parents: dict[ArtifactFormat, Candidate]) -> None:
@@ -94,8 +125,9 @@ def test_transformations_that_do_not_apply_are_refused(
         transform_candidate(parent.format, parent.data, parent.signature, SERVING, transformation)
 
 
-def test_int8_without_linear_layers_is_refused() -> None:
+@pytest.mark.parametrize("fmt", [TS, EXPORT], ids=lambda f: f.value)
+def test_int8_without_linear_layers_is_refused(fmt: ArtifactFormat) -> None:
     conv = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 3), torch.nn.Flatten()).eval()
-    parent = export_candidate(conv, torch.randn(2, 2, 5), TS, serving=SERVING, measure_latency=False)
+    parent = export_candidate(conv, torch.randn(2, 2, 5), fmt, serving=SERVING, measure_latency=False)
     with pytest.raises(InvalidArgument, match="no Linear layer"):
         transform_candidate(parent.format, parent.data, parent.signature, SERVING, "int8-dynamic")
