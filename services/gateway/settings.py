@@ -17,38 +17,63 @@ class GatewaySettings(ServerSettings):
     port: int = 8001
     # The public door: one client connection gets at most this many open calls.
     max_concurrent_streams: int = 256
+    # Registry address (host:port): the model snapshot and change feed (aliases, routes, keys), and
+    # where admin writes records and audit entries.
     registry_url: str = "127.0.0.1:50051"
     # Inference replicas: "host:port" entries, or one "dns:///name:port" resolved to every address.
     inference_targets: tuple[str, ...] = ("127.0.0.1:50052",)
+    # How often a "dns:///" target is resolved again, in seconds; a failed lookup keeps the current pool.
     dns_refresh_s: float = 5.0
+    # Monitor address (host:port) that gets request telemetry, shadow diffs and drift samples;
+    # unset sends nothing.
     monitor_url: str | None = None
+    # Redis URL (redis://host:6379/0) holding the quota buckets shared by every replica;
+    # unset keeps them in this process, one set per replica.
     redis_url: str | None = None
 
+    # Check the API key of every call. Off (--no-auth-enabled), every caller may infer, read and
+    # administer: loopback use only.
     auth_enabled: bool = True
     # Server-side secret mixed into every key hash; the same on every replica and the CLI.
     key_pepper: str = ""
     # A full token (`aiaas_<id>_<secret>`) accepted as an admin key, never stored anywhere.
     bootstrap_admin_key: str | None = None
 
-    # Quota defaults (0 rate = unlimited) for keys and models without their own.
+    # Requests per second a key without its own quota may send; 0 means unlimited.
     default_key_rps: float = 0.0
+    # Burst (token bucket size, in requests) of that default key quota; 0 means max(1, default_key_rps).
     default_key_burst: int = 0
+    # Requests per second, across all keys and replicas, for a model whose route sets no quota;
+    # 0 means unlimited.
     default_model_rps: float = 0.0
+    # Burst (token bucket size, in requests) of that default model quota; 0 means max(1, default_model_rps).
     default_model_burst: int = 0
+    # While Redis is unreachable: "open" admits requests and logs an alarm, "closed" refuses them
+    # with UNAVAILABLE and a retry-after hint.
     redis_failure_mode: str = "open"
+    # Bound on one Redis call (connect or command), in milliseconds; past it the call counts as failed.
     redis_timeout_ms: float = 50.0
     # After Redis fails, skip it for this long instead of paying its timeout on every request.
     redis_retry_after_s: float = 1.0
 
     # Alias served when a model has no route (then its latest version).
     default_alias: str = "production"
+    # Deadline in seconds of a call whose caller sets none; also of each stream request and shadow copy.
     default_timeout_s: float = 30.0
+    # Replicas tried for one request: one that answers UNAVAILABLE (or has not loaded the target yet)
+    # hands the request to another, within the caller's deadline. 1 means no retry.
     max_attempts: int = 3
+    # UNAVAILABLE answers in a row after which a replica is ejected (skipped for a while).
     eject_after_failures: int = 3
+    # First ejection's length, in seconds; it doubles on each new ejection and a success resets it.
     eject_base_s: float = 1.0
+    # Longest ejection, in seconds.
     eject_max_s: float = 30.0
+    # Shadow copies in flight at once; beyond it sampled copies are dropped. 0 drops every copy.
     shadow_max_concurrency: int = 16
+    # A shadow's numeric outputs match the live ones within this, relative and absolute (BYTES exactly).
     shadow_tolerance: float = 1e-4
+    # Requests of one ModelStreamInfer stream in flight at once; further ones wait to be read.
     stream_window: int = 64
     # Share of successful ModelInfer requests whose inputs are sent to the monitor for drift (PSI);
     # the reporter also caps samples per model per second. 0 turns it off.
@@ -60,8 +85,11 @@ class GatewaySettings(ServerSettings):
     # A caller's request message must arrive within this long once its key was accepted (keys
     # are checked before any body is read); long enough for the largest request on a slow link.
     body_timeout_s: float = 10.0
+    # Inputs one request may carry; more is refused with INVALID_ARGUMENT.
     max_inputs: int = 64
+    # Dimensions one input's shape may have; more is refused with INVALID_ARGUMENT.
     max_rank: int = 8
+    # Elements one input may hold (the product of its shape); more is refused with INVALID_ARGUMENT.
     max_elements: int = 64 * 1024 * 1024
 
     def validate(self) -> None:

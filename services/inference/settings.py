@@ -27,6 +27,8 @@ class InferenceSettings(ServerSettings):
 
     port: int = 50052
     max_message_bytes: int = INFERENCE_MAX_MESSAGE_BYTES
+    # Registry address (host:port): versions, artifacts and the change feed; required while
+    # follow_aliases is set.
     registry_url: str = "localhost:50051"
     # Aliases whose versions are loaded and followed through the registry's change feed.
     follow_aliases: tuple[str, ...] = ("production",)
@@ -36,17 +38,23 @@ class InferenceSettings(ServerSettings):
     default_alias: str = "production"
     # Versions to load at start-up: "model", "model:alias" or "model/version".
     load_models: tuple[str, ...] = ()
+    # Artifact cache, one directory per artifact (<sha256>/artifact); empty means
+    # $XDG_CACHE_HOME/aiaas/models (~/.cache/aiaas/models).
     model_cache_dir: str = ""
-    # Used when a version's ServingConfig leaves it unset.
+    # Requests one version's batcher may hold queued before it refuses more (RESOURCE_EXHAUSTED);
+    # used when the version's ServingConfig leaves max_queue_size 0.
     max_queue_size: int = 1024
+    # Device ("cpu", "cuda" or "cuda:N") of a version whose ServingConfig leaves device empty.
     device: str = "cpu"
-    # Priority levels of every version's batcher (1 is highest); requests without a `priority`
-    # parameter get default_priority_level (0 means the lowest level).
+    # Priority levels of every version's batcher; level 1 is served first and a request picks its
+    # level with a `priority` parameter. 1 means a single level.
     priority_levels: int = 1
+    # Level of a request without a `priority` parameter; 0 means the lowest level (priority_levels).
     default_priority_level: int = 0
     # "process": one worker process per model instance; "thread": a thread pool in this process.
     worker_mode: str = "process"
-    # torch intra-op threads per worker; 0 lets the worker decide.
+    # Intra-op threads (torch, ONNX Runtime) per model instance; 0 means 1, except torch in thread
+    # mode, which keeps its own default.
     torch_threads: int = 0
     # Confinement of model worker processes (docs/isolation.md): "auto" applies what this host
     # allows and logs the rest, "require" refuses to start a worker that lacks an essential measure,
@@ -63,13 +71,17 @@ class InferenceSettings(ServerSettings):
     batch_timeout_s: float = 60.0
     # JSON or YAML file mapping a served model name to {url, model_name[, model_version]}.
     triton_backends: str | None = None
+    # Monitor address (host:port) that gets per-request telemetry and drift samples; unset sends
+    # nothing (the service's own per-model metrics are kept either way).
     monitor_url: str | None = None
     # How long start-up waits for the first registry snapshot and start-up models.
     startup_timeout_s: float = 120.0
     # Longest wait for an old version's in-flight requests when it is swapped out or unloaded.
     drain_timeout_s: float = 60.0
-    # Reconnect backoff for the registry feed.
+    # First wait before reconnecting to the registry feed or retrying a failed load, in seconds;
+    # it doubles on each failure.
     reconnect_min_s: float = 0.2
+    # Longest wait between those reconnects or retries, in seconds.
     reconnect_max_s: float = 10.0
 
     @property

@@ -27,6 +27,8 @@ class RegistrySettings(ServerSettings):
     database_url: str = ""
     # Content-addressed artifact directory; empty means $AIAAS_HOME/artifacts.
     artifact_dir: str = ""
+    # Largest artifact a version may have, in bytes (4 GiB); a larger declared artifact_size is refused
+    # (INVALID_ARGUMENT) before a byte is stored.
     max_artifact_bytes: int = 4 * 1024**3
     # How many change-feed events are kept for watchers that resume after a disconnect.
     feed_retention: int = 10_000
