@@ -267,36 +267,16 @@ def _check_pt2(source: str | os.PathLike[str] | bytes) -> _Pt2:
     what = "the torch.export archive"
     with _open_zip(source, what) as handle:
         prefix, names = _split_prefix(handle, what)
-        for name in names:
-            if name.startswith("aotinductor/"):
-                raise UnsafeArtifact(f"{what} carries AOTInductor compiled code ({name!r}); shared objects "
-                                     "are not loaded: save the program with torch.export.save only")
-            if name.startswith("data/constants/custom_obj_"):
-                raise UnsafeArtifact(f"{what} carries a torchbind custom object ({name!r}), which is unpickled "
-                                     "on load; it is refused")
-            if name.startswith("data/constants/opaque_obj_"):
-                raise UnsafeArtifact(f"{what} carries an opaque constant ({name!r}), which is a Python pickle; "
-                                     "it is refused")
-            if name.endswith(".pt") and name.startswith(("data/weights/", "data/constants/")):
-                raise UnsafeArtifact(f"{what} stores tensors in the legacy pickled format ({name!r}); "
-                                     "re-save it with a current torch.export.save")
-            if not (name in _PT2_FIXED or _PT2_WEIGHT_RE.fullmatch(name) or _PT2_CONSTANT_RE.fullmatch(name)
-                    or _PT2_EXTRA_RE.fullmatch(name)):
-                raise UnsafeArtifact(f"{what} has an unexpected entry {name!r}; only one program "
-                                     "('model'), its raw weights and constants, and extra/ files are accepted")
-        for name in names:
-            if name == "data/sample_inputs/model.pt":
-                # Never read by our loader, but other tools (torch.export.load) unpickle it: it may hold
-                # tensors only, which an opcode scan proves without unpickling.
-                check_tensor_pickle(_read_entry(handle, f"{prefix}/{name}", MAX_JSON_BYTES, what),
-                                    f"{what}: sample inputs ({name})")
-        for required in ("archive_format", "models/model.json"):
-            if required not in names:
-                raise UnsafeArtifact(f"{what} has no {required!r} entry; save it with torch.export.save")
+        _check_pt2_names(names, what)
 
         def entry(name: str, limit: int = MAX_JSON_BYTES) -> bytes:
             return _read_entry(handle, f"{prefix}/{name}", limit, what)
 
+        if "data/sample_inputs/model.pt" in names:
+            # Never read by our loader, but other tools (torch.export.load) unpickle it: it may hold
+            # tensors only, which an opcode scan proves without unpickling.
+            check_tensor_pickle(entry("data/sample_inputs/model.pt"),
+                                f"{what}: sample inputs (data/sample_inputs/model.pt)")
         if entry("archive_format", 64).strip() != b"pt2":
             raise UnsafeArtifact(f"{what}: archive_format is not 'pt2'")
         if "byteorder" in names and entry("byteorder", 64).strip() not in (b"little", b""):
@@ -305,10 +285,10 @@ def _check_pt2(source: str | os.PathLike[str] | bytes) -> _Pt2:
         constants = _payload_config(entry, names, "data/constants/model_constants_config.json", "tensor_", what)
         for config, folder in ((weights, "data/weights/"), (constants, "data/constants/")):
             for fqn, meta in config.items():
-                record = f"{prefix}/{folder}{meta['path_name']}"
                 if f"{folder}{meta['path_name']}" not in names:
                     raise UnsafeArtifact(f"{what}: {fqn!r} names the missing payload {meta['path_name']!r}")
-                _check_tensor_meta(meta.get("tensor_meta"), handle.getinfo(record).file_size, fqn, what)
+                size = handle.getinfo(f"{prefix}/{folder}{meta['path_name']}").file_size
+                _check_tensor_meta(meta.get("tensor_meta"), size, fqn, what)
         try:
             program = json.loads(entry("models/model.json"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -323,6 +303,32 @@ def _check_pt2(source: str | os.PathLike[str] | bytes) -> _Pt2:
     for key in (program.get("range_constraints") or {}):
         check_sym_expr(key, f"{what} range constraint")
     return _Pt2(prefix, program, weights, constants, GateReport("torch_export", frozenset(operators)))
+
+
+def _check_pt2_names(names: list[str], what: str) -> None:
+    """Every entry is one the loader knows to be data; the code-carrying kinds are named in the refusal."""
+    refused = (
+        ("aotinductor/", ("carries AOTInductor compiled code ({name!r}); shared objects are not loaded: save the "
+                         "program with torch.export.save only")),
+        ("data/constants/custom_obj_", ("carries a torchbind custom object ({name!r}), which is unpickled on load; "
+                                       "it is refused")),
+        ("data/constants/opaque_obj_", ("carries an opaque constant ({name!r}), which is a Python pickle; it is "
+                                       "refused")),
+    )
+    for name in names:
+        for start, reason in refused:
+            if name.startswith(start):
+                raise UnsafeArtifact(f"{what} {reason.format(name=name)}")
+        if name.endswith(".pt") and name.startswith(("data/weights/", "data/constants/")):
+            raise UnsafeArtifact(f"{what} stores tensors in the legacy pickled format ({name!r}); "
+                                 "re-save it with a current torch.export.save")
+        if not (name in _PT2_FIXED or _PT2_WEIGHT_RE.fullmatch(name) or _PT2_CONSTANT_RE.fullmatch(name)
+                or _PT2_EXTRA_RE.fullmatch(name)):
+            raise UnsafeArtifact(f"{what} has an unexpected entry {name!r}; only one program "
+                                 "('model'), its raw weights and constants, and extra/ files are accepted")
+    for required in ("archive_format", "models/model.json"):
+        if required not in names:
+            raise UnsafeArtifact(f"{what} has no {required!r} entry; save it with torch.export.save")
 
 
 def _payload_config(entry: Any, names: list[str], name: str, file_prefix: str, what: str) -> dict[str, Any]:

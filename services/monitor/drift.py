@@ -8,6 +8,7 @@ fractions; the usual reading: < 0.1 stable, 0.1 to 0.25 moderate shift, > 0.25 l
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -66,7 +67,7 @@ def validate_histogram(hist: FeatureHistogram) -> None:
         raise InvalidArgument("a baseline histogram needs a feature name")
     if len(hist.fractions) != len(hist.edges) + 1:
         raise InvalidArgument(f"feature {hist.feature!r}: fractions must number len(edges) + 1")
-    if any(b <= a for a, b in zip(hist.edges, hist.edges[1:])):
+    if any(b <= a for a, b in itertools.pairwise(hist.edges)):
         raise InvalidArgument(f"feature {hist.feature!r}: edges must be strictly ascending")
     if any(f < 0 for f in hist.fractions) or not math.isclose(sum(hist.fractions), 1.0, abs_tol=1e-3):
         raise InvalidArgument(f"feature {hist.feature!r}: fractions must be >= 0 and sum to 1")
@@ -77,7 +78,7 @@ def psi(expected: tuple[float, ...], actual_counts: list[int]) -> float:
     if total <= 0:
         return 0.0
     value = 0.0
-    for e, count in zip(expected, actual_counts):
+    for e, count in zip(expected, actual_counts, strict=False):  # extra counts (if any) are ignored
         e = max(e, _EPSILON)
         a = max(count / total, _EPSILON)
         value += (a - e) * math.log(a / e)

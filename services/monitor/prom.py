@@ -83,7 +83,7 @@ class _TotalsCollector:
             if name.startswith(prefix):
                 counts[bisect.bisect_left(bounds, upper(int(name[len(prefix):])) * (1 - 1e-9))] += n
         out, running = [], 0
-        for bound, n in zip(bounds, counts):
+        for bound, n in zip(bounds, counts, strict=False):  # the +Inf bucket is counts[-1], added below
             running += n
             out.append((repr(float(bound)), float(running)))
         out.append(("+Inf", float(running + counts[-1])))

@@ -307,7 +307,7 @@ class RedisWindowStore:
         for name in names:
             pipe.hgetall(f"{self.prefix}:meta:{name}")
         replies = await pipe.execute()
-        return {name: {k.decode(): int(v) for k, v in reply.items()} for name, reply in zip(names, replies)}
+        return {name: {k.decode(): int(v) for k, v in reply.items()} for name, reply in zip(names, replies, strict=True)}
 
     @_redis_unavailable
     async def delete_meta_field(self, name: str, field: str) -> None:
