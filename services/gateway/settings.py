@@ -79,8 +79,9 @@ class GatewaySettings(ServerSettings):
     # the reporter also caps samples per model per second. 0 turns it off.
     drift_sample_rate: float = 0.01
 
-    # Request limits checked before forwarding. `max_request_bytes` is also the gRPC receive
-    # limit: a larger message is refused from its length prefix, before it is buffered.
+    # Largest request accepted, in bytes; also the gRPC receive limit (RESOURCE_EXHAUSTED above it).
+    # grpcio buffers an oversized message once before refusing it, so the API key is checked
+    # before any body is read.
     max_request_bytes: int = 64 * 1024 * 1024
     # A caller's request message must arrive within this long once its key was accepted (keys
     # are checked before any body is read); long enough for the largest request on a slow link.
