@@ -233,6 +233,7 @@ X = np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32)
 
 def test_demo_answers_through_the_gateway_with_tritonclient(stack: Stack) -> None:
     output = stack.up.output()
+    assert "registered version 1 (torch_export), production -> 1" in output
     assert "AUTHENTICATION IS OFF" in output
     assert f'InferenceServerClient("{stack.gateway}")' in output
     assert "aiaas predict demo --input INPUT0=" in output

@@ -71,6 +71,12 @@ def test_gate_refuses_a_broken_trace_with_its_report() -> None:
     assert "parity gate refused" in refused.value.message
 
 
+def test_torch_export_refuses_data_dependent_control_flow_instead_of_freezing_it() -> None:
+    with pytest.raises(InvalidArgument, match="cannot export to torch_export"):
+        export_candidate(SignBranch().eval(), ONE_BRANCH, ArtifactFormat.TORCH_EXPORT, serving=SERVING,
+                         measure_latency=False)
+
+
 def test_forced_candidate_is_marked() -> None:
     candidate = export_candidate(SignBranch().eval(), ONE_BRANCH, ArtifactFormat.TORCHSCRIPT,
                                  serving=SERVING, sample=OTHER_BRANCH, force=True, measure_latency=False)
