@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -67,8 +68,8 @@ def test_service_flags_match_each_services_settings(tmp_path: Path) -> None:
     from services.monitor.settings import MonitorSettings
     from services.registry.settings import RegistrySettings
 
-    classes = {"registry": RegistrySettings, "inference": InferenceSettings, "monitor": MonitorSettings,
-               "gateway": GatewaySettings}
+    classes: dict[str, type[Any]] = {"registry": RegistrySettings, "inference": InferenceSettings,
+                                     "monitor": MonitorSettings, "gateway": GatewaySettings}
     ports = stack_ports(20000)
     plan = service_plan(tmp_path, "127.0.0.1", ports)
     assert [s.name for s in plan] == ["registry", "inference", "monitor", "gateway"]
