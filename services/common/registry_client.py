@@ -68,8 +68,9 @@ class RegistryClient:
         for attempt in range(attempts):
             try:
                 return await method(request, timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == attempts:
+            except grpc.RpcError as exc:
+                unavailable = isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+                if not unavailable or attempt + 1 == attempts:
                     raise self._error(exc, context) from None
             await asyncio.sleep(self.backoff_s * 2**attempt)
         raise AssertionError("unreachable")  # the loop returns or raises
@@ -106,7 +107,7 @@ class RegistryClient:
             async for message in self.stub.DownloadArtifact(request):
                 if message.WhichOneof("payload") == "chunk":
                     yield message.chunk
-        except grpc.aio.AioRpcError as exc:
+        except grpc.RpcError as exc:
             raise self._error(exc, context) from None
 
     # Records and the audit log ------------------------------------------------------------
