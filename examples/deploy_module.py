@@ -3,7 +3,7 @@
     aiaas up                          # in another terminal
     python examples/deploy_module.py
 
-Deploys a small classifier as model `iris-like` (TorchScript, alias production) and prints the
+Deploys a small classifier as model `iris-like` (torch.export, alias production) and prints the
 parity report stored with the version.
 """
 
