@@ -111,9 +111,9 @@ def _run(step: Any, args: argparse.Namespace) -> int:
     """Run a step, mapping the errors people hit to one line each (and refusals to their report)."""
     import grpc
 
+    from aiaas.errors import AiaasError
     from aiaas.pipeline.parity import ParityRefused
     from aiaas.pipeline.report_text import format_report
-    from services.common.errors import AiaasError
 
     try:
         return int(step(args))

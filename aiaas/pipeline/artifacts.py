@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from aiaas import artifact_gate
+from aiaas.errors import InvalidArgument
 from aiaas.formats import ArtifactFormat
-from services.common.errors import InvalidArgument
 
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aiaas.errors import InvalidArgument
 from aiaas.pipeline.artifacts import ArtifactFormat
 from aiaas.pipeline.parity import Tolerances, default_tolerances
 from aiaas.pipeline.publish import Publisher, from_struct
@@ -21,7 +22,6 @@ from aiaas.pipeline.report_text import format_report
 from aiaas.pipeline.routes import RouteEditor
 from aiaas.pipeline.signature import ServingConfig, Signature, torch_dtype
 from aiaas.pipeline.steps import Candidate, export_candidate, transform_candidate
-from services.common.errors import InvalidArgument
 
 EXAMPLE_BATCH = 4
 

@@ -18,8 +18,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from aiaas.errors import InvalidArgument
 from aiaas.pipeline.artifacts import ArtifactFormat, first_line
-from services.common.errors import InvalidArgument
 
 # torch.export refuses a dynamic dimension whose example is 0 or 1 ("specialization").
 _MIN_EXPORT_BATCH = 2

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from aiaas.errors import InvalidArgument
 from aiaas.pipeline.artifacts import (
     ArtifactFormat,
     check_onnx,
@@ -34,7 +35,6 @@ from aiaas.pipeline.artifacts import (
 from aiaas.pipeline.export import batch_dynamic_shapes, exportable_batch, program_bytes, quiet_export
 from aiaas.pipeline.quantize_export import quantize_int8_dynamic
 from aiaas.pipeline.signature import FLOAT_DATATYPES, Signature, generate_inputs, torch_dtype
-from services.common.errors import InvalidArgument
 
 TRANSFORMATIONS = ("int8-dynamic", "fp16", "bf16", "ort-optimize", "to-onnx")
 ORT_LEVELS = ("basic", "extended", "all")

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from aiaas.errors import FailedPrecondition
 from aiaas.pipeline.artifacts import Runner, first_line
-from services.common.errors import FailedPrecondition
 
 _EPS = 1e-12
 # Latency is compared on one thread: a shared or busy machine stalls multi-threaded kernels at

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from aiaas.errors import InvalidArgument
 from aiaas.pipeline.export import batch_dynamic_shapes, exportable_batch, program_bytes, quiet_export
-from services.common.errors import InvalidArgument
 
 TORCHAO_REQUIREMENT = "torchao>=0.18,<0.19"
 # Node metadata that only says where a node came from; torch.export.save writes it all.

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aiaas.errors import InvalidArgument
 from aiaas.pipeline.artifacts import ArtifactFormat, load_runner, module_runner
 from aiaas.pipeline.export import export_module
 from aiaas.pipeline.optimize import transform
@@ -26,7 +27,6 @@ from aiaas.pipeline.signature import (
     derive_signature,
     generate_inputs,
 )
-from services.common.errors import InvalidArgument
 
 PARITY_SAMPLES = 64
 
