@@ -9,7 +9,7 @@ from aiaas.k8s.checks import workloads
 from aiaas.k8s.manifest import pod_spec
 from aiaas.k8s.render import METRICS_PORT, SERVICE_PORTS, render
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
