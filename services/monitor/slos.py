@@ -1,0 +1,95 @@
+"""Service-level objectives: keep each model's SLO and alert while its window breaches it.
+
+`SLOWatch` owns the SLO snapshot (written through the control plane, refreshed from it) and
+the `slo:<model>:latency` / `slo:<model>:error_rate` alerts.
+"""
+
+from __future__ import annotations
+
+from services.common.errors import InvalidArgument
+from services.monitor.alerts import AlertHub
+from services.monitor.control import ControlPlane
+from services.monitor.entities import SLO, Alert, AlertKind, AlertState, MetricsFilter
+from services.monitor.metrics import RequestWindows
+from services.monitor.settings import MonitorSettings
+
+_SOURCES = ("", "gateway", "inference")
+
+
+def check_slo(slo: SLO, retention_s: float) -> None:
+    """Raise InvalidArgument unless the SLO can be evaluated."""
+    if not slo.model:
+        raise InvalidArgument("an SLO needs a model")
+    if slo.p99_latency_ms is None and slo.max_error_rate is None:
+        raise InvalidArgument("an SLO needs p99_latency_ms, max_error_rate or both")
+    if slo.p99_latency_ms is not None and slo.p99_latency_ms <= 0:
+        raise InvalidArgument("p99_latency_ms must be > 0")
+    if slo.max_error_rate is not None and not 0 <= slo.max_error_rate <= 1:
+        raise InvalidArgument("max_error_rate must be between 0 and 1")
+    if slo.window_s < 0 or slo.window_s > retention_s:
+        raise InvalidArgument(f"window_seconds must be 0..{retention_s:g}")
+    if slo.min_requests < 0:
+        raise InvalidArgument("min_requests must be >= 0")
+    if slo.source not in _SOURCES:
+        raise InvalidArgument("source must be empty, 'gateway' or 'inference'")
+
+
+class SLOWatch:
+    def __init__(self, settings: MonitorSettings, control: ControlPlane, alerts: AlertHub,
+                 windows: RequestWindows) -> None:
+        self.settings = settings
+        self.control = control
+        self.alerts = alerts
+        self.windows = windows
+        self.slos: dict[str, SLO] = {}
+
+    def replace(self, slos: list[SLO]) -> None:
+        """Take the control plane's SLOs as the current set."""
+        self.slos = {slo.model: slo for slo in slos}
+
+    async def set(self, slo: SLO, actor: str) -> SLO:
+        check_slo(slo, self.settings.retention_s)
+        stored = await self.control.put_slo(slo, actor)
+        self.slos[stored.model] = stored
+        return stored
+
+    def matching(self, model: str = "") -> list[SLO]:
+        return [self.slos[m] for m in sorted(self.slos) if not model or m == model]
+
+    async def delete(self, model: str, actor: str) -> None:
+        await self.control.delete_slo(model, actor)
+        self.slos.pop(model, None)
+        for kind in ("latency", "error_rate"):
+            self.alerts.resolve(f"slo:{model}:{kind}", summary=f"SLO of {model} deleted")
+
+    async def evaluate(self, slo: SLO) -> None:
+        window = slo.window_s or self.settings.slo_window_s
+        source = slo.source
+        if not source:
+            names = await self.windows.series_names(window)
+            has_gateway = any(n.startswith(f"gateway|{slo.model}|") for n in names)
+            source = "gateway" if has_gateway else "inference"
+        (m,) = await self.windows.query(MetricsFilter(model=slo.model, source=source, window_s=window, merge=True))
+        if m.count < (slo.min_requests or self.settings.slo_min_requests):
+            return
+        details = (("source", source), ("window_seconds", f"{window:g}"))
+        if slo.p99_latency_ms is not None:
+            breached = m.latency.p99_ms > slo.p99_latency_ms
+            self.alerts.set_condition(Alert(
+                id=f"slo:{slo.model}:latency", kind=AlertKind.SLO_LATENCY,
+                state=AlertState.FIRING if breached else AlertState.RESOLVED, model=slo.model,
+                summary=(f"{slo.model}: p99 latency {m.latency.p99_ms:.1f} ms "
+                         f"{'above' if breached else 'within'} the SLO of {slo.p99_latency_ms:g} ms "
+                         f"over {window:g}s ({m.count} requests)"),
+                value=m.latency.p99_ms, threshold=slo.p99_latency_ms, details=details,
+            ), breached)
+        if slo.max_error_rate is not None:
+            breached = m.error_rate > slo.max_error_rate
+            self.alerts.set_condition(Alert(
+                id=f"slo:{slo.model}:error_rate", kind=AlertKind.SLO_ERROR_RATE,
+                state=AlertState.FIRING if breached else AlertState.RESOLVED, model=slo.model,
+                summary=(f"{slo.model}: error rate {m.error_rate:.2%} "
+                         f"{'above' if breached else 'within'} the SLO of {slo.max_error_rate:.2%} "
+                         f"over {window:g}s ({m.count} requests)"),
+                value=m.error_rate, threshold=slo.max_error_rate, details=details,
+            ), breached)
