@@ -78,7 +78,7 @@ def gateway_auth(home: Path) -> GatewayAuth:
     import json
     import secrets
 
-    from services.gateway.keys import format_token, new_key_id, new_secret
+    from aiaas.api_keys import format_token, new_key_id, new_secret
 
     path = home / "gateway-auth.json"
     if path.exists():

@@ -114,18 +114,15 @@ def _create_in_registry(args: argparse.Namespace, models: list[str], roles: list
                         expires: float | None) -> tuple[Any, str]:
     import grpc
 
-    from aiaas.records import API_KEY
+    from aiaas.api_keys import ROLE_NAMES, QuotaSpec, key_to_pb, make_key, stored_key_record
     from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
-    from services.gateway.convert import ROLE_NAMES, key_to_pb, stored_key_to_bytes
-    from services.gateway.domain import QuotaSpec
-    from services.gateway.keys import make_key
 
     pepper = os.environ.get("AIAAS_GATEWAY_KEY_PEPPER") or os.environ.get("AIAAS_KEY_PEPPER")
     if not pepper:
         raise SystemExit("--registry needs the gateways' pepper in AIAAS_GATEWAY_KEY_PEPPER")
     unknown = [r for r in roles if r not in ROLE_NAMES]
     if unknown:
-        raise SystemExit(f"unknown role(s) {unknown}: use infer, read, admin")
+        raise SystemExit(f"unknown role(s) {unknown}: use {', '.join(ROLE_NAMES)}")
     entry, token = make_key(
         pepper.encode(), name=args.name, models=tuple(models) or ("*",),
         roles=frozenset(ROLE_NAMES[r] for r in roles), created_by="cli",
@@ -134,9 +131,8 @@ def _create_in_registry(args: argparse.Namespace, models: list[str], roles: list
     )
     with grpc.insecure_channel(args.registry) as channel:
         stub = registry_pb2_grpc.ModelRegistryStub(channel)
-        stub.PutRecord(registry_pb2.PutRecordRequest(
-            record=registry_pb2.Record(kind=API_KEY.kind, name=entry.key_id, data=stored_key_to_bytes(entry)),
-            expected_revision=0, actor="cli"), timeout=args.timeout)
+        stub.PutRecord(registry_pb2.PutRecordRequest(record=stored_key_record(entry), expected_revision=0,
+                                                     actor="cli"), timeout=args.timeout)
     return key_to_pb(entry), token
 
 

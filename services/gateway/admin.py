@@ -10,11 +10,11 @@ import dataclasses
 import time
 from typing import Any, Protocol
 
+from aiaas.api_keys import make_key, stored_key_from_bytes, stored_key_to_bytes
 from aiaas.records import API_KEY, ROUTE
 from services.common.errors import InvalidArgument, NotFound
-from services.gateway.convert import stored_key_from_bytes, stored_key_to_bytes
-from services.gateway.domain import ApiKeyEntry, Caller, QuotaSpec, Role, Route
-from services.gateway.keys import KeyRing, make_key
+from services.gateway.entities import ApiKeyEntry, Caller, QuotaSpec, Role, Route
+from services.gateway.keys import KeyRing
 from services.gateway.records import StoredRecord
 from services.gateway.router import Catalog
 

@@ -21,8 +21,8 @@ from tritonclient.grpc import service_pb2 as pb
 from services.common.datatypes import BytesBudget, check_raw_size
 from services.common.errors import AiaasError, Unavailable
 from services.common.reporting import RequestRecord, TelemetryReporter
-from services.gateway.domain import Caller, Role
 from services.gateway.drift_sampler import DriftSampler
+from services.gateway.entities import Caller, Role
 from services.gateway.keys import KeyRing, authorize
 from services.gateway.limits import RequestLimits, check_request
 from services.gateway.quotas import QuotaEnforcer

@@ -12,12 +12,13 @@ import logging
 
 import grpc
 
+from aiaas.api_keys import stored_key_from_bytes
 from aiaas.gateway.v1 import gateway_pb2
 from aiaas.records import API_KEY, ROUTE
 from aiaas.registry.v1 import registry_pb2 as rpb
 from aiaas.registry.v1 import registry_pb2_grpc as rpb_grpc
-from services.gateway.convert import route_from_pb, stored_key_from_bytes
-from services.gateway.domain import ApiKeyEntry
+from services.gateway.convert import route_from_pb
+from services.gateway.entities import ApiKeyEntry
 from services.gateway.keys import KeyRing
 from services.gateway.router import Catalog
 

@@ -1,51 +1,20 @@
-"""API keys: token format, salted hashing, and the in-memory key ring that authenticates callers.
+"""The gateway's side of API keys: the key ring that authenticates callers, and role checks.
 
-A token is `aiaas_<key_id>_<secret>`. The key id is public and finds the entry; the secret is
-checked in constant time against HMAC-SHA256(pepper, salt || secret). Secrets are 256-bit
-random values, so a fast keyed hash is enough (no password stretching needed) and keeps
-authentication in the microseconds on every request.
+The token format, hashing and key entries are the client vocabulary's (`aiaas/api_keys.py`); a
+repeat caller skips the hash through a cache of headers already verified.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import re
-import secrets
 import time
 
-from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from services.gateway.domain import ANONYMOUS, ApiKeyEntry, Caller, Role
+from aiaas.api_keys import ApiKeyEntry, Role, hash_secret, make_key, parse_token
+from services.common.errors import PermissionDenied, Unauthenticated
+from services.gateway.entities import ANONYMOUS, Caller
 
-TOKEN_PREFIX = "aiaas"
-HASH_SCHEME = "hmac-sha256-v1"
-_KEY_ID_RE = re.compile(r"^[a-z0-9]{4,40}$")
 # Compared against when the key id is unknown, so both paths cost the same.
 _DUMMY_HASH = bytes(32)
-
-
-def new_key_id() -> str:
-    return secrets.token_hex(8)
-
-
-def new_secret() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def format_token(key_id: str, secret: str) -> str:
-    return f"{TOKEN_PREFIX}_{key_id}_{secret}"
-
-
-def parse_token(token: str) -> tuple[str, str]:
-    """Split a token into (key_id, secret); raises Unauthenticated when malformed."""
-    parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not _KEY_ID_RE.match(parts[1]) or not parts[2]:
-        raise Unauthenticated("malformed API key: expected `aiaas_<id>_<secret>`")
-    return parts[1], parts[2]
-
-
-def hash_secret(pepper: bytes, salt: bytes, secret: str) -> bytes:
-    return hmac.new(pepper, salt + secret.encode(), hashlib.sha256).digest()
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -55,31 +24,6 @@ def bearer_token(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("malformed authorization header: expected `Bearer <key>`")
     return token.strip()
-
-
-def make_key(
-    pepper: bytes, *, name: str = "", models: tuple[str, ...] = ("*",),
-    roles: frozenset[Role] = frozenset({Role.INFER, Role.READ}), created_by: str = "",
-    expire_time: float | None = None, key_id: str | None = None, secret: str | None = None,
-    **extra: object,
-) -> tuple[ApiKeyEntry, str]:
-    """Make a new key entry and its token (the only time the secret exists in the clear)."""
-    key_id = key_id or new_key_id()
-    if not _KEY_ID_RE.match(key_id):
-        raise InvalidArgument(f"key id {key_id!r} must be 4 to 40 lowercase letters or digits")
-    secret = secret or new_secret()
-    salt = secrets.token_bytes(16)
-    for pattern in models:
-        if not pattern or len(pattern) > 200:
-            raise InvalidArgument("model patterns must be 1 to 200 characters")
-    if not roles:
-        raise InvalidArgument("a key needs at least one role")
-    entry = ApiKeyEntry(
-        key_id=key_id, name=name, models=tuple(models) or ("*",), roles=frozenset(roles),
-        create_time=time.time(), expire_time=expire_time, created_by=created_by,
-        salt=salt, secret_hash=hash_secret(pepper, salt, secret), **extra,  # type: ignore[arg-type]
-    )
-    return entry, format_token(key_id, secret)
 
 
 class KeyRing:

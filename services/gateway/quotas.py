@@ -18,7 +18,7 @@ from typing import Any
 from opentelemetry import metrics
 
 from services.common.errors import ResourceExhausted, Unavailable
-from services.gateway.domain import Caller, QuotaSpec
+from services.gateway.entities import Caller, QuotaSpec
 
 log = logging.getLogger("aiaas.gateway.quotas")
 

@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable
 
 from services.common.errors import InvalidArgument, NotFound
-from services.gateway.domain import QuotaSpec, Route, RouteSplit
+from services.gateway.entities import QuotaSpec, Route, RouteSplit
 
 # A version alias may be written into the model name as `model:alias`.
 ALIAS_SEPARATOR = ":"

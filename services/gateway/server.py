@@ -20,7 +20,7 @@ from services.gateway import convert
 from services.gateway.admin import GatewayAdmin
 from services.gateway.balancer import Balancer
 from services.gateway.dataplane import DataPlane
-from services.gateway.domain import QuotaSpec, Route
+from services.gateway.entities import QuotaSpec, Route
 from services.gateway.feed import RegistryFeed
 from services.gateway.keys import KeyRing
 from services.gateway.limits import RequestLimits, Signature

@@ -29,7 +29,7 @@ from services.common.errors import AiaasError, DeadlineExceeded, InvalidArgument
 from services.gateway import convert
 from services.gateway.admin import GatewayAdmin
 from services.gateway.dataplane import CallInfo, DataPlane
-from services.gateway.domain import Caller, Role
+from services.gateway.entities import Caller, Role
 from services.gateway.keys import KeyRing, authorize
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"

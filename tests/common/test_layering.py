@@ -13,14 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("registry", "inference", "gateway", "monitor")
 
-# Imports still to be removed, each with the reason it exists today. Shrink this, never grow it.
-_KEYS = "API key token format and stored-key codec move to the client vocabulary (issue 11, item 1)"
-KNOWN: dict[tuple[str, str], str] = {
-    ("aiaas/cli/gateway_cmds.py", "services.gateway.domain"): _KEYS,
-    ("aiaas/cli/gateway_cmds.py", "services.gateway.convert"): _KEYS,
-    ("aiaas/cli/gateway_cmds.py", "services.gateway.keys"): _KEYS,
-    ("aiaas/up.py", "services.gateway.keys"): _KEYS,
-}
+# Imports across the layers still to be removed, each with the reason it exists (none left). Never grow it.
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _imports(path: Path) -> set[str]:

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from aiaas.api_keys import make_key
 from services.common.datatypes import MAX_BYTES_ELEMENTS
 from services.common.server import ServiceApp
 from services.gateway.balancer import Balancer
 from services.gateway.dataplane import DataPlane
-from services.gateway.domain import Role
-from services.gateway.keys import KeyRing, make_key
+from services.gateway.entities import Role
+from services.gateway.keys import KeyRing
 from services.gateway.quotas import QuotaEnforcer
 from services.gateway.router import Catalog
 from services.gateway.servicer import INFERENCE_SERVICE, InferenceProxy, add_inference_proxy

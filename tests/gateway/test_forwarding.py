@@ -15,13 +15,14 @@ import tritonclient.grpc.aio as tca
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
+from aiaas.api_keys import make_key
 from aiaas.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.common.reporting import TelemetryReporter
 from services.common.server import ServiceApp
 from services.gateway.balancer import Balancer
 from services.gateway.dataplane import DataPlane
-from services.gateway.domain import QuotaSpec, Role, Route, RouteSplit, ShadowTarget
-from services.gateway.keys import KeyRing, make_key
+from services.gateway.entities import QuotaSpec, Role, Route, RouteSplit, ShadowTarget
+from services.gateway.keys import KeyRing
 from services.gateway.quotas import QuotaEnforcer
 from services.gateway.router import Catalog
 from services.gateway.servicer import INFERENCE_SERVICE, InferenceProxy, add_inference_proxy

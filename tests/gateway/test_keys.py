@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from aiaas.api_keys import Role, hash_secret, make_key, parse_token
 from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from services.gateway.domain import Role
-from services.gateway.keys import KeyRing, authorize, bearer_token, hash_secret, make_key, parse_token
+from services.gateway.keys import KeyRing, authorize, bearer_token
 
 PEPPER = b"test-pepper"
 

@@ -25,8 +25,7 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
 
-from services.gateway.domain import Role
-from services.gateway.keys import make_key
+from aiaas.api_keys import Role, make_key
 from services.gateway.server import ADMIN_SERVICE, Gateway, build_gateway
 from services.gateway.servicer import INFERENCE_SERVICE
 from services.gateway.settings import GatewaySettings

@@ -12,7 +12,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from services.common.errors import ResourceExhausted, Unavailable
-from services.gateway.domain import Caller, QuotaSpec, Role
+from services.gateway.entities import Caller, QuotaSpec, Role
 from services.gateway.quotas import LocalBuckets, QuotaEnforcer, buckets_for
 from tests.support.servers import RedisServer, free_port
 

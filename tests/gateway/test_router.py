@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from services.common.errors import InvalidArgument, NotFound
-from services.gateway.domain import Route, RouteSplit, ShadowTarget
+from services.gateway.entities import Route, RouteSplit, ShadowTarget
 from services.gateway.router import Catalog
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from aiaas.api_keys import make_key, stored_key_from_bytes, stored_key_to_bytes
 from aiaas.gateway.v1 import gateway_pb2 as gw
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.gateway import convert
-from services.gateway.domain import QuotaSpec, Role, Route, RouteSplit, ShadowTarget
-from services.gateway.keys import make_key
+from services.gateway.entities import QuotaSpec, Role, Route, RouteSplit, ShadowTarget
 from services.gateway.limits import RequestLimits, Signature, TensorSpec, check_request
 from services.gateway.shadow import compare_responses
 from services.gateway.stats import merge_index, merge_statistics
@@ -138,7 +138,7 @@ def test_index_merge() -> None:
 def test_key_and_route_records_round_trip() -> None:
     entry, _ = make_key(b"p", name="n", models=("a*",), roles=frozenset({Role.INFER}), quota=QuotaSpec(5, 10),
                         expire_time=2e9)
-    back = convert.stored_key_from_bytes(convert.stored_key_to_bytes(entry))
+    back = stored_key_from_bytes(stored_key_to_bytes(entry))
     assert back == entry
     route = Route("m", splits=(RouteSplit(alias="production", weight=90), RouteSplit(version=3, weight=10)),
                   sticky=True, shadows=(ShadowTarget(alias="shadow", sample_rate=0.5),), quota=QuotaSpec(100, 20))
