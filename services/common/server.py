@@ -3,16 +3,21 @@
 `ServiceApp` owns the server: options (message sizes, per-connection caps, keepalive), the
 interceptor, health and reflection, TLS / mTLS, and graceful shutdown (health NOT_SERVING, stop
 accepting, drain within the grace period, run shutdown hooks, exit 0).
+
+`Service` is what every `services/<name>/server.py` returns from `create_service(settings)`: the
+app, the core, and one lifecycle (`start`, `stop`, `run`) that `python -m services.<name>` and the
+tests drive the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +31,7 @@ from services.common.telemetry import configure_telemetry
 log = logging.getLogger("aiaas.server")
 
 ShutdownHook = Callable[[], Awaitable[None]]
+CoreT = TypeVar("CoreT")
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -169,6 +175,61 @@ class ServiceApp:
             except Exception:
                 log.exception("shutdown hook failed")
         log.info("%s stopped", self.name)
+
+
+class Service(Generic[CoreT]):
+    """A wired service: its `app` (the grpc server), its `core` (the domain object its servicer calls)
+    and its lifecycle. Subclasses say what runs before the port opens (`prepare`) and what to
+    release once calls have drained (`close`)."""
+
+    def __init__(self, app: ServiceApp, core: CoreT) -> None:
+        self.app = app
+        self.core = core
+        app.on_shutdown(self.close)
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (settings.port 0 picks a free one)."""
+        return self.app.port
+
+    async def prepare(self) -> None:
+        """Work that must finish before the port opens (loads, the registry's first snapshot)."""
+
+    async def start(self) -> int:
+        """Prepare, then listen and report SERVING; returns the bound port."""
+        await self.prepare()
+        return await self.app.start()
+
+    async def stop(self) -> None:
+        """Graceful: health NOT_SERVING, stop accepting, drain within the grace period, then `close`."""
+        await self.app.shutdown()
+
+    async def close(self) -> None:
+        """Release background tasks, channels and stores (after the drain, or when start-up is cut short)."""
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop. A signal during start-up (a long load, a registry
+        not up yet) ends it there: nothing was served, so it only closes."""
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        starting = loop.create_task(self.start(), name=f"{self.app.name}-start")
+        signalled = loop.create_task(stopping.wait(), name=f"{self.app.name}-signal")
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            log.info("%s stopped during start-up", self.app.name)
+            await self.close()
+            return
+        if starting.exception() is not None:
+            signalled.cancel()
+            await self.close()
+            starting.result()
+        await signalled
+        await self.stop()
 
 
 class _InterceptedRegistrar:

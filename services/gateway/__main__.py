@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from services.common.settings import load_settings
-from services.gateway.server import build_gateway
+from services.common.main import serve_main
 from services.gateway.settings import GatewaySettings
 
 
-async def _main(argv: list[str]) -> None:
-    settings = load_settings(GatewaySettings, argv, service="gateway")
-    await build_gateway(settings).run()
-
-
-def main() -> None:
-    asyncio.run(_main(sys.argv[1:]))
+def main(argv: list[str] | None = None) -> int:
+    return serve_main("gateway", GatewaySettings, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

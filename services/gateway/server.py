@@ -1,21 +1,17 @@
-"""Composition root: build the gateway from its settings (caches, feed, quotas, replica pool,
-servicers) on a `ServiceApp`, and run it."""
+"""Composition root of the gateway: `create_service(settings)` wires caches, feed, quotas, replica pool
+and servicers on a `ServiceApp`."""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
-import signal
 
 import grpc
 
 from aiaas.gateway.v1 import gateway_pb2 as gw
 from aiaas.gateway.v1 import gateway_pb2_grpc as gw_grpc
-from aiaas.registry.v1 import registry_pb2 as rpb
-from aiaas.registry.v1 import registry_pb2_grpc as rpb_grpc
+from services.common.registry_client import RegistryClient
 from services.common.reporting import TelemetryReporter
-from services.common.server import ServiceApp
+from services.common.server import Service, ServiceApp
 from services.gateway import convert
 from services.gateway.admin import GatewayAdmin
 from services.gateway.balancer import Balancer
@@ -64,25 +60,32 @@ def make_redis(settings: GatewaySettings) -> object | None:
     )
 
 
-@dataclasses.dataclass
-class Gateway:
-    settings: GatewaySettings
-    app: ServiceApp
-    catalog: Catalog
-    ring: KeyRing
-    feed: RegistryFeed
-    upstream: InferenceUpstream
-    quotas: QuotaEnforcer
-    plane: DataPlane
-    reporter: TelemetryReporter
-    registry_channel: grpc.aio.Channel
-    redis: object | None
+class GatewayService(Service[DataPlane]):
+    """The gateway's server and data plane, with what feeds them: the registry feed (keys, routes,
+    versions), the replica pool, quotas and the telemetry reporter."""
+
+    def __init__(self, settings: GatewaySettings, app: ServiceApp, plane: DataPlane, *, catalog: Catalog,
+                 ring: KeyRing, feed: RegistryFeed, upstream: InferenceUpstream, quotas: QuotaEnforcer,
+                 reporter: TelemetryReporter, registry_channel: grpc.aio.Channel, redis: object | None) -> None:
+        super().__init__(app, plane)
+        self.settings = settings
+        self.plane = plane
+        self.catalog = catalog
+        self.ring = ring
+        self.feed = feed
+        self.upstream = upstream
+        self.quotas = quotas
+        self.reporter = reporter
+        self.registry_channel = registry_channel
+        self.redis = redis
+        # How long `prepare` waits for the registry's first snapshot; None: until it comes (or a signal).
+        self.wait_for_registry_s: float | None = None
 
     def ready(self) -> bool:
         return self.feed.synced.is_set() and bool(self.upstream.balancer.healthy())
 
-    async def start(self, wait_for_registry_s: float | None = None) -> int:
-        """Start background work, wait for the registry's snapshot, then listen."""
+    async def prepare(self) -> None:
+        """Start background work and wait for the registry's snapshot (keys, routes) before listening."""
         await self.upstream.start()
         await self.reporter.start()
         self.feed.start()
@@ -97,9 +100,8 @@ class Gateway:
             except TimeoutError:
                 waited += 5.0
                 log.warning("still waiting for the registry at %s (%.0fs)", self.settings.registry_url, waited)
-                if wait_for_registry_s is not None and waited >= wait_for_registry_s:
+                if self.wait_for_registry_s is not None and waited >= self.wait_for_registry_s:
                     raise
-        return await self.app.start()
 
     async def close(self) -> None:
         await self.feed.close()
@@ -110,25 +112,8 @@ class Gateway:
         if self.redis is not None:
             await self.redis.aclose()  # type: ignore[attr-defined]
 
-    async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (which also ends the wait for the registry), then drain."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        starting = asyncio.create_task(self.start())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            await self.close()
-            return
-        starting.result()
-        await stopping
-        await self.app.shutdown()
 
-
-def build_gateway(settings: GatewaySettings, *, configure_process: bool = True) -> Gateway:
+def create_service(settings: GatewaySettings, *, configure_process: bool = True) -> GatewayService:
     """Wire the gateway; call inside the running event loop."""
     # No request is larger than max_request_bytes: grpc refuses one before reading it.
     app = ServiceApp("gateway", settings, configure_process=configure_process,
@@ -150,21 +135,20 @@ def build_gateway(settings: GatewaySettings, *, configure_process: bool = True) 
     upstream = InferenceUpstream(settings.inference_targets, balancer, max_message_bytes=settings.max_message_bytes,
                                  max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s)
     reporter = TelemetryReporter(settings.monitor_url, source="gateway")
-    registry = rpb_grpc.ModelRegistryStub(registry_channel)
+    registry = RegistryClient(registry_channel, timeout_s=5.0)
 
     async def fetch_signature(model: str, version: int) -> Signature | None:
-        reply = await registry.GetVersion(rpb.GetVersionRequest(model=model, version=version), timeout=5.0)
-        return convert.signature_from_pb(reply.version)
+        return convert.signature_from_pb(await registry.get_version(model, version))
 
     limits = RequestLimits(max_request_bytes=settings.max_request_bytes, max_inputs=settings.max_inputs,
                            max_rank=settings.max_rank, max_elements=settings.max_elements)
-    gateway: Gateway
+    service: GatewayService
     plane = DataPlane(
         catalog=catalog, ring=ring, quotas=quotas, upstream=upstream, limits=limits,
         signatures=SignatureCache(fetch_signature), reporter=reporter, default_timeout_s=settings.default_timeout_s,
         shadow_max_concurrency=settings.shadow_max_concurrency, shadow_tolerance=settings.shadow_tolerance,
         stream_window=settings.stream_window, drift_sample_rate=settings.drift_sample_rate,
-        ready=lambda: gateway.ready(),
+        ready=lambda: service.ready(),
     )
     admin = GatewayAdmin(RegistryRecords(registry_channel), ring, catalog, encode_route, decode_route)
     # Keys are checked before any request body is read (see servicer.BodyGate).
@@ -173,7 +157,6 @@ def build_gateway(settings: GatewaySettings, *, configure_process: bool = True) 
     gate = BodyGate(ring, settings.body_timeout_s)
     app.add_service(ADMIN_SERVICE, gate.adding(gw_grpc.add_GatewayAdminServicer_to_server),
                     GatewayAdminServicer(admin, ring))
-    gateway = Gateway(settings=settings, app=app, catalog=catalog, ring=ring, feed=feed, upstream=upstream,
-                      quotas=quotas, plane=plane, reporter=reporter, registry_channel=registry_channel, redis=redis)
-    app.on_shutdown(gateway.close)
-    return gateway
+    service = GatewayService(settings, app, plane, catalog=catalog, ring=ring, feed=feed, upstream=upstream,
+                             quotas=quotas, reporter=reporter, registry_channel=registry_channel, redis=redis)
+    return service

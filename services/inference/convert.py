@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from aiaas.tensors import TensorSpec
 from services.common.datatypes import KSERVE_TO_NUMPY, deserialize_bytes_tensor, serialize_bytes_tensor
 from services.common.errors import InvalidArgument
-from services.inference.core import LoadedVersion, TensorSpec
+from services.inference.core import LoadedVersion
 
 # Typed `contents` field per datatype (FP16 / BF16 have none: raw bytes only).
 CONTENTS_FIELD = {

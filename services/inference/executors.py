@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from services.inference.batcher import BatchExecution, BatchingConfig, DynamicBatcher, InferOutcome
-from services.inference.core import LoadedVersion, VersionSpec
+from services.inference.core import LoadedVersion
+from services.inference.entities import VersionSpec
 from services.inference.sandbox import SandboxPolicy, resolve_user
 from services.inference.settings import InferenceSettings
 

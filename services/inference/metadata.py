@@ -6,7 +6,8 @@ from collections.abc import Iterable, Sequence
 
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from services.inference.core import LoadedVersion, TensorSpec
+from aiaas.tensors import TensorSpec
+from services.inference.core import LoadedVersion
 from services.inference.repository import IndexEntry
 from services.inference.statistics import Duration, VersionStatistics
 

@@ -15,9 +15,11 @@ import grpc
 from aiaas import serving
 from aiaas.formats import ArtifactFormat
 from aiaas.registry.v1 import registry_pb2
+from aiaas.tensors import TensorSpec
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.common.registry_client import RegistryClient
-from services.inference.core import Executor, LoadedVersion, TensorSpec, VersionSpec
+from services.inference.core import LoadedVersion
+from services.inference.entities import Executor, VersionSpec
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("aiaas.inference.registry")

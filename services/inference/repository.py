@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from services.common.errors import AiaasError, InvalidArgument, NotFound, Unavailable
-from services.inference.core import Executor, LoadedVersion, RequestObserver, VersionSpec, VersionState
+from services.inference.core import LoadedVersion
+from services.inference.entities import Executor, RequestObserver, VersionSpec, VersionState
 
 log = logging.getLogger("aiaas.inference.repository")
 

@@ -1,4 +1,5 @@
-"""Composition root of the inference service: repository, loaders, feed, servicer, health, telemetry.
+"""Composition root of the inference service: `create_service(settings)` wires repository, loaders,
+alias follower, servicer, health and telemetry on a `ServiceApp`.
 
 Start-up order: the versions named in `load_models`, the Triton-delegated models and the first
 registry snapshot of followed aliases are loaded and warmed (bounded by `startup_timeout_s`)
@@ -10,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
 
-from aiaas.registry.v1 import registry_pb2
 from services.common.errors import AiaasError, InvalidArgument, Unavailable
-from services.common.server import ServiceApp, channel_options
-from services.inference.core import RequestRecord
+from services.common.reporting import RequestRecord as Report
+from services.common.reporting import TelemetryReporter
+from services.common.server import Service, ServiceApp, channel_options
+from services.inference.entities import RequestObserver, RequestRecord
 from services.inference.follower import AliasFollower
 from services.inference.registry_source import RegistryLoader
 from services.inference.repository import ModelRepository, VersionLoader, parse_version
@@ -42,52 +43,24 @@ def parse_model_ref(ref: str) -> tuple[str, int, str]:
     return model, 0, alias
 
 
-class InferenceService:
-    """Everything the process runs, wired together."""
+class InferenceService(Service[ModelRepository]):
+    """The inference service's server and model repository, with what feeds the repository (the
+    registry loader, Triton backends, the alias follower) and its telemetry reporter."""
 
-    def __init__(self, settings: InferenceSettings, *, configure_process: bool = True) -> None:
+    def __init__(self, settings: InferenceSettings, app: ServiceApp, repository: ModelRepository, *,
+                 servicer: InferenceServicer, registry_channel: grpc.aio.Channel, loader: RegistryLoader,
+                 triton_loaders: dict[str, TritonLoader], follower: AliasFollower | None,
+                 reporter: TelemetryReporter) -> None:
+        super().__init__(app, repository)
         self.settings = settings
-        self.app = ServiceApp("inference", settings, configure_process=configure_process)
-        self.registry_channel = grpc.aio.insecure_channel(
-            settings.registry_url, options=channel_options(settings.max_message_bytes))
-        self.loader = RegistryLoader(settings, self.registry_channel)
-        self.triton_loaders = {name: TritonLoader(cfg) for name, cfg in load_backends(settings.triton_backends).items()}
-        from services.common.reporting import TelemetryReporter
-
-        # Always on: it keeps the per-model metrics; it ships records only with a monitor_url.
-        self.reporter = TelemetryReporter(settings.monitor_url or None, source="inference")
-        loaders: dict[str, VersionLoader] = dict(self.triton_loaders)
-        self.repository = ModelRepository(
-            self.loader, default_alias=settings.default_alias, loaders=loaders,
-            drain_timeout_s=settings.drain_timeout_s, retry_min_s=settings.reconnect_min_s,
-            retry_max_s=max(settings.reconnect_max_s, settings.reconnect_min_s),
-            observer=self._report)
-        self.servicer = InferenceServicer(self.repository, catalog=self._catalog,
-                                          priority_levels=settings.priority_levels,
-                                          default_priority_level=settings.default_priority_level)
-        self.app.add_service(SERVICE_NAME, service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, self.servicer)
-        self.follower: AliasFollower | None = None
-        if settings.follow_aliases:
-            self.follower = AliasFollower(
-                self.registry_channel, self.repository, aliases=settings.follow_aliases,
-                models=settings.follow_models, backoff_min_s=settings.reconnect_min_s,
-                backoff_max_s=settings.reconnect_max_s)
-        self.repository.add_listener(self._on_version_state)
-        self.app.on_shutdown(self._close)
-
-    # ---- telemetry and health ----------------------------------------------------------------
-
-    def _report(self, record: RequestRecord) -> None:
-        """The one place a finished request meets telemetry (the monitor's reporter)."""
-        from services.common.reporting import RequestRecord as Report
-
-        reporter = self.reporter
-        reporter.record(Report(
-            source="inference", model=record.model, version=record.version, alias="", status=record.status,
-            latency_us=record.latency_ns // 1000, queue_us=record.queue_ns // 1000,
-            compute_us=record.compute_ns // 1000, batch_size=record.batch_size))
-        if record.inputs is not None:
-            reporter.sample_inputs(record.model, record.version, record.inputs)  # type: ignore[arg-type]
+        self.repository = repository
+        self.servicer = servicer
+        self.registry_channel = registry_channel
+        self.loader = loader
+        self.triton_loaders = triton_loaders
+        self.follower = follower
+        self.reporter = reporter
+        repository.add_listener(self._on_version_state)
 
     def _on_version_state(self, model: str, version: int, ready: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -95,17 +68,6 @@ class InferenceService:
         loop.create_task(self.app.set_serving(model, bool(self.repository.ready_versions(model))))
         if ready:
             self.reporter.report_load(model, version)
-
-    async def _catalog(self) -> list[str]:
-        names: list[str] = list(self.triton_loaders)
-        token = ""
-        while True:
-            reply = await self.loader.stub.ListModels(
-                registry_pb2.ListModelsRequest(page_size=1000, page_token=token), timeout=5)
-            names += [m.name for m in reply.models]
-            token = reply.next_page_token
-            if not token:
-                return names
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -144,11 +106,7 @@ class InferenceService:
             await asyncio.sleep(delay)
             delay = min(self.settings.reconnect_max_s, delay * 2)
 
-    async def start(self) -> int:
-        await self.prepare()
-        return await self.app.start()
-
-    async def _close(self) -> None:
+    async def close(self) -> None:
         self.servicer.ready = False
         if self.follower is not None:
             await self.follower.close()
@@ -158,18 +116,46 @@ class InferenceService:
         await self.reporter.close()
         await self.registry_channel.close()
 
-    async def run(self) -> None:
-        """Prepare, serve until SIGTERM/SIGINT, drain, stop workers, exit."""
-        loop = asyncio.get_running_loop()
-        preparing = loop.create_task(self.prepare())
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, preparing.cancel)
-        try:
-            await preparing
-        except asyncio.CancelledError:
-            log.info("stopped during start-up")
-            await self._close()
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await self.app.run()
+
+def _reporting_to(reporter: TelemetryReporter) -> RequestObserver:
+    """The one place a finished request meets telemetry (the monitor's reporter)."""
+
+    def report(record: RequestRecord) -> None:
+        reporter.record(Report(
+            source="inference", model=record.model, version=record.version, alias="", status=record.status,
+            latency_us=record.latency_ns // 1000, queue_us=record.queue_ns // 1000,
+            compute_us=record.compute_ns // 1000, batch_size=record.batch_size))
+        if record.inputs is not None:
+            reporter.sample_inputs(record.model, record.version, record.inputs)  # type: ignore[arg-type]
+
+    return report
+
+
+def create_service(settings: InferenceSettings, *, configure_process: bool = True) -> InferenceService:
+    """Wire the inference service; call inside the running event loop."""
+    app = ServiceApp("inference", settings, configure_process=configure_process)
+    registry_channel = grpc.aio.insecure_channel(settings.registry_url,
+                                                 options=channel_options(settings.max_message_bytes))
+    loader = RegistryLoader(settings, registry_channel)
+    triton_loaders = {name: TritonLoader(cfg) for name, cfg in load_backends(settings.triton_backends).items()}
+    # Always on: it keeps the per-model metrics; it ships records only with a monitor_url.
+    reporter = TelemetryReporter(settings.monitor_url or None, source="inference")
+    repository = ModelRepository(
+        loader, default_alias=settings.default_alias, loaders=dict[str, VersionLoader](triton_loaders),
+        drain_timeout_s=settings.drain_timeout_s, retry_min_s=settings.reconnect_min_s,
+        retry_max_s=max(settings.reconnect_max_s, settings.reconnect_min_s), observer=_reporting_to(reporter))
+    follower = None
+    if settings.follow_aliases:
+        follower = AliasFollower(
+            registry_channel, repository, aliases=settings.follow_aliases, models=settings.follow_models,
+            backoff_min_s=settings.reconnect_min_s, backoff_max_s=settings.reconnect_max_s)
+
+    async def catalog() -> list[str]:
+        """Every model this replica could serve: its Triton-delegated ones and the registry's."""
+        return list(triton_loaders) + [m.name async for m in loader.registry.models()]
+
+    servicer = InferenceServicer(repository, catalog=catalog, priority_levels=settings.priority_levels,
+                                 default_priority_level=settings.default_priority_level)
+    app.add_service(SERVICE_NAME, service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer)
+    return InferenceService(settings, app, repository, servicer=servicer, registry_channel=registry_channel,
+                            loader=loader, triton_loaders=triton_loaders, follower=follower, reporter=reporter)

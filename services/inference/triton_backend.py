@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from aiaas.formats import TRITON
 from aiaas.serving import ServingConfig
+from aiaas.tensors import TensorSpec
 from services.common.datatypes import array_to_raw, raw_to_array
 from services.common.errors import (
     AiaasError,
@@ -35,7 +36,8 @@ from services.common.errors import (
     Unavailable,
     error_from_rpc,
 )
-from services.inference.core import LoadedVersion, Outcome, TensorSpec, VersionSpec
+from services.inference.core import LoadedVersion
+from services.inference.entities import Outcome, VersionSpec
 
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 

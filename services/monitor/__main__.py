@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
-from services.common.settings import load_settings
+from services.common.main import serve_main
 from services.monitor.settings import MonitorSettings
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(MonitorSettings, sys.argv[1:] if argv is None else argv, service="monitor")
-    from services.monitor.server import MonitorService
-
-    async def serve() -> None:
-        # grpc.aio objects bind to the loop they are made in: make them inside it.
-        await MonitorService(settings).run()
-
-    asyncio.run(serve())
-    return 0
+    return serve_main("monitor", MonitorSettings, argv)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""Composition root of the monitor: window store, control plane, core, servicer, evaluation loop."""
+"""Composition root of the monitor: `create_service(settings)` wires window store, control plane, core,
+servicer and the evaluation loop on a `ServiceApp`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from aiaas.monitor.v1 import monitor_pb2_grpc
-from services.common.server import ServiceApp
+from services.common.server import Service, ServiceApp
 from services.monitor.alerts import AlertHub
 from services.monitor.control import ControlPlane, MemoryControlPlane
 from services.monitor.core import MonitorCore
@@ -21,58 +21,53 @@ log = logging.getLogger("aiaas.monitor")
 SERVICE_NAME = "aiaas.monitor.v1.Monitor"
 
 
-def build_core(settings: MonitorSettings, *, prometheus: bool = True) -> MonitorCore:
-    store: WindowStore
+def _window_store(settings: MonitorSettings) -> WindowStore:
     if settings.redis_url:
-        store = RedisWindowStore(settings.redis_url, settings.bucket_s, settings.retention_s)
-    else:
-        store = MemoryWindowStore(settings.bucket_s, settings.retention_s)
-    control: ControlPlane
+        return RedisWindowStore(settings.redis_url, settings.bucket_s, settings.retention_s)
+    return MemoryWindowStore(settings.bucket_s, settings.retention_s)
+
+
+def _control_plane(settings: MonitorSettings) -> ControlPlane:
     if settings.registry_url:
         from services.monitor.registry_link import RegistryControlPlane
 
-        control = RegistryControlPlane(settings.registry_url)
-    else:
-        control = MemoryControlPlane()
-    alerts = AlertHub(settings.alert_history, settings.subscriber_queue)
-    return MonitorCore(settings, store, control, alerts, PrometheusExport() if prometheus else None)
+        return RegistryControlPlane(settings.registry_url)
+    return MemoryControlPlane()
 
 
-class MonitorService:
-    """Everything the process runs, wired together."""
+class MonitorService(Service[MonitorCore]):
+    """The monitor's server and core, and the evaluation loop that runs while it serves."""
 
-    def __init__(self, settings: MonitorSettings, *, configure_process: bool = True) -> None:
-        self.settings = settings
-        self.app = ServiceApp("monitor", settings, configure_process=configure_process)
-        self.core = build_core(settings, prometheus=configure_process)
-        self.app.add_service(SERVICE_NAME, monitor_pb2_grpc.add_MonitorServicer_to_server,
-                             MonitorServicer(self.core))
+    def __init__(self, app: ServiceApp, core: MonitorCore) -> None:
+        super().__init__(app, core)
         self._stop: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self.app.on_shutdown(self._close)
 
-    async def start(self) -> int:
+    async def prepare(self) -> None:
         try:
             await self.core.refresh_control()
         except Exception:  # the registry may come up later; the loop retries
             log.warning("registry not reachable at start-up; SLOs and baselines load when it is", exc_info=True)
-        port = await self.app.start()
+
+    async def start(self) -> int:
+        port = await super().start()
         self._stop = asyncio.Event()
         self._loop_task = asyncio.create_task(self.core.run(self._stop), name="monitor-evaluation")
         return port
 
-    async def run(self) -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await self.start()
-        await stopping.wait()
-        await self.app.shutdown()
-
-    async def _close(self) -> None:
+    async def close(self) -> None:
         if self._stop is not None:
             self._stop.set()
         if self._loop_task is not None:
             await self._loop_task
         await self.core.close()
+
+
+def create_service(settings: MonitorSettings, *, configure_process: bool = True) -> MonitorService:
+    """Wire the monitor; call inside the running event loop. Prometheus export only in a configured process."""
+    app = ServiceApp("monitor", settings, configure_process=configure_process)
+    alerts = AlertHub(settings.alert_history, settings.subscriber_queue)
+    core = MonitorCore(settings, _window_store(settings), _control_plane(settings), alerts,
+                       PrometheusExport() if configure_process else None)
+    app.add_service(SERVICE_NAME, monitor_pb2_grpc.add_MonitorServicer_to_server, MonitorServicer(core))
+    return MonitorService(app, core)

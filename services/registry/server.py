@@ -1,4 +1,5 @@
-"""Composition root of the registry: settings -> store, artifacts, core, feed hub -> ServiceApp."""
+"""Composition root of the registry: `create_service(settings)` wires store, artifacts, core, feed hub
+and upload sweeper on a `ServiceApp`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from aiaas.registry.v1 import registry_pb2_grpc
-from services.common.server import ServiceApp
+from services.common.server import Service, ServiceApp
 from services.registry.artifacts import ArtifactStore
 from services.registry.core import MAX_REQUEST_BYTES, RegistryCore
 from services.registry.feed import FeedHub
@@ -53,24 +54,30 @@ class UploadSweeper:
                               self.interval_s)
 
 
-class RegistryApp(ServiceApp):
-    """A ServiceApp that also owns the feed hub, so watch streams end before the drain starts."""
+class RegistryService(Service[RegistryCore]):
+    """The registry's server, core, store, feed hub and upload sweeper."""
 
-    hub: FeedHub
-    store: SqlRegistryStore
-    sweeper: UploadSweeper
+    def __init__(self, app: ServiceApp, core: RegistryCore, *, store: SqlRegistryStore, hub: FeedHub,
+                 sweeper: UploadSweeper) -> None:
+        super().__init__(app, core)
+        self.store = store
+        self.hub = hub
+        self.sweeper = sweeper
 
-    async def start(self) -> int:
+    async def prepare(self) -> None:
         await self.hub.start()
         self.sweeper.start()
-        return await super().start()
 
-    async def shutdown(self) -> None:
+    async def stop(self) -> None:
         # Watches never finish by themselves: end them first, or they would hold the drain
         # for the whole grace period. Watchers reconnect to another replica with their revision.
         await self.hub.close()
+        await super().stop()
+
+    async def close(self) -> None:
+        await self.hub.close()
         await self.sweeper.close()
-        await super().shutdown()
+        await asyncio.to_thread(self.store.close)
 
 
 def _prepare_sqlite_dir(url: str) -> None:
@@ -79,7 +86,8 @@ def _prepare_sqlite_dir(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def create_app(settings: RegistrySettings, *, configure_process: bool = True) -> RegistryApp:
+def create_service(settings: RegistrySettings, *, configure_process: bool = True) -> RegistryService:
+    """Wire the registry; call inside the running event loop."""
     url = settings.resolved_database_url()
     _prepare_sqlite_dir(url)
     store = SqlRegistryStore(url, feed_retention=settings.feed_retention)
@@ -91,18 +99,11 @@ def create_app(settings: RegistrySettings, *, configure_process: bool = True) ->
                         allowed_formats=settings.format_set())
     hub = FeedHub(store, poll_s=settings.feed_poll_s, heartbeat_s=settings.heartbeat_s)
     # Every request fits in a chunk or a header plus framing; responses (listings, downloads) may be larger.
-    app = RegistryApp("registry", settings, configure_process=configure_process, max_receive_bytes=MAX_REQUEST_BYTES)
-    app.hub = hub
-    app.store = store
-    app.sweeper = UploadSweeper(artifacts, interval_s=settings.upload_sweep_interval_s,
-                                stale_after_s=settings.upload_stale_after_s)
+    app = ServiceApp("registry", settings, configure_process=configure_process, max_receive_bytes=MAX_REQUEST_BYTES)
     limits = UploadLimits(idle_timeout_s=settings.upload_idle_timeout_s,
                           max_duration_s=settings.upload_max_duration_s)
     app.add_service(SERVICE_NAME, registry_pb2_grpc.add_ModelRegistryServicer_to_server,
                     RegistryServicer(core, hub, limits))
-
-    async def close_store() -> None:
-        await asyncio.to_thread(store.close)
-
-    app.on_shutdown(close_store)
-    return app
+    sweeper = UploadSweeper(artifacts, interval_s=settings.upload_sweep_interval_s,
+                            stale_after_s=settings.upload_stale_after_s)
+    return RegistryService(app, core, store=store, hub=hub, sweeper=sweeper)

@@ -18,7 +18,7 @@ from aiaas.records import ROUTE
 from aiaas.registry.v1 import registry_pb2 as rpb
 from aiaas.registry_client import RegistryClient as SyncRegistryClient
 from services.common.registry_client import RegistryClient
-from services.registry.server import RegistryApp, create_app
+from services.registry.server import create_service
 from services.registry.settings import RegistrySettings
 from tests.support.blobs import onnx_blob
 from tests.support.servers import free_port
@@ -28,10 +28,10 @@ from tests.support.servers import free_port
 async def registry(tmp_path: Path) -> AsyncIterator[str]:
     settings = RegistrySettings(host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'registry.db'}",
                                 artifact_dir=str(tmp_path / "artifacts"), grace_period_s=1.0)
-    app: RegistryApp = create_app(settings, configure_process=False)
-    port = await app.start()
+    service = create_service(settings, configure_process=False)
+    port = await service.start()
     yield f"127.0.0.1:{port}"
-    await app.shutdown()
+    await service.stop()
 
 
 async def test_records_page_and_compare_and_set(registry: str) -> None:

@@ -2,7 +2,7 @@
 
 The gateway checks the `authorization` metadata before it reads a request body, reads a keyed
 caller's body for at most `body_timeout_s`, and never receives a message over
-`max_request_bytes`. In process: the gateway as `build_gateway` makes it (a real grpc.aio
+`max_request_bytes`. In process: the gateway as `create_service` makes it (a real grpc.aio
 server, a real registry process, an echo replica upstream), so header-only calls can be counted
 against a small `max_concurrent_rpcs`. As a process: the gateway's RSS under oversized bodies.
 """
@@ -26,7 +26,7 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
 
 from aiaas.api_keys import Role, make_key
-from services.gateway.server import ADMIN_SERVICE, Gateway, build_gateway
+from services.gateway.server import ADMIN_SERVICE, GatewayService, create_service
 from services.gateway.servicer import INFERENCE_SERVICE
 from services.gateway.settings import GatewaySettings
 from tests.gateway.stack import ADMIN_TOKEN, PEPPER
@@ -49,13 +49,13 @@ def registry() -> Iterator[ServiceProcess]:
 
 @dataclass
 class Door:
-    gateway: Gateway
+    gateway: GatewayService
     replica: EchoReplica
     token: str
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.gateway.app.port}"
+        return f"127.0.0.1:{self.gateway.port}"
 
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"}
@@ -69,16 +69,16 @@ async def door(registry: ServiceProcess) -> AsyncIterator[Door]:
         key_pepper=PEPPER, max_concurrent_rpcs=MAX_RPCS, body_timeout_s=BODY_TIMEOUT_S,
         max_request_bytes=1 << 20, grace_period_s=0.5,
     )
-    gateway = build_gateway(settings, configure_process=False)
-    await gateway.start(wait_for_registry_s=30)
+    gateway = create_service(settings, configure_process=False)
+    gateway.wait_for_registry_s = 30
+    await gateway.start()
     gateway.catalog.add_version("m", 1)
     gateway.catalog.move_alias("m", "production", 1)
     gateway.plane.signatures.put("m", 1, None)
     entry, token = make_key(PEPPER.encode(), roles=frozenset({Role.INFER, Role.READ}))
     gateway.ring.put(entry)
     yield Door(gateway, replica, token)
-    await gateway.app.server.stop(0)
-    await gateway.close()
+    await gateway.stop()
     await replica.stop()
 
 

@@ -8,15 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aiaas.serving import ServingConfig
+from aiaas.tensors import TensorSpec
 from services.common.errors import Internal, InvalidArgument, NotFound, Unavailable
-from services.inference.core import (
-    LoadedVersion,
-    Outcome,
-    ServingConfig,
-    TensorSpec,
-    VersionSpec,
-    VersionState,
-)
+from services.inference.core import LoadedVersion
+from services.inference.entities import Outcome, VersionSpec, VersionState
 from services.inference.repository import ModelRepository
 
 SPEC_IN = (TensorSpec("x", "FP32", (-1, 2)),)
