@@ -22,10 +22,12 @@ from typing import Any, Self
 import grpc
 from google.protobuf import timestamp_pb2
 
+from aiaas.api_keys import ROLE_NAMES as API_ROLE_NAMES
+from aiaas.api_keys import ROLE_TO_PB
 from aiaas.gateway.v1 import gateway_pb2 as gw
 from aiaas.gateway.v1 import gateway_pb2_grpc as gw_grpc
 
-ROLE_BY_NAME = {"infer": gw.ROLE_INFER, "read": gw.ROLE_READ, "admin": gw.ROLE_ADMIN}
+ROLE_BY_NAME = {name: ROLE_TO_PB[role] for name, role in API_ROLE_NAMES.items()}
 ROLE_NAMES = {v: k for k, v in ROLE_BY_NAME.items()}
 DEFAULT_URL = "localhost:8001"
 
