@@ -186,8 +186,8 @@ async def test_shifted_inputs_raise_a_drift_alert_and_unshifted_do_not(stack: St
         reply = await stub.GetDrift(pb.GetDriftRequest(model="drifty", version=1), timeout=5)
         return list(reply.features) if all(f.samples >= 150 for f in reply.features) else None
 
-    calm_drift = await poll(enough_samples, 10, "150 sampled values per feature")
-    assert all(f.psi < 0.1 and not f.drifted for f in calm_drift), calm_drift  # type: ignore[union-attr]
+    calm_drift: list[pb.FeatureDrift] = await poll(enough_samples, 10, "150 sampled values per feature")  # type: ignore[assignment]
+    assert all(f.psi < 0.1 and not f.drifted for f in calm_drift), calm_drift
     await asyncio.sleep(1.0)  # a few evaluations over the calm data
     listed = await stub.ListAlerts(pb.ListAlertsRequest(model="drifty"), timeout=5)
     assert not listed.alerts
