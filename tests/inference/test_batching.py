@@ -12,12 +12,14 @@ from services.inference.batching import merge, rows_and_key, split
 
 
 def test_compatible_requests_share_a_key_and_others_do_not() -> None:
-    a = {"x": np.zeros((2, 3), np.float32), "m": np.zeros((2,), np.int64)}
-    b = {"m": np.ones((5,), np.int64), "x": np.ones((5, 3), np.float32)}
+    a: dict[str, np.ndarray] = {"x": np.zeros((2, 3), np.float32), "m": np.zeros((2,), np.int64)}
+    b: dict[str, np.ndarray] = {"m": np.ones((5,), np.int64), "x": np.ones((5, 3), np.float32)}
     assert rows_and_key(a, True)[0] == 2 and rows_and_key(b, True)[0] == 5
     assert rows_and_key(a, True)[1] == rows_and_key(b, True)[1]  # input order does not matter
-    assert rows_and_key({"x": np.zeros((2, 4), np.float32)}, True)[1] != rows_and_key(a, True)[1]
-    assert rows_and_key({"x": np.zeros((2, 3), np.float64)}, True)[1] != rows_and_key({"x": a["x"]}, True)[1]
+    wider: dict[str, np.ndarray] = {"x": np.zeros((2, 4), np.float32)}
+    doubles: dict[str, np.ndarray] = {"x": np.zeros((2, 3), np.float64)}
+    assert rows_and_key(wider, True)[1] != rows_and_key(a, True)[1]
+    assert rows_and_key(doubles, True)[1] != rows_and_key({"x": a["x"]}, True)[1]
     assert rows_and_key(a, False) == (1, None)
 
 
