@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 from aiaas.k8s.checks import workloads
-from aiaas.k8s.manifest import pod_spec
 from aiaas.k8s.render import METRICS_PORT, SERVICE_PORTS, render
+from tests.k8s.specs import spec_of
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -21,7 +21,7 @@ def test_image_runs_as_the_uid_the_pods_run_as() -> None:
     assert instruction("USER")[-1] == "10001:10001"
     for workload in workloads(render("prod")):
         if workload["metadata"]["name"] in SERVICE_PORTS:
-            context = pod_spec(workload)["securityContext"]
+            context = spec_of(workload)["securityContext"]
             assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (10001, 10001, 10001)
 
 

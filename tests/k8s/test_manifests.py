@@ -17,9 +17,10 @@ from aiaas.k8s.checks import (
     grace_period_s,
     workloads,
 )
-from aiaas.k8s.manifest import Manifest, pod_spec, split_image
+from aiaas.k8s.manifest import Manifest, split_image
 from aiaas.k8s.render import METRICS_PORT, OVERLAYS, SERVICE_PORTS, render
 from aiaas.k8s.rollout import missing_secrets
+from tests.k8s.specs import spec_of
 
 # The oldest Kubernetes release supported, and the newest the schemas know.
 SCHEMA_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -37,7 +38,7 @@ def by_kind(objects: list[Manifest], kind: str) -> dict[str, Manifest]:
 
 def container(objects: list[Manifest], name: str) -> dict:
     workload = next(w for w in workloads(objects) if w["metadata"]["name"] == name)
-    return next(c for c in pod_spec(workload)["containers"] if c["name"] == name)
+    return next(c for c in spec_of(workload)["containers"] if c["name"] == name)
 
 
 def config(objects: list[Manifest]) -> dict[str, str]:
@@ -80,7 +81,7 @@ def test_services_are_the_four_plus_state_stores(overlay: tuple[str, list[Manife
 def test_every_workload_has_probes_limits_and_security(overlay: tuple[str, list[Manifest]]) -> None:
     _, objects = overlay
     for workload in workloads(objects):
-        spec = pod_spec(workload)
+        spec = spec_of(workload)
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert any(c["topologyKey"] == "kubernetes.io/hostname" for c in spec["topologySpreadConstraints"])
@@ -122,13 +123,13 @@ def test_grace_period_covers_prestop_and_drain(overlay: tuple[str, list[Manifest
     for service in SERVICE_PORTS:
         workload = next(w for w in workloads(objects) if w["metadata"]["name"] == service)
         prestop = container(objects, service)["lifecycle"]["preStop"]["sleep"]["seconds"]
-        assert pod_spec(workload)["terminationGracePeriodSeconds"] >= prestop + drain + 5
+        assert spec_of(workload)["terminationGracePeriodSeconds"] >= prestop + drain + 5
 
 
 def test_audit_reports_each_missing_setting() -> None:
     objects = render("dev")
     gateway = copy.deepcopy(next(w for w in workloads(objects) if w["metadata"]["name"] == "gateway"))
-    spec = pod_spec(gateway)
+    spec = spec_of(gateway)
     c = spec["containers"][0]
     del c["readinessProbe"]
     del c["resources"]["limits"]["memory"]
@@ -208,7 +209,7 @@ def test_registry_keeps_its_data_on_a_persistent_volume(overlay: tuple[str, list
 def test_writable_paths_are_empty_dirs(overlay: tuple[str, list[Manifest]]) -> None:
     _, objects = overlay
     inference = next(w for w in workloads(objects) if w["metadata"]["name"] == "inference")
-    volumes = {v["name"]: v for v in pod_spec(inference)["volumes"]}
+    volumes = {v["name"]: v for v in spec_of(inference)["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container(objects, "inference")["volumeMounts"]}
     for path in ("/tmp", "/var/cache/aiaas", "/dev/shm"):
         assert "emptyDir" in volumes[mounts[path]], path
@@ -254,14 +255,14 @@ def test_prod_autoscales_the_stateless_services(name: str) -> None:
 
 def test_gpu_puts_inference_on_gpu_nodes() -> None:
     objects = render("gpu")
-    spec = pod_spec(by_kind(objects, "Deployment")["inference"])
+    spec = spec_of(by_kind(objects, "Deployment")["inference"])
     assert container(objects, "inference")["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert config(objects)["AIAAS_INFERENCE_DEVICE"] == "cuda:0"
     for other in ("gateway", "monitor"):
         assert "nvidia.com/gpu" not in container(objects, other)["resources"]["limits"]
-        assert "tolerations" not in pod_spec(by_kind(objects, "Deployment")[other])
+        assert "tolerations" not in spec_of(by_kind(objects, "Deployment")[other])
 
 
 def test_secrets_come_from_secret_objects_never_from_the_config(overlay: tuple[str, list[Manifest]]) -> None:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from aiaas.cli.main import main
+from aiaas.k8s.manifest import Manifest
 from aiaas.k8s.render import render
 from aiaas.k8s.rollout import apply_plan, generated_secret, pod_row, rollout_state
 
@@ -89,9 +90,9 @@ def test_statefulset_rollout_state() -> None:
 
 
 def test_pod_row_reports_readiness() -> None:
-    pod = {"metadata": {"name": "gateway-abc", "labels": {"app.kubernetes.io/name": "gateway"}},
-           "spec": {"containers": [{"name": "gateway"}], "nodeName": "node-1"},
-           "status": {"phase": "Running", "containerStatuses": [{"ready": True, "restartCount": 2}]}}
+    pod: Manifest = {"metadata": {"name": "gateway-abc", "labels": {"app.kubernetes.io/name": "gateway"}},
+                     "spec": {"containers": [{"name": "gateway"}], "nodeName": "node-1"},
+                     "status": {"phase": "Running", "containerStatuses": [{"ready": True, "restartCount": 2}]}}
     row = pod_row(pod)
     assert (row.service, row.ready, row.restarts, row.node, row.is_ready) == ("gateway", "1/1", 2, "node-1", True)
     pod["status"]["containerStatuses"][0]["ready"] = False

@@ -9,9 +9,9 @@ import importlib
 import pytest
 
 from aiaas.k8s.checks import workloads
-from aiaas.k8s.manifest import pod_spec
 from aiaas.k8s.render import METRICS_PORT, OVERLAYS, SERVICE_PORTS, render
 from services.common.settings import ServerSettings, load_settings
+from tests.k8s.specs import spec_of
 
 
 def settings_class(service: str) -> type[ServerSettings]:
@@ -29,7 +29,7 @@ def container_environment(overlay: str, service: str) -> dict[str, str]:
     objects = render(overlay)
     data = next(o for o in objects if o["kind"] == "ConfigMap")["data"]
     workload = next(w for w in workloads(objects) if w["metadata"]["name"] == service)
-    container = next(c for c in pod_spec(workload)["containers"] if c["name"] == service)
+    container = next(c for c in spec_of(workload)["containers"] if c["name"] == service)
     env = dict(data)
     for entry in container.get("env", []):
         value = entry.get("value", "secret-placeholder")
