@@ -25,6 +25,14 @@ def __getattr__(name: str) -> Any:
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module 'aiaas' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        # The client distribution (aiaas-client) ships the SDK clients, not the pipeline.
+        raise ImportError(f"aiaas.{name} needs the full aiaas distribution (servers, CLI, pipeline; "
+                          "pip install aiaas); this environment has only the client package") from None
+    value = getattr(module, name)
     globals()[name] = value
     return value

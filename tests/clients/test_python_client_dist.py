@@ -1,0 +1,86 @@
+"""The client distribution installs alone: a clean virtual environment with only aiaas-client
+imports every client module, talks to a real registry, and cannot import torch or the servers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.registry.service import RunningRegistry
+from tests.support.blobs import onnx_blob
+from tools.build_client import CLIENT_MODULES, build
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CLIENT_SCRIPT = textwrap.dedent("""
+    import importlib, importlib.util, json, sys
+    address, artifact = sys.argv[1], sys.argv[2]
+    modules = [m for m in sys.argv[3].split(",")]
+    for name in modules:
+        importlib.import_module(name)
+    import aiaas
+    from aiaas import RegistryClient
+    from aiaas.errors import NotFound
+    try:
+        aiaas.deploy
+        deploy = "importable"
+    except ImportError as exc:
+        deploy = str(exc)
+    with RegistryClient(address, actor="client-app") as client:
+        version = client.register("from-client", open(artifact, "rb").read(), format="onnx",
+                                  signature={"inputs": ["x:FP32:-1,4"], "outputs": ["y:FP32:-1,4"]})
+        try:
+            client.get_model("missing")
+            missing = "found"
+        except Exception as exc:
+            missing = type(exc).__name__ + ":" + str(getattr(exc, "code", lambda: "")())
+    print(json.dumps({
+        "torch": importlib.util.find_spec("torch") is not None,
+        "services": importlib.util.find_spec("services") is not None,
+        "file": aiaas.__file__, "version": version.version, "deploy": deploy, "missing": missing,
+        "loaded_heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "services")),
+    }))
+""")
+
+
+@pytest.fixture(scope="module")
+def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("client-dist")
+    wheel = build(base / "dist")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # Outside the repository: nothing of the checkout may leak onto the client's path.
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, cwd=base, timeout=600)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[RunningRegistry]:
+    running = RunningRegistry("sqlite", None).start()
+    yield running
+    running.close()
+
+
+def test_the_client_wheel_works_alone_against_a_real_registry(client_venv: Path, registry: RunningRegistry,
+                                                              tmp_path: Path) -> None:
+    artifact = tmp_path / "model.onnx"
+    artifact.write_bytes(onnx_blob("client"))
+    modules = ["aiaas"] + [f"aiaas.{m[:-3]}" for m in CLIENT_MODULES if m != "__init__.py"]
+    modules += [f"aiaas.{s}.v1.{s}_pb2_grpc" for s in ("registry", "gateway", "monitor")]
+    done = subprocess.run([str(client_venv / "bin" / "python"), "-c", CLIENT_SCRIPT, registry.address,
+                           str(artifact), ",".join(modules)],
+                          check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["torch"] is False and report["services"] is False and report["loaded_heavy"] == []
+    assert str(client_venv) in report["file"] and str(ROOT) not in report["file"]
+    assert report["version"] == 1
+    assert "needs the full aiaas distribution" in report["deploy"]
+    assert report["missing"].startswith("RegistryError") and "NOT_FOUND" in report["missing"]
