@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
@@ -19,6 +19,12 @@ from tests.support.blobs import onnx_blob
 
 async def _next(stream: AsyncIterator[ChangeEvent], timeout: float = 5.0) -> ChangeEvent:
     return await asyncio.wait_for(anext(stream), timeout)
+
+
+async def _close(stream: AsyncIterator[ChangeEvent]) -> None:
+    """FeedHub.watch is an async generator (declared as an AsyncIterator): closing it leaves the hub."""
+    assert isinstance(stream, AsyncGenerator)
+    await stream.aclose()
 
 
 async def _until(stream: AsyncIterator[ChangeEvent], kind: ChangeType) -> list[ChangeEvent]:
@@ -50,7 +56,7 @@ async def test_snapshot_then_live_events_arrive_promptly(core: RegistryCore, sto
     event = await waiting
     assert (event.type, event.version, event.revision) == (ChangeType.VERSION_CREATED, 2, 5)
     assert time.monotonic() - started < 0.5
-    await stream.aclose()
+    await _close(stream)
     await hub.close()
 
 
@@ -66,7 +72,7 @@ async def test_resume_gets_exactly_the_missed_events_in_order(core: RegistryCore
     assert [(e.revision, e.type, e.version) for e in got] == [
         (3, ChangeType.VERSION_CREATED, 2), (4, ChangeType.VERSION_CREATED, 3), (5, ChangeType.ALIAS_MOVED, 3)]
     assert got[2].from_version == 0 and got[2].alias == "canary"
-    await stream.aclose()
+    await _close(stream)
     await hub.close()
 
 
@@ -113,6 +119,6 @@ async def test_commits_by_another_replica_are_seen_by_polling(database_url: str,
     await asyncio.to_thread(other.create_model, "elsewhere", "", {}, "x")
     event = await asyncio.wait_for(waiting, 2.0)
     assert (event.type, event.model) == (ChangeType.MODEL_CREATED, "elsewhere")
-    await stream.aclose()
+    await _close(stream)
     await hub.close()
     other.close()

@@ -6,7 +6,7 @@ import hashlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import grpc
@@ -209,6 +209,12 @@ def test_racing_alias_moves_with_compare_and_set(client: RegistryClient) -> None
     assert actions[:3] == ["alias.rollback", "alias.set", "alias.set"]
 
 
+def _close(stream: Iterator[pb.ChangeEvent]) -> None:
+    """RegistryClient.watch is a generator (declared as an Iterator): closing it cancels the call."""
+    assert isinstance(stream, Generator)
+    stream.close()
+
+
 def test_watch_delivers_alias_moves_promptly(client: RegistryClient) -> None:
     client.register("watched", onnx_blob("w1"), format="onnx", signature=SIGNATURE)
     stream = client.watch(0, models=["watched"])
@@ -219,7 +225,7 @@ def test_watch_delivers_alias_moves_promptly(client: RegistryClient) -> None:
     event = next(stream)
     assert (event.type, event.alias, event.version) == (pb.CHANGE_EVENT_TYPE_ALIAS_MOVED, "production", 1)
     assert time.monotonic() - started < 0.5
-    stream.close()
+    _close(stream)
 
 
 def test_watcher_reconnects_with_its_last_revision(client: RegistryClient) -> None:
@@ -230,7 +236,7 @@ def test_watcher_reconnects_with_its_last_revision(client: RegistryClient) -> No
         last = event.revision
         if event.type == pb.CHANGE_EVENT_TYPE_SNAPSHOT_DONE:
             break
-    stream.close()  # disconnected; meanwhile three changes happen
+    _close(stream)  # disconnected; meanwhile three changes happen
     client.register("resume", onnx_blob("r1"), format="onnx", signature=SIGNATURE)
     client.set_alias("resume", "staging", 1)
     client.put_record("route", "resume", b"{}")
@@ -242,7 +248,7 @@ def test_watcher_reconnects_with_its_last_revision(client: RegistryClient) -> No
     assert missed[2].record.data == b"{}"
     heartbeat = next(resumed)  # nothing else happened: the next thing is a heartbeat at the same revision
     assert (heartbeat.type, heartbeat.revision) == (pb.CHANGE_EVENT_TYPE_HEARTBEAT, last + 3)
-    resumed.close()
+    _close(resumed)
     for i in range(25):  # feed_retention is 20
         client.put_record("churn", f"k{i}", b"")
     with pytest.raises(RegistryError) as caught:
