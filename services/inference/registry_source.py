@@ -124,7 +124,6 @@ class RegistryLoader:
     def __init__(self, settings: InferenceSettings, channel: grpc.aio.Channel) -> None:
         self.settings = settings
         self.registry = RegistryClient(channel, timeout_s=30)
-        self.stub = self.registry.stub
         self.cache = ArtifactCache(settings.cache_dir, self.registry)
 
     async def describe(self, model: str, version: int, alias: str) -> VersionSpec:
