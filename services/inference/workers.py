@@ -145,7 +145,7 @@ class _Worker:
         self.pid = 0
         self.alive = False
         self.busy = False
-        self.waiter: asyncio.Future[tuple[Any, ...]] | None = None
+        self.waiter: asyncio.Future[list[Any]] | None = None
         self.in_slab = Slab.create(pool.slab_bytes)
         self.out_slab = Slab.create(pool.out_slab_bytes)
         self.mapped: set[str] = set()  # slabs whose descriptors this process holds
@@ -318,7 +318,7 @@ class _Worker:
         metas = packed.write(self.in_slab.buf)
         del packed
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[tuple[Any, ...]] = loop.create_future()
+        waiter: asyncio.Future[list[Any]] = loop.create_future()
         self.waiter = waiter
         fresh = [slab for slab in (self.in_slab, self.out_slab) if slab.name not in self.mapped]
         try:

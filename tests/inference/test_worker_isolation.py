@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ import tritonclient.grpc as tc
 
 from services.common.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from services.inference import landlock, sandbox, workers
-from services.inference.shm import copies
+from services.inference.shm import TensorMeta, copies
 from services.inference.workers import WorkerPool
 from tests.inference.conftest import Registry, inference_args, start_inference
 from tests.inference.models import Artifact, write_identity, write_mlp
@@ -329,10 +329,15 @@ def test_the_service_never_unpickles_what_a_worker_sends(tmp_path: Path) -> None
     assert not marker.exists()
 
 
+def _as_received(meta: object) -> list[TensorMeta]:
+    """An output description as a worker's JSON reply carries it (lists, unchecked): `copies` checks it."""
+    return [cast(TensorMeta, meta)]
+
+
 def test_output_descriptions_from_a_worker_are_checked_before_reading() -> None:
     buf = memoryview(bytearray(1024))
     names = {"y"}
-    assert copies(buf, [("y", "<f4", [2, 3], 64, 24)], names)["y"].shape == (2, 3)
+    assert copies(buf, _as_received(("y", "<f4", [2, 3], 64, 24)), names)["y"].shape == (2, 3)
     wrong = {
         "outside the 1024 byte slab": ("y", "<f4", [256], 64, 1024),
         "is not in the signature": ("z", "<f4", [2], 0, 8),
@@ -343,7 +348,7 @@ def test_output_descriptions_from_a_worker_are_checked_before_reading() -> None:
     }
     for message, meta in wrong.items():
         with pytest.raises(ValueError, match=re.escape(message)):
-            copies(buf, [meta], names)
+            copies(buf, _as_received(meta), names)
 
 
 async def test_outputs_over_the_response_limit_fail_the_batch_only(
