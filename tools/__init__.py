@@ -1,0 +1,1 @@
+"""Repository tools: proto generation, the client distribution build."""
