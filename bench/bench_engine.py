@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import torch
 
+from aiaas.runtime import load_model
 from services.inference.batcher import BatchingConfig, DynamicBatcher
-from services.inference.loaders import load_model
 from services.inference.workers import InProcessRunner, WorkerPool
 from tests.inference.models import Artifact, write_mlp
 

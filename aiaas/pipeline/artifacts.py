@@ -6,7 +6,10 @@ refused before it runs. A refusal is an InvalidArgument naming what was found.
 
 A runner takes the inputs in signature order and returns the outputs in signature order, so the
 parity gate can compare an eager module, a TorchScript archive, a `torch.export` program and an
-ONNX model the same way.
+ONNX model the same way. An artifact runs through `aiaas.runtime.load_model`, the loader that
+serves it, with the version's signature: outputs are matched and typed exactly as served. BF16
+tensors are float32 values on this side (as `aiaas.pipeline.signature` generates them); they
+cross into the runtime as bit patterns and come back as float32.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from aiaas import artifact_gate
+from aiaas import artifact_gate, runtime
 from aiaas.errors import InvalidArgument
 from aiaas.formats import ArtifactFormat
+from aiaas.pipeline.signature import Signature
 
 Runner = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 
@@ -69,29 +73,24 @@ def check_onnx(data: bytes) -> bytes:
         raise InvalidArgument(f"refused: {exc}") from None
 
 
-def onnx_runner(data: bytes) -> Runner:
-    import onnxruntime as ort
-
-    data = check_onnx(data)
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # The pipeline compares small runs on one thread (see parity.LATENCY_THREADS); serving sets its own.
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+def load_runner(fmt: ArtifactFormat, data: bytes, signature: Signature) -> Runner:
+    """The served runtime on the pipeline's calling convention (torch threads left as they are; ONNX: one)."""
+    if not fmt.servable:
+        raise InvalidArgument(f"a {fmt.value} artifact holds weights only and cannot run by itself")
+    model = runtime.load_model(data, fmt.value, signature.inputs, signature.outputs)
+    bf16_in = [s.datatype == "BF16" for s in model.inputs]
+    bf16_out = [s.datatype == "BF16" for s in model.outputs]
 
     def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return list(session.run(None, dict(zip(names, inputs, strict=True))))
+        if len(inputs) != len(model.inputs):
+            raise InvalidArgument(f"{len(inputs)} inputs given, the signature has {len(model.inputs)}")
+        feeds = {
+            sig.name: runtime.bf16_bits(a) if bf16 and a.dtype != np.uint16 else np.ascontiguousarray(a)
+            for sig, bf16, a in zip(model.inputs, bf16_in, inputs, strict=True)
+        }
+        outputs, _, _, _ = model.run(feeds)
+        return [runtime.bf16_floats(outputs[s.name]) if bf16 else outputs[s.name]
+                for s, bf16 in zip(model.outputs, bf16_out, strict=True)]
 
     return run
 
-
-def load_runner(fmt: ArtifactFormat, data: bytes) -> Runner:
-    if fmt is ArtifactFormat.TORCHSCRIPT:
-        return module_runner(load_torchscript(data))
-    if fmt is ArtifactFormat.TORCH_EXPORT:
-        return module_runner(load_torch_export(data).module())
-    if fmt is ArtifactFormat.ONNX:
-        return onnx_runner(data)
-    raise InvalidArgument(f"a {fmt.value} artifact holds weights only and cannot run by itself")

@@ -93,7 +93,7 @@ def export_candidate(
     transformation = f"export:{fmt.value}"
     arrays, source = parity_inputs(signature, sample, like=inputs)
     report = run_parity(
-        module_runner(module), load_runner(fmt, data), arrays, [s.name for s in signature.outputs],
+        module_runner(module), load_runner(fmt, data, signature), arrays, [s.name for s in signature.outputs],
         tolerances or default_tolerances(transformation), transformation=transformation, sample_source=source,
         parent_size=module_size_bytes(module), candidate_size=len(data),
         latency_batches=_latency_batches(serving), measure_latency=measure_latency,
@@ -120,7 +120,8 @@ def transform_candidate(
     result = transform(parent_format, parent_data, signature, transformation, ort_level=ort_level)
     arrays, source = parity_inputs(signature, sample)
     report = run_parity(
-        load_runner(parent_format, parent_data), load_runner(result.format, result.data), arrays,
+        load_runner(parent_format, parent_data, signature), load_runner(result.format, result.data, signature),
+        arrays,
         [s.name for s in signature.outputs], tolerances or default_tolerances(result.lineage),
         transformation=result.lineage, sample_source=source, parent_size=len(parent_data),
         candidate_size=len(result.data), latency_batches=_latency_batches(serving), measure_latency=measure_latency,

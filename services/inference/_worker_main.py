@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from services.inference import sandbox
 
 if TYPE_CHECKING:
-    from services.inference.loaders import LoadedModel, TensorSig
+    from aiaas.runtime import LoadedModel, TensorSig
     from services.inference.shm import MappedSlab
 
 
@@ -80,8 +80,8 @@ def _service_owns_shared_memory() -> None:
 
 
 def worker_main(conn: Connection, config: dict[str, Any], report: sandbox.SandboxReport) -> None:
+    from aiaas.runtime import TensorSig, load_model
     from services.common.errors import AiaasError
-    from services.inference.loaders import TensorSig, load_model
 
     _service_owns_shared_memory()
     artifact = config["artifact_path"]

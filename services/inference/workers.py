@@ -34,6 +34,15 @@ from typing import Any
 
 import numpy as np
 
+from aiaas.runtime import (
+    FORMATS,
+    LoadedModel,
+    TensorSig,
+    TensorSpecLike,
+    load_model,
+    parse_device,
+    signature_of,
+)
 from services.common.datatypes import KSERVE_TO_NUMPY
 from services.common.errors import (
     AiaasError,
@@ -44,15 +53,6 @@ from services.common.errors import (
 )
 from services.inference._worker_main import WorkerConfig
 from services.inference.batcher import BatchResult
-from services.inference.loaders import (
-    FORMATS,
-    LoadedModel,
-    TensorSig,
-    TensorSpecLike,
-    load_model,
-    parse_device,
-    signature_of,
-)
 from services.inference.sandbox import SandboxPolicy, SandboxReport
 from services.inference.shm import Packed, Slab, copies, send_fds
 

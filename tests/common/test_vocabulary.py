@@ -13,7 +13,7 @@ import grpc
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from aiaas import artifact_gate, errors, records, serving
+from aiaas import artifact_gate, errors, records, runtime, serving
 from aiaas.formats import FORMATS, SERVABLE_FORMATS, ArtifactFormat, platform_of
 from aiaas.gateway.v1 import gateway_pb2
 from aiaas.monitor.v1 import monitor_pb2
@@ -21,7 +21,6 @@ from aiaas.registry.v1 import registry_pb2 as pb
 from services.common.interceptors import STATUS_BY_CODE
 from services.common.server import ServiceApp
 from services.common.settings import ServerSettings
-from services.inference import loaders
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "test.v1.Vocabulary"
@@ -96,7 +95,7 @@ def test_every_proto_format_has_exactly_one_member() -> None:
 
 def test_format_lists_derive_from_the_enum() -> None:
     assert FORMATS == artifact_gate.FORMATS == ("torchscript", "torch_export", "onnx", "safetensors")
-    assert SERVABLE_FORMATS == loaders.FORMATS == ("torchscript", "torch_export", "onnx")
+    assert SERVABLE_FORMATS == runtime.FORMATS == ("torchscript", "torch_export", "onnx")
     assert platform_of("onnx") == "onnxruntime_onnx" and platform_of("triton") == "triton"
 
 

@@ -166,7 +166,7 @@ def write_identity(
 
 
 def _torch_dtype(datatype: str) -> torch.dtype:
-    from services.inference.loaders import torch_dtype
+    from aiaas.runtime import torch_dtype
 
     return torch_dtype(datatype)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aiaas.runtime import load_model, parse_device
 from services.common.errors import FailedPrecondition, Internal, InvalidArgument
-from services.inference.loaders import load_model, parse_device
 from tests.inference.models import (
     random_array,
     write_fails_on_negative,

@@ -24,7 +24,7 @@ def test_export_keeps_batch_variable_and_matches(fmt: ArtifactFormat) -> None:
     assert candidate.signature.inputs == (TensorSpec("INPUT0", "FP32", (-1, 10)),)
     assert candidate.signature.outputs == (TensorSpec("OUTPUT0", "FP32", (-1, 10)),)
     assert candidate.transformation == f"export:{fmt.value}"
-    runner = load_runner(fmt, candidate.data)
+    runner = load_runner(fmt, candidate.data, candidate.signature)
     for batch in (1, 3, 17):
         x = np.random.default_rng(batch).normal(size=(batch, 10)).astype(np.float32)
         np.testing.assert_allclose(runner([x])[0], module_runner(module)([x])[0], atol=1e-5)

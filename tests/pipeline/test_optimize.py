@@ -57,7 +57,7 @@ def test_transformation_passes_its_gate(
     # Clients keep sending and receiving FP32 whatever the model runs in.
     assert candidate.signature == parent.signature
     x = np.random.default_rng(0).normal(size=(5, 10)).astype(np.float32)
-    (out,) = load_runner(candidate.format, candidate.data)([x])
+    (out,) = load_runner(candidate.format, candidate.data, candidate.signature)([x])
     assert out.dtype == np.float32 and out.shape == (5, 10)
     if transformation == "int8-dynamic" and parent_format is not EXPORT:
         assert report["size_bytes"]["candidate"] < report["size_bytes"]["parent"]

@@ -123,7 +123,7 @@ def test_convert_factory_with_safetensors_then_to_onnx(registry: str, tmp_path: 
     with torch.no_grad():
         expected = mlp(seed=7)(torch.from_numpy(x)).numpy()
         unloaded = factory()(torch.from_numpy(x)).numpy()
-    got = load_runner(stored.format, stored.data)([x])[0]
+    got = load_runner(stored.format, stored.data, stored.signature)([x])[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert not np.allclose(got, unloaded, atol=1e-3)
 
@@ -148,4 +148,4 @@ def test_demo_registers_as_torch_export_and_torchscript_stays_selectable(registr
         stored = publisher.download("demo", 1)
     assert stored.format.value == "torchscript"
     x = np.ones((2, 10), np.float32)
-    assert load_runner(stored.format, stored.data)([x])[0].shape == (2, 10)
+    assert load_runner(stored.format, stored.data, stored.signature)([x])[0].shape == (2, 10)

@@ -21,8 +21,8 @@ import torch
 from aiaas import artifact_gate
 from aiaas.pipeline import artifacts as pipeline_artifacts
 from aiaas.registry_client import RegistryClient, RegistryError
+from aiaas.runtime import load_model
 from services.common.errors import InvalidArgument
-from services.inference.loaders import load_model
 from tests.registry.service import RunningRegistry
 from tests.security import attacks
 from tests.support.blobs import onnx_blob

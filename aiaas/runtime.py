@@ -1,12 +1,20 @@
-"""Loading a model artifact and calling it on numpy tensors, without ever unpickling.
+"""The one artifact runtime: load a model artifact and call it on numpy tensors, without ever unpickling.
+
+Serving (`services.inference`, in a worker process or in process) and the pipeline's parity gate
+(`aiaas.pipeline.artifacts.load_runner`) both load through `load_model`, so the gate measures
+exactly what serves: the same loader, the same signature-driven dtype and output rules.
 
 Every format loads through `aiaas.artifact_gate`, which refuses what can run code before any
 deserializer sees it: TorchScript is scanned (archive code, then every inlined graph) around
 `torch.jit.load`; a `torch.export` archive is rebuilt from its checked JSON and raw tensors
 (never `torch.export.load`, which unpickles); ONNX is checked (no external data, no custom op
-domains) and its checked bytes, not its path, go to `onnxruntime.InferenceSession`. Inputs are passed positionally in signature order
-(ONNX: by name); outputs may be one tensor, a tuple/list in signature order, or a dict by name.
-The same `LoadedModel` runs inside a worker process and in the in-process runner.
+domains) and its checked bytes, not its path, go to `onnxruntime.InferenceSession`. The artifact
+is a path or its bytes. Inputs are passed positionally in signature order (ONNX: by name);
+outputs may be one tensor, a tuple/list in signature order, or a dict by name, and come back as
+the signature's datatypes (numpy has no bfloat16: BF16 travels as its uint16 bit patterns).
+
+Needs numpy, and torch or onnxruntime for the format it loads (imported when a model loads), so
+it belongs to the full distribution, not the client one.
 """
 
 from __future__ import annotations
@@ -21,12 +29,31 @@ from typing import Any, Protocol
 import numpy as np
 
 from aiaas import artifact_gate
+from aiaas.errors import AiaasError, FailedPrecondition, Internal, InvalidArgument
 from aiaas.formats import SERVABLE_FORMATS
-from services.common.datatypes import KSERVE_TO_NUMPY
-from services.common.errors import AiaasError, FailedPrecondition, Internal, InvalidArgument
 
-# The formats served here (aiaas.formats is where a format is declared).
+# The formats that load here (aiaas.formats is where a format is declared).
 FORMATS = SERVABLE_FORMATS
+
+# KServe v2 datatype -> the numpy dtype a tensor of it has in memory.
+KSERVE_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BF16": np.dtype(np.uint16),  # bit patterns; see module docstring
+    "BYTES": np.dtype(object),
+}
+
+Artifact = str | os.PathLike[str] | bytes
 
 
 class TensorSpecLike(Protocol):
@@ -86,7 +113,7 @@ class LoadedModel(Protocol):
 
 
 def load_model(
-    artifact_path: str,
+    artifact: Artifact,
     format: str,
     inputs: Sequence[TensorSpecLike],
     outputs: Sequence[TensorSpecLike],
@@ -97,12 +124,12 @@ def load_model(
     in_sigs, out_sigs = signature_of(inputs), signature_of(outputs)
     if format not in FORMATS:
         raise InvalidArgument(f"unknown model format '{format}'; expected one of {', '.join(FORMATS)}")
-    if not os.path.isfile(artifact_path):
-        raise FailedPrecondition(f"model artifact {artifact_path} does not exist")
+    if not isinstance(artifact, (bytes, bytearray)) and not os.path.isfile(artifact):
+        raise FailedPrecondition(f"model artifact {os.fspath(artifact)} does not exist")
     device = parse_device(device)
     if format == "onnx":
-        return OnnxModel(artifact_path, in_sigs, out_sigs, device, threads)
-    return TorchModel(artifact_path, format, in_sigs, out_sigs, device, threads)
+        return OnnxModel(artifact, in_sigs, out_sigs, device, threads)
+    return TorchModel(artifact, format, in_sigs, out_sigs, device, threads)
 
 
 _TORCH_DTYPES: dict[str, Any] = {}
@@ -126,7 +153,7 @@ class TorchModel:
 
     def __init__(
         self,
-        path: str,
+        artifact: Artifact,
         format: str,
         inputs: tuple[TensorSig, ...],
         outputs: tuple[TensorSig, ...],
@@ -150,9 +177,9 @@ class TorchModel:
         self._on_cpu = device == "cpu"
         try:
             if format == "torchscript":
-                module = artifact_gate.load_torchscript(path, map_location=self._device)
+                module = artifact_gate.load_torchscript(artifact, map_location=self._device)
             else:
-                module = artifact_gate.load_torch_export(path).module()
+                module = artifact_gate.load_torch_export(artifact).module()
                 if not self._on_cpu:
                     module = module.to(self._device)
         except AiaasError:
@@ -227,7 +254,7 @@ class OnnxModel:
 
     def __init__(
         self,
-        path: str,
+        artifact: Artifact,
         inputs: tuple[TensorSig, ...],
         outputs: tuple[TensorSig, ...],
         device: str,
@@ -242,13 +269,14 @@ class OnnxModel:
                     "serve BF16 models as TorchScript or torch.export"
                 )
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: load-time advice (unused initializers...) is noise here
         options.intra_op_num_threads = threads or 1
         options.inter_op_num_threads = 1
         providers: list[Any] = ["CPUExecutionProvider"]
         if device != "cpu":
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])}))
         try:
-            model_bytes = artifact_gate.onnx_model_bytes(path)
+            model_bytes = artifact_gate.onnx_model_bytes(artifact)
         except artifact_gate.UnsafeArtifact as exc:
             raise InvalidArgument(f"cannot load onnx artifact: refused: {exc}") from None
         try:
@@ -289,6 +317,21 @@ class OnnxModel:
             else:
                 outputs[sig.name] = array if array.dtype == dtype else array.astype(dtype)
         return outputs, t1 - t0, t2 - t1, time.perf_counter_ns() - t2
+
+
+def bf16_bits(array: np.ndarray) -> np.ndarray:
+    """Float values as the uint16 bit patterns of their bfloat16 rounding: how BF16 travels through numpy."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(torch.bfloat16)
+    return tensor.view(torch.int16).numpy().view(np.uint16)
+
+
+def bf16_floats(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (uint16) as float32 values."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float().numpy()
 
 
 def _strings_in(array: np.ndarray, sig: TensorSig) -> np.ndarray:
