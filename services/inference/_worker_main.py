@@ -34,6 +34,10 @@ import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+# The loader lives in the client package (`aiaas.runtime`): take it from where this process finds
+# `services` (PYTHONPATH first, see workers._worker_env), now, while that directory can be listed.
+# The package itself is light (its names load lazily); the sandbox lets the worker read it.
+import aiaas  # noqa: F401
 from services.inference import sandbox
 
 if TYPE_CHECKING:
