@@ -18,24 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from aiaas.runtime import KSERVE_TO_NUMPY  # the runtime's table: one map of datatypes to numpy
 from services.common.errors import InvalidArgument
-
-KSERVE_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BF16": np.dtype(np.uint16),  # bit patterns; see module docstring
-    "BYTES": np.dtype(object),
-}
 
 _NUMPY_TO_KSERVE: dict[np.dtype, str] = {
     dtype: name for name, dtype in KSERVE_TO_NUMPY.items() if name not in ("BF16", "BYTES")
