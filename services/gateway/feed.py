@@ -2,13 +2,14 @@
 
 `WatchModels` from revision 0 sends a snapshot (staged, then swapped in at SNAPSHOT_DONE), then
 live events: an alias move, a route change or a revoked key takes effect as soon as it arrives.
-The stream resumes from the last revision after a failure, and resyncs from 0 when told to.
+The stream itself (resume from the last applied revision, resync from 0 when told to, backoff,
+metrics) is services.common.feed_follower.FeedFollower.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Sequence
 
 import grpc
 
@@ -16,7 +17,7 @@ from aiaas.api_keys import stored_key_from_bytes
 from aiaas.gateway.v1 import gateway_pb2
 from aiaas.records import API_KEY, ROUTE
 from aiaas.registry.v1 import registry_pb2 as rpb
-from aiaas.registry.v1 import registry_pb2_grpc as rpb_grpc
+from services.common.feed_follower import FeedFollower
 from services.gateway.convert import route_from_pb
 from services.gateway.entities import ApiKeyEntry
 from services.gateway.keys import KeyRing
@@ -79,79 +80,26 @@ class CacheBuilder:
             self.catalog.remove_route(record.name)
 
 
-class RegistryFeed:
+class RegistryFeed(FeedFollower):
+    """The gateway's caches fed by `services.common.feed_follower.FeedFollower` (which handles the
+    stream: snapshot staged until SNAPSHOT_DONE, resume, resync, backoff, metrics)."""
+
     def __init__(self, channel: grpc.aio.Channel, catalog: Catalog, ring: KeyRing) -> None:
-        self.stub = rpb_grpc.ModelRegistryStub(channel)
+        super().__init__(channel, name="gateway", on_snapshot=self._swap_in, on_event=self._apply)
         self.catalog = catalog
         self.ring = ring
-        self.revision = 0
-        self.synced = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._live = CacheBuilder(catalog, ring=ring)
+        self._builder = CacheBuilder(catalog, ring=ring)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="gateway-registry-feed")
+    def _apply(self, event: rpb.ChangeEvent) -> None:
+        self._builder.apply(event)
 
-    async def wait_synced(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self.synced.wait(), timeout)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-
-    async def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._follow()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    log.warning("registry feed asks for a resync: %s", exc.details())
-                    self.revision = 0
-                elif self.synced.is_set():
-                    log.warning("registry feed interrupted (%s); serving from cache", exc.code().name)
-                else:
-                    log.info("waiting for the registry at its feed (%s)", exc.code().name)
-            except Exception:  # the follower survives anything and retries
-                log.exception("registry feed failed")
-            else:
-                backoff = 0.1
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-
-    async def _follow(self) -> None:
-        staged: CacheBuilder | None = None
-        if self.revision == 0:
-            staged = CacheBuilder(Catalog(self.catalog.default_alias), keys={})
-        call = self.stub.WatchModels(rpb.WatchModelsRequest(after_revision=self.revision))
-        async for response in call:
-            event = response.event
-            if event.type == E.CHANGE_EVENT_TYPE_SNAPSHOT_DONE:
-                if staged is not None:
-                    self._swap_in(staged)
-                    staged = None
-                self.synced.set()
-            elif staged is not None and event.snapshot:
-                # The revision moves only once the whole snapshot is in: a break restarts it.
-                staged.apply(event)
-                continue
-            else:
-                if staged is not None:
-                    # Live events before SNAPSHOT_DONE (an older registry): take the snapshot as is.
-                    self._swap_in(staged)
-                    staged = None
-                self._live.apply(event)
-                self.synced.set()
-            self.revision = max(self.revision, event.revision)
-
-    def _swap_in(self, staged: CacheBuilder) -> None:
+    def _swap_in(self, revision: int, events: Sequence[rpb.ChangeEvent]) -> None:
+        staged = CacheBuilder(Catalog(self.catalog.default_alias), keys={})
+        for event in events:
+            staged.apply(event)
         self.catalog.models = staged.catalog.models
         self.catalog.routes = staged.catalog.routes
         self.catalog.route_revisions = staged.catalog.route_revisions
         self.ring.replace_all(staged.keys or {})
-        log.info("registry snapshot at revision %d: %d models, %d routes, %d keys", self.revision,
+        log.info("registry snapshot at revision %d: %d models, %d routes, %d keys", revision,
                  len(self.catalog.models), len(self.catalog.routes), len(staged.keys or {}))
