@@ -168,9 +168,11 @@ class FeedFollower:
         if self._down_since is None:
             self._down_since = now
             self._last_warning = now
-            state = "serving from cache" if self.synced.is_set() else "waiting for its first snapshot"
-            log.warning("%s: registry feed lost at revision %d (%s); %s, reconnecting",
-                        self.name, self.revision, reason, state, exc_info=exc)
+            if self.synced.is_set():
+                log.warning("%s: registry feed lost at revision %d (%s); serving from cache, reconnecting",
+                            self.name, self.revision, reason, exc_info=exc)
+            else:
+                log.warning("%s: waiting for the registry at its feed (%s)", self.name, reason, exc_info=exc)
         elif now - self._last_warning >= self.warn_every_s:
             self._last_warning = now
             log.warning("%s: registry feed still down after %.0fs and %d attempts (%s)",
