@@ -44,6 +44,12 @@ _ID_COUNTER = itertools.count(1)
 
 _UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
+# Trailing metadata on every status a service's own code raised (an `AiaasError`): the answer
+# came from the application, so the server was reachable. A caller balancing over replicas (the
+# gateway) tells "model loading" or "queue timeout" (UNAVAILABLE with this key) from a transport
+# failure (UNAVAILABLE from grpc itself, without it). The value is the status name.
+APP_STATUS_KEY = "aiaas-app-status"
+
 # A status message travels percent-encoded in one trailer; clients refuse trailers past their
 # metadata limit (8 KiB by default) and report "Stream removed". Longer messages are cut.
 MAX_STATUS_MESSAGE_BYTES = 2048
@@ -169,8 +175,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
         if isinstance(exc, AiaasError):
-            if exc.metadata:
-                context.set_trailing_metadata(tuple(exc.metadata.items()))
+            context.set_trailing_metadata((*exc.metadata.items(), (APP_STATUS_KEY, exc.code.status_name)))
             await context.abort(STATUS_BY_CODE[exc.code], bounded_message(exc.message))
         log.error("unexpected error in %s", method, exc_info=exc)
         await context.abort(

@@ -82,7 +82,9 @@ class GatewayService(Service[DataPlane]):
         self.wait_for_registry_s: float | None = None
 
     def ready(self) -> bool:
-        return self.feed.synced.is_set() and bool(self.upstream.balancer.healthy())
+        """Registry synced and at least one replica reachable; never "no replica had a bad answer
+        lately": an overloaded or loading replica keeps the gateway ready (issue 12)."""
+        return self.feed.synced.is_set() and self.upstream.reachable()
 
     async def prepare(self) -> None:
         """Start background work and wait for the registry's snapshot (keys, routes) before listening."""

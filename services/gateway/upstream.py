@@ -1,5 +1,14 @@
 """The inference replicas behind the gateway: grpc.aio channels, DNS discovery, forwarding of raw
-request bytes with deadline propagation, and a retry on another replica for UNAVAILABLE."""
+request bytes with deadline propagation, and a retry on another replica for UNAVAILABLE.
+
+A failed call is one of two kinds. An *application answer* carries the `aiaas-app-status` trailer
+that every service's own errors carry (`services.common.interceptors.APP_STATUS_KEY`): the replica
+is up. UNAVAILABLE (model loading, queue timeout, worker restarting) and RESOURCE_EXHAUSTED (queue
+full) of that kind go to another replica when one is left to try and are passed through as they
+are otherwise; they never count against the replica. A *replica failure* is UNAVAILABLE without
+the trailer (grpc's own: connection refused or reset, GOAWAY) or a deadline that passed with no
+answer: it counts towards ejection (`Balancer.failed`) and is retried, on the same replica too.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ from typing import Any
 import grpc
 
 from services.common import errors
+from services.common.interceptors import APP_STATUS_KEY
 from services.common.server import channel_options
 from services.gateway.balancer import Balancer, Replica
 
@@ -30,6 +40,33 @@ def split_dns_target(target: str) -> tuple[str, int]:
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Application answers that another replica may serve (busy or not ready here).
+_RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Channel states in which a replica cannot be reached at all.
+_UNREACHABLE_STATES = frozenset({grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN})
+
+
+class _ReplicaFailed(Exception):
+    """A transport or gateway-level failure of one replica (counted towards its ejection)."""
+
+    def __init__(self, error: errors.AiaasError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _Refused(Exception):
+    """An application answer another replica may serve (model loading, queue full or timed out)."""
+
+    def __init__(self, error: errors.AiaasError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def answered_by_application(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the status came from the replica's own code (the trailer), not from grpc."""
+    return any(key == APP_STATUS_KEY for key, _ in exc.trailing_metadata() or ())
 
 
 def _close_soon(channel: grpc.aio.Channel) -> None:
@@ -114,9 +151,25 @@ class InferenceUpstream:
             except Exception:  # a failed refresh keeps the current pool
                 log.exception("DNS refresh failed")
 
+    def reachable(self) -> bool:
+        """Whether at least one replica can be reached: it answered last time (whatever the
+        answer), or its channel is connected now (asking an unreachable one to reconnect)."""
+        for replica in self.balancer.replicas:
+            if replica.reachable:
+                return True
+            if replica.transport is not None:
+                state = replica.transport.channel.get_state(try_to_connect=True)
+                if state == grpc.ChannelConnectivity.READY:
+                    replica.reachable = True
+                    return True
+        return False
+
     async def call(self, method: str, request: bytes, *, timeout: float,
                    metadata: Sequence[tuple[str, str]] = (), retry_not_found: bool = False) -> bytes:
-        """Forward one unary call; another replica is tried on UNAVAILABLE within `timeout`.
+        """Forward one unary call within `timeout`. After a replica failure another replica is
+        tried (the same one again, after a short pause, once all were tried); after an
+        application UNAVAILABLE or RESOURCE_EXHAUSTED another replica is tried when one is left,
+        and otherwise that answer is passed through as it came.
 
         With `retry_not_found` (the registry says the target exists), a replica answering
         NOT_FOUND is one that has not loaded it yet, and another one is tried too.
@@ -124,30 +177,40 @@ class InferenceUpstream:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         tried: set[str] = set()
+        # Replicas that answered this call: not asked again for it.
+        answered: set[str] = set()
         last: errors.AiaasError | None = None
+        answer: errors.AiaasError | None = None
         for attempt in range(self.max_attempts):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            replica = self.balancer.pick(tried)
+            replica = self.balancer.pick(tried | answered)
             if replica is None:
-                if not tried:
+                if not tried and not answered:
                     raise errors.Unavailable("no inference replica is known")
+                if not tried - answered:
+                    break  # every replica answered: nothing to retry
                 # Every replica failed once: try again after a short pause, within the deadline.
                 tried.clear()
                 await asyncio.sleep(min(0.05 * attempt, remaining / 2))
-                replica = self.balancer.pick(tried)
+                replica = self.balancer.pick(answered)
                 if replica is None:
                     break
             tried.add(replica.address)
             try:
                 return await self._call_one(replica, method, request, deadline - loop.time(), metadata)
-            except errors.Unavailable as exc:
-                last = exc
+            except _ReplicaFailed as exc:
+                last = exc.error
+            except _Refused as exc:
+                answer = exc.error
+                answered.add(replica.address)
             except errors.NotFound as exc:
                 if not retry_not_found:
                     raise
                 last = exc
+        if answer is not None:
+            raise answer  # a replica's own answer, passed through
         if isinstance(last, errors.NotFound):
             raise last
         if last is not None:
@@ -156,14 +219,26 @@ class InferenceUpstream:
 
     async def _call_one(self, replica: Replica, method: str, request: bytes, timeout: float,
                         metadata: Sequence[tuple[str, str]]) -> bytes:
+        """One call to one replica; raises `_ReplicaFailed`, `_Refused` or the replica's error."""
         replica.outstanding += 1
         try:
             response: bytes = await replica.transport.unary(method)(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.balancer.failed(replica)
+            code = exc.code()
             # The replica's status, passed on to the caller with its message.
-            raise errors.error_from_rpc(exc) from None
+            error = errors.error_from_rpc(exc)
+            if answered_by_application(exc):
+                self.balancer.succeeded(replica)  # it answered: its transport works
+                if code in _RETRY_ELSEWHERE:
+                    raise _Refused(error) from None
+                raise error from None
+            if code == grpc.StatusCode.UNAVAILABLE:
+                state = replica.transport.channel.get_state()
+                self.balancer.failed(replica, unreachable=state in _UNREACHABLE_STATES)
+                raise _ReplicaFailed(error) from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self.balancer.failed(replica)
+            raise error from None
         finally:
             replica.outstanding -= 1
         self.balancer.succeeded(replica)
@@ -171,15 +246,17 @@ class InferenceUpstream:
 
     async def call_each(self, method: str, request: bytes, *, timeout: float,
                         metadata: Sequence[tuple[str, str]] = ()) -> list[bytes]:
-        """The answers of every healthy replica (for statistics); failed replicas are left out,
+        """The answers of every routable replica (for statistics); failed replicas are left out,
         and when all fail the first error is raised."""
-        replicas = self.balancer.healthy()
+        replicas = self.balancer.routable()
         if not replicas:
-            raise errors.Unavailable("no healthy inference replica")
+            raise errors.Unavailable("no inference replica is known")
 
         async def one(replica: Replica) -> bytes | errors.AiaasError:
             try:
                 return await self._call_one(replica, method, request, timeout, metadata)
+            except (_ReplicaFailed, _Refused) as exc:
+                return exc.error
             except errors.AiaasError as exc:
                 return exc
 

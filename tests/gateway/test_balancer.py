@@ -77,3 +77,47 @@ def test_pool_changes_keep_existing_replicas() -> None:
     added, removed = balancer.set_addresses(["a", "c"])
     assert [r.address for r in added] == ["c"] and [r.address for r in removed] == ["b"]
     assert balancer.replicas[0] is a
+
+
+def test_an_unreachable_replica_is_ejected_at_once_and_answers_reset_failures() -> None:
+    clock = Clock()
+    balancer = Balancer(eject_after=3, clock=clock)
+    balancer.set_addresses(["a", "b", "c"])
+    a, b = balancer.replicas[0], balancer.replicas[1]
+    balancer.failed(a, unreachable=True)  # connection refused: the channel cannot connect
+    assert a.ejected(clock.now) and not a.reachable
+    balancer.failed(b)
+    balancer.failed(b)
+    balancer.succeeded(b)  # an answer, even an application error, shows the transport works
+    balancer.failed(b)
+    balancer.failed(b)
+    assert not b.ejected(clock.now) and b.reachable
+
+
+def test_panic_threshold_routes_to_every_replica() -> None:
+    clock = Clock()
+    balancer = Balancer(eject_after=1, clock=clock)
+    balancer.set_addresses(["a", "b", "c", "d"])
+    a, b, c, d = balancer.replicas
+    balancer.failed(a)
+    balancer.failed(b)
+    # Half ejected is not more than half: ejected replicas are skipped.
+    assert not balancer.panicking() and {r.address for r in balancer.routable()} == {"c", "d"}
+    assert {balancer.pick().address for _ in range(8)} == {"c", "d"}  # type: ignore[union-attr]
+    balancer.failed(c)
+    # Three of four ejected: panic, every replica takes traffic, the least busy first.
+    assert balancer.panicking() and balancer.routable() == [a, b, c, d]
+    d.outstanding = 2
+    a.outstanding = b.outstanding = 1
+    assert balancer.pick().address == "c"  # type: ignore[union-attr]
+    c.outstanding = 3
+    assert {balancer.pick().address for _ in range(8)} == {"a", "b"}  # type: ignore[union-attr]
+
+
+def test_the_only_replica_ejected_still_takes_traffic() -> None:
+    clock = Clock()
+    balancer = Balancer(eject_after=1, clock=clock)
+    balancer.set_addresses(["a"])
+    balancer.failed(balancer.replicas[0])
+    assert balancer.panicking() and balancer.routable() == balancer.replicas
+    assert balancer.pick().address == "a"  # type: ignore[union-attr]

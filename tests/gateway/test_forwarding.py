@@ -165,6 +165,26 @@ async def test_unavailable_from_a_replica_is_retried_elsewhere(stack: Stack) -> 
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and info.value.message() == "replica says no"
 
 
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+async def test_an_application_refusal_is_retried_elsewhere_and_never_ejects(
+    stack: Stack, code: grpc.StatusCode
+) -> None:
+    busy, other = stack.replicas
+    busy.fail_with, busy.fail_as_application = code, True  # "model loading", "queue full"
+    async with tca.InferenceServerClient(stack.address) as client:
+        for _ in range(6):
+            await client.infer("m", inputs([3]), headers=stack.headers())
+        other.fail_with, other.fail_as_application = code, True
+        seen = len(busy.seen) + len(other.seen)
+        with pytest.raises(InferenceServerException) as info:
+            await client.infer("m", inputs([3]), headers=stack.headers())
+        # Each replica asked once, then the answer passed through as it came.
+        assert info.value.status() == f"StatusCode.{code.name}" and info.value.message() == "replica says no"
+        assert len(busy.seen) + len(other.seen) == seen + 2
+    assert all(r.ejections == 0 and r.reachable for r in stack.upstream.balancer.replicas)
+    assert stack.upstream.reachable() and len(stack.upstream.balancer.healthy()) == 2
+
+
 async def test_a_replica_without_the_model_yet_is_passed_over(stack: Stack) -> None:
     stack.replicas[0].fail_with = grpc.StatusCode.NOT_FOUND
     async with tca.InferenceServerClient(stack.address) as client:

@@ -13,6 +13,8 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from services.common.interceptors import APP_STATUS_KEY
+
 SERVICE = "inference.GRPCInferenceService"
 
 
@@ -36,6 +38,8 @@ class EchoReplica:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.fail_with: grpc.StatusCode | None = None
+        # Whether `fail_with` is marked as the application's answer, as every aiaas service marks it.
+        self.fail_as_application = False
 
     @property
     def address(self) -> str:
@@ -50,6 +54,8 @@ class EchoReplica:
         self.seen.append(Seen(version, {k: str(v) for k, v in context.invocation_metadata() or ()},
                               context.time_remaining()))
         if self.fail_with is not None:
+            if self.fail_as_application:
+                context.set_trailing_metadata(((APP_STATUS_KEY, self.fail_with.name),))
             await context.abort(self.fail_with, "replica says no")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
