@@ -133,7 +133,7 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
         default_model=QuotaSpec(settings.default_model_rps, settings.default_model_burst),
     )
     balancer = Balancer(eject_after=settings.eject_after_failures, eject_base_s=settings.eject_base_s,
-                        eject_max_s=settings.eject_max_s)
+                        eject_max_s=settings.eject_max_s, panic_threshold=settings.eject_panic_threshold)
     upstream = InferenceUpstream(settings.inference_targets, balancer, max_message_bytes=settings.max_message_bytes,
                                  max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s)
     reporter = TelemetryReporter(settings.monitor_url, source="gateway")

@@ -63,12 +63,16 @@ class GatewaySettings(ServerSettings):
     # Replicas tried for one request: one that answers UNAVAILABLE (or has not loaded the target yet)
     # hands the request to another, within the caller's deadline. 1 means no retry.
     max_attempts: int = 3
-    # UNAVAILABLE answers in a row after which a replica is ejected (skipped for a while).
+    # Replica failures in a row (transport failures: refused, reset, GOAWAY; deadlines with no answer)
+    # after which a replica is ejected (skipped for a while). Application answers (model loading,
+    # queue full or timed out) never count; a replica whose channel cannot connect is ejected at once.
     eject_after_failures: int = 3
     # First ejection's length, in seconds; it doubles on each new ejection and a success resets it.
     eject_base_s: float = 1.0
     # Longest ejection, in seconds.
     eject_max_s: float = 30.0
+    # Panic threshold: when more than this share of the replicas is ejected, every replica takes traffic.
+    eject_panic_threshold: float = 0.5
     # Shadow copies in flight at once; beyond it sampled copies are dropped. 0 drops every copy.
     shadow_max_concurrency: int = 16
     # A shadow's numeric outputs match the live ones within this, relative and absolute (BYTES exactly).
@@ -105,6 +109,8 @@ class GatewaySettings(ServerSettings):
             )
         if self.max_attempts < 1:
             raise InvalidArgument("max_attempts must be >= 1")
+        if not 0.0 <= self.eject_panic_threshold <= 1.0:
+            raise InvalidArgument("eject_panic_threshold must be between 0 and 1")
         for name in ("default_key_rps", "default_model_rps", "redis_timeout_ms", "default_timeout_s"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0")
