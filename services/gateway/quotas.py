@@ -2,8 +2,12 @@
 
 One Lua script takes a token from every bucket that applies, atomically, or from none of them,
 and answers how long to wait when any is empty. Without Redis the same buckets live in-process.
-When Redis is unreachable the configured failure mode applies at once (no waiting on it):
-"open" admits the request and raises an alarm, "closed" refuses it with UNAVAILABLE.
+When a Redis call times out or fails, and for the retry-after window after it, the configured
+failure mode applies at once (no waiting on Redis): "local" (the default) decides in-process with
+a token bucket per key and model at 1/replicas of each limit, so a key is still limited; "open"
+admits the request; "closed" refuses it with UNAVAILABLE. Every such decision is counted
+(`gateway.quota.store_failures`, and `gateway.quota.local_decisions` by reason for "local"), and
+a warning is logged at most once a minute.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ log = logging.getLogger("aiaas.gateway.quotas")
 
 Bucket = tuple[str, QuotaSpec]
 UNLIMITED = QuotaSpec()
+FAILURE_MODES = ("local", "open", "closed")
+WARN_INTERVAL_S = 60.0
 
 # KEYS: bucket keys; ARGV: rate_1, capacity_1, rate_2, capacity_2, ...
 # Returns 0 when a token was taken from every bucket, else the wait in ms before one would be.
@@ -95,26 +101,54 @@ class LocalBuckets:
         return math.ceil(wait * 1000 - 1e-6)
 
 
+def local_share(buckets: Sequence[Bucket], replicas: int) -> list[Bucket]:
+    """This replica's share of each bucket while Redis is away: rate / replicas, burst likewise (at least 1)."""
+    if replicas <= 1:
+        return list(buckets)
+    return [(name, QuotaSpec(spec.rps / replicas, max(1, math.floor(spec.capacity / replicas))))
+            for name, spec in buckets]
+
+
+def failure_reason(exc: BaseException) -> str:
+    """"timeout" for a call that ran past its bound (asyncio's or redis's), else "error"."""
+    if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+        return "timeout"
+    return "error"
+
+
 class QuotaEnforcer:
     """Checks a request against its buckets; raises ResourceExhausted with a retry-after hint."""
 
     def __init__(
-        self, *, redis: Any | None = None, failure_mode: str = "open", timeout_s: float = 0.05,
+        self, *, redis: Any | None = None, failure_mode: str = "local", timeout_s: float = 0.05,
         retry_after_s: float = 1.0, default_key: QuotaSpec = UNLIMITED, default_model: QuotaSpec = UNLIMITED,
+        replicas: int = 1, meter: metrics.Meter | None = None,
     ) -> None:
+        if failure_mode not in FAILURE_MODES:
+            raise ValueError(f"failure_mode must be one of {FAILURE_MODES}")
         self.redis = redis
         self.failure_mode = failure_mode
+        self.replicas = max(1, replicas)
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.default_key = default_key
         self.default_model = default_model
         self.local = LocalBuckets()
+        # Buckets of this replica's share, used only while Redis is slow or down (mode "local").
+        self.fallback = LocalBuckets()
         self._script = redis.register_script(TOKEN_BUCKET_LUA) if redis is not None else None
         self._store_down_until = 0.0
-        self._last_alarm = 0.0
+        self._down_reason = "error"
+        self._last_alarm = -math.inf
         self.store_failures = 0
-        self._failures = metrics.get_meter("aiaas.gateway").create_counter(
+        self.local_decisions: dict[str, int] = {"timeout": 0, "error": 0}
+        meter = meter if meter is not None else metrics.get_meter("aiaas.gateway")
+        self._failures = meter.create_counter(
             "gateway.quota.store_failures", description="Quota checks that could not reach Redis"
+        )
+        self._local_counter = meter.create_counter(
+            "gateway.quota.local_decisions",
+            description="Quota decisions made by this replica's local buckets while Redis was slow or down",
         )
 
     @property
@@ -132,6 +166,8 @@ class QuotaEnforcer:
             if shared is None:
                 return
             wait_ms = shared
+            if wait_ms < 0:  # Redis is away and the mode is "local"
+                wait_ms = self.fallback.take(local_share(buckets, self.replicas))
         if wait_ms > 0:
             which = " and ".join(name.split(":", 2)[2] for name, _ in buckets)
             raise ResourceExhausted(
@@ -140,7 +176,7 @@ class QuotaEnforcer:
             )
 
     async def _take_shared(self, script: Any, buckets: Sequence[Bucket]) -> int | None:
-        """Wait in ms from Redis, or None when the store is down and the mode is "open"."""
+        """Wait in ms from Redis; None when the store is away and the mode is "open", -1 when "local"."""
         if time.monotonic() < self._store_down_until:
             return self._store_unavailable(None)
         args: list[float] = []
@@ -162,13 +198,25 @@ class QuotaEnforcer:
         now = time.monotonic()
         if exc is not None:
             self._store_down_until = now + self.retry_after_s
+            self._down_reason = failure_reason(exc)
+        reason = self._down_reason
         self.store_failures += 1
         self._failures.add(1, {"mode": self.failure_mode})
-        if now - self._last_alarm > 10.0:
+        if now - self._last_alarm >= WARN_INTERVAL_S:
             self._last_alarm = now
-            log.error(
-                "ALARM: quota store (Redis) unreachable (%s); failing %s", exc or "still down", self.failure_mode,
-            )
+            action = {
+                "local": f"deciding quotas locally at 1/{self.replicas} of each limit",
+                "open": "admitting requests without a quota check",
+                "closed": "refusing requests with UNAVAILABLE",
+            }[self.failure_mode]
+            level = logging.WARNING if self.failure_mode == "local" else logging.ERROR
+            log.log(level, "quota store (Redis) %s (%s); %s (next warning in %.0f s at most)",
+                        "slow" if reason == "timeout" else "unreachable", exc or "still within retry-after",
+                        action, WARN_INTERVAL_S)
+        if self.failure_mode == "local":
+            self.local_decisions[reason] += 1
+            self._local_counter.add(1, {"reason": reason})
+            return -1
         if self.failure_mode == "open":
             return None
         retry_ms = max(1, int(self.retry_after_s * 1000))

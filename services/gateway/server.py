@@ -128,7 +128,7 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     redis = make_redis(settings)
     quotas = QuotaEnforcer(
         redis=redis, failure_mode=settings.redis_failure_mode, timeout_s=settings.redis_timeout_ms / 1000.0,
-        retry_after_s=settings.redis_retry_after_s,
+        retry_after_s=settings.redis_retry_after_s, replicas=settings.gateway_replicas,
         default_key=QuotaSpec(settings.default_key_rps, settings.default_key_burst),
         default_model=QuotaSpec(settings.default_model_rps, settings.default_model_burst),
     )

@@ -7,7 +7,7 @@ import dataclasses
 from services.common.errors import InvalidArgument
 from services.common.settings import ServerSettings
 
-REDIS_FAILURE_MODES = ("open", "closed")
+REDIS_FAILURE_MODES = ("local", "open", "closed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +48,13 @@ class GatewaySettings(ServerSettings):
     default_model_rps: float = 0.0
     # Burst (token bucket size, in requests) of that default model quota; 0 means max(1, default_model_rps).
     default_model_burst: int = 0
-    # While Redis is unreachable: "open" admits requests and logs an alarm, "closed" refuses them
-    # with UNAVAILABLE and a retry-after hint.
-    redis_failure_mode: str = "open"
+    # While Redis is slow or down (a timeout or error, then the retry-after window): "local" decides
+    # in this process with token buckets at 1/gateway_replicas of each limit; "open" admits requests
+    # without a check; "closed" refuses them with UNAVAILABLE and a retry-after hint.
+    redis_failure_mode: str = "local"
+    # Gateway replicas sharing the quotas in Redis; while Redis is away each one enforces
+    # rate / gateway_replicas (burst likewise, at least 1) locally.
+    gateway_replicas: int = 1
     # Bound on one Redis call (connect or command), in milliseconds; past it the call counts as failed.
     redis_timeout_ms: float = 50.0
     # After Redis fails, skip it for this long instead of paying its timeout on every request.
@@ -107,6 +111,8 @@ class GatewaySettings(ServerSettings):
             raise InvalidArgument(
                 "auth is on and key_pepper is empty: set AIAAS_GATEWAY_KEY_PEPPER (the same on every replica)"
             )
+        if self.gateway_replicas < 1:
+            raise InvalidArgument("gateway_replicas must be >= 1")
         if self.max_attempts < 1:
             raise InvalidArgument("max_attempts must be >= 1")
         if not 0.0 <= self.eject_panic_threshold <= 1.0:

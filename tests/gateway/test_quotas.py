@@ -1,13 +1,17 @@
-"""Token buckets: in-process, shared through a real Redis by two enforcers, and Redis failures."""
+"""Token buckets: in-process, shared through a real Redis by two enforcers, and Redis failures
+(local buckets at 1/replicas while Redis is slow or down, open, closed)."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -132,3 +136,113 @@ async def test_redis_stopped_and_restarted() -> None:
     finally:
         await redis.aclose()
         server.close()
+
+
+def local_decisions(reader: InMemoryMetricReader) -> dict[str, int]:
+    """The gateway.quota.local_decisions counter as exported through the OpenTelemetry SDK, by reason."""
+    found: dict[str, int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == "gateway.quota.local_decisions":
+                    for point in metric.data.data_points:
+                        assert isinstance(point, NumberDataPoint) and point.attributes is not None
+                        found[str(point.attributes["reason"])] = int(point.value)
+    return found
+
+
+async def admitted_of(quotas: QuotaEnforcer, c: Caller, n: int) -> tuple[int, int]:
+    """Admitted requests out of n back to back, and the last refusal's retry-after hint."""
+    admitted, hint = 0, 0
+    for _ in range(n):
+        try:
+            await quotas.check(c, "m", None)
+            admitted += 1
+        except ResourceExhausted as exc:
+            hint = int(exc.metadata["retry-after-ms"])
+    return admitted, hint
+
+
+async def test_redis_down_falls_back_to_a_local_bucket_and_counts_it() -> None:
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    redis = client(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        quotas = QuotaEnforcer(redis=redis, timeout_s=0.05, retry_after_s=5.0, meter=meter)
+        assert quotas.failure_mode == "local"
+        c = caller(rps=2, burst=4)
+        admitted, hint = await admitted_of(quotas, c, 10)
+        assert admitted == 4  # the key is still limited while Redis is down
+        assert 0 < hint <= 500
+        assert not quotas.store_healthy
+        assert local_decisions(reader) == {"error": 10}
+        assert quotas.local_decisions == {"timeout": 0, "error": 10}
+    finally:
+        await redis.aclose()
+
+
+async def test_slow_redis_times_out_into_the_local_bucket() -> None:
+    # A listener that accepts and never answers: every call runs into the 20 ms bound.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(16)
+    reader = InMemoryMetricReader()
+    redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0", retry=Retry(NoBackoff(), 0))
+    try:
+        quotas = QuotaEnforcer(redis=redis, timeout_s=0.02, retry_after_s=5.0,
+                               meter=MeterProvider(metric_readers=[reader]).get_meter("test"))
+        started = time.perf_counter()
+        admitted, _ = await admitted_of(quotas, caller(rps=2, burst=4), 6)
+        assert admitted == 4
+        assert time.perf_counter() - started < 1.0
+        assert local_decisions(reader) == {"timeout": 6}
+    finally:
+        await redis.aclose()
+        blackhole.close()
+
+
+async def test_local_share_divides_by_gateway_replicas() -> None:
+    redis = client(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        quotas = QuotaEnforcer(redis=redis, retry_after_s=5.0, replicas=2)
+        admitted, hint = await admitted_of(quotas, caller(rps=2, burst=4), 6)
+        assert admitted == 2  # burst 4 / 2 replicas
+        assert 500 < hint <= 1000  # refilled at 2 / 2 = 1 per second
+    finally:
+        await redis.aclose()
+
+
+async def test_redis_back_makes_decisions_shared_again() -> None:
+    server = RedisServer().start()
+    one, two = client(server.url), client(server.url)
+    try:
+        first = QuotaEnforcer(redis=one, retry_after_s=0.2)
+        second = QuotaEnforcer(redis=two, retry_after_s=0.2)
+        server.stop()
+        c = caller(rps=2, burst=4)
+        # Down: each gateway decides alone, so both admit a full burst.
+        assert (await admitted_of(first, c, 5))[0] == 4
+        assert (await admitted_of(second, c, 5))[0] == 4
+        server.start()
+        await asyncio.sleep(0.25)  # past the retry-after window
+        c = caller(rps=2, burst=4)
+        admitted = 0
+        for enforcer in (first, second) * 4:
+            try:
+                await enforcer.check(c, "m", None)
+                admitted += 1
+            except ResourceExhausted:
+                pass
+        assert admitted == 4  # one bucket in Redis again, across both
+        assert first.store_healthy and second.store_healthy
+        assert first.local_decisions["error"] == 5 and second.local_decisions["error"] == 5
+    finally:
+        await one.aclose()
+        await two.aclose()
+        server.close()
+
+
+def test_failure_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="failure_mode"):
+        QuotaEnforcer(failure_mode="ajar")
