@@ -36,6 +36,12 @@ from tests.inference.test_service_workers import spin_inputs, write_spin
 from tests.inference.test_workers import pool_for, start, wait_alive
 
 ROOT = os.geteuid() == 0
+
+
+def require_root() -> None:
+    """These tests simulate a root service (capabilities dropped, a user change): they need root."""
+    assert ROOT, ("this test simulates an inference service running as root: run `make test` as root, "
+                  "as CI does (sudo make test, or in a container)")
 LANDLOCK = landlock.abi()
 NOBODY = sandbox.resolve_user("nobody")
 CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN = 6, 7, 21
@@ -193,8 +199,8 @@ def drop_capabilities(*caps: int) -> Callable[[], None]:
     return preexec
 
 
-@pytest.mark.skipif(not ROOT, reason="simulates a root service without some capabilities")
 def test_without_cap_sys_admin_the_network_is_cut_in_a_user_namespace(listener: socket.socket) -> None:
+    require_root()
     port = listener.getsockname()[1]
     result = run_probe("--connect", f"127.0.0.1:{port}", preexec=drop_capabilities(CAP_SYS_ADMIN))
     report = result["report"]
@@ -206,8 +212,8 @@ def test_without_cap_sys_admin_the_network_is_cut_in_a_user_namespace(listener: 
         assert report["applied"]["network"].startswith(("no new sockets (seccomp)", "TCP only (Landlock)"))
 
 
-@pytest.mark.skipif(not ROOT, reason="simulates a root service without some capabilities")
 def test_without_setuid_a_root_worker_keeps_uid_0_but_no_capabilities(shared_dir: Path) -> None:
+    require_root()
     result = run_probe("--read", "/etc/passwd", preexec=drop_capabilities(CAP_SETUID, CAP_SETGID, CAP_SYS_ADMIN))
     report = result["report"]
     assert int(result["cap_eff"], 16) == 0
@@ -216,11 +222,11 @@ def test_without_setuid_a_root_worker_keeps_uid_0_but_no_capabilities(shared_dir
         assert result["reads"]["/etc/passwd"] == "EACCES"  # root, yet Landlock holds
 
 
-@pytest.mark.skipif(not ROOT, reason="only a root service changes the worker's user")
 async def test_require_refuses_a_worker_that_cannot_drop_root(
     shared_dir: Path, pools: list[WorkerPool]
 ) -> None:
     """An artifact only root can read: "require" refuses to start, "auto" serves as uid 0 without capabilities."""
+    require_root()
     artifact = write_mlp(shared_dir, "onnx", sizes=(10, 40, 10))
     os.chmod(artifact.path, 0o600)
     strict = pool_for(artifact, sandbox=sandbox.SandboxPolicy(mode="require"))
