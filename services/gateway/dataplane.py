@@ -98,7 +98,7 @@ class DataPlane:
         self.upstream = upstream
         self.limits = limits or RequestLimits()
         self.signatures = signatures or SignatureCache(None)
-        self.reporter = reporter
+        self._reporter = reporter
         self.default_timeout_s = default_timeout_s
         self.stream_window = stream_window
         # A callable saying whether the gateway is ready (registry synced, replicas known).
@@ -116,8 +116,7 @@ class DataPlane:
     @reporter.setter
     def reporter(self, reporter: TelemetryReporter | None) -> None:
         self._reporter = reporter
-        if hasattr(self, "drift"):
-            self.shadows.reporter = self.drift.reporter = reporter
+        self.shadows.reporter = self.drift.reporter = reporter
 
     @property
     def shadow_stats(self) -> dict[tuple[str, int, int], ShadowStats]:
