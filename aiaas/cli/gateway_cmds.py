@@ -112,7 +112,6 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def _create_in_registry(args: argparse.Namespace, models: list[str], roles: list[str],
                         expires: float | None) -> tuple[Any, str]:
-    import grpc
 
     from aiaas.api_keys import ROLE_NAMES, QuotaSpec, key_to_pb, make_key, stored_key_record
     from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -129,7 +128,9 @@ def _create_in_registry(args: argparse.Namespace, models: list[str], roles: list
         expire_time=time.time() + expires if expires else None,
         quota=QuotaSpec(args.rps, args.burst) if args.rps else None,
     )
-    with grpc.insecure_channel(args.registry) as channel:
+    from aiaas.identity import ClientIdentity
+
+    with ClientIdentity.from_env().channel(args.registry) as channel:
         stub = registry_pb2_grpc.ModelRegistryStub(channel)
         stub.PutRecord(registry_pb2.PutRecordRequest(record=stored_key_record(entry), expected_revision=0,
                                                      actor="cli"), timeout=args.timeout)

@@ -119,11 +119,12 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     """Wire the gateway; call inside the running event loop."""
     # No request is larger than max_request_bytes: grpc refuses one before reading it.
     app = ServiceApp("gateway", settings, configure_process=configure_process,
-                     max_receive_bytes=settings.max_request_bytes)
+                     max_receive_bytes=settings.max_request_bytes, public=True)
+    identity = settings.client_identity()
     ring = KeyRing(settings.key_pepper.encode(), enabled=settings.auth_enabled,
                    bootstrap_token=settings.bootstrap_admin_key)
     catalog = Catalog(settings.default_alias)
-    registry_channel = grpc.aio.insecure_channel(settings.registry_url)
+    registry_channel = identity.aio_channel(settings.registry_url)
     feed = RegistryFeed(registry_channel, catalog, ring)
     redis = make_redis(settings)
     quotas = QuotaEnforcer(
@@ -135,8 +136,9 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     balancer = Balancer(eject_after=settings.eject_after_failures, eject_base_s=settings.eject_base_s,
                         eject_max_s=settings.eject_max_s, panic_threshold=settings.eject_panic_threshold)
     upstream = InferenceUpstream(settings.inference_targets, balancer, max_message_bytes=settings.max_message_bytes,
-                                 max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s)
-    reporter = TelemetryReporter(settings.monitor_url, source="gateway")
+                                 max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s,
+                                 identity=identity)
+    reporter = TelemetryReporter(settings.monitor_url, source="gateway", identity=identity)
     registry = RegistryClient(registry_channel, timeout_s=5.0)
 
     async def fetch_signature(model: str, version: int) -> Signature | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -86,6 +87,13 @@ def _prepare_sqlite_dir(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
+def _feed_kinds(app: ServiceApp) -> Callable[[], frozenset[str] | None]:
+    guard = app.guard
+    if guard is None:
+        return lambda: None
+    return lambda: guard.allowed_values("WatchModels", "kind")
+
+
 def create_service(settings: RegistrySettings, *, configure_process: bool = True) -> RegistryService:
     """Wire the registry; call inside the running event loop."""
     url = settings.resolved_database_url()
@@ -103,7 +111,7 @@ def create_service(settings: RegistrySettings, *, configure_process: bool = True
     limits = UploadLimits(idle_timeout_s=settings.upload_idle_timeout_s,
                           max_duration_s=settings.upload_max_duration_s)
     app.add_service(SERVICE_NAME, registry_pb2_grpc.add_ModelRegistryServicer_to_server,
-                    RegistryServicer(core, hub, limits))
+                    RegistryServicer(core, hub, limits, feed_kinds=_feed_kinds(app)))
     sweeper = UploadSweeper(artifacts, interval_s=settings.upload_sweep_interval_s,
                             stale_after_s=settings.upload_stale_after_s)
     return RegistryService(app, core, store=store, hub=hub, sweeper=sweeper)

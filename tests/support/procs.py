@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aiaas.identity import ClientIdentity
 from tests.support.servers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,10 +40,13 @@ def _log_dir() -> str:
 
 
 def wait_healthy(address: str, service: str = "", timeout: float = 60.0,
-                 proc: subprocess.Popen[bytes] | None = None, log_path: str | None = None) -> None:
+                 proc: subprocess.Popen[bytes] | None = None, log_path: str | None = None,
+                 identity: ClientIdentity | None = None) -> None:
+    """Poll grpc.health.v1 until `service` is SERVING (over mTLS with `identity`, at localhost:port)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
-    with grpc.insecure_channel(address) as channel:
+    target = f"localhost:{address.rpartition(':')[2]}" if identity is not None and identity.tls else address
+    with (identity.channel(target) if identity is not None else grpc.insecure_channel(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -90,8 +94,17 @@ class ServiceProcess:
             self.wait_ready(timeout=timeout)
         return self
 
+    def client_identity(self) -> ClientIdentity | None:
+        """The process's own certificate when it serves mTLS (health checks need one too)."""
+        if not self.env.get("AIAAS_TLS_CLIENT_CA"):
+            return None
+        return ClientIdentity.from_files(tls_ca=self.env.get("AIAAS_CLIENT_TLS_CA") or self.env["AIAAS_TLS_CLIENT_CA"],
+                                         tls_cert=self.env.get("AIAAS_CLIENT_TLS_CERT") or self.env["AIAAS_TLS_CERT"],
+                                         tls_key=self.env.get("AIAAS_CLIENT_TLS_KEY") or self.env["AIAAS_TLS_KEY"])
+
     def wait_ready(self, service: str = "", timeout: float = 90.0) -> None:
-        wait_healthy(self.address, service, timeout, proc=self.proc, log_path=self.log_file.name)
+        wait_healthy(self.address, service, timeout, proc=self.proc, log_path=self.log_file.name,
+                     identity=self.client_identity())
 
     def log(self) -> str:
         return Path(self.log_file.name).read_text(errors="replace")
