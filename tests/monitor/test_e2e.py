@@ -249,6 +249,17 @@ async def test_broken_canary_is_rolled_back_while_production_serves(stack: Stack
     assert set(after.versions) == {"1"}
 
 
+async def test_an_alias_move_reaches_the_gateway_over_mtls(stack: Stack, tmp_path: Path) -> None:
+    """Registry -> inference -> gateway, every hop mTLS: a new version moved to production serves."""
+    version = stack.registry.register("steady", write_double(tmp_path), max_batch_size=16, alias="production")
+
+    async def serving_new() -> bool:
+        out = await drive(stack.gateway.address, "steady", requests=8, rows=1, concurrency=2)
+        return out.failed == 0 and set(out.versions) == {str(version)}
+
+    await poll(serving_new, 60, f"steady:production served by version {version}")
+
+
 async def test_killing_the_monitor_mid_load_fails_no_request(stack: Stack) -> None:
     stub = stack.monitor_stub()
     slo = pb.SLO(model="steady", p99_latency_ms=500, max_error_rate=0.01, window_seconds=30)

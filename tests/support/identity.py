@@ -96,6 +96,10 @@ def make_pki(directory: Path) -> Pki:
 _SESSION: Identities | None = None
 
 
+def session_installed() -> bool:
+    return _SESSION is not None
+
+
 def session_identities() -> Identities:
     assert _SESSION is not None, "install_session_identity() runs from tests/conftest.py"
     return _SESSION

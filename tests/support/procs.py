@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aiaas.identity import ClientIdentity
+from tests.support.identity import session_identities, session_installed
 from tests.support.servers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,9 @@ class ServiceProcess:
         self.port = port or free_port()
         self.args = list(args)
         self.env = {**os.environ, "AIAAS_LOG_JSON": "false", **(env or {})}
+        if "AIAAS_IDENTITY_TOKEN_FILE" not in (env or {}) and session_installed():
+            # Each service presents its own identity (the policy applies to what it calls).
+            self.env["AIAAS_IDENTITY_TOKEN_FILE"] = str(session_identities().token_file(name))
         self.env.setdefault("PYTHONPATH", str(REPO_ROOT))
         # Kept open for the child's lifetime so a failing test can show it; removed at exit.
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
