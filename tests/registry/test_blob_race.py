@@ -1,0 +1,145 @@
+"""Two registry replicas on one PostgreSQL database and one artifact directory (the documented scale-out):
+one deletes the last version using some bytes while the other uploads a new version with the same bytes.
+The new version's blob must survive every round (issue 12, item 4)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from aiaas.registry.v1 import registry_pb2 as pb
+from aiaas.registry.v1 import registry_pb2_grpc
+from aiaas.registry_client import RegistryClient
+from tests.support.blobs import onnx_blob
+from tests.support.procs import ServiceProcess
+from tests.support.servers import PostgresServer
+
+ROUNDS = 60
+MODEL = "race"
+# How far the delete may start after the upload's stream ends: around the time an upload takes to verify,
+# gate and record its version, so that the two land on each other in many rounds.
+MAX_DELETE_DELAY_S = 0.02
+
+
+class Replicas:
+    """Two `python -m services.registry` processes sharing a database and an artifact directory."""
+
+    def __init__(self, database_url: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="aiaas-blob-race-"))
+        self.artifact_dir = self.dir / "artifacts"
+        args = ["--database-url", database_url, "--artifact-dir", str(self.artifact_dir), "--grace-period-s", "5"]
+        self.processes = [ServiceProcess("registry", args=args), ServiceProcess("registry", args=args)]
+
+    def start(self) -> Replicas:
+        for process in self.processes:
+            process.start(wait=False)
+        for process in self.processes:
+            process.wait_ready()
+        return self
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.artifact_dir / "sha256" / sha256[:2] / sha256[2:]
+
+
+@pytest.fixture(scope="module")
+def replicas(postgres_server: PostgresServer) -> Iterator[Replicas]:
+    running = Replicas(postgres_server.create_database("registry_blob_race")).start()
+    yield running
+    running.close()
+
+
+def header(data: bytes) -> pb.UploadVersionHeader:
+    return pb.UploadVersionHeader(
+        model=MODEL, format=pb.ARTIFACT_FORMAT_ONNX, artifact_sha256=hashlib.sha256(data).hexdigest(),
+        artifact_size=len(data), create_model=True, actor="racer",
+        signature=pb.Signature(inputs=[pb.TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
+                               outputs=[pb.TensorSpec(name="y", datatype="FP32", shape=[-1, 4])]))
+
+
+def held_upload(data: bytes, release: threading.Event) -> Iterator[pb.UploadVersionRequest]:
+    """The whole upload but its end, which waits for `release`: then the registry verifies and commits."""
+    yield pb.UploadVersionRequest(header=header(data))
+    yield pb.UploadVersionRequest(chunk=data)
+    release.wait(30)
+
+
+def race(uploader: registry_pb2_grpc.ModelRegistryStub, deleter: RegistryClient, doomed: int,
+         data: bytes, delay_s: float) -> pb.ModelVersion:
+    """Upload `data` on one replica while the other deletes version `doomed`, which holds the same bytes."""
+    release = threading.Event()
+    failures: list[BaseException] = []
+
+    def delete() -> None:
+        release.wait(30)
+        time.sleep(delay_s)  # jitter, so that the delete lands at a different point of the upload each round
+        try:
+            deleter.delete_version(MODEL, doomed)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller below
+            failures.append(exc)
+
+    thread = threading.Thread(target=delete)
+    thread.start()
+    try:
+        reply = uploader.UploadVersion.future(held_upload(data, release), timeout=30)
+        release.set()
+        version = reply.result().version
+    finally:
+        release.set()
+        thread.join(30)
+    assert not failures, f"deleting version {doomed} failed: {failures[0]}"
+    return version
+
+
+def test_a_delete_on_one_replica_never_loses_the_blob_of_an_upload_on_another(replicas: Replicas) -> None:
+    addresses = [process.address for process in replicas.processes]
+    channels = [grpc.insecure_channel(address) for address in addresses]
+    clients = [RegistryClient(address, actor="racer", timeout=30) for address in addresses]
+    stubs = [registry_pb2_grpc.ModelRegistryStub(channel) for channel in channels]
+    rng = random.Random(12)
+    lost: list[int] = []
+    live: dict[int, str] = {}
+    try:
+        for round_number in range(ROUNDS):
+            # Each round with its own bytes, and the two replicas swapping roles.
+            up, down = (0, 1) if round_number % 2 == 0 else (1, 0)
+            data = onnx_blob(f"round {round_number}")
+            sha = hashlib.sha256(data).hexdigest()
+            doomed = clients[down].upload_version(MODEL, data, format="onnx",
+                                                  signature={"inputs": ["x:FP32:-1,4"], "outputs": ["y:FP32:-1,4"]})
+            assert replicas.blob_path(sha).is_file()
+            survivor = race(stubs[up], clients[down], doomed.version, data, rng.uniform(0, MAX_DELETE_DELAY_S))
+            assert survivor.artifact_sha256 == sha
+            live[survivor.version] = sha
+            if not replicas.blob_path(sha).is_file():
+                lost.append(round_number)
+                continue
+            for index, client in enumerate(clients):
+                target = replicas.dir / f"download-{round_number}-{index}.onnx"
+                client.download_artifact(MODEL, survivor.version, target)
+                assert hashlib.sha256(target.read_bytes()).hexdigest() == sha
+                target.unlink()
+        assert not lost, (f"the new version's blob was lost in {len(lost)} of {ROUNDS} rounds "
+                          f"(rounds {lost})")
+        listed = {v.version: v.artifact_sha256 for v in clients[0].list_versions(MODEL)}
+        assert listed == live
+        missing = [v for v, sha in listed.items() if not replicas.blob_path(sha).is_file()]
+        assert not missing, f"live versions {missing} reference blobs missing from the artifact directory"
+    finally:
+        for client in clients:
+            client.close()
+        for channel in channels:
+            channel.close()
