@@ -25,9 +25,9 @@ from tests.support.servers import PostgresServer
 
 ROUNDS = 60
 MODEL = "race"
-# How far the delete may start after the upload's stream ends: around the time an upload takes to verify,
-# gate and record its version, so that the two land on each other in many rounds.
-MAX_DELETE_DELAY_S = 0.02
+# Each side of a round waits a random time up to this before it goes (the upload ends its stream, the delete
+# is sent): the two then land on each other at a different point each round, in either order.
+MAX_DELAY_S = 0.02
 
 
 class Replicas:
@@ -70,38 +70,43 @@ def header(data: bytes) -> pb.UploadVersionHeader:
                                outputs=[pb.TensorSpec(name="y", datatype="FP32", shape=[-1, 4])]))
 
 
-def held_upload(data: bytes, release: threading.Event) -> Iterator[pb.UploadVersionRequest]:
-    """The whole upload but its end, which waits for `release`: then the registry verifies and commits."""
+def held_upload(data: bytes, streamed: threading.Event, go: threading.Event,
+                delay_s: float) -> Iterator[pb.UploadVersionRequest]:
+    """The whole upload but its end, which comes `delay_s` after `go`: then the registry verifies and commits."""
     yield pb.UploadVersionRequest(header=header(data))
     yield pb.UploadVersionRequest(chunk=data)
-    release.wait(30)
+    streamed.set()
+    go.wait(30)
+    time.sleep(delay_s)
 
 
-def race(uploader: registry_pb2_grpc.ModelRegistryStub, deleter: RegistryClient, doomed: int,
-         data: bytes, delay_s: float) -> pb.ModelVersion:
+def race(uploader: registry_pb2_grpc.ModelRegistryStub, deleter: RegistryClient, doomed: int, data: bytes,
+         rng: random.Random) -> pb.UploadVersionResponse:
     """Upload `data` on one replica while the other deletes version `doomed`, which holds the same bytes."""
-    release = threading.Event()
+    streamed, go = threading.Event(), threading.Event()
     failures: list[BaseException] = []
 
-    def delete() -> None:
-        release.wait(30)
-        time.sleep(delay_s)  # jitter, so that the delete lands at a different point of the upload each round
+    def delete(delay_s: float) -> None:
+        go.wait(30)
+        time.sleep(delay_s)
         try:
             deleter.delete_version(MODEL, doomed)
         except BaseException as exc:  # noqa: BLE001 - reported by the caller below
             failures.append(exc)
 
-    thread = threading.Thread(target=delete)
+    thread = threading.Thread(target=delete, args=(rng.uniform(0, MAX_DELAY_S),))
     thread.start()
     try:
-        reply = uploader.UploadVersion.future(held_upload(data, release), timeout=30)
-        release.set()
-        version = reply.result().version
+        reply = uploader.UploadVersion.future(held_upload(data, streamed, go, rng.uniform(0, MAX_DELAY_S)),
+                                              timeout=30)
+        streamed.wait(30)
+        go.set()
+        answer = reply.result()
     finally:
-        release.set()
+        go.set()
         thread.join(30)
     assert not failures, f"deleting version {doomed} failed: {failures[0]}"
-    return version
+    return answer
 
 
 def test_a_delete_on_one_replica_never_loses_the_blob_of_an_upload_on_another(replicas: Replicas) -> None:
@@ -112,6 +117,8 @@ def test_a_delete_on_one_replica_never_loses_the_blob_of_an_upload_on_another(re
     rng = random.Random(12)
     lost: list[int] = []
     live: dict[int, str] = {}
+    # Deduplicated: the upload committed while the old version's blob was still there; not: after it was removed.
+    outcomes = {True: 0, False: 0}
     try:
         for round_number in range(ROUNDS):
             # Each round with its own bytes, and the two replicas swapping roles.
@@ -121,8 +128,10 @@ def test_a_delete_on_one_replica_never_loses_the_blob_of_an_upload_on_another(re
             doomed = clients[down].upload_version(MODEL, data, format="onnx",
                                                   signature={"inputs": ["x:FP32:-1,4"], "outputs": ["y:FP32:-1,4"]})
             assert replicas.blob_path(sha).is_file()
-            survivor = race(stubs[up], clients[down], doomed.version, data, rng.uniform(0, MAX_DELETE_DELAY_S))
+            answer = race(stubs[up], clients[down], doomed.version, data, rng)
+            survivor = answer.version
             assert survivor.artifact_sha256 == sha
+            outcomes[answer.deduplicated] += 1
             live[survivor.version] = sha
             if not replicas.blob_path(sha).is_file():
                 lost.append(round_number)
@@ -134,6 +143,7 @@ def test_a_delete_on_one_replica_never_loses_the_blob_of_an_upload_on_another(re
                 target.unlink()
         assert not lost, (f"the new version's blob was lost in {len(lost)} of {ROUNDS} rounds "
                           f"(rounds {lost})")
+        print(f"{ROUNDS} rounds: {outcomes[True]} uploads found the blob, {outcomes[False]} stored it again")
         listed = {v.version: v.artifact_sha256 for v in clients[0].list_versions(MODEL)}
         assert listed == live
         missing = [v for v, sha in listed.items() if not replicas.blob_path(sha).is_file()]
