@@ -15,15 +15,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry.v1 import registry_pb2_grpc
 from aiaas.registry_client import RegistryClient
+from services.registry import schema
 from tests.support.blobs import onnx_blob
 from tests.support.procs import ServiceProcess
 from tests.support.servers import PostgresServer
 
-ROUNDS = 60
+ROUNDS = 80
 MODEL = "race"
 # Each side of a round waits a random time up to this before it goes (the upload ends its stream, the delete
 # is sent): the two then land on each other at a different point each round, in either order.
@@ -34,6 +36,7 @@ class Replicas:
     """Two `python -m services.registry` processes sharing a database and an artifact directory."""
 
     def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
         self.dir = Path(tempfile.mkdtemp(prefix="aiaas-blob-race-"))
         self.artifact_dir = self.dir / "artifacts"
         args = ["--database-url", database_url, "--artifact-dir", str(self.artifact_dir), "--grace-period-s", "5"]
@@ -53,6 +56,22 @@ class Replicas:
 
     def blob_path(self, sha256: str) -> Path:
         return self.artifact_dir / "sha256" / sha256[:2] / sha256[2:]
+
+    def stored_blobs(self) -> set[str]:
+        return {p.parent.name + p.name for p in (self.artifact_dir / "sha256").glob("*/*")}
+
+    def blob_refs(self) -> tuple[dict[str, int], dict[str, int]]:
+        """The references the database keeps, and the versions that use each blob, counted from scratch."""
+        engine = sa.create_engine(self.database_url)
+        try:
+            with engine.connect() as conn:
+                kept = {str(sha): int(refs) for sha, refs in conn.execute(
+                    sa.select(schema.blobs.c.sha256, schema.blobs.c.refs))}
+                counted = {str(sha): int(n) for sha, n in conn.execute(
+                    sa.select(schema.versions.c.sha256, sa.func.count()).group_by(schema.versions.c.sha256))}
+        finally:
+            engine.dispose()
+        return kept, counted
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +167,10 @@ def test_a_delete_on_one_replica_never_loses_the_blob_of_an_upload_on_another(re
         assert listed == live
         missing = [v for v, sha in listed.items() if not replicas.blob_path(sha).is_file()]
         assert not missing, f"live versions {missing} reference blobs missing from the artifact directory"
+        # Nothing leaked either: every doomed version's blob is a survivor's, and no other file is left.
+        assert replicas.stored_blobs() == set(live.values())
+        kept, counted = replicas.blob_refs()
+        assert kept == counted == {sha: 1 for sha in live.values()}
     finally:
         for client in clients:
             client.close()
