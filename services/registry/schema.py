@@ -117,7 +117,8 @@ feed_head = sa.Table(
 
 # One row per artifact file the store holds (or is about to remove). `refs` counts the versions that use
 # it and changes in the transactions that create and delete them; a file is placed and removed only
-# inside a writing transaction that holds its row, so replicas sharing a directory never lose one.
+# inside a writing transaction (serialized across replicas, see sql_store.py), so replicas sharing a
+# directory never remove a file that a version has just started to use.
 blobs = sa.Table(
     "blobs", metadata,
     sa.Column("sha256", sa.String(64), primary_key=True),
