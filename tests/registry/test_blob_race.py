@@ -160,9 +160,9 @@ def test_a_delete_on_one_replica_never_loses_the_blob_of_an_upload_on_another(re
                 client.download_artifact(MODEL, survivor.version, target)
                 assert hashlib.sha256(target.read_bytes()).hexdigest() == sha
                 target.unlink()
-        assert not lost, (f"the new version's blob was lost in {len(lost)} of {ROUNDS} rounds "
-                          f"(rounds {lost})")
         print(f"{ROUNDS} rounds: {outcomes[True]} uploads found the blob, {outcomes[False]} stored it again")
+        assert not lost, (f"the new version's blob was lost in {len(lost)} of {ROUNDS} rounds (rounds {lost}); "
+                          f"{outcomes[True]} uploads found the blob, {outcomes[False]} stored it again")
         listed = {v.version: v.artifact_sha256 for v in clients[0].list_versions(MODEL)}
         assert listed == live
         missing = [v for v, sha in listed.items() if not replicas.blob_path(sha).is_file()]
