@@ -198,3 +198,11 @@ def test_bearer_parsing_and_bad_key_ids() -> None:
         make_key(PEPPER, key_id="BAD!")
     with pytest.raises(InvalidArgument):
         make_key(PEPPER, roles=frozenset())
+
+
+def test_a_malformed_bootstrap_token_is_refused_at_start() -> None:
+    from services.gateway.settings import GatewaySettings
+
+    with pytest.raises(InvalidArgument, match="bootstrap_admin_key must be a token"):
+        GatewaySettings(key_pepper="p", bootstrap_admin_key="admin-secret").validate()
+    GatewaySettings(key_pepper="p", bootstrap_admin_key="aiaas_b00751a9_secret").validate()
