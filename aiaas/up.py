@@ -45,6 +45,10 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while the stack was starting."""
 
 
+class KeyRefused(Exception):
+    """The gateway refused the key the demo is checked with (revoked or expired, e.g. after rotation)."""
+
+
 def aiaas_home(home: str | None = None) -> Path:
     return Path(home).expanduser().resolve() if home else default_home()
 
@@ -77,7 +81,9 @@ class GatewayAuth:
 
 def gateway_auth(home: Path) -> GatewayAuth:
     """Off loopback the gateway keeps authentication on: a pepper and a bootstrap admin key, made
-    once and kept (mode 0600) in the home so a second `up` accepts the same keys."""
+    once and kept (mode 0600) in the home so a second `up` accepts the same keys. The gateway stores
+    the bootstrap key (hashed) in the registry at its first start; once revoked (`aiaas keys rotate`)
+    it stays refused, though this file still holds it."""
     import json
     import secrets
 
@@ -342,7 +348,8 @@ def ensure_demo(registry: str, fmt: str | None = None) -> str:
 
 def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.Event,
                      api_key: str | None = None) -> list[float]:
-    """Poll the gateway until the model answers a real inference; returns that answer's first row."""
+    """Poll the gateway until the model answers a real inference; returns that answer's first row.
+    KeyRefused at once when the gateway says the key is not (or no longer) valid."""
     import numpy as np
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -363,6 +370,8 @@ def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.
                 result = client.infer(model, [inp], client_timeout=5.0, headers=headers)
                 return [float(v) for v in result.as_numpy(DEMO_OUTPUT)[0]]
             except InferenceServerException as exc:
+                if exc.status() == "StatusCode.UNAUTHENTICATED":
+                    raise KeyRefused(exc.message()) from None
                 last = str(exc)
             stop.wait(0.2)
     finally:
@@ -464,17 +473,28 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
     gateway = f"{local}:{ports['gateway']}"
     if demo:
         _say("  " + ensure_demo(f"127.0.0.1:{ports['registry']}", demo_format))
-        row = wait_model_ready(gateway, "demo", time.monotonic() + startup_timeout_s, stop,
-                               auth.admin_key if auth else None)
-        _say(f"  demo answers through the gateway: OUTPUT0[0] argmax = {max(range(len(row)), key=row.__getitem__)}")
+        # After the bootstrap key's rotation, a key of the operator's own checks the demo.
+        check_key = (os.environ.get("AIAAS_API_KEY") or auth.admin_key) if auth else None
+        try:
+            row = wait_model_ready(gateway, "demo", time.monotonic() + startup_timeout_s, stop, check_key)
+        except KeyRefused as exc:
+            _say(f"  demo check skipped: the gateway refused its key ({exc}); set AIAAS_API_KEY to a key "
+                 "that may infer `demo`")
+        else:
+            _say(f"  demo answers through the gateway: OUTPUT0[0] argmax = {max(range(len(row)), key=row.__getitem__)}")
     _say("")
     if auth is None:
         where = "listens on loopback only and" if is_loopback(host) else f"LISTENS ON {host} (--insecure) and"
         _say(f"!! AUTHENTICATION IS OFF: the gateway {where} takes calls without an API key.")
     else:
-        _say(f"authentication is ON ({host} is not loopback): the bootstrap admin key is in {auth.path}")
+        from aiaas.api_keys import parse_token
+
+        bootstrap_id = parse_token(auth.admin_key)[0]
+        _say(f"authentication is ON ({host} is not loopback): the bootstrap admin key ({bootstrap_id}) is in {auth.path}")
         _say(f"  make keys with: aiaas keys create --name me --gateway {gateway} --api-key <admin_key>")
         _say("  and send them as `authorization: Bearer <key>` (tritonclient: headers={...}).")
+        _say(f"  rotate the bootstrap key (it stays revoked across restarts): aiaas keys rotate {bootstrap_id} "
+             f"--gateway {gateway} --api-key <admin_key>")
     _say("")
     _say(f"ready: gateway {gateway} (KServe v2 / Triton gRPC), Prometheus metrics on :{ports['metrics']}")
     _say("")

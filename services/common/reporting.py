@@ -38,6 +38,9 @@ SAMPLE_MAX_ROWS = 32
 SAMPLE_MAX_COLS = 64
 SAMPLES_PER_SECOND = 20.0
 _MAX_SIDE_BUFFER = 1_000
+# The one model label of requests whose model was refused or unknown: a name a caller chose never
+# becomes a metric series (the monitor keeps its own cap on model names besides).
+UNKNOWN_MODEL = "_unknown"
 
 
 @dataclass(slots=True)
