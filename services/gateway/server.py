@@ -124,7 +124,7 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
                    bootstrap_token=settings.bootstrap_admin_key)
     catalog = Catalog(settings.default_alias)
     registry_channel = grpc.aio.insecure_channel(settings.registry_url)
-    feed = RegistryFeed(registry_channel, catalog, ring)
+    feed = RegistryFeed(registry_channel, catalog, ring, address=settings.registry_url)
     redis = make_redis(settings)
     quotas = QuotaEnforcer(
         redis=redis, failure_mode=settings.redis_failure_mode, timeout_s=settings.redis_timeout_ms / 1000.0,
