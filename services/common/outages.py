@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from aiaas.errors import AiaasError
 
@@ -33,6 +34,15 @@ def describe_error(error: BaseException | str) -> str:
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     line = " ".join(text.split())
     return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS - 3] + "..."
+
+
+def url_address(url: str, default_port: int | None = None) -> str:
+    """Where a URL points, to name it in the log: host:port (or a socket path), never its credentials."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return parts.path
+    port = parts.port or default_port
+    return f"{parts.hostname}:{port}" if port else parts.hostname
 
 
 class OutageLog:

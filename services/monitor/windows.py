@@ -22,10 +22,9 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from services.common.errors import Unavailable
-from services.common.outages import OutageLog
+from services.common.outages import OutageLog, url_address
 from services.monitor.entities import SERVER_FAULT_STATUSES, Distribution, Request, SeriesKey, SeriesMetrics
 
 log = logging.getLogger("aiaas.monitor.windows")
@@ -231,14 +230,6 @@ def _redis_unavailable(fn: Any) -> Any:
     return wrapper
 
 
-def redis_address(url: str) -> str:
-    """host:port (or the socket path) of a Redis URL, without its password."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
-
-
 class RedisWindowStore:
     """Buckets as Redis hashes with a TTL: one hash per (series, bucket), HINCRBY, merge on read."""
 
@@ -250,7 +241,7 @@ class RedisWindowStore:
         self.ttl_s = max(1, math.ceil(retention_s + 2 * bucket_s))
         self.prefix = prefix
         self._redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        self.outage = OutageLog(log, "window store (Redis)", redis_address(url))
+        self.outage = OutageLog(log, "window store (Redis)", url_address(url, 6379))
 
     def _hash(self, ns: str, series: str, bucket: int) -> str:
         return f"{self.prefix}:{ns}:b:{series}:{bucket}"

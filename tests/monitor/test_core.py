@@ -10,18 +10,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.common.errors import InvalidArgument, NotFound
-from services.monitor.control import MemoryControlPlane
+from services.monitor.control import ControlState, MemoryControlPlane
 from services.monitor.core import MonitorCore
 from services.monitor.entities import (
     SLO,
     AlertKind,
     AlertState,
+    Baseline,
     CanaryVerdict,
     InputSample,
     MetricsFilter,
     ModelLoad,
     Report,
     Request,
+    RouteView,
 )
 from services.monitor.prom import PrometheusExport
 from services.monitor.settings import MonitorSettings
@@ -237,3 +239,36 @@ async def test_canary_disabled_rollback_only_alerts(clock: Clock, control: Memor
     assert control.routes["m"].splits[1].weight == 50
     (alert,) = core.alerts.active.values()
     assert dict(alert.details)["rolled_back"] == "false"
+
+
+async def test_control_plane_changes_reach_the_parts_and_stale_news_is_ignored(
+        core: MonitorCore, clock: Clock, control: MemoryControlPlane) -> None:
+    # A breached SLO deleted elsewhere (the feed says so): its alert resolves here too.
+    await core.set_slo(SLO(model="m", p99_latency_ms=50, window_s=5, min_requests=10), "me")
+    await core.ingest(Report("gateway", [_req(clock, 200_000)] * 50))
+    await core.evaluate()
+    assert list(core.alerts.active) == ["slo:m:latency"]
+    core.slo_changed("m", None)
+    assert core.slos == {} and not core.alerts.active
+
+    # Older news than the core holds (say, its own rollback's write came first) changes nothing.
+    route = control.put_route("r", [("production", 50), ("canary", 50)])
+    newer = RouteView(model="r", splits=route.splits[:1], revision=route.revision + 5)
+    core.route_changed("r", newer, newer.revision)
+    core.route_changed("r", route, route.revision)
+    core.route_changed("r", None, route.revision)
+    assert core.routes["r"] == newer
+    core.route_changed("r", None, newer.revision + 1)
+    assert "r" not in core.routes
+
+    learned = Baseline(model="b", version=1, learn_from_requests=10)
+    core.baseline_changed(("b", 1), learned, 9)
+    core.baseline_changed(("b", 1), None, 8)
+    assert core.baselines[("b", 1)] == (learned, 9)
+    core.baseline_changed(("b", 1), None, 10)
+    assert core.baselines == {}
+
+    # A snapshot (a resync) replaces all of it.
+    core.route_changed("r", route, 99)
+    core.control_replaced(ControlState(slos={"x": SLO(model="x", max_error_rate=0.1)}))
+    assert list(core.slos) == ["x"] and core.routes == {} and core.baselines == {}
