@@ -56,3 +56,11 @@ KINDS: dict[str, RecordKind[Message]] = {k.kind: k for k in (API_KEY, ROUTE, SLO
 
 def baseline_name(model: str, version: int) -> str:
     return f"{model}/{version}"
+
+
+def baseline_key(name: str) -> tuple[str, int]:
+    """(model, version) of a baseline record's name (the inverse of `baseline_name`)."""
+    model, _, version = name.rpartition("/")
+    if not model or not version.isdigit():
+        raise InvalidArgument(f"baseline record name {name!r} is not <model>/<version>")
+    return model, int(version)

@@ -17,7 +17,8 @@ What this follower guarantees to its user (two callbacks: `on_snapshot`, `on_eve
 - Reconnects back off exponentially with jitter, bounded by `backoff_max_s`; the backoff resets
   once a connection has delivered something.
 - While the registry is unreachable it logs one line when the feed is lost, then at most one line
-  per `warn_every_s`, and one when it is back.
+  per `warn_every_s`, and one when it is back (`services.common.outages.OutageLog`: no tracebacks
+  for an outage, only for a bug such as a callback that raised).
 - Metrics (OpenTelemetry meter `aiaas.feed`, attribute `follower`): `aiaas.feed.lag_revisions`
   (head seen minus revision applied), `aiaas.feed.lag_seconds` (while connected and synced: the
   delay of the last applied change; otherwise the time since the follower was last current),
@@ -38,6 +39,7 @@ from opentelemetry import metrics
 
 from aiaas.registry.v1 import registry_pb2 as rpb
 from aiaas.registry.v1 import registry_pb2_grpc as rpb_grpc
+from services.common.outages import WARN_EVERY_S, OutageLog
 
 log = logging.getLogger("aiaas.feed")
 
@@ -82,7 +84,7 @@ class _Metrics:
 class FeedFollower:
     def __init__(self, channel: grpc.aio.Channel, *, name: str, on_snapshot: SnapshotCallback,
                  on_event: EventCallback, models: Sequence[str] = (), backoff_min_s: float = 0.1,
-                 backoff_max_s: float = 5.0, warn_every_s: float = 60.0) -> None:
+                 backoff_max_s: float = 5.0, warn_every_s: float = WARN_EVERY_S, address: str = "") -> None:
         self._stub = rpb_grpc.ModelRegistryStub(channel)
         self.name = name
         self._on_snapshot = on_snapshot
@@ -90,7 +92,6 @@ class FeedFollower:
         self._models = tuple(models)
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = max(backoff_min_s, backoff_max_s)
-        self.warn_every_s = warn_every_s
         self.revision = 0  # the last revision applied
         self.head_seen = 0  # the highest revision the registry has shown us
         self.resyncs = 0
@@ -99,9 +100,7 @@ class FeedFollower:
         self.connected = False
         self._last_current = time.monotonic()  # when the state was last known current
         self._apply_delay_s = 0.0  # delay of the last applied live change (commit to apply)
-        self._down_since: float | None = None  # first failure of the current outage
-        self._last_warning = 0.0
-        self._failures = 0
+        self.outage = OutageLog(log, "registry", address, user=f"{name} feed", every_s=warn_every_s)
         self._task: asyncio.Task[None] | None = None
         self._metrics = _Metrics.get()
 
@@ -149,9 +148,9 @@ class FeedFollower:
                                 self.name, exc.details())
                     self.revision = 0
                     continue
-                self._failed(f"{exc.code().name}: {exc.details()}", None)
+                self._failed(exc, None)
             except Exception as exc:  # noqa: BLE001 - the follower survives anything (a callback bug too)
-                self._failed(f"{type(exc).__name__}: {exc}", exc)
+                self._failed(exc, exc)
             finally:
                 self.connected = False
             self.reconnects += 1
@@ -161,29 +160,16 @@ class FeedFollower:
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(self.backoff_max_s, backoff * 2)
 
-    def _failed(self, reason: str, exc: BaseException | None) -> None:
+    def _failed(self, error: BaseException | str, exc: BaseException | None) -> None:
         """One line when the feed is lost, then at most one per warn_every_s while it stays down."""
-        now = time.monotonic()
-        self._failures += 1
-        if self._down_since is None:
-            self._down_since = now
-            self._last_warning = now
-            if self.synced.is_set():
-                log.warning("%s: registry feed lost at revision %d (%s); serving from cache, reconnecting",
-                            self.name, self.revision, reason, exc_info=exc)
-            else:
-                log.warning("%s: waiting for the registry at its feed (%s)", self.name, reason, exc_info=exc)
-        elif now - self._last_warning >= self.warn_every_s:
-            self._last_warning = now
-            log.warning("%s: registry feed still down after %.0fs and %d attempts (%s)",
-                        self.name, now - self._down_since, self._failures, reason)
+        if self.synced.is_set():
+            consequence = f"feed lost at revision {self.revision}; serving from cache, reconnecting"
+        else:
+            consequence = "no snapshot yet; reconnecting"
+        self.outage.failed(error, consequence=consequence, exc_info=exc)
 
     def _recovered(self) -> None:
-        if self._down_since is not None:
-            log.info("%s: registry feed back after %.1fs at revision %d",
-                     self.name, time.monotonic() - self._down_since, self.revision)
-        self._down_since = None
-        self._failures = 0
+        self.outage.recovered(f"resuming after revision {self.revision}")
 
     async def _follow(self) -> bool:
         """One stream; returns whether it delivered anything (raises on a broken stream)."""

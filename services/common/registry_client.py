@@ -5,13 +5,16 @@ the registry through this. Every failure is the `AiaasError` of its status (`err
 its message prefixed with the call's context. Reads are retried with exponential backoff while the
 registry answers UNAVAILABLE; writes are not (a compare-and-set or an audit event must not be
 applied twice). A registry that stays unavailable, or does not answer within `timeout_s`, is
-Unavailable to the caller: it is this service's dependency that failed, not the caller's deadline.
-The change feed (WatchModels) is followed by each service's own follower, not here.
+Unavailable to the caller: it is this service's dependency that failed, not the caller's deadline;
+the log gets one line when the registry stops answering, at most one a minute while it stays
+down, and one when it answers again (`services.common.outages.OutageLog`). The change feed
+(WatchModels) is followed by each service's own follower, not here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self, TypeVar
 
@@ -22,6 +25,9 @@ from aiaas.errors import AiaasError, Unavailable, error_from_rpc
 from aiaas.identity import ClientIdentity
 from aiaas.registry.v1 import registry_pb2 as rpb
 from aiaas.registry.v1 import registry_pb2_grpc as rpb_grpc
+from services.common.outages import OutageLog
+
+log = logging.getLogger("aiaas.registry_client")
 
 T = TypeVar("T")
 PAGE_SIZE = 1000
@@ -29,10 +35,11 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class RegistryClient:
-    """`channel` is the caller's (it closes it) unless the client was made with `connect`."""
+    """`channel` is the caller's (it closes it) unless the client was made with `connect`; `address`
+    names the registry in the log (`connect` passes its target)."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = 10.0, context: str = "",
-                 attempts: int = 3, backoff_s: float = 0.1, page_size: int = PAGE_SIZE) -> None:
+                 attempts: int = 3, backoff_s: float = 0.1, page_size: int = PAGE_SIZE, address: str = "") -> None:
         self.stub = rpb_grpc.ModelRegistryStub(channel)
         self.timeout_s = timeout_s
         self.context = context
@@ -41,6 +48,7 @@ class RegistryClient:
         self.page_size = page_size
         self._channel = channel
         self._owned = False
+        self.outage = OutageLog(log, "registry", address)
 
     @classmethod
     def connect(cls, target: str, *, credentials: grpc.ChannelCredentials | None = None,
@@ -52,6 +60,7 @@ class RegistryClient:
             channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
             channel = grpc.aio.insecure_channel(target, options=options)
+        kwargs.setdefault("address", target)
         client = cls(channel, **kwargs)
         client._owned = True
         return client
@@ -63,9 +72,11 @@ class RegistryClient:
     def _error(self, exc: grpc.RpcError, context: str) -> AiaasError:
         where = context or self.context
         if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _UNREACHABLE:
+            self.outage.failed(exc)
             detail = exc.details() or exc.code().name
             return Unavailable(f"registry unreachable ({where}): {detail}" if where else
                                f"registry unreachable: {detail}")
+        self.outage.recovered()  # it answered, if only to say no
         return error_from_rpc(exc, where)
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any, *, context: str = "",
@@ -73,11 +84,14 @@ class RegistryClient:
         attempts = self.attempts if retry else 1
         for attempt in range(attempts):
             try:
-                return await method(request, timeout=self.timeout_s)
+                reply = await method(request, timeout=self.timeout_s)
             except grpc.RpcError as exc:
                 unavailable = isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
                 if not unavailable or attempt + 1 == attempts:
                     raise self._error(exc, context) from None
+            else:
+                self.outage.recovered()
+                return reply
             await asyncio.sleep(self.backoff_s * 2**attempt)
         raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -111,6 +125,7 @@ class RegistryClient:
         request = rpb.DownloadArtifactRequest(model=model, version=version, chunk_size=chunk_size)
         try:
             async for message in self.stub.DownloadArtifact(request):
+                self.outage.recovered()
                 if message.WhichOneof("payload") == "chunk":
                     yield message.chunk
         except grpc.RpcError as exc:

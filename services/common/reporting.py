@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 from aiaas.identity import ClientIdentity
 from services.common.model_metrics import ModelMetrics
+from services.common.outages import OutageLog
 
 log = logging.getLogger("aiaas.reporting")
 
@@ -108,6 +109,9 @@ class TelemetryReporter:
         self.sent = 0
         self.failed_batches = 0
         self.samples_sent = 0
+        # One line when the monitor stops answering, at most one a minute while it stays down.
+        self.outage = OutageLog(log, "monitor", target or "", user=f"{source} telemetry")
+        self._dropped_before_outage = 0
         self._records: list[RequestRecord] = []
         self._samples: list[Any] = []
         self._diffs: list[Any] = []
@@ -345,14 +349,15 @@ class TelemetryReporter:
         try:
             await self._stub.Report(request, timeout=self.timeout_s)
         except (TimeoutError, grpc.RpcError) as exc:
+            if not self.outage.down:
+                self._dropped_before_outage = self.dropped
             self.dropped += len(batch)
             self._dropped_unreported += len(batch)
             self.failed_batches += 1
-            if self.failed_batches == 1 or self.failed_batches % 100 == 0:
-                code = exc.code().name if isinstance(exc, grpc.RpcError) else "TIMEOUT"
-                log.warning("monitor at %s unreachable (%s): %d records dropped so far",
-                            self.target, code, self.dropped)
+            self.outage.failed(exc, consequence="dropping telemetry (counted) until it answers")
             return False
+        if self.outage.down:
+            self.outage.recovered(f"{self.dropped - self._dropped_before_outage} records dropped meanwhile")
         self._dropped_unreported = 0
         self.sent += len(batch)
         self.samples_sent += len(samples)

@@ -84,8 +84,8 @@ class RegistryFeed(FeedFollower):
     """The gateway's caches fed by `services.common.feed_follower.FeedFollower` (which handles the
     stream: snapshot staged until SNAPSHOT_DONE, resume, resync, backoff, metrics)."""
 
-    def __init__(self, channel: grpc.aio.Channel, catalog: Catalog, ring: KeyRing) -> None:
-        super().__init__(channel, name="gateway", on_snapshot=self._swap_in, on_event=self._apply)
+    def __init__(self, channel: grpc.aio.Channel, catalog: Catalog, ring: KeyRing, *, address: str = "") -> None:
+        super().__init__(channel, name="gateway", on_snapshot=self._swap_in, on_event=self._apply, address=address)
         self.catalog = catalog
         self.ring = ring
         self._builder = CacheBuilder(catalog, ring=ring)

@@ -7,7 +7,8 @@ failure mode applies at once (no waiting on Redis): "local" (the default) decide
 a token bucket per key and model at 1/replicas of each limit, so a key is still limited; "open"
 admits the request; "closed" refuses it with UNAVAILABLE. Every such decision is counted
 (`gateway.quota.store_failures`, and `gateway.quota.local_decisions` by reason for "local"), and
-a warning is logged at most once a minute.
+logged as an outage (`services.common.outages.OutageLog`): one line when Redis stops answering,
+at most one a minute while it stays away, one when it answers again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from opentelemetry import metrics
 
 from services.common.errors import ResourceExhausted, Unavailable
+from services.common.outages import OutageLog, describe_error
 from services.gateway.entities import Caller, QuotaSpec
 
 log = logging.getLogger("aiaas.gateway.quotas")
@@ -29,7 +31,6 @@ log = logging.getLogger("aiaas.gateway.quotas")
 Bucket = tuple[str, QuotaSpec]
 UNLIMITED = QuotaSpec()
 FAILURE_MODES = ("local", "open", "closed")
-WARN_INTERVAL_S = 60.0
 
 # KEYS: bucket keys; ARGV: rate_1, capacity_1, rate_2, capacity_2, ...
 # Returns 0 when a token was taken from every bucket, else the wait in ms before one would be.
@@ -122,7 +123,7 @@ class QuotaEnforcer:
     def __init__(
         self, *, redis: Any | None = None, failure_mode: str = "local", timeout_s: float = 0.05,
         retry_after_s: float = 1.0, default_key: QuotaSpec = UNLIMITED, default_model: QuotaSpec = UNLIMITED,
-        replicas: int = 1, meter: metrics.Meter | None = None,
+        replicas: int = 1, meter: metrics.Meter | None = None, address: str = "",
     ) -> None:
         if failure_mode not in FAILURE_MODES:
             raise ValueError(f"failure_mode must be one of {FAILURE_MODES}")
@@ -139,7 +140,9 @@ class QuotaEnforcer:
         self._script = redis.register_script(TOKEN_BUCKET_LUA) if redis is not None else None
         self._store_down_until = 0.0
         self._down_reason = "error"
-        self._last_alarm = -math.inf
+        self._down_error = ""
+        self._outage = OutageLog(log, "quota store (Redis)", address,
+                                 level=logging.WARNING if failure_mode == "local" else logging.ERROR)
         self.store_failures = 0
         self.local_decisions: dict[str, int] = {"timeout": 0, "error": 0}
         meter = meter if meter is not None else metrics.get_meter("aiaas.gateway")
@@ -186,6 +189,7 @@ class QuotaEnforcer:
             result = await asyncio.wait_for(
                 script(keys=[name for name, _ in buckets], args=args), self.timeout_s
             )
+            self._outage.recovered()
             return int(result)
         except (TimeoutError, OSError, ConnectionError) as exc:
             return self._store_unavailable(exc)
@@ -199,20 +203,17 @@ class QuotaEnforcer:
         if exc is not None:
             self._store_down_until = now + self.retry_after_s
             self._down_reason = failure_reason(exc)
+            self._down_error = (f"TIMEOUT: no answer within {self.timeout_s * 1000:g} ms"
+                                if self._down_reason == "timeout" else describe_error(exc))
         reason = self._down_reason
         self.store_failures += 1
         self._failures.add(1, {"mode": self.failure_mode})
-        if now - self._last_alarm >= WARN_INTERVAL_S:
-            self._last_alarm = now
-            action = {
-                "local": f"deciding quotas locally at 1/{self.replicas} of each limit",
-                "open": "admitting requests without a quota check",
-                "closed": "refusing requests with UNAVAILABLE",
-            }[self.failure_mode]
-            level = logging.WARNING if self.failure_mode == "local" else logging.ERROR
-            log.log(level, "quota store (Redis) %s (%s); %s (next warning in %.0f s at most)",
-                        "slow" if reason == "timeout" else "unreachable", exc or "still within retry-after",
-                        action, WARN_INTERVAL_S)
+        action = {
+            "local": f"deciding quotas locally at 1/{self.replicas} of each limit",
+            "open": "admitting requests without a quota check",
+            "closed": "refusing requests with UNAVAILABLE",
+        }[self.failure_mode]
+        self._outage.failed(self._down_error, consequence=action)
         if self.failure_mode == "local":
             self.local_decisions[reason] += 1
             self._local_counter.add(1, {"reason": reason})

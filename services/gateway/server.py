@@ -9,6 +9,7 @@ import grpc
 
 from aiaas.gateway.v1 import gateway_pb2 as gw
 from aiaas.gateway.v1 import gateway_pb2_grpc as gw_grpc
+from services.common.outages import url_address
 from services.common.registry_client import RegistryClient
 from services.common.reporting import TelemetryReporter
 from services.common.server import Service, ServiceApp
@@ -128,11 +129,12 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     ring = KeyRing(settings.key_pepper.encode(), enabled=settings.auth_enabled)
     catalog = Catalog(settings.default_alias)
     registry_channel = identity.aio_channel(settings.registry_url)
-    feed = RegistryFeed(registry_channel, catalog, ring)
+    feed = RegistryFeed(registry_channel, catalog, ring, address=settings.registry_url)
     redis = make_redis(settings)
     quotas = QuotaEnforcer(
         redis=redis, failure_mode=settings.redis_failure_mode, timeout_s=settings.redis_timeout_ms / 1000.0,
         retry_after_s=settings.redis_retry_after_s, replicas=settings.gateway_replicas,
+        address=url_address(settings.redis_url, 6379) if settings.redis_url else "",
         default_key=QuotaSpec(settings.default_key_rps, settings.default_key_burst),
         default_model=QuotaSpec(settings.default_model_rps, settings.default_model_burst),
     )

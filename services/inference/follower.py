@@ -30,9 +30,10 @@ class AliasTargets(Protocol):
 
 class AliasFollower(FeedFollower):
     def __init__(self, channel: grpc.aio.Channel, repository: AliasTargets, *, aliases: tuple[str, ...],
-                 models: tuple[str, ...] = (), backoff_min_s: float = 0.2, backoff_max_s: float = 10.0) -> None:
+                 models: tuple[str, ...] = (), backoff_min_s: float = 0.2, backoff_max_s: float = 10.0,
+                 address: str = "") -> None:
         super().__init__(channel, name="inference", on_snapshot=self._apply_snapshot, on_event=self._apply,
-                         models=models, backoff_min_s=backoff_min_s, backoff_max_s=backoff_max_s)
+                         models=models, backoff_min_s=backoff_min_s, backoff_max_s=backoff_max_s, address=address)
         self._repo = repository
         self._aliases = frozenset(aliases)
 

@@ -148,7 +148,7 @@ def create_service(settings: InferenceSettings, *, configure_process: bool = Tru
     if settings.follow_aliases:
         follower = AliasFollower(
             registry_channel, repository, aliases=settings.follow_aliases, models=settings.follow_models,
-            backoff_min_s=settings.reconnect_min_s, backoff_max_s=settings.reconnect_max_s)
+            backoff_min_s=settings.reconnect_min_s, backoff_max_s=settings.reconnect_max_s, address=settings.registry_url)
 
     async def catalog() -> list[str]:
         """Every model this replica could serve: its Triton-delegated ones and the registry's."""

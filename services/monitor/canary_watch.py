@@ -10,7 +10,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from services.common.errors import Aborted, AiaasError, NotFound
+from services.common.errors import Aborted, AiaasError, NotFound, Unavailable
+from services.common.outages import describe_error
 from services.monitor.alerts import AlertHub
 from services.monitor.canary import CanaryDecision, CanaryPolicy, judge
 from services.monitor.control import ControlPlane
@@ -61,6 +62,18 @@ class CanaryWatch:
         for model in [m for m in list(self.canaries) if m not in models]:
             del self.canaries[model]
         self.routes = {r.model: r for r in routes}
+
+    def changed(self, model: str, route: RouteView | None, revision: int) -> None:
+        """One route written (or deleted: None) at `revision`; older news than ours is ignored."""
+        held = self.routes.get(model)
+        if held is not None and held.revision > revision:
+            return
+        if route is None:
+            self.routes.pop(model, None)
+            self.canaries.pop(model, None)
+            self._since.pop(model, None)
+        else:
+            self.routes[model] = route
 
     def status(self, model: str) -> CanaryStatus:
         status = self.canaries.get(model)
@@ -121,12 +134,15 @@ class CanaryWatch:
                     route.model, alias, 0, current.revision, "monitor")
                 return True
             except Aborted:
-                fresh = {r.model: r for r in await self.control.list_routes()}.get(route.model)
+                fresh = await self.control.get_route(route.model)
                 if fresh is None or not any(sp.alias == alias and sp.weight > 0 for sp in fresh.splits):
                     return False  # someone (another replica, an operator) already took it out
                 current = fresh
-            except AiaasError:
-                log.exception("canary rollback of %s failed", route.model)
+            except Unavailable as exc:  # the registry client has warned (once a minute at most)
+                log.debug("canary rollback of %s waits for the registry: %s", route.model, exc.message)
+                return False
+            except AiaasError as exc:
+                log.warning("canary rollback of %s failed: %s", route.model, describe_error(exc))
                 return False
         return False
 
@@ -147,8 +163,9 @@ class CanaryWatch:
         }
         try:
             await self.control.append_audit("canary.rollback", route.model, canary_version, details, "monitor")
-        except AiaasError:
-            log.exception("could not record the rollback of %s in the audit log", route.model)
+        except AiaasError as exc:
+            log.warning("could not record the rollback of %s in the audit log: %s", route.model,
+                        describe_error(exc))
         if self.prom is not None:
             self.prom.canary_rollbacks.labels(route.model).inc()
         self._since.pop(route.model, None)

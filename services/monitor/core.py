@@ -4,8 +4,10 @@ No grpc here: the servicer converts protobuf to the types in `entities` and call
 `MonitorCore` composes the parts, each owning its own state: `RequestWindows` (request counters,
 loads, queries), `SLOWatch`, `DriftWatch` (baselines and drift), `ShadowWatch` and `CanaryWatch`
 (judgement and rollback). Windows live in a `WindowStore` (Redis or memory), control-plane
-state behind a `ControlPlane` (the registry or memory), alerts in an `AlertHub`. `run()`
-refreshes the control-plane snapshots and evaluates every check each `evaluation_interval_s`.
+state behind a `ControlPlane` (the registry or memory), alerts in an `AlertHub`. The core
+follows the control plane (`follow_control`): it is the `ControlListener` that hands each SLO,
+baseline and route change to the part that owns it, as the change happens. `run()` evaluates
+every check each `evaluation_interval_s`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from services.common.errors import Unavailable
 from services.monitor.alerts import AlertHub
 from services.monitor.canary_watch import CanaryWatch
-from services.monitor.control import ControlPlane
+from services.monitor.control import ControlPlane, ControlState, VersionKey
 from services.monitor.drift_watch import DriftWatch
 from services.monitor.entities import (
     SLO,
@@ -57,7 +60,6 @@ class MonitorCore:
         self.drift_watch = DriftWatch(settings, store, control, self.alerts, prom, clock)
         self.shadow_watch = ShadowWatch(settings, store, self.alerts, clock)
         self.canary_watch = CanaryWatch(settings, control, self.alerts, self.windows, prom, clock)
-        self._last_refresh = 0.0
 
     # The control-plane snapshots, as each part holds them.
     @property
@@ -115,24 +117,30 @@ class MonitorCore:
     def canary_status(self, model: str) -> CanaryStatus:
         return self.canary_watch.status(model)
 
+    # ---- the control plane's changes (ControlListener) --------------------------------------
+
+    def follow_control(self) -> None:
+        """Start following the control plane: its state now, then each change (inside the event loop)."""
+        self.control.follow(self)
+
+    def control_replaced(self, state: ControlState) -> None:
+        self.slo_watch.replace(list(state.slos.values()))
+        self.drift_watch.replace(list(state.baselines.values()))
+        self.canary_watch.replace(list(state.routes.values()))
+
+    def slo_changed(self, model: str, slo: SLO | None) -> None:
+        self.slo_watch.changed(model, slo)
+
+    def baseline_changed(self, key: VersionKey, baseline: Baseline | None, revision: int) -> None:
+        self.drift_watch.changed(key, baseline, revision)
+
+    def route_changed(self, model: str, route: RouteView | None, revision: int) -> None:
+        self.canary_watch.changed(model, route, revision)
+
     # ---- loop -----------------------------------------------------------------------------
 
-    async def refresh_control(self) -> None:
-        slos = await self.control.list_slos()
-        baselines = await self.control.list_baselines()
-        routes = await self.control.list_routes()
-        self.slo_watch.replace(slos)
-        self.canary_watch.replace(routes)
-        self.drift_watch.replace(baselines)
-        self._last_refresh = time.monotonic()
-
     async def evaluate(self) -> None:
-        """One pass: refresh control-plane state when due, then every check; one failure spares the rest."""
-        if time.monotonic() - self._last_refresh >= self.settings.control_refresh_s:
-            try:
-                await self.refresh_control()
-            except Exception:  # keep judging with the state we have
-                log.warning("could not refresh SLOs, baselines and routes", exc_info=True)
+        """One pass of every check; one failure spares the rest."""
         checks: list[tuple[str, Awaitable[None]]] = [
             (f"SLO of {m}", self.slo_watch.evaluate(slo)) for m, slo in self.slos.items()]
         checks += [(f"drift of {b.model}/{b.version}", self.drift_watch.evaluate(b))
@@ -144,6 +152,8 @@ class MonitorCore:
         for what, check in checks:
             try:
                 await check
+            except Unavailable as exc:  # a dependency is down: its client has warned, once a minute at most
+                log.debug("evaluating %s skipped: %s", what, exc.message)
             except Exception:  # one broken check must not stop the others
                 log.exception("evaluating %s failed", what)
         if self.prom is not None:

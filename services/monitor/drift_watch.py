@@ -1,6 +1,7 @@
 """Input drift over time: baselines, learning them from live rows, live bins and drift alerts.
 
-`DriftWatch` owns the baseline snapshot (written through the control plane, refreshed from it),
+`DriftWatch` owns the baseline snapshot (written through the control plane, kept current by its
+changes),
 the learners of baselines still being learned, the drift namespace of the window store and the
 `drift:<model>:<version>:<feature>` alerts. The math (histograms, PSI) lives in `drift`.
 """
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from services.common.errors import Aborted, InvalidArgument, NotFound
 from services.monitor import drift as drift_math
 from services.monitor.alerts import AlertHub
-from services.monitor.control import ControlPlane
+from services.monitor.control import ControlPlane, VersionKey
 from services.monitor.entities import (
     Alert,
     AlertKind,
@@ -31,8 +32,6 @@ from services.monitor.settings import MonitorSettings
 from services.monitor.windows import NS_DRIFT, WindowStore, bucket_of
 
 log = logging.getLogger("aiaas.monitor")
-
-VersionKey = tuple[str, int]
 
 
 class DriftWatch:
@@ -53,6 +52,19 @@ class DriftWatch:
     def replace(self, baselines: list[tuple[Baseline, int]]) -> None:
         """Take the control plane's baselines (with their revisions) as the current set."""
         self.baselines = {(b.model, b.version): (b, rev) for b, rev in baselines}
+        for key in [k for k in self._learners if k not in self.baselines]:
+            del self._learners[key]
+
+    def changed(self, key: VersionKey, baseline: Baseline | None, revision: int) -> None:
+        """One baseline written (or deleted: None) at `revision`; older news than ours is ignored."""
+        held = self.baselines.get(key)
+        if held is not None and held[1] > revision:
+            return
+        if baseline is None:
+            self.baselines.pop(key, None)
+            self._learners.pop(key, None)
+        else:
+            self.baselines[key] = (baseline, revision)
 
     def watched(self) -> list[Baseline]:
         """Baselines with histograms, whose drift can be evaluated."""

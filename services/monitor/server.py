@@ -1,5 +1,5 @@
 """Composition root of the monitor: `create_service(settings)` wires window store, control plane, core,
-servicer and the evaluation loop on a `ServiceApp`."""
+servicer and the evaluation loop on a `ServiceApp`; the core follows the control plane from `prepare`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from services.monitor.windows import MemoryWindowStore, RedisWindowStore, Window
 log = logging.getLogger("aiaas.monitor")
 
 SERVICE_NAME = "aiaas.monitor.v1.Monitor"
+# How long start-up waits for the registry's first snapshot of SLOs, baselines and routes before
+# serving without them (they arrive with the feed when the registry answers).
+FIRST_SNAPSHOT_WAIT_S = 5.0
 
 
 def _window_store(settings: MonitorSettings) -> WindowStore:
@@ -44,10 +47,9 @@ class MonitorService(Service[MonitorCore]):
         self._loop_task: asyncio.Task[None] | None = None
 
     async def prepare(self) -> None:
-        try:
-            await self.core.refresh_control()
-        except Exception:  # the registry may come up later; the loop retries
-            log.warning("registry not reachable at start-up; SLOs and baselines load when it is", exc_info=True)
+        self.core.follow_control()
+        if not await self.core.control.wait_synced(FIRST_SNAPSHOT_WAIT_S):
+            log.info("serving before the registry's first snapshot: SLOs, baselines and routes load when it answers")
 
     async def start(self) -> int:
         port = await super().start()

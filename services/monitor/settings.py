@@ -26,10 +26,9 @@ class MonitorSettings(ServerSettings):
     retention_s: float = 3600.0
     # Window of a metrics query (QueryMetrics, `aiaas top`) that names none, in seconds.
     default_window_s: float = 60.0
-    # How often SLOs, drift, shadow mismatches and canaries are judged, in seconds.
+    # How often SLOs, drift, shadow mismatches and canaries are judged, in seconds. (SLOs, baselines
+    # and routes are not re-read on a timer: the monitor follows the registry's change feed.)
     evaluation_interval_s: float = 1.0
-    # How often SLOs, baselines and routes are re-read from the registry, in seconds.
-    control_refresh_s: float = 2.0
 
     # Window an SLO is judged over when it sets none, in seconds.
     slo_window_s: float = 60.0

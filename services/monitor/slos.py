@@ -1,7 +1,8 @@
 """Service-level objectives: keep each model's SLO and alert while its window breaches it.
 
-`SLOWatch` owns the SLO snapshot (written through the control plane, refreshed from it) and
-the `slo:<model>:latency` / `slo:<model>:error_rate` alerts.
+`SLOWatch` owns the SLO snapshot (written through the control plane, kept current by its
+changes) and the `slo:<model>:latency` / `slo:<model>:error_rate` alerts, resolved when the SLO
+goes, whoever deleted it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,22 @@ class SLOWatch:
 
     def replace(self, slos: list[SLO]) -> None:
         """Take the control plane's SLOs as the current set."""
-        self.slos = {slo.model: slo for slo in slos}
+        fresh = {slo.model: slo for slo in slos}
+        for model in [m for m in self.slos if m not in fresh]:
+            self._forget(model)
+        self.slos = fresh
+
+    def changed(self, model: str, slo: SLO | None) -> None:
+        """One SLO written (or deleted: None) in the control plane."""
+        if slo is None:
+            self._forget(model)
+        else:
+            self.slos[model] = slo
+
+    def _forget(self, model: str) -> None:
+        self.slos.pop(model, None)
+        for kind in ("latency", "error_rate"):
+            self.alerts.resolve(f"slo:{model}:{kind}", summary=f"SLO of {model} deleted")
 
     async def set(self, slo: SLO, actor: str) -> SLO:
         check_slo(slo, self.settings.retention_s)
@@ -58,9 +74,7 @@ class SLOWatch:
 
     async def delete(self, model: str, actor: str) -> None:
         await self.control.delete_slo(model, actor)
-        self.slos.pop(model, None)
-        for kind in ("latency", "error_rate"):
-            self.alerts.resolve(f"slo:{model}:{kind}", summary=f"SLO of {model} deleted")
+        self._forget(model)
 
     async def evaluate(self, slo: SLO) -> None:
         window = slo.window_s or self.settings.slo_window_s

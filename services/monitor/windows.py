@@ -16,6 +16,7 @@ Field names in a bucket:
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from collections import Counter
@@ -23,7 +24,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from services.common.errors import Unavailable
+from services.common.outages import OutageLog, url_address
 from services.monitor.entities import SERVER_FAULT_STATUSES, Distribution, Request, SeriesKey, SeriesMetrics
+
+log = logging.getLogger("aiaas.monitor.windows")
 
 GAMMA = 1.04
 _LOG_GAMMA = math.log(GAMMA)
@@ -208,16 +212,20 @@ class MemoryWindowStore:
 
 
 def _redis_unavailable(fn: Any) -> Any:
-    """Redis failures reach callers as UNAVAILABLE (retry later), not as an internal error."""
+    """Redis failures reach callers as UNAVAILABLE (retry later), not as an internal error, and the
+    log as the store's outage (one line, then at most one a minute, and one when Redis answers)."""
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def wrapper(self: RedisWindowStore, *args: Any, **kwargs: Any) -> Any:
         from redis.exceptions import RedisError
 
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(self, *args, **kwargs)
         except RedisError as exc:
+            self.outage.failed(exc, consequence="metrics are neither stored nor judged until it answers")
             raise Unavailable(f"window store (Redis) unavailable: {exc}") from None
+        self.outage.recovered()
+        return result
 
     return wrapper
 
@@ -233,6 +241,7 @@ class RedisWindowStore:
         self.ttl_s = max(1, math.ceil(retention_s + 2 * bucket_s))
         self.prefix = prefix
         self._redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.outage = OutageLog(log, "window store (Redis)", url_address(url, 6379))
 
     def _hash(self, ns: str, series: str, bucket: int) -> str:
         return f"{self.prefix}:{ns}:b:{series}:{bucket}"

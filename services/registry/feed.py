@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.outages import OutageLog
 from services.registry import validation as check
 from services.registry.entities import ChangeEvent, ChangeType
 from services.registry.store import RegistryStore
@@ -39,6 +40,7 @@ class FeedHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
+        self._database = OutageLog(log, "database", user="feed poll")
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -77,8 +79,10 @@ class FeedHub:
                 continue
             try:
                 self._advance(await asyncio.to_thread(self.store.head_revision))
-            except Exception:
-                log.warning("feed poll failed", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - one line a minute, not a traceback every poll_s
+                self._database.failed(exc, consequence="watchers hear of other replicas' commits once it answers")
+            else:
+                self._database.recovered()
 
     async def _wait_past(self, revision: int, timeout: float) -> bool:
         """Wait until the head passes `revision`; False on timeout."""

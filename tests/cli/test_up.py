@@ -228,11 +228,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("up") / "aiaas-home"
     base = _free_base_port()
     up = UpProcess(home, base)
+    token_before = os.environ.get("AIAAS_IDENTITY_TOKEN_FILE")
     try:
         up.wait_for("Ctrl-C stops everything")
+        # As the operator on this machine: the stack's own admin token (aiaas up made it).
+        os.environ["AIAAS_IDENTITY_TOKEN_FILE"] = str(home / "identity" / "admin.token")
         yield Stack(up, home, base)
     finally:
         up.kill()
+        if token_before is not None:
+            os.environ["AIAAS_IDENTITY_TOKEN_FILE"] = token_before
 
 
 def _infer(gateway: str, model: str, x: np.ndarray, version: str = "", timeout: float = 30.0) -> np.ndarray:

@@ -267,7 +267,8 @@ async def test_an_unreachable_registry_is_one_warning_line_not_one_per_attempt(
         port = sock.getsockname()[1]  # closed again: nothing listens there
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     repo = RecordedTargets()
-    follower = AliasFollower(channel, repo, aliases=FOLLOWED, backoff_min_s=0.005, backoff_max_s=0.02)
+    follower = AliasFollower(channel, repo, aliases=FOLLOWED, backoff_min_s=0.005, backoff_max_s=0.02,
+                             address=f"127.0.0.1:{port}")
     with caplog.at_level(logging.INFO, logger="aiaas.feed"):
         follower.start()
         await converge(lambda: follower.reconnects >= 10)
@@ -277,4 +278,5 @@ async def test_an_unreachable_registry_is_one_warning_line_not_one_per_attempt(
     lines = [r for r in caplog.records if r.name == "aiaas.feed"]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING and lines[0].exc_info is None
     assert "\n" not in lines[0].getMessage()
+    assert lines[0].getMessage().startswith(f"inference feed: registry at 127.0.0.1:{port} unreachable: UNAVAILABLE: ")
     assert not follower.synced.is_set() and follower.lag_seconds() > 0

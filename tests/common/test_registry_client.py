@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,27 @@ async def test_writes_are_not_retried(flaky: tuple[str, Flaky]) -> None:
         assert registry.calls == 1
     finally:
         await client.close()
+
+
+async def test_an_outage_is_one_warning_line_and_its_end_one_info_line(flaky: tuple[str, Flaky],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    address, registry = flaky
+    registry.failures = 4
+    client = RegistryClient.connect(address, attempts=1)
+    caplog.set_level(logging.INFO, logger="aiaas.registry_client")
+    try:
+        for _ in range(4):
+            with pytest.raises(Unavailable):
+                await client.get_record("route", "m")
+        assert client.outage.down and client.outage.failures == 4
+        await client.get_record("route", "m")
+    finally:
+        await client.close()
+    lines = [r for r in caplog.records if r.name == "aiaas.registry_client"]
+    assert [(r.levelno, r.exc_info) for r in lines] == [(logging.WARNING, None), (logging.INFO, None)]
+    assert lines[0].getMessage().startswith(f"registry at {address} unreachable: UNAVAILABLE: warming up")
+    assert lines[1].getMessage().startswith(f"registry at {address} answers again after ")
+    assert not client.outage.down
 
 
 async def test_a_registry_that_is_not_there_is_unavailable() -> None:

@@ -99,7 +99,7 @@ def test_sigterm_during_start_up_stops_there_and_exits_0(name: str, tmp_path: Pa
     if name == "gateway":
         args = ["--registry-url", nobody, "--inference-targets", f"127.0.0.1:{free_port()}",
                 "--key-pepper", "lifecycle-pepper"]
-        waiting = "waiting for the registry at its feed"
+        waiting = f"gateway feed: registry at {nobody} unreachable"
     else:
         args = ["--registry-url", nobody, "--load-models", "m", "--model-cache-dir", str(tmp_path / "cache"),
                 "--reconnect-min-s", "0.05"]

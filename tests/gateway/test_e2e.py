@@ -451,4 +451,4 @@ def test_redis_stopped_mid_test_serving_goes_on(stack: Stack) -> None:
         for _ in range(50):
             client.infer(MODEL, inputs, headers=stack.headers(token))
         assert time.monotonic() - started < 10.0
-    assert "quota store (Redis) unreachable" in stack.gateways[1].log()
+    assert f"quota store (Redis) at 127.0.0.1:{stack.redis.port} unreachable: " in stack.gateways[1].log()

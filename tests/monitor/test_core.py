@@ -10,18 +10,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.common.errors import InvalidArgument, NotFound
-from services.monitor.control import MemoryControlPlane
+from services.monitor.control import ControlState, MemoryControlPlane
 from services.monitor.core import MonitorCore
 from services.monitor.entities import (
     SLO,
     AlertKind,
     AlertState,
+    Baseline,
     CanaryVerdict,
     InputSample,
     MetricsFilter,
     ModelLoad,
     Report,
     Request,
+    RouteView,
 )
 from services.monitor.prom import PrometheusExport
 from services.monitor.settings import MonitorSettings
@@ -53,10 +55,11 @@ def control() -> MemoryControlPlane:
 
 @pytest.fixture
 def core(clock: Clock, control: MemoryControlPlane) -> MonitorCore:
-    settings = MonitorSettings(registry_url=None, canary_min_requests=30, drift_min_samples=100,
-                               control_refresh_s=1e9)
+    settings = MonitorSettings(registry_url=None, canary_min_requests=30, drift_min_samples=100)
     prom = PrometheusExport(CollectorRegistry())
-    return MonitorCore(settings, MemoryWindowStore(), control, prom=prom, clock=clock)
+    core = MonitorCore(settings, MemoryWindowStore(), control, prom=prom, clock=clock)
+    core.follow_control()
+    return core
 
 
 def _req(clock: Clock, latency_us: int = 1000, status: str = "OK", alias: str = "production", version: int = 1,
@@ -122,7 +125,7 @@ async def test_slo_validation_and_persistence(core: MonitorCore, control: Memory
     await core.set_slo(SLO(model="m", max_error_rate=0.01), "me")
     assert list(control.slos) == ["m"]
     core.slos.clear()
-    await core.refresh_control()
+    core.follow_control()  # a fresh start reads the SLO back from the control plane
     assert [s.model for s in await core.list_slos()] == ["m"]
     await core.delete_slo("m", "me")
     with pytest.raises(NotFound):
@@ -181,7 +184,6 @@ async def test_baseline_learned_from_first_rows(core: MonitorCore, control: Memo
 async def test_broken_canary_is_rolled_back_once(core: MonitorCore, clock: Clock,
                                                  control: MemoryControlPlane) -> None:
     control.put_route("m", [("production", 50), ("canary", 50)])
-    await core.refresh_control()
     await core.evaluate()  # the canary starts being watched now
     await core.ingest(Report("gateway", [_req(clock)] * 100))
     await core.ingest(Report("gateway", [_req(clock, status="INTERNAL", alias="canary", version=2)] * 20
@@ -202,7 +204,6 @@ async def test_slow_canary_rolled_back_and_healthy_one_kept(core: MonitorCore, c
                                                            control: MemoryControlPlane) -> None:
     control.put_route("m", [("production", 90), ("canary", 10)])
     control.put_route("ok", [("production", 90), ("canary", 10)])
-    await core.refresh_control()
     await core.evaluate()
     await core.ingest(Report("gateway", [_req(clock, 5_000)] * 100 + [_req(clock, 60_000, alias="canary")] * 40
                              + [_req(clock, 5_000, model="ok")] * 100
@@ -216,10 +217,11 @@ async def test_slow_canary_rolled_back_and_healthy_one_kept(core: MonitorCore, c
 
 async def test_rollback_loses_race_gracefully(core: MonitorCore, clock: Clock, control: MemoryControlPlane) -> None:
     control.put_route("m", [("production", 50), ("canary", 50)])
-    await core.refresh_control()
     await core.evaluate()
-    # Another replica already zeroed it: our cached revision is stale.
+    # Another replica already zeroed it, and the change has not reached this one yet: its cached
+    # revision is stale.
     stale = core.routes["m"]
+    control.listener = None
     await control.set_split_weight("m", "canary", 0, stale.revision, "other")
     await core.ingest(Report("gateway", [_req(clock)] * 100 + [_req(clock, status="INTERNAL", alias="canary")] * 40))
     await core.evaluate()
@@ -227,14 +229,46 @@ async def test_rollback_loses_race_gracefully(core: MonitorCore, clock: Clock, c
 
 
 async def test_canary_disabled_rollback_only_alerts(clock: Clock, control: MemoryControlPlane) -> None:
-    settings = dataclasses.replace(MonitorSettings(registry_url=None, canary_min_requests=30,
-                                                   control_refresh_s=1e9), canary_rollback=False)
+    settings = dataclasses.replace(MonitorSettings(registry_url=None, canary_min_requests=30), canary_rollback=False)
     core = MonitorCore(settings, MemoryWindowStore(), control, clock=clock)
     control.put_route("m", [("production", 50), ("canary", 50)])
-    await core.refresh_control()
+    core.follow_control()
     await core.evaluate()
     await core.ingest(Report("gateway", [_req(clock)] * 100 + [_req(clock, status="INTERNAL", alias="canary")] * 40))
     await core.evaluate()
     assert control.routes["m"].splits[1].weight == 50
     (alert,) = core.alerts.active.values()
     assert dict(alert.details)["rolled_back"] == "false"
+
+
+async def test_control_plane_changes_reach_the_parts_and_stale_news_is_ignored(
+        core: MonitorCore, clock: Clock, control: MemoryControlPlane) -> None:
+    # A breached SLO deleted elsewhere (the feed says so): its alert resolves here too.
+    await core.set_slo(SLO(model="m", p99_latency_ms=50, window_s=5, min_requests=10), "me")
+    await core.ingest(Report("gateway", [_req(clock, 200_000)] * 50))
+    await core.evaluate()
+    assert list(core.alerts.active) == ["slo:m:latency"]
+    core.slo_changed("m", None)
+    assert core.slos == {} and not core.alerts.active
+
+    # Older news than the core holds (say, its own rollback's write came first) changes nothing.
+    route = control.put_route("r", [("production", 50), ("canary", 50)])
+    newer = RouteView(model="r", splits=route.splits[:1], revision=route.revision + 5)
+    core.route_changed("r", newer, newer.revision)
+    core.route_changed("r", route, route.revision)
+    core.route_changed("r", None, route.revision)
+    assert core.routes["r"] == newer
+    core.route_changed("r", None, newer.revision + 1)
+    assert "r" not in core.routes
+
+    learned = Baseline(model="b", version=1, learn_from_requests=10)
+    core.baseline_changed(("b", 1), learned, 9)
+    core.baseline_changed(("b", 1), None, 8)
+    assert core.baselines[("b", 1)] == (learned, 9)
+    core.baseline_changed(("b", 1), None, 10)
+    assert core.baselines == {}
+
+    # A snapshot (a resync) replaces all of it.
+    core.route_changed("r", route, 99)
+    core.control_replaced(ControlState(slos={"x": SLO(model="x", max_error_rate=0.1)}))
+    assert list(core.slos) == ["x"] and core.routes == {} and core.baselines == {}

@@ -71,7 +71,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
 
     monitor_port = free_port()
     monitor_args = ["--registry-url", registry.address, "--redis-url", redis_server.url, "--metrics-port", "0",
-                    "--evaluation-interval-s", "0.25", "--control-refresh-s", "0.5", "--canary-min-requests", "30",
+                    "--evaluation-interval-s", "0.25", "--canary-min-requests", "30",
                     "--drift-min-samples", "150", "--grace-period-s", "1"]
     monitor = ServiceProcess("monitor", monitor_args, port=monitor_port, env=pki.server_env("monitor"))
     inference = ServiceProcess("inference", inference_args(registry, tmp / "cache", "--monitor-url", monitor.address,

@@ -77,7 +77,7 @@ async def test_canary_rollback_retries_when_the_route_changed_but_still_sends_ca
     windows = RequestWindows(settings, store, None, clock)
     watch = CanaryWatch(settings, control, alerts, windows, None, clock)
     control.put_route("m", [("production", 50), ("canary", 50)])
-    watch.replace(await control.list_routes())
+    watch.replace(list(control.routes.values()))
     stale = watch.routes["m"]
     await watch.evaluate(stale)  # watching starts now
     # An operator rewrites the route (new revision) and the canary still takes traffic.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -9,6 +11,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
+from services.common.errors import Unavailable
 from services.monitor.entities import Request, SeriesKey
 from services.monitor.windows import (
     GAMMA,
@@ -21,6 +24,7 @@ from services.monitor.windows import (
     latency_bin,
     summarize,
 )
+from tests.support.servers import RedisServer
 
 TOLERANCE = GAMMA**0.5 - 1 + 1e-9
 
@@ -102,7 +106,6 @@ async def test_store_meta_set_if_absent(store: MemoryWindowStore) -> None:
 
 
 async def test_redis_down_is_unavailable_not_internal() -> None:
-    from services.common.errors import Unavailable
     from tests.support.servers import free_port
 
     store = RedisWindowStore(f"redis://127.0.0.1:{free_port()}/0")
@@ -111,3 +114,34 @@ async def test_redis_down_is_unavailable_not_internal() -> None:
     with pytest.raises(Unavailable):
         await store.series(NS_REQUESTS, 0)
     await store.close()
+
+
+async def test_a_redis_outage_is_one_warning_line_and_one_when_it_answers(caplog: pytest.LogCaptureFixture) -> None:
+    server = RedisServer().start()
+    store = RedisWindowStore(server.url)
+    caplog.set_level(logging.INFO, logger="aiaas.monitor.windows")
+    try:
+        await store.add(NS_REQUESTS, {("gateway|m|1|", 1): Counter(n=1)})
+        server.stop()
+        for _ in range(20):  # an evaluation loop and the Report RPCs keep calling
+            with pytest.raises(Unavailable, match="window store"):
+                await store.series(NS_REQUESTS, 0)
+        assert store.outage.down and store.outage.failures == 20
+        server.start()  # the same port, empty (no persistence)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await store.add(NS_REQUESTS, {("gateway|m|2|", 1): Counter(n=1)})
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        assert await store.series(NS_REQUESTS, 0) == ["gateway|m|2|"]
+    finally:
+        await store.close()
+        server.close()
+    lines = [r for r in caplog.records if r.name == "aiaas.monitor.windows"]
+    assert [(r.levelno, r.exc_info) for r in lines] == [(logging.WARNING, None), (logging.INFO, None)]
+    assert lines[0].getMessage().startswith(f"window store (Redis) at 127.0.0.1:{server.port} unreachable: ")
+    assert "\n" not in lines[0].getMessage() and "answers again" in lines[1].getMessage()
