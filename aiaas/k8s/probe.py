@@ -74,7 +74,8 @@ def check(port: int, *, service: str = "", timeout_s: float = 3.0, server_cert: 
 
 def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
     mtls = bool(environ.get("AIAAS_TLS_CLIENT_CA"))
-    parser = argparse.ArgumentParser(prog="python -m aiaas.k8s.probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m aiaas.k8s.probe",
+                                     description="grpc.health.v1 Check over TLS on the loopback port; exit 0 on SERVING")
     parser.add_argument("--port", type=int, required=True, help="the service's gRPC port")
     parser.add_argument("--service", default="", help="health service name ('' is the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (3)")
