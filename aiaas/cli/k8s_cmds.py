@@ -11,7 +11,7 @@ from aiaas.k8s.render import NAMESPACE, OVERLAYS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `k8s render`, `k8s apply` and `k8s status`."""
+    """Add `k8s render`, `k8s apply`, `k8s status` and `k8s dev-certs`."""
     k8s = subparsers.add_parser("k8s", help="run aiaas on Kubernetes (deploy/k8s overlays)")
     commands = k8s.add_subparsers(dest="k8s_command", metavar="COMMAND")
     k8s.set_defaults(func=lambda args: _help(k8s))
@@ -38,6 +38,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     status.add_argument("--namespace", "-n", default=NAMESPACE, help=f"namespace ({NAMESPACE})")
     status.add_argument("--json", action="store_true", help="JSON instead of a table")
     status.set_defaults(func=cmd_status)
+
+    certs = commands.add_parser(
+        "dev-certs", help="write a development CA, every pod's and operator's certificate, and their Secrets",
+        description="Writes OUTDIR/ca.crt and ca.key (kept and reused when present), OUTDIR/<name>/"
+                    "{tls.crt,tls.key,ca.crt} for each pod Secret and for the admin and deployer identities, "
+                    "and OUTDIR/secrets.yaml for `kubectl apply -f`. Development only: production "
+                    "certificates come from cert-manager.")
+    certs.add_argument("outdir", metavar="OUTDIR", help="folder to write into (created; keep it private)")
+    certs.add_argument("--namespace", "-n", default=NAMESPACE, help=f"namespace in names and Secrets ({NAMESPACE})")
+    certs.add_argument("--days", type=int, default=90, help="validity of each certificate (90)")
+    certs.add_argument("--ca-days", type=int, default=365, help="validity of a new CA (365)")
+    certs.set_defaults(func=cmd_dev_certs)
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -105,6 +117,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(format_table(["SERVICE", "POD", "READY", "STATUS", "RESTARTS", "NODE"],
                            [[r.service, r.name, r.ready, r.phase, str(r.restarts), r.node] for r in rows]))
     return 0 if rows and all(row.is_ready for row in rows) else 1
+
+
+def cmd_dev_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aiaas.k8s.certs import OPERATOR_CERTIFICATES, POD_CERTIFICATES, dns_names, spiffe_id, write_dev_certs
+
+    outdir = Path(args.outdir)
+    try:
+        result = write_dev_certs(outdir, args.namespace, args.days, args.ca_days)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'created' if result.ca_created else 'kept'} the CA {outdir / 'ca.crt'}")
+    rows = [[spec.name, spiffe_id(args.namespace, spec.identity) if spec.identity else "-",
+             ", ".join(dns_names(spec.services, args.namespace)[:1] + (["localhost"] if spec.localhost else []))
+             or "-"]
+            for spec in (*POD_CERTIFICATES, *OPERATOR_CERTIFICATES)]
+    print(format_table(["CERTIFICATE", "IDENTITY", "SERVES"], rows))
+    print(f"next: kubectl create namespace {args.namespace} (unless it exists); kubectl apply -f {result.secrets}")
+    return 0
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

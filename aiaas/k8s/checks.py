@@ -2,7 +2,8 @@
 
 `audit(objects)` is what `aiaas k8s render --check` and the tests run: probes, resources,
 security, drain timing and spreading for every workload, the Prometheus port and scrape
-annotations of every aiaas service, and Services that select a pod template and name its ports.
+annotations and TLS (`aiaas.k8s.tls`) of every aiaas service, a verified PostgreSQL connection,
+and Services that select a pod template and name its ports.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from aiaas.k8s.manifest import Manifest, pod_spec
 from aiaas.k8s.render import METRICS_PORT, NAME_LABEL, SERVICE_PORTS
+from aiaas.k8s.tls import check_database_url, check_service_tls, env_values
 
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet"})
 # The slack for the process to exit after the drain, beyond preStop + AIAAS_GRACE_PERIOD_S.
@@ -43,24 +45,28 @@ def audit(objects: list[Manifest]) -> list[str]:
     """Every problem found in the rendered objects; empty when all is well."""
     problems: list[str] = []
     drain_s = grace_period_s(objects)
+    services = [obj for obj in objects if obj["kind"] == "Service"]
     for workload in workloads(objects):
+        selecting = [s["metadata"]["name"] for s in services if workload in selected_templates(s, objects)]
         problems += [f"{workload['kind']}/{workload['metadata']['name']}: {p}"
-                     for p in check_workload(workload, drain_s)]
-    for service in (obj for obj in objects if obj["kind"] == "Service"):
+                     for p in check_workload(workload, drain_s, selecting)]
+    for service in services:
         problems += [f"Service/{service['metadata']['name']}: {p}" for p in check_service(service, objects)]
     return problems
 
 
-def check_workload(workload: Manifest, drain_s: float) -> list[str]:
+def check_workload(workload: Manifest, drain_s: float, service_names: list[str] | None = None) -> list[str]:
+    """Problems of one workload; `service_names` are the Services that select it (its TLS
+    certificate must answer to each), by default its own name."""
     spec = pod_spec(workload) or {}
     name = service_name(workload)
     problems = _check_pod_security(spec) + _check_spread(spec, name)
     prestop_s = 0.0
     for container in spec.get("containers", []):
-        problems += [f"container {container['name']}: {p}" for p in _check_container(container)]
+        problems += [f"container {container['name']}: {p}" for p in _check_container(container, spec)]
         prestop_s = max(prestop_s, _prestop_sleep_s(container))
     if name in SERVICE_PORTS:
-        problems += _check_aiaas_container(spec, name)
+        problems += _check_aiaas_container(spec, name, [name] if service_names is None else service_names)
         problems += _check_scrape_annotations(workload)
         budget = prestop_s + drain_s + EXIT_SLACK_S
         if spec.get("terminationGracePeriodSeconds", 30) < budget:
@@ -92,8 +98,11 @@ def _check_spread(spec: dict[str, Any], name: str) -> list[str]:
     return ["no topology spread across nodes (kubernetes.io/hostname) over its own pods"]
 
 
-def _check_container(container: dict[str, Any]) -> list[str]:
+def _check_container(container: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     problems = []
+    for setting, value in env_values(container).items():
+        if setting.endswith("DATABASE_URL"):
+            problems += check_database_url(spec, container, value)
     resources = container.get("resources", {})
     for bound in ("requests", "limits"):
         missing = {"cpu", "memory"} - set(resources.get(bound, {}))
@@ -116,7 +125,7 @@ def _check_container(container: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _check_aiaas_container(spec: dict[str, Any], name: str) -> list[str]:
+def _check_aiaas_container(spec: dict[str, Any], name: str, service_names: list[str]) -> list[str]:
     container = next((c for c in spec.get("containers", []) if c["name"] == name), None)
     if container is None:
         return [f"no container named {name}"]
@@ -129,10 +138,7 @@ def _check_aiaas_container(spec: dict[str, Any], name: str) -> list[str]:
     named = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
     if named.get("metrics") != METRICS_PORT:
         problems.append(f"does not expose its Prometheus port {METRICS_PORT} as 'metrics'")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        grpc = container.get(probe, {}).get("grpc")
-        if grpc is None or grpc.get("port") != port or grpc.get("service", "") != "":
-            problems.append(f"{probe} is not a grpc.health.v1 probe on port {port}")
+    problems += check_service_tls(spec, container, name, port, service_names)
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
     empty_dirs = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
     if mounts.get("/tmp") not in empty_dirs:

@@ -9,7 +9,7 @@ from typing import Any
 import urllib3
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
 from aiaas.k8s.manifest import Manifest
 from aiaas.k8s.render import PART_OF
@@ -19,6 +19,7 @@ from aiaas.k8s.rollout import (
     apply_plan,
     generated_secret,
     missing_secrets,
+    mounted_secrets,
     pod_row,
     rollout_state,
 )
@@ -29,6 +30,14 @@ Progress = Callable[[str], None]
 
 class ClusterUnavailable(RuntimeError):
     """No kube context to use, or its API server cannot be reached."""
+
+
+class MissingKinds(RuntimeError):
+    """Kinds the overlay uses (cert-manager's) that the cluster's API does not serve."""
+
+
+class MissingSecrets(RuntimeError):
+    """Secrets the pods mount that nothing in the overlay creates, absent from the cluster."""
 
 
 def connect(context: str | None = None) -> DynamicClient:
@@ -54,12 +63,16 @@ def apply(dyn: DynamicClient, objects: list[Manifest], progress: Progress, *,
     """Server-side apply every object in plan order, forcing ownership of conflicting fields.
 
     Secrets the overlay reads but does not ship are created with random values when absent,
-    after the namespace and before any workload; existing ones are never touched.
+    after the namespace and before any workload; existing ones are never touched. Secrets the
+    pods mount (certificates) are never invented: when one is absent and no cert-manager
+    Certificate of the overlay issues it, nothing past the namespace is applied.
     """
     plan = apply_plan(objects)
+    _require_kinds(dyn, plan)
     namespaces = [o for o in plan if o["kind"] == "Namespace"]
     for obj in namespaces:
         _apply_one(dyn, obj, progress, dry_run)
+    _require_mounted_secrets(dyn, objects)
     if generate_secrets:
         for (namespace, name), keys in sorted(missing_secrets(objects).items()):
             _ensure_secret(dyn, namespace, name, keys, progress, dry_run)
@@ -73,6 +86,36 @@ def _apply_one(dyn: DynamicClient, obj: Manifest, progress: Progress, dry_run: b
     dyn.server_side_apply(resource, body=obj, field_manager=FIELD_MANAGER, force_conflicts=True,
                           dry_run="All" if dry_run else None)
     progress(f"applied {obj['kind'].lower()}/{obj['metadata']['name']}")
+
+
+def _require_kinds(dyn: DynamicClient, plan: list[Manifest]) -> None:
+    """Every kind the overlay uses is served by the cluster (prod needs cert-manager's CRDs)."""
+    unknown = []
+    for api_version, kind in dict.fromkeys((o["apiVersion"], o["kind"]) for o in plan):
+        try:
+            dyn.resources.get(api_version=api_version, kind=kind)
+        except ResourceNotFoundError:
+            unknown.append(f"{api_version} {kind}")
+    if unknown:
+        hint = " (install cert-manager: https://cert-manager.io/docs/installation/)" if any(
+            "cert-manager.io" in u for u in unknown) else ""
+        raise MissingKinds(f"the cluster does not serve {', '.join(unknown)}{hint}")
+
+
+def _require_mounted_secrets(dyn: DynamicClient, objects: list[Manifest]) -> None:
+    resource = dyn.resources.get(api_version="v1", kind="Secret")
+    absent: dict[str, list[str]] = {}
+    for (namespace, name), user in sorted(mounted_secrets(objects).items()):
+        try:
+            dyn.get(resource, name=name, namespace=namespace)
+        except NotFoundError:
+            absent.setdefault(namespace, []).append(f"secret/{name} (mounted by {user})")
+    if absent:
+        namespace, secrets = min(absent.items())
+        raise MissingSecrets(
+            f"missing in namespace {namespace}: {', '.join(secrets)}. For development certificates run "
+            f"`aiaas k8s dev-certs DIR --namespace {namespace}` and `kubectl apply -f DIR/secrets.yaml`, "
+            "then apply again (docs/kubernetes.md)")
 
 
 def _ensure_secret(dyn: DynamicClient, namespace: str, name: str, keys: set[str],

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from aiaas.k8s.manifest import Manifest, pod_containers, sort_key
+from aiaas.k8s.manifest import Manifest, pod_containers, pod_spec, sort_key
 
 ROLLOUT_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 
@@ -29,6 +29,23 @@ def missing_secrets(objects: list[Manifest]) -> dict[tuple[str, str], set[str]]:
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref and (namespace, ref["name"]) not in rendered:
                     needed.setdefault((namespace, ref["name"]), set()).add(ref["key"])
+    return needed
+
+
+def mounted_secrets(objects: list[Manifest]) -> dict[tuple[str, str], str]:
+    """(namespace, Secret name) -> the workload that mounts it, for Secret volumes that the
+    overlay neither renders nor has cert-manager issue (a Certificate's secretName): they
+    must exist before the pods can start (development TLS: `aiaas k8s dev-certs`)."""
+    provided = {(o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in objects if o["kind"] == "Secret"}
+    provided |= {(o["metadata"].get("namespace", ""), o["spec"]["secretName"]) for o in objects
+                 if o["kind"] == "Certificate" and o["apiVersion"].startswith("cert-manager.io/")}
+    needed: dict[tuple[str, str], str] = {}
+    for obj in objects:
+        namespace = obj["metadata"].get("namespace", "")
+        for volume in (pod_spec(obj) or {}).get("volumes", []):
+            name = volume.get("secret", {}).get("secretName")
+            if name and (namespace, name) not in provided:
+                needed.setdefault((namespace, name), f"{obj['kind'].lower()}/{obj['metadata']['name']}")
     return needed
 
 

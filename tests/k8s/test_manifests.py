@@ -25,6 +25,7 @@ from tests.k8s.specs import spec_of
 # The oldest Kubernetes release supported, and the newest the schemas know.
 SCHEMA_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 AIAAS_IMAGE = "ghcr.io/aiaas/aiaas"
+CERT_MANAGER_API = "cert-manager.io/v1"
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -53,7 +54,18 @@ def test_latest_schema_is_at_least_1_37() -> None:
 def test_every_object_validates_strictly(overlay: tuple[str, list[Manifest]], schema_version: str) -> None:
     _, objects = overlay
     for obj in objects:
-        kubernetes_validate.validate(obj, schema_version, strict=True)
+        # cert-manager's kinds are not in the Kubernetes schemas; tests/k8s/test_tls.py checks them.
+        if obj["apiVersion"] != CERT_MANAGER_API:
+            kubernetes_validate.validate(obj, schema_version, strict=True)
+
+
+def test_only_cert_manager_kinds_are_beyond_the_kubernetes_schemas(overlay: tuple[str, list[Manifest]]) -> None:
+    name, objects = overlay
+    outside = {(o["apiVersion"], o["kind"]) for o in objects if o["apiVersion"] == CERT_MANAGER_API}
+    assert outside == (set() if name == "dev" else {(CERT_MANAGER_API, "Certificate"), (CERT_MANAGER_API, "Issuer")})
+    for obj in objects:
+        if obj["apiVersion"] != CERT_MANAGER_API:
+            kubernetes_validate.validate(obj, SCHEMA_VERSIONS[1], strict=True)
 
 
 def test_every_object_is_namespaced_and_labelled(overlay: tuple[str, list[Manifest]]) -> None:
@@ -93,13 +105,16 @@ def test_every_workload_has_probes_limits_and_security(overlay: tuple[str, list[
             assert "readinessProbe" in c and "livenessProbe" in c and "preStop" in c["lifecycle"]
 
 
-def test_aiaas_services_use_native_grpc_health_probes_on_their_ports(overlay: tuple[str, list[Manifest]]) -> None:
+def test_aiaas_services_are_probed_over_tls_on_their_ports(overlay: tuple[str, list[Manifest]]) -> None:
     _, objects = overlay
     for service, port in SERVICE_PORTS.items():
         c = container(objects, service)
         assert c["command"] == ["python", "-m", f"services.{service}"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"] == {"port": port}, (service, probe)
+            # A kubelet grpc probe cannot do TLS; the exec probe runs in the container.
+            assert "grpc" not in c[probe], (service, probe)
+            assert c[probe]["exec"]["command"] == ["python", "-m", "aiaas.k8s.probe", "--port", str(port)]
+            assert c[probe]["timeoutSeconds"] >= 5, (service, probe)
 
 
 def test_aiaas_services_expose_grpc_and_metrics_and_ask_to_be_scraped(
@@ -141,7 +156,7 @@ def test_audit_reports_each_missing_setting() -> None:
     del gateway["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"]
     problems = "\n".join(check_workload(gateway, 20))
     for expected in ("no readinessProbe", "no limits for memory", "root filesystem is not read-only",
-                     "livenessProbe is not a grpc.health.v1 probe", "terminationGracePeriodSeconds",
+                     "livenessProbe is not `python -m aiaas.k8s.probe --port 8001`", "terminationGracePeriodSeconds",
                      "no topology spread", "does not expose its Prometheus port 9464",
                      "pod annotation prometheus.io/scrape"):
         assert expected in problems
@@ -190,7 +205,8 @@ def test_configured_addresses_match_the_services(overlay: tuple[str, list[Manife
         assert "AIAAS_REGISTRY_DATABASE_URL" not in data
         env = {e["name"]: e for e in container(objects, "registry")["env"]}
         assert env["AIAAS_REGISTRY_DATABASE_URL"]["value"] == (
-            "postgresql+psycopg://aiaas:$(POSTGRES_PASSWORD)@postgres:5432/aiaas")
+            "postgresql+psycopg://aiaas:$(POSTGRES_PASSWORD)@postgres:5432/aiaas"
+            "?sslmode=verify-full&sslrootcert=/etc/aiaas/tls/ca.crt")
         # $(VAR) only expands variables defined earlier in the list.
         assert list(env).index("POSTGRES_PASSWORD") < list(env).index("AIAAS_REGISTRY_DATABASE_URL")
         assert 5432 in ports["postgres"]
@@ -267,14 +283,13 @@ def test_gpu_puts_inference_on_gpu_nodes() -> None:
 
 def test_secrets_come_from_secret_objects_never_from_the_config(overlay: tuple[str, list[Manifest]]) -> None:
     name, objects = overlay
-    pepper = container(objects, "gateway")["env"][0]
-    assert pepper["name"] == "AIAAS_GATEWAY_KEY_PEPPER"
+    pepper = next(e for e in container(objects, "gateway")["env"] if e["name"] == "AIAAS_GATEWAY_KEY_PEPPER")
     assert pepper["valueFrom"]["secretKeyRef"] == {"name": "aiaas-secrets", "key": "gateway-key-pepper"}
     assert not any("PEPPER" in key or "PASSWORD" in key for key in config(objects))
-    if name == "dev":
-        assert missing_secrets(objects) == {}
-    else:
-        # Production ships no secret values: `aiaas k8s apply` generates what is missing.
-        assert not by_kind(objects, "Secret")
-        assert missing_secrets(objects) == {("aiaas", "aiaas-secrets"): {"gateway-key-pepper"},
-                                            ("aiaas", "aiaas-postgres"): {"password"}}
+    # No overlay ships secret values (a fixed pepper would let anyone who can write registry
+    # records mint API keys): `aiaas k8s apply` generates what is missing.
+    assert not by_kind(objects, "Secret")
+    expected = {("aiaas", "aiaas-secrets"): {"gateway-key-pepper"}}
+    if name != "dev":
+        expected[("aiaas", "aiaas-postgres")] = {"password"}
+    assert missing_secrets(objects) == expected

@@ -57,9 +57,14 @@ def test_container_environment_loads_into_the_service_settings(overlay: str, ser
         assert settings.registry_url == "registry:50051"  # type: ignore[attr-defined]
     if service == "registry":
         database = "sqlite:////data/registry.db" if overlay == "dev" else (
-            "postgresql+psycopg://aiaas:secret-placeholder@postgres:5432/aiaas")
+            "postgresql+psycopg://aiaas:secret-placeholder@postgres:5432/aiaas"
+            "?sslmode=verify-full&sslrootcert=/etc/aiaas/tls/ca.crt")
         assert settings.database_url == database  # type: ignore[attr-defined]
         assert str(settings.artifact_dir) == "/data/artifacts"  # type: ignore[attr-defined]
+    # Every service serves TLS; all but the public gateway ask callers for a certificate.
+    served = "/etc/aiaas/public-tls" if service == "gateway" else "/etc/aiaas/tls"
+    assert (settings.tls_cert, settings.tls_key) == (f"{served}/tls.crt", f"{served}/tls.key")
+    assert settings.tls_client_ca == (None if service == "gateway" else "/etc/aiaas/tls/ca.crt")
     if service == "gateway":
         assert settings.inference_targets == ("dns:///inference-headless:50052",)  # type: ignore[attr-defined]
         assert settings.key_pepper  # type: ignore[attr-defined]
