@@ -293,3 +293,11 @@ def test_secrets_come_from_secret_objects_never_from_the_config(overlay: tuple[s
     if name != "dev":
         expected[("aiaas", "aiaas-postgres")] = {"password"}
     assert missing_secrets(objects) == expected
+
+
+def test_pods_listen_on_the_pod_network_and_require_identities(overlay: tuple[str, list[Manifest]]) -> None:
+    # Services bind loopback by default (a bare process is never exposed by accident); in a pod
+    # they must listen on the pod's network, guarded by mTLS and the NetworkPolicies.
+    settings = config(overlay[1])
+    assert settings["AIAAS_HOST"] == "0.0.0.0"
+    assert settings["AIAAS_REQUIRE_IDENTITY"] == "true"
