@@ -301,3 +301,9 @@ def test_pods_listen_on_the_pod_network_and_require_identities(overlay: tuple[st
     settings = config(overlay[1])
     assert settings["AIAAS_HOST"] == "0.0.0.0"
     assert settings["AIAAS_REQUIRE_IDENTITY"] == "true"
+
+
+def test_gateways_share_quotas_by_the_autoscalers_minimum() -> None:
+    objects = render("prod")
+    hpa = by_kind(objects, "HorizontalPodAutoscaler")["gateway"]
+    assert int(config(objects)["AIAAS_GATEWAY_GATEWAY_REPLICAS"]) == hpa["spec"]["minReplicas"]
