@@ -20,7 +20,7 @@ from tests.gateway.upstream_double import EchoReplica
 
 def infer_request(value: float) -> bytes:
     request = pb.ModelInferRequest(model_name="m", model_version="1",
-                                   raw_input_contents=[np.float32([value]).tobytes()])
+                                   raw_input_contents=[np.array([value], np.float32).tobytes()])
     request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
     return request.SerializeToString()
 
