@@ -183,11 +183,11 @@ class InferenceUpstream:
         NOT_FOUND is one that has not loaded it yet, and another one is tried too.
         """
 
-        def try_one(replica: Replica, seconds: float) -> Any:
-            return self._call_one(replica, method, request, seconds, metadata)
+        def begin(replica: Replica, seconds: float) -> Any:
+            return replica.transport.unary(method)(request, timeout=seconds, metadata=metadata)
 
         forwarded = ForwardedCall(
-            self.balancer, try_one, deadline=asyncio.get_running_loop().time() + timeout,
+            self.balancer, begin, self._finish, deadline=asyncio.get_running_loop().time() + timeout,
             max_attempts=self.max_attempts, retry_not_found=retry_not_found,
             try_timeouts=self.try_timeouts if method in HEDGED_METHODS else None, pool_latency=self.pool_latency,
         )
@@ -198,7 +198,16 @@ class InferenceUpstream:
         """One call to one replica; raises `ReplicaFailed`, `Refused` or the replica's error."""
         replica.outstanding += 1
         try:
-            response: bytes = await replica.transport.unary(method)(request, timeout=timeout, metadata=metadata)
+            return await self._finish(replica, replica.transport.unary(method)(request, timeout=timeout,
+                                                                               metadata=metadata))
+        finally:
+            replica.outstanding -= 1
+
+    async def _finish(self, replica: Replica, call: Any) -> bytes:
+        """The answer of a call to `replica`, once it comes; raises `ReplicaFailed`, `Refused` or
+        the replica's error, and tells the balancer which it was."""
+        try:
+            response: bytes = await call
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             # The replica's status, passed on to the caller with its message.
@@ -214,8 +223,6 @@ class InferenceUpstream:
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 self.balancer.failed(replica, stalled=True)  # no answer within the deadline
             raise error from None
-        finally:
-            replica.outstanding -= 1
         self.balancer.succeeded(replica)
         return response
 

@@ -152,3 +152,22 @@ async def test_reads_and_the_off_setting_are_not_hedged(replicas: list[EchoRepli
         assert sum(len(r.seen) for r in replicas[:2]) == 1
     finally:
         await upstream.close()
+
+
+async def test_a_caller_gone_cancels_every_try_and_counts_nothing(replicas: list[EchoReplica]) -> None:
+    for replica in replicas[:2]:
+        replica.delay_s = 60.0
+    upstream = await pool(replicas[:2], TryTimeouts.parse("0.1", floor_s=0.1))
+    try:
+        call = asyncio.ensure_future(upstream.call("ModelInfer", infer_request(1), timeout=30.0))
+        deadline = time.monotonic() + 10.0
+        while sum(len(r.seen) for r in replicas[:2]) < 2:  # the first try and its hedge
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert sorted(r.outstanding for r in upstream.balancer.replicas) == [1, 1]
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert all(r.outstanding == 0 and r.consecutive_failures == 0 for r in upstream.balancer.replicas)
+    finally:
+        await upstream.close()
