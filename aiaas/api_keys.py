@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import hashlib
 import hmac
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from google.protobuf import timestamp_pb2
 
@@ -36,9 +37,12 @@ class Role(enum.Enum):
     INFER = "infer"
     READ = "read"
     ADMIN = "admin"
+    # May set a request's `priority` parameter; every other key gets the model's default level.
+    PRIORITY = "priority"
 
 
-ROLE_TO_PB = {Role.INFER: gw.ROLE_INFER, Role.READ: gw.ROLE_READ, Role.ADMIN: gw.ROLE_ADMIN}
+ROLE_TO_PB = {Role.INFER: gw.ROLE_INFER, Role.READ: gw.ROLE_READ, Role.ADMIN: gw.ROLE_ADMIN,
+              Role.PRIORITY: gw.ROLE_PRIORITY}
 ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
 ROLE_NAMES = {role.value: role for role in Role}
 
@@ -78,6 +82,46 @@ class ApiKeyEntry:
 
     def active(self, now: float) -> bool:
         return not self.revoked and (self.expire_time is None or now < self.expire_time)
+
+
+# Scopes: what one key may grant another -----------------------------------------------------
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _literal_prefix(pattern: str) -> str:
+    for index, char in enumerate(pattern):
+        if char in _GLOB_CHARS:
+            return pattern[:index]
+    return pattern
+
+
+def pattern_within(inner: str, outer: str) -> bool:
+    """Whether every model name the fnmatch pattern `inner` matches is also matched by `outer`.
+
+    Decided exactly when `outer` is `*`, the patterns are equal, `inner` is a plain name, or
+    `outer` is a plain prefix followed by `*`; any other pair answers False, so a scope that
+    cannot be shown to be narrower is never granted."""
+    if set(outer) == {"*"} or inner == outer:
+        return True
+    if not _GLOB_CHARS.intersection(inner):
+        return fnmatch.fnmatchcase(inner, outer)
+    prefix = outer[:-1]
+    if outer.endswith("*") and not _GLOB_CHARS.intersection(prefix):
+        return _literal_prefix(inner).startswith(prefix)
+    return False
+
+
+def models_beyond(inner: Iterable[str], outer: Sequence[str]) -> list[str]:
+    """The patterns of `inner` that no pattern of `outer` covers (empty: `inner` is within `outer`)."""
+    return [pattern for pattern in inner if not any(pattern_within(pattern, o) for o in outer)]
+
+
+def roles_beyond(inner: Iterable[Role], outer: frozenset[Role]) -> list[Role]:
+    """The roles of `inner` that `outer` does not hold (admin holds every role)."""
+    if Role.ADMIN in outer:
+        return []
+    return sorted((role for role in inner if role not in outer), key=lambda role: role.value)
 
 
 # Tokens and hashes --------------------------------------------------------------------------

@@ -111,9 +111,10 @@ class GatewayClient:
 
     # API keys -----------------------------------------------------------------------------
 
-    def create_key(self, name: str = "", *, models: Iterable[str] = ("*",), roles: Iterable[str] = ("infer", "read"),
+    def create_key(self, name: str = "", *, models: Iterable[str] = (), roles: Iterable[str] = ("infer", "read"),
                    rps: float = 0.0, burst: int = 0, expires_in_s: float | None = None) -> tuple[gw.ApiKey, str]:
-        """Returns (key, token); the token is shown this once and never again."""
+        """Returns (key, token); the token is shown this once and never again. No models: those of the
+        key that creates it; no expiry: its expiry. A key never grants more than it holds."""
         request = gw.CreateApiKeyRequest(name=name, models=list(models), roles=[ROLE_BY_NAME[r] for r in roles])
         if rps:
             request.quota.CopyFrom(gw.Quota(requests_per_second=rps, burst=burst))

@@ -19,6 +19,7 @@ from typing import Any, Self
 import grpc
 from google.protobuf import json_format
 
+from aiaas.identity import ClientIdentity
 from aiaas.monitor.v1 import monitor_pb2 as pb
 from aiaas.monitor.v1 import monitor_pb2_grpc
 
@@ -52,11 +53,11 @@ def series_to_dict(series: pb.SeriesMetrics) -> dict[str, Any]:
 
 class MonitorClient:
     def __init__(self, url: str = DEFAULT_URL, *, timeout_s: float = 10.0,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, identity: ClientIdentity | None = None) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self._channel = (grpc.secure_channel(url, credentials) if credentials is not None
-                         else grpc.insecure_channel(url))
+                         else (identity or ClientIdentity.from_env()).channel(url))
         self.stub = monitor_pb2_grpc.MonitorStub(self._channel)
 
     def __enter__(self) -> Self:

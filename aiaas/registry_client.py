@@ -27,6 +27,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from aiaas import _registry_convert as conv
+from aiaas.identity import ClientIdentity
 from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry.v1 import registry_pb2_grpc
 
@@ -72,7 +73,8 @@ def _timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 class RegistryClient:
     def __init__(self, target: str = DEFAULT_TARGET, *, actor: str = "", timeout: float = 30.0,
-                 credentials: grpc.ChannelCredentials | None = None, channel: grpc.Channel | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, channel: grpc.Channel | None = None,
+                 identity: ClientIdentity | None = None) -> None:
         self.target = target
         self.actor = actor or os.environ.get("AIAAS_ACTOR") or os.environ.get("USER", "")
         self.timeout = timeout
@@ -83,7 +85,8 @@ class RegistryClient:
         elif credentials is not None:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
+            # The caller's identity from the environment (mTLS certificate or development token).
+            self._channel = (identity or ClientIdentity.from_env()).channel(target, options)
         self.stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
 
     def close(self) -> None:

@@ -26,10 +26,13 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aiaas.identity import HOME_IDENTITY_DIR, default_home
+
 DEFAULT_PORTS = {"gateway": 8001, "registry": 50051, "inference": 50052, "monitor": 50053, "metrics": 9464}
 # With --base-port B: gateway B, registry B+1, inference B+2, monitor B+3, Prometheus B+4.
 _BASE_OFFSETS = {"gateway": 0, "registry": 1, "inference": 2, "monitor": 3, "metrics": 4}
 CHILD_GRACE_S = 5.0
+IDENTITY_DIR = HOME_IDENTITY_DIR
 STOP_TIMEOUT_S = 15.0
 LOG_TAIL_CHARS = 3000
 
@@ -42,8 +45,12 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while the stack was starting."""
 
 
+class KeyRefused(Exception):
+    """The gateway refused the key the demo is checked with (revoked or expired, e.g. after rotation)."""
+
+
 def aiaas_home(home: str | None = None) -> Path:
-    return Path(home or os.environ.get("AIAAS_HOME") or Path.home() / ".aiaas").expanduser().resolve()
+    return Path(home).expanduser().resolve() if home else default_home()
 
 
 def stack_ports(base_port: int | None) -> dict[str, int]:
@@ -74,7 +81,9 @@ class GatewayAuth:
 
 def gateway_auth(home: Path) -> GatewayAuth:
     """Off loopback the gateway keeps authentication on: a pepper and a bootstrap admin key, made
-    once and kept (mode 0600) in the home so a second `up` accepts the same keys."""
+    once and kept (mode 0600) in the home so a second `up` accepts the same keys. The gateway stores
+    the bootstrap key (hashed) in the registry at its first start; once revoked (`aiaas keys rotate`)
+    it stays refused, though this file still holds it."""
     import json
     import secrets
 
@@ -91,13 +100,63 @@ def gateway_auth(home: Path) -> GatewayAuth:
     return auth
 
 
-def service_plan(home: Path, host: str, ports: dict[str, int], auth: GatewayAuth | None = None) -> list[ServiceSpec]:
-    """Start order: registry first (the others follow it), gateway last (it forwards to the rest)."""
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+STACK_IDENTITIES = ("registry", "inference", "monitor", "gateway", "admin")
+
+
+@dataclasses.dataclass(frozen=True)
+class StackIdentity:
+    """The stack's development identities: a signing key kept in the home (mode 0600) and one
+    token per service plus `admin` (what the CLI presents on this machine)."""
+
+    directory: Path
+    public_key: Path
+
+    def token_file(self, name: str) -> Path:
+        return self.directory / f"{name}.token"
+
+
+def stack_identity(home: Path, *, ttl_s: float = 30 * 24 * 3600.0) -> StackIdentity:
+    """Make the signing key once; mint fresh tokens at every start (so none outlives `ttl_s` of use)."""
+    from aiaas.identity import generate_signing_key, mint_token
+
+    directory = home / IDENTITY_DIR
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private, public = directory / "signing.key", directory / "signing.pub"
+    if not private.exists() or not public.exists():
+        private_pem, public_pem = generate_signing_key()
+        _write_secret(private, private_pem)
+        public.write_bytes(public_pem)
+    private_pem = private.read_bytes()
+    for name in STACK_IDENTITIES:
+        _write_secret(directory / f"{name}.token", mint_token(private_pem, name, ttl_s=ttl_s).encode())
+    return StackIdentity(directory, public)
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(temporary, path)
+
+
+def service_plan(home: Path, host: str, ports: dict[str, int], auth: GatewayAuth | None = None,
+                 identity: StackIdentity | None = None) -> list[ServiceSpec]:
+    """Start order: registry first (the others follow it), gateway last (it forwards to the rest).
+    Internal services listen on loopback whatever `host` is; only the gateway (the public door,
+    which checks API keys) listens on `host`."""
+    local = "127.0.0.1"
     registry = f"{local}:{ports['registry']}"
     monitor = f"{local}:{ports['monitor']}"
-    common = ("--host", host, "--grace-period-s", str(CHILD_GRACE_S))
-    return [
+    common = ("--host", local, "--grace-period-s", str(CHILD_GRACE_S))
+
+    def identity_env(name: str) -> tuple[tuple[str, str], ...]:
+        if identity is None:
+            return (("AIAAS_REQUIRE_IDENTITY", "false"),)
+        return (("AIAAS_IDENTITY_TOKEN_KEY", str(identity.public_key)),
+                ("AIAAS_IDENTITY_TOKEN_FILE", str(identity.token_file(name))))
+
+    plan = [
         ServiceSpec("registry", ports["registry"], (
             *common, "--port", str(ports["registry"]),
             "--database-url", f"sqlite:///{home / 'registry.db'}", "--artifact-dir", str(home / "artifacts"),
@@ -112,13 +171,15 @@ def service_plan(home: Path, host: str, ports: dict[str, int], auth: GatewayAuth
             "--metrics-port", str(ports["metrics"]),
         )),
         ServiceSpec("gateway", ports["gateway"], (
-            *common, "--port", str(ports["gateway"]), "--registry-url", registry,
+            "--host", host, "--grace-period-s", str(CHILD_GRACE_S),
+            "--port", str(ports["gateway"]), "--registry-url", registry,
             "--inference-targets", f"{local}:{ports['inference']}", "--monitor-url", monitor,
             *(("--no-auth-enabled",) if auth is None else ()),
         ), env=() if auth is None else (
             ("AIAAS_GATEWAY_KEY_PEPPER", auth.pepper), ("AIAAS_GATEWAY_BOOTSTRAP_ADMIN_KEY", auth.admin_key),
         )),
     ]
+    return [dataclasses.replace(spec, env=(*spec.env, *identity_env(spec.name))) for spec in plan]
 
 
 def _load_prctl() -> Any:
@@ -287,7 +348,8 @@ def ensure_demo(registry: str, fmt: str | None = None) -> str:
 
 def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.Event,
                      api_key: str | None = None) -> list[float]:
-    """Poll the gateway until the model answers a real inference; returns that answer's first row."""
+    """Poll the gateway until the model answers a real inference; returns that answer's first row.
+    KeyRefused at once when the gateway says the key is not (or no longer) valid."""
     import numpy as np
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -308,6 +370,8 @@ def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.
                 result = client.infer(model, [inp], client_timeout=5.0, headers=headers)
                 return [float(v) for v in result.as_numpy(DEMO_OUTPUT)[0]]
             except InferenceServerException as exc:
+                if exc.status() == "StatusCode.UNAUTHENTICATED":
+                    raise KeyRefused(exc.message()) from None
                 last = str(exc)
             stop.wait(0.2)
     finally:
@@ -340,18 +404,28 @@ def _stop_all(children: list[ChildService]) -> None:
 
 def run_up(
     *, home: str | None = None, base_port: int | None = None, host: str = "127.0.0.1", demo: bool = True,
-    startup_timeout_s: float = 120.0, demo_format: str | None = None,
+    startup_timeout_s: float = 120.0, demo_format: str | None = None, gateway_auth_on: bool | None = None,
+    insecure: bool = False,
 ) -> int:
+    """`gateway_auth_on`: API keys at the gateway (default: on unless `host` is loopback). A gateway
+    exposed beyond loopback without keys refuses to start unless `insecure`."""
+    auth_on = not is_loopback(host) if gateway_auth_on is None else gateway_auth_on
+    if not auth_on and not is_loopback(host) and not insecure:
+        print(f"aiaas up: refusing to expose the gateway on {host} without API keys: anyone who can reach "
+              "it could call and administer every model. Drop --no-auth, listen on 127.0.0.1, or pass "
+              "--insecure if this network is yours alone.", file=sys.stderr)
+        return 2
     state = aiaas_home(home)
     (state / "logs").mkdir(parents=True, exist_ok=True)
     ports = stack_ports(base_port)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     children: list[ChildService] = []
+    token_before = os.environ.get("AIAAS_IDENTITY_TOKEN_FILE")
     try:
         with home_lock(state):
             check_ports_free(host, ports)
-            return _run(state, host, ports, demo, startup_timeout_s, stop, children, demo_format)
+            return _run(state, host, ports, demo, startup_timeout_s, stop, children, demo_format, auth_on)
     except StartupFailed as exc:
         print(f"aiaas up: {exc}", file=sys.stderr)
         _stop_all(children)
@@ -363,10 +437,15 @@ def run_up(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if token_before is None:
+            os.environ.pop("AIAAS_IDENTITY_TOKEN_FILE", None)
+        else:
+            os.environ["AIAAS_IDENTITY_TOKEN_FILE"] = token_before
 
 
 def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_timeout_s: float,
-         stop: threading.Event, children: list[ChildService], demo_format: str | None = None) -> int:
+         stop: threading.Event, children: list[ChildService], demo_format: str | None = None,
+         auth_on: bool = False) -> int:
     # The packages `up` itself was imported from, so a source checkout works without an install.
     package_root = str(Path(__file__).resolve().parent.parent)
     python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
@@ -376,9 +455,13 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
     _say(f"aiaas up: state in {state}")
     _say(f"  registry: SQLite {state / 'registry.db'}, artifacts {state / 'artifacts'}")
     _say(f"  counters and metric windows: {'Redis at ' + redis if redis else 'in-process'}")
-    auth = None if is_loopback(host) else gateway_auth(state)
-    for spec in service_plan(state, host, ports, auth):
-        child = ChildService(spec, host, state / "logs", env)
+    auth = gateway_auth(state) if auth_on else None
+    identity = stack_identity(state)
+    # This process (the demo upload) acts as `admin`, as the operator's CLI on this machine does.
+    os.environ["AIAAS_IDENTITY_TOKEN_FILE"] = str(identity.token_file("admin"))
+    _say(f"  internal calls carry signed identities (key {identity.public_key}); the CLI here acts as admin")
+    for spec in service_plan(state, host, ports, auth, identity):
+        child = ChildService(spec, host if spec.name == "gateway" else "127.0.0.1", state / "logs", env)
         children.append(child)
         child.start()
         try:
@@ -389,17 +472,29 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     gateway = f"{local}:{ports['gateway']}"
     if demo:
-        _say("  " + ensure_demo(f"{local}:{ports['registry']}", demo_format))
-        row = wait_model_ready(gateway, "demo", time.monotonic() + startup_timeout_s, stop,
-                               auth.admin_key if auth else None)
-        _say(f"  demo answers through the gateway: OUTPUT0[0] argmax = {max(range(len(row)), key=row.__getitem__)}")
+        _say("  " + ensure_demo(f"127.0.0.1:{ports['registry']}", demo_format))
+        # After the bootstrap key's rotation, a key of the operator's own checks the demo.
+        check_key = (os.environ.get("AIAAS_API_KEY") or auth.admin_key) if auth else None
+        try:
+            row = wait_model_ready(gateway, "demo", time.monotonic() + startup_timeout_s, stop, check_key)
+        except KeyRefused as exc:
+            _say(f"  demo check skipped: the gateway refused its key ({exc}); set AIAAS_API_KEY to a key "
+                 "that may infer `demo`")
+        else:
+            _say(f"  demo answers through the gateway: OUTPUT0[0] argmax = {max(range(len(row)), key=row.__getitem__)}")
     _say("")
     if auth is None:
-        _say("!! AUTHENTICATION IS OFF: the gateway listens on loopback only and takes calls without an API key.")
+        where = "listens on loopback only and" if is_loopback(host) else f"LISTENS ON {host} (--insecure) and"
+        _say(f"!! AUTHENTICATION IS OFF: the gateway {where} takes calls without an API key.")
     else:
-        _say(f"authentication is ON ({host} is not loopback): the bootstrap admin key is in {auth.path}")
+        from aiaas.api_keys import parse_token
+
+        bootstrap_id = parse_token(auth.admin_key)[0]
+        _say(f"authentication is ON ({host} is not loopback): the bootstrap admin key ({bootstrap_id}) is in {auth.path}")
         _say(f"  make keys with: aiaas keys create --name me --gateway {gateway} --api-key <admin_key>")
         _say("  and send them as `authorization: Bearer <key>` (tritonclient: headers={...}).")
+        _say(f"  rotate the bootstrap key (it stays revoked across restarts): aiaas keys rotate {bootstrap_id} "
+             f"--gateway {gateway} --api-key <admin_key>")
     _say("")
     _say(f"ready: gateway {gateway} (KServe v2 / Triton gRPC), Prometheus metrics on :{ports['metrics']}")
     _say("")

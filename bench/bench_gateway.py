@@ -8,7 +8,10 @@ prebuilt ModelInfer bytes through a raw gRPC channel, alternating rounds between
 directly (`tiny:production`, what the gateway forwards) and the gateway (`tiny` with an API
 key), so both see the same machine load. A third row goes through a bare grpc.aio proxy
 (a generic handler that forwards bytes, nothing else): the cost of one Python gRPC hop, the
-floor under anything a Python gateway adds. Every figure comes from this one run.
+floor under anything a Python gateway adds. A fourth row goes through a second, identical stack
+whose services talk mTLS to each other (each with its own certificate, identities required, as in
+production): the cost of TLS on the gateway -> inference hop, as a ratio to the plaintext gateway.
+Every figure comes from this one run.
 """
 
 from __future__ import annotations
@@ -29,13 +32,17 @@ from tritonclient.grpc import service_pb2 as pb
 from aiaas.gateway_client import GatewayClient
 from tests.gateway.stack import (
     ADMIN_TOKEN,
+    FOLLOW,
+    PEPPER,
     start_gateway,
     start_inference_replica,
     start_registry,
     wait_model,
 )
 from tests.inference import models
-from tests.inference.conftest import Registry
+from tests.inference.conftest import Registry, inference_args
+from tests.support.identity import make_pki
+from tests.support.procs import ServiceProcess
 from tests.support.servers import free_port, wait_for_port
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -87,15 +94,22 @@ async def bare_proxy(port: int, target: str) -> None:
 
 
 async def compare(direct: str, bare: str, gateway: str, token: str, concurrency: int, requests: int,
-                  rounds: int) -> None:
+                  rounds: int, mtls_gateway: str, mtls_token: str) -> None:
     direct_payload, gateway_payload = request_bytes("tiny:production"), request_bytes("tiny")
     auth = (("authorization", f"Bearer {token}"),)
+    mtls_auth = (("authorization", f"Bearer {mtls_token}"),)
     per_worker = max(1, requests // rounds // concurrency)
-    samples: dict[str, list[float]] = {"direct": [], "bare": [], "gateway": []}
+    samples: dict[str, list[float]] = {"direct": [], "bare": [], "gateway": [], "mtls": []}
+    elapsed: dict[str, float] = {"gateway": 0.0, "mtls": 0.0}
     for _ in range(rounds):
         samples["direct"] += await measure(direct, direct_payload, (), concurrency, per_worker)
         samples["bare"] += await measure(bare, direct_payload, (), concurrency, per_worker)
+        started = time.perf_counter()
         samples["gateway"] += await measure(gateway, gateway_payload, auth, concurrency, per_worker)
+        elapsed["gateway"] += time.perf_counter() - started
+        started = time.perf_counter()
+        samples["mtls"] += await measure(mtls_gateway, gateway_payload, mtls_auth, concurrency, per_worker)
+        elapsed["mtls"] += time.perf_counter() - started
     p50 = {k: statistics.median(v) for k, v in samples.items()}
     p99 = {k: pct(v, 0.99) for k, v in samples.items()}
     print(f"concurrency {concurrency:>2}  ({len(samples['gateway'])} requests each way)")
@@ -106,6 +120,10 @@ async def compare(direct: str, bare: str, gateway: str, token: str, concurrency:
           f"p99 {p99['gateway'] - p99['direct']:8.1f} us")
     print(f"  (one bare hop adds    p50 {p50['bare'] - p50['direct']:8.1f} us   "
           f"p99 {p99['bare'] - p99['direct']:8.1f} us)")
+    rate = {k: len(samples[k]) / v for k, v in elapsed.items()}
+    print(f"  gateway, mTLS inside  p50 {p50['mtls']:8.1f} us   p99 {p99['mtls']:8.1f} us")
+    print(f"  mTLS / plaintext      p50 x{p50['mtls'] / p50['gateway']:.2f}   p99 x{p99['mtls'] / p99['gateway']:.2f}   "
+          f"req/s {rate['mtls']:.0f} vs {rate['gateway']:.0f} (x{rate['mtls'] / rate['gateway']:.2f})")
 
 
 def main() -> None:
@@ -125,6 +143,19 @@ def main() -> None:
         replica = start_inference_replica(registry, root / "cache")
         wait_model(replica, "tiny")
         gateway = start_gateway(registry, [replica], None, "--log-level", "warning")
+        # The same stack with mTLS between every service (identities required).
+        pki = make_pki(root / "pki")
+        tls_registry_proc = start_registry(root / "tls", env=pki.server_env("registry"))
+        tls_registry = Registry(tls_registry_proc, pki.client("admin"))
+        tls_registry.register("tiny", artifact, alias="production", max_batch_size=8)
+        tls_replica = ServiceProcess("inference", args=inference_args(
+            tls_registry, root / "tls-cache", "--worker-mode", "thread", follow=FOLLOW),
+            env=pki.server_env("inference")).start(timeout=120)
+        wait_model(tls_replica, "tiny")
+        tls_gateway = ServiceProcess("gateway", args=[
+            "--registry-url", tls_registry.address, "--inference-targets", f"localhost:{tls_replica.port}",
+            "--key-pepper", PEPPER, "--bootstrap-admin-key", ADMIN_TOKEN, "--grace-period-s", "2",
+            "--log-level", "warning"], env=pki.client_env("gateway")).start(timeout=60)
         bare_port = free_port()
         bare = subprocess.Popen([sys.executable, "-m", "bench.bench_gateway", "--bare-proxy", str(bare_port),
                                  replica.address])
@@ -132,14 +163,21 @@ def main() -> None:
         try:
             with GatewayClient(gateway.address, api_key=ADMIN_TOKEN) as admin:
                 _, token = admin.create_key("bench", models=["tiny"], roles=["infer"])
+            with GatewayClient(tls_gateway.address, api_key=ADMIN_TOKEN) as admin:
+                _, tls_token = admin.create_key("bench", models=["tiny"], roles=["infer"])
             print("gateway latency benchmark: small MLP (4-8-3), batch 1, raw gRPC client, one run\n")
             bare_address = f"127.0.0.1:{bare_port}"
-            asyncio.run(compare(replica.address, bare_address, gateway.address, token, 1, int(4000 * scale), 4))
-            print()
-            asyncio.run(compare(replica.address, bare_address, gateway.address, token, 64, int(25600 * scale), 4))
+            for concurrency, requests in ((1, 4000), (64, 25600)):
+                asyncio.run(compare(replica.address, bare_address, gateway.address, token, concurrency,
+                                    int(requests * scale), 4, tls_gateway.address, tls_token))
+                print()
         finally:
             bare.kill()
             bare.wait()
+            for proc in (tls_gateway, tls_replica):
+                proc.stop()
+            tls_registry.close()
+            tls_registry_proc.stop()
             gateway.stop()
             replica.stop()
             registry.close()

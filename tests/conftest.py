@@ -6,7 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.identity import install_session_identity
 from tests.support.servers import PostgresServer, RedisServer
+
+# Before any service starts: every process verifies the session's development tokens, and SDK
+# clients present the `admin` one (tests/support/identity.py).
+install_session_identity()
 
 
 @pytest.fixture(scope="session")

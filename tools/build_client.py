@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_MODULES = (
-    "__init__.py", "errors.py", "formats.py", "serving.py", "records.py", "tensors.py", "api_keys.py",
+    "__init__.py", "identity.py", "errors.py", "formats.py", "serving.py", "records.py", "tensors.py", "api_keys.py",
     "_registry_convert.py", "registry_client.py", "gateway_client.py", "monitor_client.py",
 )
 STUB_PACKAGES = ("registry", "gateway", "monitor")

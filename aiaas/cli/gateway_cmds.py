@@ -4,6 +4,7 @@
                       [--expires-in 30d] [--registry URL]     the token is printed once
     aiaas keys list [--all]
     aiaas keys revoke KEY_ID [--reason TEXT]
+    aiaas keys rotate KEY_ID [--reason TEXT]                  a new key like it (token printed once), then it revoked
     aiaas keys expire KEY_ID [--in 1h]
     aiaas route set MODEL --split production=90,canary=10 [--sticky] [--shadow shadow=0.05] [--rps R]
     aiaas route show [MODEL]
@@ -11,8 +12,10 @@
     aiaas predict MODEL --input input='[[1,2,3]]' [--input other=@x.npy] [--alias A | --version N]
 
 The gateway is `--gateway`, else `AIAAS_GATEWAY_URL`, else localhost:8001; the key is `--api-key`,
-else `AIAAS_API_KEY`. `keys create --registry URL` writes the key straight into the registry
-(for the first admin key; it needs the gateways' pepper in `AIAAS_GATEWAY_KEY_PEPPER`).
+else `AIAAS_API_KEY`. A key creates only keys within its own models, roles and expiry.
+`keys create --registry URL` writes the key straight into the registry (to recover when no admin
+key is left; it needs the gateways' pepper in `AIAAS_GATEWAY_KEY_PEPPER`). Rotate the bootstrap
+admin key of `aiaas up` or `--bootstrap-admin-key` with `aiaas keys rotate <its id> --api-key <it>`.
 """
 
 from __future__ import annotations
@@ -112,7 +115,6 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def _create_in_registry(args: argparse.Namespace, models: list[str], roles: list[str],
                         expires: float | None) -> tuple[Any, str]:
-    import grpc
 
     from aiaas.api_keys import ROLE_NAMES, QuotaSpec, key_to_pb, make_key, stored_key_record
     from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -129,7 +131,9 @@ def _create_in_registry(args: argparse.Namespace, models: list[str], roles: list
         expire_time=time.time() + expires if expires else None,
         quota=QuotaSpec(args.rps, args.burst) if args.rps else None,
     )
-    with grpc.insecure_channel(args.registry) as channel:
+    from aiaas.identity import ClientIdentity
+
+    with ClientIdentity.from_env().channel(args.registry) as channel:
         stub = registry_pb2_grpc.ModelRegistryStub(channel)
         stub.PutRecord(registry_pb2.PutRecordRequest(record=stored_key_record(entry), expected_revision=0,
                                                      actor="cli"), timeout=args.timeout)
@@ -150,6 +154,38 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         _print(args, key_to_dict(client.revoke_key(args.key_id, args.reason)))
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    """A new key with the old one's name, models, roles, quota and expiry; then the old one revoked."""
+    import grpc
+
+    from aiaas.gateway_client import ROLE_NAMES, key_to_dict
+
+    with _client(args) as client:
+        old = next((k for k in client.list_keys(include_inactive=True) if k.key_id == args.key_id), None)
+        if old is None:
+            raise SystemExit(f"API key {args.key_id} not found among the keys yours may manage")
+        if old.revoked:
+            raise SystemExit(f"API key {args.key_id} is already revoked")
+        expires = old.expire_time.ToNanoseconds() / 1e9 - time.time() if old.HasField("expire_time") else None
+        if expires is not None and expires <= 0:
+            raise SystemExit(f"API key {args.key_id} has expired; create a new key instead")
+        new, token = client.create_key(
+            old.name, models=list(old.models), roles=[ROLE_NAMES[r] for r in old.roles],
+            rps=old.quota.requests_per_second, burst=old.quota.burst, expires_in_s=expires,
+        )
+        data = {**key_to_dict(new), "token": token, "replaces": old.key_id}
+        try:
+            client.revoke_key(old.key_id, args.reason or f"rotated to {new.key_id}")
+        except grpc.RpcError:
+            print(f"error: the new key {new.key_id} exists (below) but {old.key_id} was not revoked:", file=sys.stderr)
+            _print(args, data)
+            raise
+    _print(args, data)
+    if not args.json:
+        print(f"\n{old.key_id} is revoked. The new token is shown once; it cannot be recovered.", file=sys.stderr)
     return 0
 
 
@@ -248,11 +284,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                                                                  metavar="ACTION", required=True)
     create = common(keys.add_parser("create", help="make a key (its token is shown once)"))
     create.add_argument("--name", default="")
-    create.add_argument("--models", default="*", help="comma-separated model patterns (fnmatch)")
-    create.add_argument("--roles", default="infer,read", help="comma-separated: infer, read, admin")
+    create.add_argument("--models", default="",
+                        help="comma-separated model patterns (fnmatch); default: those of the key creating it")
+    create.add_argument("--roles", default="infer,read", help="comma-separated: infer, read, priority, admin")
+    create.add_argument("--expires-in", help="e.g. 12h, 30d; default: when the key creating it expires")
     create.add_argument("--rps", type=float, default=0.0, help="requests per second (0: gateway default)")
     create.add_argument("--burst", type=int, default=0)
-    create.add_argument("--expires-in", help="e.g. 12h, 30d")
     create.add_argument("--registry", help="write to this registry directly (bootstrap); needs the pepper")
     create.set_defaults(func=_guard(cmd_keys_create))
     listing = common(keys.add_parser("list", help="list keys"))
@@ -262,6 +299,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     revoke.add_argument("key_id")
     revoke.add_argument("--reason", default="")
     revoke.set_defaults(func=_guard(cmd_keys_revoke))
+    rotate = common(keys.add_parser("rotate", help="replace a key by a new one like it, and revoke it"))
+    rotate.add_argument("key_id")
+    rotate.add_argument("--reason", default="")
+    rotate.set_defaults(func=_guard(cmd_keys_rotate))
     expire = common(keys.add_parser("expire", help="set a key's expiry (now by default)"))
     expire.add_argument("key_id")
     expire.add_argument("--in", dest="within", help="expire after this long, e.g. 1h")

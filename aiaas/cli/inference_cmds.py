@@ -76,10 +76,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _repository_stub(args: argparse.Namespace) -> tuple[Any, Any]:
-    import grpc
     from tritonclient.grpc import service_pb2_grpc
 
-    channel = grpc.insecure_channel(args.url)
+    from aiaas.identity import ClientIdentity
+
+    channel = ClientIdentity.from_env().channel(args.url)
     return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 

@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "aiaas.cli.monitor_cmds",
     "aiaas.cli.pipeline_cmds",
     "aiaas.cli.k8s_cmds",
+    "aiaas.cli.identity_cmds",
 )
 
 

@@ -82,7 +82,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     up.add_argument("--base-port", type=int, default=None,
                     help="gateway on BASE+1, registry BASE+51, inference BASE+52, monitor BASE+53, "
                          "Prometheus BASE+64 (default: 8001, 50051, 50052, 50053, 9464)")
-    up.add_argument("--host", default="127.0.0.1", help="address the services listen on (127.0.0.1)")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address the gateway listens on (127.0.0.1); registry, inference and monitor always "
+                         "listen on loopback. Off loopback the gateway asks for API keys")
+    up.add_argument("--no-auth", action="store_true", help="gateway without API keys (loopback only, "
+                    "unless --insecure)")
+    up.add_argument("--insecure", action="store_true",
+                    help="allow --no-auth with a --host beyond loopback (a network that is yours alone)")
     up.add_argument("--no-demo", action="store_true", help="do not register the demo model")
     up.add_argument("--demo-format", choices=["torch_export", "torchscript", "onnx"], default=None,
                     help="artifact format the demo is registered in the first time (torch_export)")
@@ -155,4 +161,5 @@ def cmd_up(args: argparse.Namespace) -> int:
     from aiaas.up import run_up
 
     return run_up(home=args.home, base_port=args.base_port, host=args.host, demo=not args.no_demo,
-                  startup_timeout_s=args.startup_timeout, demo_format=args.demo_format)
+                  startup_timeout_s=args.startup_timeout, demo_format=args.demo_format,
+                  gateway_auth_on=False if args.no_auth else None, insecure=args.insecure)

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 
+from services.common.authz import Guard
 from services.common.context import method_var, request_id_var, trace_id_var
 from services.common.errors import AiaasError, ErrorCode, InvalidArgument
 
@@ -96,9 +97,12 @@ def checked_deserializer(deserialize: Deserializer | None, method: str) -> Deser
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, service: str, *, tracing: bool) -> None:
+    def __init__(self, service: str, *, tracing: bool, guard: Guard | None = None) -> None:
         self.service = service
         self.tracing = tracing
+        # Authentication + authorization of every call (None: a public service, e.g. the gateway,
+        # which authenticates API keys itself).
+        self.guard = guard
         self.tracer = trace.get_tracer("aiaas." + service)
         meter = metrics.get_meter("aiaas." + service)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -156,7 +160,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _enter(self, context: grpc.aio.ServicerContext, method: str) -> tuple[Any, Any]:
+    def _enter(self, context: grpc.aio.ServicerContext, method: str) -> tuple[Any, Any, dict[str, str]]:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         request_id_var.set(metadata.get("x-request-id") or f"{_ID_PREFIX}{next(_ID_COUNTER):x}")
         method_var.set(method)
@@ -171,7 +175,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         elif traceparent:
             parts = traceparent.split("-")
             trace_id_var.set(parts[1] if len(parts) > 2 else "")
-        return span, token
+        return span, token, metadata
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
         if isinstance(exc, AiaasError):
@@ -197,11 +201,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, fn: Callable[..., Any], method: str, parse: Deserializer | None = None) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            span, token = self._enter(context, method)
+            span, token, metadata = self._enter(context, method)
             code = grpc.StatusCode.OK
             try:
                 if parse is not None:
                     request = parse(request)
+                if self.guard is not None:
+                    self.guard.check(context, metadata, method, request if parse is not None else None)
                 return await fn(request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 code = context.code() if isinstance(context.code(), grpc.StatusCode) else grpc.StatusCode.CANCELLED
@@ -220,11 +226,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            span, token = self._enter(context, method)
+            span, token, metadata = self._enter(context, method)
             code = grpc.StatusCode.OK
             try:
                 if parse is not None:
                     request = parse(request)
+                if self.guard is not None:
+                    self.guard.check(context, metadata, method, request if parse is not None else None)
                 async for response in fn(request, context):
                     yield response
             except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):

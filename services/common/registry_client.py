@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from aiaas.errors import AiaasError, Unavailable, error_from_rpc
+from aiaas.identity import ClientIdentity
 from aiaas.registry.v1 import registry_pb2 as rpb
 from aiaas.registry.v1 import registry_pb2_grpc as rpb_grpc
 
@@ -43,9 +44,14 @@ class RegistryClient:
 
     @classmethod
     def connect(cls, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                identity: ClientIdentity | None = None,
                 options: list[tuple[str, Any]] | None = None, **kwargs: Any) -> Self:
-        channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials is not None
-                   else grpc.aio.insecure_channel(target, options=options))
+        if identity is not None:
+            channel = identity.aio_channel(target, options)
+        elif credentials is not None:
+            channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options)
         client = cls(channel, **kwargs)
         client._owned = True
         return client

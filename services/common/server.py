@@ -23,6 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.authz import Authenticator, Guard, Policy, TokenVerifier
+from services.common.errors import InvalidArgument
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings
@@ -81,6 +83,21 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     )
 
 
+def build_guard(name: str, settings: ServerSettings) -> Guard:
+    """Who may call service `name`: its authenticator (mTLS and/or tokens) and the policy."""
+    tokens = TokenVerifier.from_file(settings.identity_token_key) if settings.identity_token_key else None
+    mtls = bool(settings.tls_client_ca)
+    if settings.require_identity and not mtls and tokens is None:
+        raise InvalidArgument(
+            f"{name} requires caller identities but has no way to verify one: set tls_client_ca (mTLS, "
+            "production) or identity_token_key (development tokens, see `aiaas identity`), or set "
+            "require_identity=false to accept any caller (local development only)"
+        )
+    authenticator = Authenticator(mtls=mtls, tokens=tokens, trust_domain=settings.trust_domain) \
+        if (mtls or tokens is not None) else None
+    return Guard(name, authenticator, Policy.load(settings.authz_policy), required=settings.require_identity)
+
+
 class ServiceApp:
     """A configured grpc.aio server; add servicers, then `run()` until SIGTERM/SIGINT."""
 
@@ -92,9 +109,12 @@ class ServiceApp:
         extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         configure_process: bool = True,
         max_receive_bytes: int | None = None,
+        public: bool = False,
     ) -> None:
         """`max_receive_bytes`: the service's real per-message cap when it is smaller than
-        `settings.max_message_bytes` (the gateway's largest request, the registry's chunk)."""
+        `settings.max_message_bytes` (the gateway's largest request, the registry's chunk).
+        `public`: callers are not internal services (the gateway's door, keyed by API keys), so no
+        caller identity is asked for."""
         self.name = name
         self.settings = settings
         self.max_receive_bytes = max_receive_bytes or settings.max_message_bytes
@@ -106,7 +126,8 @@ class ServiceApp:
                 metrics_host=settings.host,
             )
         # The service interceptor wraps handlers at registration (see `add_service`), not per call.
-        self.interceptor = ServiceInterceptor(name, tracing=tracing)
+        self.guard = None if public else build_guard(name, settings)
+        self.interceptor = ServiceInterceptor(name, tracing=tracing, guard=self.guard)
         self.server = grpc.aio.server(
             interceptors=list(extra_interceptors) or None,
             options=server_options(settings, self.max_receive_bytes),

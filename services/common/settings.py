@@ -18,6 +18,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+from aiaas.identity import ClientIdentity
 from services.common.errors import InvalidArgument
 
 T = TypeVar("T", bound="ServerSettings")
@@ -29,8 +30,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 class ServerSettings:
     """What every gRPC service shares. Services subclass it and override `port`."""
 
-    # Address the gRPC server (and the metrics endpoint) binds; 0.0.0.0 listens on every interface.
-    host: str = "0.0.0.0"
+    # Address the gRPC server (and the metrics endpoint) binds: loopback unless told otherwise;
+    # 0.0.0.0 listens on every interface (containers, where the pod network is the boundary).
+    host: str = "127.0.0.1"
     # gRPC port; each service sets its own default, 0 picks a free one.
     port: int = 0
     # Largest gRPC message sent or received (a service may cap what it receives lower); a larger one
@@ -42,6 +44,30 @@ class ServerSettings:
     tls_key: str | None = None
     # When set, clients must present a certificate signed by this CA (mTLS).
     tls_client_ca: str | None = None
+    # Every call must carry a verified caller identity (an mTLS client certificate when
+    # tls_client_ca is set, or a token verified with identity_token_key) allowed by the
+    # authorization policy; off: anyone may call anything (local development only).
+    require_identity: bool = True
+    # PEM file of the Ed25519 public key(s) that verify development identity tokens (aiaas up
+    # makes one per stack); unset: only certificates identify callers.
+    identity_token_key: str | None = None
+    # The authorization policy (YAML: identity -> RPCs and resources); unset: the built-in one,
+    # services/common/authz_policy.yaml.
+    authz_policy: str | None = None
+    # SPIFFE trust domain of caller certificates (spiffe://<trust_domain>/<namespace>/<name>).
+    trust_domain: str = "aiaas"
+    # Calls this service makes to other aiaas services: the CA that signed their certificates
+    # (turns client TLS on).
+    client_tls_ca: str | None = None
+    # This service's own certificate, presented to the services it calls (mTLS identity).
+    client_tls_cert: str | None = None
+    # PEM private key of client_tls_cert.
+    client_tls_key: str | None = None
+    # Server name expected in the called services' certificates, when it differs from the
+    # address's host name.
+    client_tls_server_name: str | None = None
+    # File holding this service's development identity token, sent on calls to other services.
+    identity_token_file: str | None = None
     # On SIGTERM, how long in-flight calls may run on before they are cancelled.
     grace_period_s: float = 20.0
     # Python logging level: debug, info, warning, error.
@@ -86,6 +112,10 @@ class ServerSettings:
             raise InvalidArgument("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             raise InvalidArgument("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if bool(self.client_tls_cert) != bool(self.client_tls_key):
+            raise InvalidArgument("client_tls_cert and client_tls_key must be given together")
+        if self.client_tls_cert and not self.client_tls_ca:
+            raise InvalidArgument("client_tls_cert needs client_tls_ca (the CA that signed the services)")
         if self.grace_period_s < 0:
             raise InvalidArgument("grace_period_s must be >= 0")
         if self.max_concurrent_rpcs < 1 or self.max_concurrent_streams < 1:
@@ -96,6 +126,17 @@ class ServerSettings:
                      "max_connection_age_grace_ms"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0 (0 turns it off)")
+
+
+    def client_identity(self) -> ClientIdentity:
+        """What this service presents when it calls another aiaas service."""
+        try:
+            return ClientIdentity.from_files(
+                tls_ca=self.client_tls_ca, tls_cert=self.client_tls_cert, tls_key=self.client_tls_key,
+                server_name=self.client_tls_server_name, token_file=self.identity_token_file,
+            )
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"client identity: {exc}") from None
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:

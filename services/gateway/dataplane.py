@@ -1,5 +1,10 @@
 """The data plane: authenticate, resolve, limit, validate and forward KServe v2 calls.
 
+Only a key with the priority role may choose a request's `priority` level (others get
+PERMISSION_DENIED for any level but the default, 0); only a resolved model gets its own metrics
+label (refused and unknown names are all counted as `_unknown`); a stream re-checks its key for
+every request, so revoking or expiring a key ends its open streams at their next request.
+
 Requests arrive and leave as raw bytes: the gateway parses a request's header fields, and
 forwards the caller's own bytes with the chosen `model_version` appended, so tensors are
 never re-serialized. Declared shapes are checked against the raw bytes before forwarding
@@ -19,8 +24,8 @@ from typing import Any, Protocol
 from tritonclient.grpc import service_pb2 as pb
 
 from services.common.datatypes import BytesBudget, check_raw_size
-from services.common.errors import AiaasError, Unavailable
-from services.common.reporting import RequestRecord, TelemetryReporter
+from services.common.errors import AiaasError, PermissionDenied, Unavailable
+from services.common.reporting import UNKNOWN_MODEL, RequestRecord, TelemetryReporter
 from services.gateway.drift_sampler import DriftSampler
 from services.gateway.entities import Caller, Role
 from services.gateway.keys import KeyRing, authorize
@@ -37,6 +42,8 @@ log = logging.getLogger("aiaas.gateway.dataplane")
 # Request parameters a caller may use instead of metadata to choose an alias or routing key.
 ALIAS_PARAMETER = "alias"
 ROUTING_KEY_PARAMETER = "routing_key"
+# The KServe / Triton request parameter choosing a priority level (0: the model's default level).
+PRIORITY_PARAMETER = "priority"
 
 
 class Upstream(Protocol):
@@ -66,6 +73,20 @@ def _string_parameter(request: Any, name: str) -> str:
     if name in request.parameters:
         return str(request.parameters[name].string_param)
     return ""
+
+
+def check_priority(caller: Caller, request: Any) -> None:
+    """PermissionDenied when a caller without the priority role asks for any level but the default."""
+    if PRIORITY_PARAMETER not in request.parameters or caller.has_role(Role.PRIORITY):
+        return
+    parameter = request.parameters[PRIORITY_PARAMETER]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param") and getattr(parameter, kind) == 0:
+        return
+    raise PermissionDenied(
+        f"API key {caller.key_id} lacks the {Role.PRIORITY.value!r} role: it may not set the request's "
+        f"{PRIORITY_PARAMETER!r} parameter (leave it unset for the model's default level)"
+    )
 
 
 def check_bytes_inputs(request: Any, model: str) -> None:
@@ -151,7 +172,7 @@ class DataPlane:
         try:
             caller = self.ring.authenticate(call.authorization)
         except AiaasError as exc:
-            self._report(None, "", None, exc.code.name, started)
+            self._report(None, None, exc.code.name, started)
             raise
         return await self.infer_as(caller, raw, call, started)
 
@@ -168,6 +189,7 @@ class DataPlane:
                 name, request.model_version, call.alias or _string_parameter(request, ALIAS_PARAMETER),
                 call.routing_key or _string_parameter(request, ROUTING_KEY_PARAMETER),
             )
+            check_priority(caller, request)
             await self.quotas.check(caller, resolution.model, resolution.quota)
             check_request(request, len(raw), self.limits, self.signatures.get(resolution.model, resolution.version))
             check_bytes_inputs(request, resolution.model)
@@ -189,15 +211,15 @@ class DataPlane:
             status = "INTERNAL"
             raise
         finally:
-            self._report(resolution, name, caller, status, started)
+            self._report(resolution, caller, status, started)
 
-    def _report(self, resolution: Resolution | None, name: str, caller: Caller | None, status: str,
-                started: float) -> None:
-        # The one call per finished request to the monitor (a no-op without one).
+    def _report(self, resolution: Resolution | None, caller: Caller | None, status: str, started: float) -> None:
+        # The one call per finished request to the monitor (a no-op without one). A model name the
+        # caller chose is never a label: refused and unknown models all count as UNKNOWN_MODEL.
         if self.reporter is None:
             return
         self.reporter.record(RequestRecord(
-            source="gateway", model=resolution.model if resolution else name.partition(":")[0],
+            source="gateway", model=resolution.model if resolution else UNKNOWN_MODEL,
             version=resolution.version if resolution else 0, alias=resolution.alias if resolution else "",
             status=status, latency_us=int((time.perf_counter() - started) * 1e6),
             key_id=caller.key_id if caller else "",
@@ -205,15 +227,28 @@ class DataPlane:
 
     # ModelStreamInfer ---------------------------------------------------------------------------
 
+    def _stream_caller(self, call: CallInfo) -> Caller:
+        started = time.perf_counter()
+        try:
+            return self.ring.authenticate(call.authorization)
+        except AiaasError as exc:
+            self._report(None, None, exc.code.name, started)
+            raise
+
     async def stream(self, requests: AsyncIterator[bytes], call: CallInfo) -> AsyncIterator[bytes]:
-        """Proxy a stream request by request; answers come back in request order."""
-        caller = self.ring.authenticate(call.authorization)
+        """Proxy a stream request by request; answers come back in request order.
+
+        The key is checked again for each request (a cache hit unless a key changed): once it is
+        revoked or expired, the answers already under way are sent and the stream ends with
+        UNAUTHENTICATED."""
+        self._stream_caller(call)
         pending: asyncio.Queue[asyncio.Task[bytes] | BaseException | None] = asyncio.Queue(self.stream_window)
         loop = asyncio.get_running_loop()
 
         async def read() -> None:
             try:
                 async for raw in requests:
+                    caller = self._stream_caller(call)
                     await pending.put(loop.create_task(self._stream_one(caller, raw, call)))
                 await pending.put(None)
             except asyncio.CancelledError:

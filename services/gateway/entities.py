@@ -22,6 +22,8 @@ class Caller:
     models: tuple[str, ...]
     roles: frozenset[Role]
     quota: QuotaSpec | None = None
+    # When the caller's key stops working (None: never); a key it makes may not outlive it.
+    expire_time: float | None = None
 
     def has_role(self, role: Role) -> bool:
         return role in self.roles or Role.ADMIN in self.roles

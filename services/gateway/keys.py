@@ -1,7 +1,9 @@
-"""The gateway's side of API keys: the key ring that authenticates callers, and role checks.
+"""The gateway's side of API keys: the key ring that authenticates callers, role checks, and the
+rule that no key grants more than it holds.
 
 The token format, hashing and key entries are the client vocabulary's (`aiaas/api_keys.py`); a
-repeat caller skips the hash through a cache of headers already verified.
+repeat caller skips the hash through a cache of headers already verified, emptied whenever a key
+changes, so a revoked key fails on its next request (streams re-check every request).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import hmac
 import time
 
-from aiaas.api_keys import ApiKeyEntry, Role, hash_secret, make_key, parse_token
+from aiaas.api_keys import ApiKeyEntry, Role, hash_secret, models_beyond, parse_token, roles_beyond
 from services.common.errors import PermissionDenied, Unauthenticated
 from services.gateway.entities import ANONYMOUS, Caller
 
@@ -29,19 +31,12 @@ def bearer_token(authorization: str | None) -> str:
 class KeyRing:
     """Every known key, by id; replaced entry by entry as the registry's feed reports changes."""
 
-    def __init__(self, pepper: bytes, *, enabled: bool = True, bootstrap_token: str | None = None) -> None:
+    def __init__(self, pepper: bytes, *, enabled: bool = True) -> None:
         self.pepper = pepper
         self.enabled = enabled
         self._keys: dict[str, ApiKeyEntry] = {}
         # Headers already verified, with the entry they matched: a repeat caller skips the hash.
         self._verified: dict[str, tuple[ApiKeyEntry, Caller]] = {}
-        self._bootstrap: ApiKeyEntry | None = None
-        if bootstrap_token:
-            key_id, secret = parse_token(bootstrap_token)
-            self._bootstrap, _ = make_key(
-                pepper, name="bootstrap admin", roles=frozenset(Role), key_id=key_id, secret=secret,
-                created_by="bootstrap",
-            )
 
     def put(self, entry: ApiKeyEntry) -> None:
         self._keys[entry.key_id] = entry
@@ -72,8 +67,6 @@ class KeyRing:
                 return verified[1]
         key_id, secret = parse_token(bearer_token(authorization))
         entry = self._keys.get(key_id)
-        if entry is None and self._bootstrap is not None and self._bootstrap.key_id == key_id:
-            entry = self._bootstrap
         expected = entry.secret_hash if entry is not None else _DUMMY_HASH
         salt = entry.salt if entry is not None else b"\0" * 16
         matches = hmac.compare_digest(hash_secret(self.pepper, salt, secret), expected)
@@ -83,7 +76,8 @@ class KeyRing:
             raise Unauthenticated("API key revoked")
         if not entry.active(now):
             raise Unauthenticated("API key expired")
-        caller = Caller(key_id=entry.key_id, models=entry.models, roles=entry.roles, quota=entry.quota)
+        caller = Caller(key_id=entry.key_id, models=entry.models, roles=entry.roles, quota=entry.quota,
+                        expire_time=entry.expire_time)
         if authorization is not None:
             if len(self._verified) >= 10_000:
                 self._verified.clear()
@@ -97,3 +91,49 @@ def authorize(caller: Caller, role: Role, model: str | None = None) -> None:
         raise PermissionDenied(f"API key {caller.key_id} lacks the {role.value!r} role")
     if model is not None and not caller.may_see(model):
         raise PermissionDenied(f"API key {caller.key_id} may not use model {model!r}")
+
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def scope_excess(caller: Caller, models: tuple[str, ...], roles: frozenset[Role]) -> list[str]:
+    """What of `roles` and `models` the caller does not hold (admin holds every role; a pattern
+    counts as held only when one of the caller's patterns provably covers it)."""
+    excess: list[str] = []
+    extra_roles = roles_beyond(roles, caller.roles)
+    if extra_roles:
+        excess.append("roles " + ", ".join(repr(role.value) for role in extra_roles))
+    extra_models = models_beyond(models, caller.models)
+    if extra_models:
+        excess.append("models " + ", ".join(repr(m) for m in extra_models)
+                      + f" (outside its scope {', '.join(repr(m) for m in caller.models)})")
+    return excess
+
+
+def check_grant(caller: Caller, *, models: tuple[str, ...], roles: frozenset[Role],
+                expire_time: float | None) -> None:
+    """PermissionDenied unless a new key with these roles, models and expiry is within what `caller` holds.
+
+    A key hands on only what it has: roles it holds, model patterns inside its own (a scoped key
+    never grants `*`), and a lifetime that ends no later than its own. The message names what exceeds."""
+    excess = scope_excess(caller, models, roles)
+    if caller.expire_time is not None and (expire_time is None or expire_time > caller.expire_time):
+        ends = "never" if expire_time is None else _utc(expire_time)
+        excess.append(f"an expiry of {ends} (after its own, {_utc(caller.expire_time)})")
+    if excess:
+        raise PermissionDenied(f"API key {caller.key_id} may not create a key with more than it holds: "
+                               + "; ".join(excess))
+
+
+def may_manage(caller: Caller, entry: ApiKeyEntry) -> bool:
+    """Whether `caller` may see, revoke or re-time `entry`: its own key, or one it could have made."""
+    return entry.key_id == caller.key_id or not scope_excess(caller, entry.models, entry.roles)
+
+
+def check_manage(caller: Caller, entry: ApiKeyEntry, action: str) -> None:
+    """PermissionDenied unless `may_manage`: a key scoped to some models cannot revoke a broader key."""
+    if not may_manage(caller, entry):
+        raise PermissionDenied(f"API key {caller.key_id} may not {action} API key {entry.key_id}, which holds "
+                               + "; ".join(scope_excess(caller, entry.models, entry.roles)))

@@ -80,6 +80,8 @@ class GatewayService(Service[DataPlane]):
         self.redis = redis
         # How long `prepare` waits for the registry's first snapshot; None: until it comes (or a signal).
         self.wait_for_registry_s: float | None = None
+        # Stores the bootstrap admin token as a key once the snapshot is in (set by create_service).
+        self.admin: GatewayAdmin | None = None
 
     def ready(self) -> bool:
         """Registry synced and at least one replica reachable; never "no replica had a bad answer
@@ -104,6 +106,8 @@ class GatewayService(Service[DataPlane]):
                 log.warning("still waiting for the registry at %s (%.0fs)", self.settings.registry_url, waited)
                 if self.wait_for_registry_s is not None and waited >= self.wait_for_registry_s:
                     raise
+        if self.admin is not None and self.settings.auth_enabled and self.settings.bootstrap_admin_key:
+            await self.admin.ensure_bootstrap_key(self.settings.bootstrap_admin_key)
 
     async def close(self) -> None:
         await self.feed.close()
@@ -119,11 +123,11 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     """Wire the gateway; call inside the running event loop."""
     # No request is larger than max_request_bytes: grpc refuses one before reading it.
     app = ServiceApp("gateway", settings, configure_process=configure_process,
-                     max_receive_bytes=settings.max_request_bytes)
-    ring = KeyRing(settings.key_pepper.encode(), enabled=settings.auth_enabled,
-                   bootstrap_token=settings.bootstrap_admin_key)
+                     max_receive_bytes=settings.max_request_bytes, public=True)
+    identity = settings.client_identity()
+    ring = KeyRing(settings.key_pepper.encode(), enabled=settings.auth_enabled)
     catalog = Catalog(settings.default_alias)
-    registry_channel = grpc.aio.insecure_channel(settings.registry_url)
+    registry_channel = identity.aio_channel(settings.registry_url)
     feed = RegistryFeed(registry_channel, catalog, ring)
     redis = make_redis(settings)
     quotas = QuotaEnforcer(
@@ -136,11 +140,11 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
                         eject_max_s=settings.eject_max_s, panic_threshold=settings.eject_panic_threshold)
     upstream = InferenceUpstream(
         settings.inference_targets, balancer, max_message_bytes=settings.max_message_bytes,
-        max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s,
+        max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s, identity=identity,
         health_check_interval_s=settings.health_check_interval_s, health_check_timeout_s=settings.health_check_timeout_s,
         try_timeouts=settings.try_timeouts(),
     )
-    reporter = TelemetryReporter(settings.monitor_url, source="gateway")
+    reporter = TelemetryReporter(settings.monitor_url, source="gateway", identity=identity)
     registry = RegistryClient(registry_channel, timeout_s=5.0)
 
     async def fetch_signature(model: str, version: int) -> Signature | None:
@@ -165,4 +169,5 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
                     GatewayAdminServicer(admin, ring))
     service = GatewayService(settings, app, plane, catalog=catalog, ring=ring, feed=feed, upstream=upstream,
                              quotas=quotas, reporter=reporter, registry_channel=registry_channel, redis=redis)
+    service.admin = admin
     return service

@@ -186,7 +186,7 @@ class InferenceProxy:
             caller = self.plane.ring.authenticate(info.authorization)
         except AiaasError as exc:
             # The data plane's own record of a refused call (what `DataPlane.infer` reports).
-            self.plane._report(None, "", None, exc.code.name, started)
+            self.plane._report(None, None, exc.code.name, started)
             raise
         raw = await self.gate.read(context, _MODEL_INFER)
         info.timeout = context.time_remaining()
@@ -235,7 +235,7 @@ class InferenceProxy:
             "ModelMetadata": keyed("ModelMetadata", self._model_read("ModelMetadata")),
             "ModelConfig": keyed("ModelConfig", self._model_read("ModelConfig")),
             "ModelInfer": grpc.stream_unary_rpc_method_handler(self.ModelInfer),
-            # Authenticated before the first read by the data plane.
+            # Authenticated before the first read, and again for every request, by the data plane.
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.ModelStreamInfer),
             "ModelStatistics": keyed("ModelStatistics", self.ModelStatistics),
             "RepositoryIndex": keyed("RepositoryIndex", self.RepositoryIndex),
@@ -276,8 +276,9 @@ class GatewayAdminServicer(gw_grpc.GatewayAdminServicer):
         return gw.CreateApiKeyResponse(key=convert.key_to_pb(entry), token=token)
 
     async def ListApiKeys(self, request: gw.ListApiKeysRequest, context: Any) -> gw.ListApiKeysResponse:
-        self._admin(context)
-        return gw.ListApiKeysResponse(keys=[convert.key_to_pb(e) for e in self.admin.list_keys(request.include_inactive)])
+        caller = self._admin(context)
+        keys = self.admin.list_keys(caller, request.include_inactive)
+        return gw.ListApiKeysResponse(keys=[convert.key_to_pb(e) for e in keys])
 
     async def RevokeApiKey(self, request: gw.RevokeApiKeyRequest, context: Any) -> gw.RevokeApiKeyResponse:
         caller = self._admin(context)
@@ -297,13 +298,13 @@ class GatewayAdminServicer(gw_grpc.GatewayAdminServicer):
         return gw.SetRouteResponse(route=convert.route_to_pb(route), revision=revision)
 
     async def GetRoute(self, request: gw.GetRouteRequest, context: Any) -> gw.GetRouteResponse:
-        self._admin(context)
-        route, revision, resolved = await self.admin.get_route(request.model)
+        caller = self._admin(context)
+        route, revision, resolved = await self.admin.get_route(caller, request.model)
         return gw.GetRouteResponse(route=convert.route_to_pb(route), revision=revision, resolved=resolved)
 
     async def ListRoutes(self, request: gw.ListRoutesRequest, context: Any) -> gw.ListRoutesResponse:
-        self._admin(context)
-        return gw.ListRoutesResponse(routes=[convert.route_to_pb(r) for r in await self.admin.list_routes()])
+        caller = self._admin(context)
+        return gw.ListRoutesResponse(routes=[convert.route_to_pb(r) for r in await self.admin.list_routes(caller)])
 
     async def DeleteRoute(self, request: gw.DeleteRouteRequest, context: Any) -> gw.DeleteRouteResponse:
         caller = self._admin(context)

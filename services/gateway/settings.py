@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.errors import InvalidArgument
+from aiaas.api_keys import parse_token
+from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.settings import ServerSettings
 from services.gateway.try_timeout import TryTimeouts
 
@@ -37,7 +38,8 @@ class GatewaySettings(ServerSettings):
     auth_enabled: bool = True
     # Server-side secret mixed into every key hash; the same on every replica and the CLI.
     key_pepper: str = ""
-    # A full token (`aiaas_<id>_<secret>`) accepted as an admin key, never stored anywhere.
+    # A full token (`aiaas_<id>_<secret>`) for the first admin key: stored (hashed) in the registry at
+    # start when its key id has no record yet; once revoked it stays off (see docs/gateway.md).
     bootstrap_admin_key: str | None = None
 
     # Requests per second a key without its own quota may send; 0 means unlimited.
@@ -132,6 +134,11 @@ class GatewaySettings(ServerSettings):
             raise InvalidArgument(
                 "auth is on and key_pepper is empty: set AIAAS_GATEWAY_KEY_PEPPER (the same on every replica)"
             )
+        if self.bootstrap_admin_key:
+            try:
+                parse_token(self.bootstrap_admin_key)
+            except Unauthenticated:
+                raise InvalidArgument("bootstrap_admin_key must be a token `aiaas_<key id>_<secret>`") from None
         if self.gateway_replicas < 1:
             raise InvalidArgument("gateway_replicas must be >= 1")
         if self.max_attempts < 1:

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from aiaas.identity import ClientIdentity
 from services.common import errors
 from services.common.interceptors import APP_STATUS_KEY
 from services.common.server import channel_options
@@ -58,8 +59,8 @@ def _close_soon(channel: grpc.aio.Channel) -> None:
 class _Transport:
     """One replica's channel and its cached method callables (raw bytes in and out)."""
 
-    def __init__(self, address: str, options: list[tuple[str, Any]]) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=options)
+    def __init__(self, address: str, options: list[tuple[str, Any]], identity: ClientIdentity) -> None:
+        self.channel = identity.aio_channel(address, options)
         self._methods: dict[str, Any] = {}
         self.health_check = health_check_callable(self.channel)
 
@@ -80,9 +81,12 @@ class InferenceUpstream:
 
     def __init__(
         self, targets: Sequence[str], balancer: Balancer, *, max_message_bytes: int, max_attempts: int = 3,
-        dns_refresh_s: float = 5.0, health_check_interval_s: float = 0.0, health_check_timeout_s: float = 1.0,
+        dns_refresh_s: float = 5.0, identity: ClientIdentity | None = None,
+        health_check_interval_s: float = 0.0, health_check_timeout_s: float = 1.0,
         try_timeouts: TryTimeouts | None = None,
     ) -> None:
+        # What the gateway presents to inference replicas (mTLS certificate or development token).
+        self.identity = identity or ClientIdentity()
         self.targets = tuple(targets)
         self.balancer = balancer
         self.max_attempts = max_attempts
@@ -124,7 +128,7 @@ class InferenceUpstream:
     def _apply(self, addresses: list[str]) -> None:
         added, removed = self.balancer.set_addresses(addresses)
         for replica in added:
-            replica.transport = _Transport(replica.address, self._options)
+            replica.transport = _Transport(replica.address, self._options, self.identity)
             if self.health is not None:
                 self.health.watch(replica)
         loop = asyncio.get_running_loop()

@@ -134,12 +134,12 @@ def _reporting_to(reporter: TelemetryReporter) -> RequestObserver:
 def create_service(settings: InferenceSettings, *, configure_process: bool = True) -> InferenceService:
     """Wire the inference service; call inside the running event loop."""
     app = ServiceApp("inference", settings, configure_process=configure_process)
-    registry_channel = grpc.aio.insecure_channel(settings.registry_url,
-                                                 options=channel_options(settings.max_message_bytes))
+    identity = settings.client_identity()
+    registry_channel = identity.aio_channel(settings.registry_url, channel_options(settings.max_message_bytes))
     loader = RegistryLoader(settings, registry_channel)
     triton_loaders = {name: TritonLoader(cfg) for name, cfg in load_backends(settings.triton_backends).items()}
     # Always on: it keeps the per-model metrics; it ships records only with a monitor_url.
-    reporter = TelemetryReporter(settings.monitor_url or None, source="inference")
+    reporter = TelemetryReporter(settings.monitor_url or None, source="inference", identity=identity)
     repository = ModelRepository(
         loader, default_alias=settings.default_alias, loaders=dict[str, VersionLoader](triton_loaders),
         drain_timeout_s=settings.drain_timeout_s, retry_min_s=settings.reconnect_min_s,

@@ -1,16 +1,20 @@
 """Request windows: ingest request counters and model loads, answer window queries.
 
 `RequestWindows` owns the request namespace of the window store and the load figures kept
-beside it (when a version loaded, how long that took, when it first answered).
+beside it (when a version loaded, how long that took, when it first answered). `SeriesCap`
+bounds what a reporter can make it keep: at most `max_models` model names and
+`max_series_per_model` series (version, alias, source) per name, each forgotten once it has
+had no request for `retention_s`; records beyond the caps are dropped and counted.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from services.common.errors import InvalidArgument
+from services.common.reporting import UNKNOWN_MODEL
 from services.monitor.entities import MetricsFilter, ModelLoad, Report, SeriesKey, SeriesMetrics
 from services.monitor.prom import PrometheusExport
 from services.monitor.settings import MonitorSettings
@@ -28,6 +32,71 @@ def window_range(now_ns: int, bucket_s: float, window_s: float, since_ns: int = 
     return first, now_b
 
 
+# Why a record was not kept (the `reason` label of aiaas_monitor_records_refused_total).
+OVER_MODEL_CAP = "model_cap"
+OVER_SERIES_CAP = "series_cap"
+BAD_NAME = "bad_name"
+
+
+class SeriesCap:
+    """Which request series the monitor keeps: model names and series per name are capped.
+
+    A new name (or a new series of a known name) past its cap is refused; names and series with no
+    request for `retention_s` are forgotten, at most once a second, when a cap is reached.
+    `UNKNOWN_MODEL`, the one label of refused names, is always kept."""
+
+    def __init__(self, max_models: int, max_series_per_model: int, retention_s: float) -> None:
+        self.max_models = max_models
+        self.max_series_per_model = max_series_per_model
+        self.retention_ns = int(retention_s * _NS)
+        # model -> encoded series -> when it last had a request (ns).
+        self._seen: dict[str, dict[str, int]] = {}
+        self._pruned_ns = 0
+        self.refused: Counter[str] = Counter()
+
+    @property
+    def models(self) -> int:
+        return len(self._seen)
+
+    def seed(self, series: Iterable[str], now: int) -> None:
+        """Count the series already in the windows (a restart, or another replica's) as seen now."""
+        for name in series:
+            try:
+                model = SeriesKey.decode(name).model
+            except ValueError:  # written before names were checked; it ages out of the windows
+                continue
+            self._seen.setdefault(model, {})[name] = now
+
+    def admit(self, model: str, source: str, series: str, now: int) -> str | None:
+        """None when the record may be kept, else the reason it may not."""
+        if "|" in model or "|" in source:
+            return BAD_NAME  # the separator of encoded series keys
+        known = self._seen.get(model)
+        if known is None:
+            if len(self._seen) >= self.max_models and model != UNKNOWN_MODEL and not self._prune(now):
+                return OVER_MODEL_CAP
+            known = self._seen[model] = {}
+        if series not in known and len(known) >= self.max_series_per_model:
+            self._prune(now)
+            if len(known) >= self.max_series_per_model:
+                return OVER_SERIES_CAP
+        known[series] = now
+        return None
+
+    def _prune(self, now: int) -> bool:
+        """Forget what had no request within the retention; True when there is room for a new name."""
+        if now - self._pruned_ns >= _NS:
+            self._pruned_ns = now
+            oldest = now - self.retention_ns
+            for model in list(self._seen):
+                known = self._seen[model]
+                for series in [s for s, seen in known.items() if seen < oldest]:
+                    del known[series]
+                if not known:
+                    del self._seen[model]
+        return len(self._seen) < self.max_models
+
+
 class RequestWindows:
     def __init__(self, settings: MonitorSettings, store: WindowStore, prom: PrometheusExport | None,
                  clock: Callable[[], int]) -> None:
@@ -37,6 +106,8 @@ class RequestWindows:
         self.clock = clock
         # Versions whose first successful answer since their last load is already recorded.
         self._first_known: set[tuple[str, int]] = set()
+        self.cap = SeriesCap(settings.max_models, settings.max_series_per_model, settings.retention_s)
+        self._cap_seeded = False
 
     def range(self, window_s: float, since_ns: int = 0) -> tuple[int, int]:
         return window_range(self.clock(), self.store.bucket_s, window_s, since_ns)
@@ -46,13 +117,22 @@ class RequestWindows:
     async def ingest(self, report: Report, now: int) -> int:
         """Count the report's requests and record its loads; return how many requests it held."""
         bucket_s = self.store.bucket_s
+        if not self._cap_seeded:
+            self._cap_seeded = True
+            self.cap.seed(await self.store.series(NS_REQUESTS, self.range(self.settings.retention_s)[0]), now)
         increments: dict[tuple[str, int], Counter[str]] = {}
         first_ok: dict[tuple[str, int], int] = {}
+        refused: Counter[str] = Counter()
         for req in report.requests:
             if not req.model:
                 continue
             req.source = req.source or report.source
             req.time_ns = req.time_ns or now
+            series = SeriesKey(model=req.model, version=req.version, alias=req.alias, source=req.source).encode()
+            reason = self.cap.admit(req.model, req.source, series, now)
+            if reason is not None:
+                refused[reason] += 1
+                continue
             add_request(increments, req, bucket_s)
             key = (req.model, req.version)
             if req.status == "OK" and req.version and key not in self._first_known:
@@ -60,6 +140,8 @@ class RequestWindows:
         await self.store.add(NS_REQUESTS, increments)
         if self.prom is not None:
             self.prom.add(increments)
+        if refused:
+            self._count_refused(refused)
         await self._record_loads(report.loads, first_ok, now)
         return len(report.requests)
 
@@ -72,6 +154,12 @@ class RequestWindows:
         for (model, version), t in first_ok.items():
             await self.store.put_meta(f"load:{model}|{version}", {"first_ns": t}, only_if_absent=True)
             self._first_known.add((model, version))
+
+    def _count_refused(self, refused: Counter[str]) -> None:
+        self.cap.refused.update(refused)
+        if self.prom is not None:
+            for reason, n in refused.items():
+                self.prom.records_refused.labels(reason).inc(n)
 
     def count_report(self, report: Report) -> None:
         if self.prom is not None:

@@ -109,6 +109,9 @@ class PrometheusExport:
         self.telemetry_dropped = PromCounter("aiaas_telemetry_dropped_records",
                                              "Records reporters said they dropped", ("source",), registry=reg)
         self.reports = PromCounter("aiaas_monitor_reports", "Report batches received", ("source",), registry=reg)
+        self.records_refused = PromCounter(
+            "aiaas_monitor_records_refused", "Request records not kept: a new model name or series over its cap "
+            "(max_models, max_series_per_model), or a name that cannot be a label", ("reason",), registry=reg)
 
     def add(self, increments: dict[tuple[str, int], Counter[str]]) -> None:
         self.totals.add((series, fields) for (series, _), fields in increments.items())

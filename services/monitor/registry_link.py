@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from aiaas.gateway.v1 import gateway_pb2
+from aiaas.identity import ClientIdentity
 from aiaas.records import BASELINE, ROUTE, SLO, baseline_name
 from aiaas.registry.v1 import registry_pb2 as rpb
 from services.common.errors import Aborted, NotFound
@@ -28,10 +29,11 @@ def route_from_record(record: rpb.Record) -> e.RouteView:
 
 
 class RegistryControlPlane:
-    def __init__(self, target: str, *, timeout_s: float = 5.0, credentials: grpc.ChannelCredentials | None = None
-                 ) -> None:
+    def __init__(self, target: str, *, timeout_s: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
+                 identity: ClientIdentity | None = None) -> None:
         self.timeout_s = timeout_s
-        self.registry = RegistryClient.connect(target, credentials=credentials, timeout_s=timeout_s, context="registry")
+        self.registry = RegistryClient.connect(target, credentials=credentials, identity=identity,
+                                               timeout_s=timeout_s, context="registry")
 
     async def list_slos(self) -> list[e.SLO]:
         return [convert.slo_from_proto(SLO.decode(r.data, r.name)) async for r in self.registry.records(SLO.kind)]

@@ -31,7 +31,7 @@ def _control_plane(settings: MonitorSettings) -> ControlPlane:
     if settings.registry_url:
         from services.monitor.registry_link import RegistryControlPlane
 
-        return RegistryControlPlane(settings.registry_url)
+        return RegistryControlPlane(settings.registry_url, identity=settings.client_identity())
     return MemoryControlPlane()
 
 

@@ -8,6 +8,7 @@ import grpc
 
 from aiaas.monitor.v1 import monitor_pb2 as pb
 from aiaas.monitor.v1 import monitor_pb2_grpc
+from services.common.authz import audit_actor
 from services.common.errors import InvalidArgument
 from services.monitor import convert
 from services.monitor.core import MonitorCore
@@ -30,7 +31,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
                                        time_ns=self.core.clock())
 
     async def SetSLO(self, request: pb.SetSLORequest, context: grpc.aio.ServicerContext) -> pb.SetSLOResponse:
-        slo = await self.core.set_slo(convert.slo_from_proto(request.slo), request.actor or "anonymous")
+        slo = await self.core.set_slo(convert.slo_from_proto(request.slo), audit_actor(request.actor))
         return pb.SetSLOResponse(slo=convert.slo_to_proto(slo))
 
     async def ListSLOs(self, request: pb.ListSLOsRequest, context: grpc.aio.ServicerContext
@@ -39,7 +40,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
 
     async def DeleteSLO(self, request: pb.DeleteSLORequest, context: grpc.aio.ServicerContext
                         ) -> pb.DeleteSLOResponse:
-        await self.core.delete_slo(request.model, request.actor or "anonymous")
+        await self.core.delete_slo(request.model, audit_actor(request.actor))
         return pb.DeleteSLOResponse()
 
     async def SetBaseline(self, request: pb.SetBaselineRequest, context: grpc.aio.ServicerContext
@@ -57,7 +58,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
         baseline = await self.core.set_baseline(
             request.model, request.version, histograms=histograms, sample=sample,
             learn_from_requests=request.learn_from_requests if which == "learn_from_requests" else 0,
-            bins=request.bins, actor=request.actor or "anonymous",
+            bins=request.bins, actor=audit_actor(request.actor),
         )
         return pb.SetBaselineResponse(baseline=convert.baseline_to_proto(baseline))
 

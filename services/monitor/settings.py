@@ -78,6 +78,12 @@ class MonitorSettings(ServerSettings):
     # Comparisons a shadow version needs in the window before its mismatch rate is judged.
     shadow_min_samples: int = 20
 
+    # Model names whose request series are kept at once; a report for a new name beyond it is dropped
+    # and counted (aiaas_monitor_records_refused_total). A name with no request for retention_s frees its place.
+    max_models: int = 1000
+    # Series (version, alias, source) kept per model name; beyond it, likewise dropped and counted.
+    max_series_per_model: int = 256
+
     # Alerts kept in memory (fired and resolved, oldest dropped first) for ListAlerts.
     alert_history: int = 1000
     # Alerts pending per WatchAlerts subscriber; one that falls behind loses the oldest and is told
@@ -92,6 +98,8 @@ class MonitorSettings(ServerSettings):
             value = getattr(self, name)
             if value <= 0 or value > self.retention_s:
                 raise InvalidArgument(f"{name} must be > 0 and <= retention_s ({self.retention_s}), got {value}")
+        if self.max_models < 1 or self.max_series_per_model < 1:
+            raise InvalidArgument("max_models and max_series_per_model must be >= 1")
         if self.evaluation_interval_s <= 0:
             raise InvalidArgument("evaluation_interval_s must be > 0")
         if not 0 < self.canary_alpha < 1:

@@ -3,6 +3,10 @@
 An upload goes to a temporary file under <root>/tmp (same file system), hashed as it is
 written, fsynced, and renamed into place only once its hash is known to match; identical
 content already stored is kept and the temporary file dropped. Reads verify the hash.
+
+Replicas may share the directory: the registry places and removes blob files only inside the
+database transaction that records or forgets their references (RegistryStore.create_version and
+collect_blob), never under a lock of this process alone.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ UPLOAD_SUFFIX = ".part"
 
 
 class PendingArtifact:
-    """An upload in progress: write chunks, then `commit` (verify + store) or `discard`."""
+    """An upload in progress: write chunks, `seal`, `place` (inside the version's transaction), then `discard`
+    (which also drops a copy the store did not need); `commit` does the three at once."""
 
     def __init__(self, store: ArtifactStore, expected_sha256: str, expected_size: int) -> None:
         self.store = store
@@ -37,11 +42,9 @@ class PendingArtifact:
         fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=UPLOAD_SUFFIX, dir=store.tmp_dir)
         self.path = Path(name)
         self._file = os.fdopen(fd, "wb")
+        # Whether `place` moved this upload's file into the store (else the content was there already).
+        self.placed = False
         store._track(self)
-
-    @property
-    def live(self) -> bool:
-        return not self._file.closed
 
     def write(self, chunk: bytes) -> None:
         if self.size + len(chunk) > self.expected_size:
@@ -68,24 +71,38 @@ class PendingArtifact:
         if check_content is not None:
             check_content(self.path)
 
-    def commit(self) -> bool:
-        """Verify and move into the store; returns True when the content was already stored."""
+    def seal(self) -> None:
+        """Verify and make durable; the temporary file stays (and is spared by sweepers) until `discard`."""
         self.verify()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self.store._untrack(self)
+        if not self._file.closed:
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+    def place(self) -> None:
+        """Move the sealed file into the store unless the content is there already (then `placed` stays False).
+
+        The caller holds what keeps the blob from being removed meanwhile (its row, in the registry)."""
+        if not self._file.closed:
+            raise RuntimeError("seal the upload before placing it")
         target = self.store.path_for(self.expected_sha256)
-        if target.exists():
-            self.path.unlink(missing_ok=True)
-            return True
+        if target.is_file():
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(self.path, target)
         except FileNotFoundError:
-            raise Aborted("this upload's temporary file was removed as stale (another replica's sweeper saw it "
-                          "untouched longer than upload_stale_after_s); nothing was stored: retry the upload") from None
+            raise Aborted("this upload's temporary file was removed (the upload was cancelled, or another "
+                          "replica's sweeper saw it untouched longer than upload_stale_after_s); nothing was "
+                          "stored: retry the upload") from None
+        self.placed = True
         _fsync_dir(target.parent)
-        return False
+
+    def commit(self) -> bool:
+        """Seal, place and discard at once (no other writer); returns True when the content was already stored."""
+        self.seal()
+        self.place()
+        self.discard()
+        return not self.placed
 
     def discard(self) -> None:
         if not self._file.closed:
@@ -109,9 +126,7 @@ class ArtifactStore:
         self.tmp_dir = self.root / "tmp"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        # Serializes "store blob + record version" against "no version left + remove blob" in this process.
-        self.lock = threading.RLock()
-        # Uploads of this process still writing; weak, so a leaked one is swept like a dead replica's.
+        # Uploads of this process not yet discarded; weak, so a leaked one is swept like a dead replica's.
         self._live: weakref.WeakSet[PendingArtifact] = weakref.WeakSet()
         self._live_lock = threading.Lock()
 
@@ -126,7 +141,7 @@ class ArtifactStore:
     def live_uploads(self) -> set[Path]:
         """Temporary files of this process's uploads in progress."""
         with self._live_lock:
-            return {pending.path for pending in list(self._live) if pending.live}
+            return {pending.path for pending in list(self._live)}
 
     def path_for(self, sha256: str) -> Path:
         return self.blob_dir / sha256[:2] / sha256[2:]

@@ -89,32 +89,25 @@ class Upload:
             self._pending.write(chunk)
 
     def finish(self) -> tuple[ModelVersion, bool]:
-        """Verify the artifact, store it once, then create the version. Returns (version, deduplicated)."""
+        """Verify the artifact, then create the version, storing the blob in the same transaction.
+
+        Returns (version, deduplicated)."""
         pending = self._pending
         if pending is None:
             raise FailedPrecondition("this upload is already finished")
-        artifacts = self.core.artifacts
         try:
-            # The gate reads the whole hash-verified file: outside the artifact lock, so a slow check
-            # does not hold up other uploads' commits and deletes.
+            # The gate reads the whole hash-verified file before the transaction, which serializes writers.
             pending.verify(self._check_content)
+            pending.seal()
+            version = self.core.store.create_version(self.spec, place_blob=pending.place)
         except BaseException:
             self.abort()
+            if pending.placed:
+                # The file went into place but the version did not commit: remove it unless something uses it now.
+                self.core.collect_blob_or_log(self.spec.artifact_sha256, "the same bytes are uploaded again")
             raise
-        with artifacts.lock:
-            try:
-                deduplicated = pending.commit()
-            except BaseException:
-                self.abort()
-                raise
-            self._pending = None
-            try:
-                version = self.core.store.create_version(self.spec)
-            except BaseException:
-                if not deduplicated:
-                    self.core.drop_blob_if_unused(self.spec.artifact_sha256)
-                raise
-        return version, deduplicated
+        self.abort()  # drops the temporary copy when the content was stored already
+        return version, not pending.placed
 
     def _check_content(self, path: Path) -> None:
         """The artifact gate on the complete upload: nothing that can run code becomes a version."""
@@ -125,8 +118,9 @@ class Upload:
             raise InvalidArgument(f"artifact refused: {exc}; nothing was stored") from None
 
     def abort(self) -> None:
-        # The artifact lock first, as `finish` takes it: an abort never cuts a commit in half.
-        with self.core.artifacts.lock, self._lock:
+        # Even during `finish`: a placed file is renamed away atomically, so an abort either comes first (and the
+        # version is refused) or finds nothing left to remove.
+        with self._lock:
             if self._pending is not None:
                 self._pending.discard()
                 self._pending = None
@@ -163,9 +157,8 @@ class RegistryCore:
             None if labels is None else check.labels(labels), check.actor(actor))
 
     def delete_model(self, name: str, actor: str = "") -> None:
-        with self.artifacts.lock:
-            for sha in set(self.store.delete_model(check.name(name), check.actor(actor))):
-                self.drop_blob_if_unused(sha)
+        for sha in set(self.store.delete_model(check.name(name), check.actor(actor))):
+            self.collect_blob_or_log(sha, "the next sweep")
 
     # Versions.
     def begin_upload(self, spec: VersionSpec) -> Upload:
@@ -204,14 +197,25 @@ class RegistryCore:
         return self.store.list_versions(check.name(model), check.page_size(page_size), page_token)
 
     def delete_version(self, model: str, version: int, actor: str = "") -> None:
-        with self.artifacts.lock:
-            sha = self.store.delete_version(check.name(model), check.version_number(version), check.actor(actor))
-            self.drop_blob_if_unused(sha)
+        sha = self.store.delete_version(check.name(model), check.version_number(version), check.actor(actor))
+        self.collect_blob_or_log(sha, "the next sweep")
 
-    def drop_blob_if_unused(self, sha256: str) -> None:
-        with self.artifacts.lock:
-            if not self.store.sha256_in_use(sha256):
-                self.artifacts.remove(sha256)
+    # Blobs.
+    def collect_blob(self, sha256: str) -> bool:
+        """Remove the blob's file if no version uses it (any replica's upload of the same bytes waits or wins)."""
+        return self.store.collect_blob(sha256, self.artifacts.remove)
+
+    def collect_blob_or_log(self, sha256: str, left_until: str) -> None:
+        """`collect_blob` after a change that already happened (or already failed): what to report is that."""
+        try:
+            self.collect_blob(sha256)
+        except Exception:
+            log.exception("could not remove unused blob %s; it stays until %s", sha256, left_until)
+
+    def collect_unreferenced_blobs(self, limit: int = 100) -> int:
+        """Remove blobs left unreferenced by a deletion whose own collection did not finish (a crash, a lost
+        database connection); returns how many were removed."""
+        return sum(self.collect_blob(sha) for sha in self.store.unreferenced_blobs(limit))
 
     def read_artifact(self, model: str, version: int = 0, alias: str = "",
                       chunk_size: int = 0) -> tuple[ModelVersion, Iterator[bytes]]:

@@ -8,6 +8,7 @@ under a lock, so that several replicas can start at once. Never edit a shipped m
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -114,6 +115,19 @@ feed_head = sa.Table(
     sa.Column("revision", sa.BigInteger, nullable=False),
 )
 
+# One row per artifact file the store holds (or is about to remove). `refs` counts the versions that use
+# it and changes in the transactions that create and delete them; a file is placed and removed only
+# inside a writing transaction (serialized across replicas, see sql_store.py), so replicas sharing a
+# directory never remove a file that a version has just started to use.
+blobs = sa.Table(
+    "blobs", metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("refs", sa.Integer, nullable=False),
+    sa.Column("update_us", sa.BigInteger, nullable=False),
+    sa.Index("ix_blobs_refs", "refs"),
+)
+
 schema_version = sa.Table(
     "schema_version", sa.MetaData(),
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
@@ -126,11 +140,21 @@ def _initial_schema(conn: sa.Connection) -> None:
     conn.execute(feed_head.insert().values(id=1, revision=0))
 
 
+def _blob_references(conn: sa.Connection) -> None:
+    blobs.create(conn)
+    now_us = time.time_ns() // 1000
+    conn.execute(blobs.insert().from_select(
+        ["sha256", "size", "refs", "update_us"],
+        sa.select(versions.c.sha256, sa.func.max(versions.c.size), sa.func.count(),
+                  sa.literal(now_us, sa.BigInteger)).group_by(versions.c.sha256)))
+
+
 Migration = Callable[[sa.Connection], None]
 
 # Append only: index + 1 is the schema version a migration produces.
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("initial schema", _initial_schema),
+    ("blob references", _blob_references),
 ]
 
 LATEST = len(MIGRATIONS)

@@ -1,11 +1,12 @@
 """Composition root of the registry: `create_service(settings)` wires store, artifacts, core, feed hub
-and upload sweeper on a `ServiceApp`."""
+and artifact sweeper on a `ServiceApp`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -24,18 +25,19 @@ SERVICE_NAME = "aiaas.registry.v1.ModelRegistry"
 log = logging.getLogger("aiaas.registry.server")
 
 
-class UploadSweeper:
-    """Every `interval_s`, removes temporary files of dead uploads: a crashed replica's, or a stream lost
-    without its handler seeing it. This process's live uploads are spared; other replicas' by age."""
+class ArtifactSweeper:
+    """Every `interval_s`, removes temporary files of dead uploads (a crashed replica's, or a stream lost
+    without its handler seeing it; this process's live uploads are spared, other replicas' by age) and
+    blobs a deletion left unreferenced without removing (a crash or a lost database connection between)."""
 
-    def __init__(self, artifacts: ArtifactStore, *, interval_s: float, stale_after_s: float) -> None:
-        self.artifacts = artifacts
+    def __init__(self, core: RegistryCore, *, interval_s: float, stale_after_s: float) -> None:
+        self.core = core
         self.interval_s = interval_s
         self.stale_after_s = stale_after_s
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="upload-sweeper")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="artifact-sweeper")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -48,17 +50,21 @@ class UploadSweeper:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await asyncio.to_thread(self.artifacts.sweep_dead_uploads, self.stale_after_s)
-            except Exception:  # the sweeper outlives one bad pass (a vanished mount, a permission error)
-                log.exception("sweeping stale uploads in %s failed; trying again in %gs", self.artifacts.tmp_dir,
-                              self.interval_s)
+                await asyncio.to_thread(self.sweep)
+            except Exception:  # the sweeper outlives one bad pass (a vanished mount, a database restart)
+                log.exception("sweeping %s failed; trying again in %gs", self.core.artifacts.root, self.interval_s)
+
+    def sweep(self) -> None:
+        self.core.artifacts.sweep_dead_uploads(self.stale_after_s)
+        if removed := self.core.collect_unreferenced_blobs():
+            log.info("removed %d unreferenced blob(s) from %s", removed, self.core.artifacts.blob_dir)
 
 
 class RegistryService(Service[RegistryCore]):
-    """The registry's server, core, store, feed hub and upload sweeper."""
+    """The registry's server, core, store, feed hub and artifact sweeper."""
 
     def __init__(self, app: ServiceApp, core: RegistryCore, *, store: SqlRegistryStore, hub: FeedHub,
-                 sweeper: UploadSweeper) -> None:
+                 sweeper: ArtifactSweeper) -> None:
         super().__init__(app, core)
         self.store = store
         self.hub = hub
@@ -86,6 +92,13 @@ def _prepare_sqlite_dir(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
+def _feed_kinds(app: ServiceApp) -> Callable[[], frozenset[str] | None]:
+    guard = app.guard
+    if guard is None:
+        return lambda: None
+    return lambda: guard.allowed_values("WatchModels", "kind")
+
+
 def create_service(settings: RegistrySettings, *, configure_process: bool = True) -> RegistryService:
     """Wire the registry; call inside the running event loop."""
     url = settings.resolved_database_url()
@@ -103,7 +116,7 @@ def create_service(settings: RegistrySettings, *, configure_process: bool = True
     limits = UploadLimits(idle_timeout_s=settings.upload_idle_timeout_s,
                           max_duration_s=settings.upload_max_duration_s)
     app.add_service(SERVICE_NAME, registry_pb2_grpc.add_ModelRegistryServicer_to_server,
-                    RegistryServicer(core, hub, limits))
-    sweeper = UploadSweeper(artifacts, interval_s=settings.upload_sweep_interval_s,
-                            stale_after_s=settings.upload_stale_after_s)
+                    RegistryServicer(core, hub, limits, feed_kinds=_feed_kinds(app)))
+    sweeper = ArtifactSweeper(core, interval_s=settings.upload_sweep_interval_s,
+                              stale_after_s=settings.upload_stale_after_s)
     return RegistryService(app, core, store=store, hub=hub, sweeper=sweeper)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
 from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry.v1 import registry_pb2_grpc
+from services.common.authz import audit_actor
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.registry import convert
 from services.registry.core import MAX_UPLOAD_HEADER_BYTES, RegistryCore
@@ -60,15 +61,18 @@ class UploadStream:
 
 
 class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
-    def __init__(self, core: RegistryCore, hub: FeedHub, limits: UploadLimits | None = None) -> None:
+    def __init__(self, core: RegistryCore, hub: FeedHub, limits: UploadLimits | None = None, *,
+                 feed_kinds: Callable[[], frozenset[str] | None] = lambda: None) -> None:
         self.core = core
         self.hub = hub
         self.limits = limits or UploadLimits()
+        # The record kinds whose data the current caller may read from the feed (None: all).
+        self.feed_kinds = feed_kinds
 
     # Models.
     async def CreateModel(self, request: pb.CreateModelRequest, context: Any) -> pb.CreateModelResponse:
         found = await run(self.core.create_model, request.name, request.description, dict(request.labels),
-                          request.actor)
+                          audit_actor(request.actor))
         return pb.CreateModelResponse(model=convert.model(found))
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
@@ -84,11 +88,11 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                 request.name,
                 description=request.description if request.update_description else None,
                 labels=dict(request.labels) if request.update_labels else None,
-                actor=request.actor))
+                actor=audit_actor(request.actor)))
         return pb.UpdateModelResponse(model=convert.model(found))
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Any) -> pb.DeleteModelResponse:
-        await run(self.core.delete_model, request.name, request.actor)
+        await run(self.core.delete_model, request.name, audit_actor(request.actor))
         return pb.DeleteModelResponse()
 
     # Versions.
@@ -103,7 +107,8 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
             if (size := first.header.ByteSize()) > MAX_UPLOAD_HEADER_BYTES:
                 raise InvalidArgument(f"the upload header is {size} bytes; the limit is {MAX_UPLOAD_HEADER_BYTES}: "
                                       "attach large reports after the upload with AttachReport")
-            upload = await run(self.core.begin_upload, convert.version_spec(first.header))
+            spec = dataclasses.replace(convert.version_spec(first.header), actor=audit_actor(first.header.actor))
+            upload = await run(self.core.begin_upload, spec)
             try:
                 stream.progressed()
                 while (message := await stream.next()) is not None:
@@ -129,7 +134,7 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                                        next_page_token=page.next_token)
 
     async def DeleteVersion(self, request: pb.DeleteVersionRequest, context: Any) -> pb.DeleteVersionResponse:
-        await run(self.core.delete_version, request.model, request.version, request.actor)
+        await run(self.core.delete_version, request.model, request.version, audit_actor(request.actor))
         return pb.DeleteVersionResponse()
 
     async def DownloadArtifact(self, request: pb.DownloadArtifactRequest,
@@ -145,21 +150,23 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     async def AttachReport(self, request: pb.AttachReportRequest, context: Any) -> pb.AttachReportResponse:
         found = await run(self.core.attach_report, request.model, request.version, request.name,
-                          convert.from_struct(request.report), request.actor)
+                          convert.from_struct(request.report), audit_actor(request.actor))
         return pb.AttachReportResponse(version=convert.version(found))
 
     # Aliases.
     async def SetAlias(self, request: pb.SetAliasRequest, context: Any) -> pb.SetAliasResponse:
         move = await run(self.core.set_alias, request.model, request.alias, request.version,
-                         request.expected_version, request.actor, request.reason)
+                         request.expected_version, audit_actor(request.actor), request.reason)
         return pb.SetAliasResponse(move=convert.alias_move(move))
 
     async def DeleteAlias(self, request: pb.DeleteAliasRequest, context: Any) -> pb.DeleteAliasResponse:
-        move = await run(self.core.delete_alias, request.model, request.alias, request.actor, request.reason)
+        move = await run(self.core.delete_alias, request.model, request.alias, audit_actor(request.actor),
+                         request.reason)
         return pb.DeleteAliasResponse(move=convert.alias_move(move))
 
     async def RollbackAlias(self, request: pb.RollbackAliasRequest, context: Any) -> pb.RollbackAliasResponse:
-        move = await run(self.core.rollback_alias, request.model, request.alias, request.actor, request.reason)
+        move = await run(self.core.rollback_alias, request.model, request.alias, audit_actor(request.actor),
+                         request.reason)
         return pb.RollbackAliasResponse(move=convert.alias_move(move))
 
     async def GetAliasHistory(self, request: pb.GetAliasHistoryRequest, context: Any) -> pb.GetAliasHistoryResponse:
@@ -170,7 +177,7 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def PutRecord(self, request: pb.PutRecordRequest, context: Any) -> pb.PutRecordResponse:
         rec = request.record
         stored = await run(self.core.put_record, rec.kind, rec.name, rec.data, request.expected_revision,
-                           request.actor)
+                           audit_actor(request.actor))
         return pb.PutRecordResponse(record=convert.record(stored))
 
     async def GetRecord(self, request: pb.GetRecordRequest, context: Any) -> pb.GetRecordResponse:
@@ -181,7 +188,7 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         return pb.ListRecordsResponse(records=[convert.record(r) for r in page.items], next_page_token=page.next_token)
 
     async def DeleteRecord(self, request: pb.DeleteRecordRequest, context: Any) -> pb.DeleteRecordResponse:
-        await run(self.core.delete_record, request.kind, request.name, request.actor)
+        await run(self.core.delete_record, request.kind, request.name, audit_actor(request.actor))
         return pb.DeleteRecordResponse()
 
     # Audit.
@@ -194,12 +201,18 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     async def AppendAuditEvent(self, request: pb.AppendAuditEventRequest,
                                context: Any) -> pb.AppendAuditEventResponse:
-        event = await run(self.core.append_audit, request.actor, request.action, request.model, request.version,
-                          convert.from_struct(request.details))
+        event = await run(self.core.append_audit, audit_actor(request.actor), request.action, request.model,
+                          request.version, convert.from_struct(request.details))
         return pb.AppendAuditEventResponse(event=convert.audit_event(event))
 
     # Change feed.
     async def WatchModels(self, request: pb.WatchModelsRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchModelsResponse]:
+        readable = self.feed_kinds()
         async for event in self.hub.watch(request.after_revision, list(request.models)):
-            yield pb.WatchModelsResponse(event=convert.change_event(event))
+            message = convert.change_event(event)
+            if readable is not None and message.HasField("record") and message.record.kind not in readable:
+                # The caller follows the feed but may not read this kind (API keys): it learns that
+                # the revision moved, not what the record holds.
+                message.record.ClearField("data")
+            yield pb.WatchModelsResponse(event=message)

@@ -46,7 +46,7 @@ class RegistrySettings(ServerSettings):
     # this long. Live uploads write at least every upload_idle_timeout_s, so keep it well above that:
     # replicas sharing an artifact directory sweep each other's files.
     upload_stale_after_s: float = 300.0
-    # How often this process looks for such files.
+    # How often this process looks for such files (and for blobs a deletion left unreferenced without removing).
     upload_sweep_interval_s: float = 60.0
     # Artifact formats this registry accepts (comma-separated); each is checked by the artifact gate
     # at upload. Drop 'torchscript' to turn off the deprecated format whose archives carry code.

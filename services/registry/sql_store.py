@@ -2,7 +2,8 @@
 
 Writers are serialized by the `feed_head` row (locked first in every writing transaction; on
 SQLite `BEGIN IMMEDIATE` does the same), which keeps revisions gapless and in commit order and
-makes every check-then-write below (version numbers, compare-and-set) race-free.
+makes every check-then-write below (version numbers, compare-and-set, blob references) race-free,
+across replicas too: a blob file is placed or removed only inside such a transaction.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from services.registry.entities import (
     Record,
     VersionSpec,
 )
-from services.registry.store import NO_CHECK, CommitListener, RegistryStore
+from services.registry.store import NO_CHECK, CommitListener, PlaceBlob, RegistryStore, RemoveBlob
 from services.registry.validation import decode_token, encode_token
 
 
@@ -211,6 +212,8 @@ class SqlRegistryStore(RegistryStore):
                 raise FailedPrecondition(f"model {name!r} still has aliases ({listed}); delete or move them first")
             gone = tx.conn.execute(sa.select(t.versions.c.version, t.versions.c.sha256).where(
                 t.versions.c.model_id == row.id).order_by(t.versions.c.version)).all()
+            for _, sha in gone:
+                self._drop_blob_ref(tx, sha)
             for table in (t.alias_moves, t.versions):
                 tx.conn.execute(sa.delete(table).where(table.c.model_id == row.id))
             tx.conn.execute(sa.delete(t.models).where(t.models.c.id == row.id))
@@ -238,7 +241,7 @@ class SqlRegistryStore(RegistryStore):
             self._version_row(conn, parent_row, parent)
         return row
 
-    def create_version(self, spec: VersionSpec) -> ModelVersion:
+    def create_version(self, spec: VersionSpec, place_blob: PlaceBlob) -> ModelVersion:
         with self._write() as tx:
             row = self._check_version_refs(tx.conn, spec)
             model_id = row.id if row is not None else self._insert_model(tx, spec.model, "", {}, spec.actor)
@@ -249,6 +252,8 @@ class SqlRegistryStore(RegistryStore):
             ).scalar_one()
             tx.conn.execute(t.versions.insert().values(model_id=model_id, version=number, **rows.version_values(spec),
                                                        create_us=tx.now))
+            self._add_blob_ref(tx, spec.artifact_sha256, spec.artifact_size)
+            place_blob()
             tx.audit(spec.actor, "version.create", spec.model, number, sha256=spec.artifact_sha256,
                      size=spec.artifact_size, format=spec.format.value,
                      parent_model=spec.lineage.parent_model, parent_version=spec.lineage.parent_version,
@@ -289,6 +294,7 @@ class SqlRegistryStore(RegistryStore):
                 raise FailedPrecondition(f"version {version} of model {model!r} is aliased by "
                                          f"{', '.join(pointing)}; move or delete those aliases first")
             tx.conn.execute(sa.delete(t.versions).where(t.versions.c.id == row.id))
+            self._drop_blob_ref(tx, row.sha256)
             tx.audit(actor, "version.delete", model, version, sha256=row.sha256)
             tx.emit(ChangeType.VERSION_DELETED, model=model, version=version)
         return str(row.sha256)
@@ -303,10 +309,37 @@ class SqlRegistryStore(RegistryStore):
             tx.audit(actor, "version.report", model, version, report=name)
         return self.get_version(model, version)
 
-    def sha256_in_use(self, sha256: str) -> bool:
+    # Blobs.
+    def _add_blob_ref(self, tx: _Tx, sha256: str, size: int) -> None:
+        # No insert can race this one: writers are serialized (module docstring).
+        added = tx.conn.execute(sa.update(t.blobs).where(t.blobs.c.sha256 == sha256)
+                                .values(refs=t.blobs.c.refs + 1, update_us=tx.now)).rowcount
+        if not added:
+            tx.conn.execute(t.blobs.insert().values(sha256=sha256, size=size, refs=1, update_us=tx.now))
+
+    def _drop_blob_ref(self, tx: _Tx, sha256: str) -> None:
+        tx.conn.execute(sa.update(t.blobs).where(t.blobs.c.sha256 == sha256, t.blobs.c.refs > 0)
+                        .values(refs=t.blobs.c.refs - 1, update_us=tx.now))
+
+    def collect_blob(self, sha256: str, remove_blob: RemoveBlob) -> bool:
+        with self._write() as tx:
+            refs = tx.conn.execute(sa.select(t.blobs.c.refs).where(t.blobs.c.sha256 == sha256)).scalar()
+            if refs:
+                return False
+            tx.conn.execute(sa.delete(t.blobs).where(t.blobs.c.sha256 == sha256))
+            # Before the commit: if it fails, the row stays unreferenced and a later collection retries.
+            remove_blob(sha256)
+        return True
+
+    def unreferenced_blobs(self, limit: int) -> list[str]:
         with self._read() as conn:
-            return conn.execute(sa.select(t.versions.c.id).where(t.versions.c.sha256 == sha256).limit(1)).first() \
-                is not None
+            return list(conn.execute(sa.select(t.blobs.c.sha256).where(t.blobs.c.refs == 0)
+                                     .order_by(t.blobs.c.update_us).limit(limit)).scalars())
+
+    def blob_refs(self, sha256: str) -> int | None:
+        with self._read() as conn:
+            refs = conn.execute(sa.select(t.blobs.c.refs).where(t.blobs.c.sha256 == sha256)).scalar()
+        return None if refs is None else int(refs)
 
     # Aliases.
     def _move(self, tx: _Tx, model: sa.Row[Any], alias: str, to_version: int, actor: str, reason: str,

@@ -23,6 +23,10 @@ from services.registry.entities import (
 
 # Called after a write commits, with the feed revision it reached.
 CommitListener = Callable[[int], None]
+# Puts a version's blob file in place if it is missing; run inside the version's transaction.
+PlaceBlob = Callable[[], None]
+# Removes a blob file (given its sha256); run inside the transaction that forgets the blob.
+RemoveBlob = Callable[[str], None]
 
 NO_CHECK = -1
 
@@ -49,7 +53,7 @@ class RegistryStore(abc.ABC):
 
     @abc.abstractmethod
     def delete_model(self, name: str, actor: str) -> list[str]:
-        """Delete a model and its versions; returns the sha256 of the deleted versions."""
+        """Delete a model and its versions, dropping their blob references; returns their sha256."""
 
     # Versions.
     @abc.abstractmethod
@@ -57,7 +61,11 @@ class RegistryStore(abc.ABC):
         """Raise now what `create_version` would refuse (unknown model or parent), before any upload."""
 
     @abc.abstractmethod
-    def create_version(self, spec: VersionSpec) -> ModelVersion: ...
+    def create_version(self, spec: VersionSpec, place_blob: PlaceBlob) -> ModelVersion:
+        """Record the version and a reference to its blob, then call `place_blob` before committing.
+
+        No `collect_blob` of any replica runs between the reference and the commit, so a blob file
+        that `place_blob` finds (or puts) in place stays there while a version uses it."""
 
     @abc.abstractmethod
     def get_version(self, model: str, version: int = 0, alias: str = "") -> ModelVersion: ...
@@ -67,14 +75,26 @@ class RegistryStore(abc.ABC):
 
     @abc.abstractmethod
     def delete_version(self, model: str, version: int, actor: str) -> str:
-        """Delete an unaliased version; returns its artifact's sha256."""
+        """Delete an unaliased version, dropping its blob reference; returns its artifact's sha256."""
 
     @abc.abstractmethod
     def attach_report(self, model: str, version: int, name: str, report: dict[str, Any],
                       actor: str) -> ModelVersion: ...
 
+    # Blobs.
     @abc.abstractmethod
-    def sha256_in_use(self, sha256: str) -> bool: ...
+    def collect_blob(self, sha256: str, remove_blob: RemoveBlob) -> bool:
+        """Forget a blob no version references and call `remove_blob` before committing; False if in use.
+
+        Runs serialized with every `create_version`, across replicas: see `create_version`."""
+
+    @abc.abstractmethod
+    def unreferenced_blobs(self, limit: int) -> list[str]:
+        """Blobs no version references any more that a `collect_blob` has not removed yet."""
+
+    @abc.abstractmethod
+    def blob_refs(self, sha256: str) -> int | None:
+        """How many versions reference the blob; None when the store does not know it."""
 
     # Aliases.
     @abc.abstractmethod

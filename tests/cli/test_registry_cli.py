@@ -63,7 +63,7 @@ def test_register_list_show_alias_rollback_audit(capsys: pytest.CaptureFixture[s
     assert (code, out.strip()) == (0, "cli-model:production -> version 1 (was 2)")
     moves = run_json(capsys, registry, "alias", "history", "cli-model", "production")
     assert [(m.get("from_version", "0"), m["to_version"]) for m in moves] == [("2", "1"), ("1", "2"), ("0", "1")]
-    assert moves[0]["reason"] == "regression" and moves[0]["actor"] == "cli-test"
+    assert moves[0]["reason"] == "regression" and moves[0]["actor"] == "admin/cli-test"
     code, out, _ = run(capsys, registry, "models", "show", "cli-model")
     assert code == 0 and "production=1" in out
 

@@ -34,9 +34,12 @@ from aiaas.up import (
     check_ports_free,
     gateway_auth,
     home_lock,
+    run_up,
     service_plan,
+    stack_identity,
     stack_ports,
 )
+from services.common.authz import TokenVerifier
 from services.common.settings import load_settings
 from tests.pipeline.models import mlp
 from tests.support.procs import REPO_ROOT
@@ -102,6 +105,36 @@ def test_auth_stays_on_off_loopback_with_a_kept_secret(tmp_path: Path) -> None:
     settings = load_settings(GatewaySettings, gateway.args, service="gateway", environ=dict(gateway.env))
     assert settings.auth_enabled and settings.key_pepper == auth.pepper
     assert settings.bootstrap_admin_key == auth.admin_key and settings.inference_targets == ("127.0.0.1:50052",)
+
+
+def test_only_the_gateway_leaves_loopback_and_every_service_has_its_own_identity(tmp_path: Path) -> None:
+    from services.gateway.settings import GatewaySettings
+    from services.inference.settings import InferenceSettings
+    from services.monitor.settings import MonitorSettings
+    from services.registry.settings import RegistrySettings
+
+    classes: dict[str, type[Any]] = {"registry": RegistrySettings, "inference": InferenceSettings,
+                                     "monitor": MonitorSettings, "gateway": GatewaySettings}
+    identity = stack_identity(tmp_path)
+    plan = service_plan(tmp_path, "0.0.0.0", stack_ports(None), gateway_auth(tmp_path), identity)
+    for spec in plan:
+        settings = load_settings(classes[spec.name], spec.args, service=spec.name, environ=dict(spec.env))
+        assert settings.host == ("0.0.0.0" if spec.name == "gateway" else "127.0.0.1"), spec.name
+        assert settings.require_identity and settings.identity_token_key == str(identity.public_key)
+        # Each presents its own token, signed by the stack's key, readable by its owner only.
+        token_file = Path(settings.identity_token_file or "")
+        assert token_file == identity.token_file(spec.name) and (token_file.stat().st_mode & 0o777) == 0o600
+        assert TokenVerifier.from_file(str(identity.public_key)).verify(token_file.read_text()) == spec.name
+    assert (identity.directory / "signing.key").stat().st_mode & 0o777 == 0o600
+    # A second start keeps the key (tokens minted before still verify).
+    again = stack_identity(tmp_path)
+    assert again.public_key.read_bytes() == identity.public_key.read_bytes()
+
+
+def test_a_gateway_exposed_without_keys_refuses_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_up(home=str(tmp_path), host="0.0.0.0", gateway_auth_on=False) == 2
+    assert "--insecure" in capsys.readouterr().err
+    assert not (tmp_path / "identity").exists()  # refused before anything was made or started
 
 
 def test_busy_port_and_second_up_on_one_home_are_refused(tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ async def slow(request: bytes, context: Any) -> bytes:
 
 @pytest.fixture
 async def probe() -> AsyncIterator[ServiceApp]:
-    settings = ServerSettings(host="127.0.0.1", port=0, grace_period_s=0.5, max_concurrent_streams=2,
+    settings = ServerSettings(host="127.0.0.1", port=0, require_identity=False, grace_period_s=0.5, max_concurrent_streams=2,
                               max_connection_idle_ms=300)
     app = ServiceApp("bounds", settings, configure_process=False)
     app.add_service(PROBE, add_bounds_probe, None)

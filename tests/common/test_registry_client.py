@@ -26,7 +26,7 @@ from tests.support.servers import free_port
 
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    settings = RegistrySettings(host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'registry.db'}",
+    settings = RegistrySettings(host="127.0.0.1", port=0, require_identity=False, database_url=f"sqlite:///{tmp_path / 'registry.db'}",
                                 artifact_dir=str(tmp_path / "artifacts"), grace_period_s=1.0)
     service = create_service(settings, configure_process=False)
     port = await service.start()

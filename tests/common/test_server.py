@@ -74,7 +74,7 @@ def add_probe(_servicer: object, server: grpc.aio.Server) -> None:
 
 @pytest.fixture
 async def app() -> AsyncIterator[ServiceApp]:
-    service_app = ServiceApp("probe", ServerSettings(host="127.0.0.1", port=0, grace_period_s=1.0),
+    service_app = ServiceApp("probe", ServerSettings(host="127.0.0.1", port=0, require_identity=False, grace_period_s=1.0),
                              configure_process=False)
     service_app.add_service(SERVICE, add_probe, None)
     await service_app.start()
@@ -170,7 +170,7 @@ SERVER_SCRIPT = textwrap.dedent('''
             "test.v1.Slow", {"Call": grpc.unary_unary_rpc_method_handler(slow)}),))
 
     async def main():
-        app = ServiceApp("slow", ServerSettings(host="127.0.0.1", port=int(sys.argv[1]), grace_period_s=10,
+        app = ServiceApp("slow", ServerSettings(host="127.0.0.1", port=int(sys.argv[1]), require_identity=False, grace_period_s=10,
                                                 log_json=False))
         app.add_service("test.v1.Slow", add, None)
         await app.run()
@@ -326,7 +326,7 @@ async def _check(port: int, credentials: grpc.ChannelCredentials | None) -> grpc
 @pytest.fixture
 async def tls_app(request: pytest.FixtureRequest, certs: Certs) -> AsyncIterator[ServiceApp]:
     mutual = request.param == "mtls"
-    settings = ServerSettings(host="127.0.0.1", port=0, tls_cert=str(certs.server_cert), tls_key=str(certs.server_key),
+    settings = ServerSettings(host="127.0.0.1", port=0, require_identity=False, tls_cert=str(certs.server_cert), tls_key=str(certs.server_key),
                               tls_client_ca=str(certs.ca) if mutual else None)
     service_app = ServiceApp("tls", settings, configure_process=False)
     await service_app.start()

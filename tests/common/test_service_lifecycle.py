@@ -30,6 +30,7 @@ from services.monitor.settings import MonitorSettings
 from services.registry.core import RegistryCore
 from services.registry.server import create_service as create_registry
 from services.registry.settings import RegistrySettings
+from tests.support.identity import session_identities
 from tests.support.procs import ServiceProcess
 from tests.support.servers import free_port
 
@@ -44,7 +45,11 @@ async def _health(port: int) -> str:
 
 
 async def test_each_root_builds_a_service_that_starts_serves_and_stops(tmp_path: Path) -> None:
-    common: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "grace_period_s": 1.0}
+    # Identities required, as in production: each service presents the session's admin token.
+    ids = session_identities()
+    common: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "grace_period_s": 1.0, "require_identity": True,
+                              "identity_token_key": str(ids.public_key),
+                              "identity_token_file": str(ids.token_file("admin"))}
     registry = create_registry(RegistrySettings(
         **common, database_url=f"sqlite:///{tmp_path / 'registry.db'}", artifact_dir=str(tmp_path / "artifacts")),
         configure_process=False)

@@ -178,7 +178,7 @@ async def fail(request: bytes, context: Any) -> bytes:
 
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    app = ServiceApp("vocabulary", ServerSettings(host="127.0.0.1", port=0, grace_period_s=1.0),
+    app = ServiceApp("vocabulary", ServerSettings(host="127.0.0.1", port=0, require_identity=False, grace_period_s=1.0),
                      configure_process=False)
 
     def add(_servicer: object, server: grpc.aio.Server) -> None:

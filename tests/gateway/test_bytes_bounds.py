@@ -55,7 +55,7 @@ async def gateway() -> AsyncIterator[Gateway]:
     upstream = InferenceUpstream([replica.address], Balancer(), max_message_bytes=64 << 20)
     await upstream.start()
     plane = DataPlane(catalog=catalog, ring=ring, quotas=QuotaEnforcer(), upstream=upstream, default_timeout_s=5.0)
-    app = ServiceApp("gateway", GatewaySettings(host="127.0.0.1", port=0, key_pepper="x"), configure_process=False)
+    app = ServiceApp("gateway", GatewaySettings(host="127.0.0.1", port=0, require_identity=False, key_pepper="x"), configure_process=False)
     app.add_service(INFERENCE_SERVICE, add_inference_proxy, InferenceProxy(plane))
     port = await app.start()
     yield Gateway(f"127.0.0.1:{port}", replica, token)

@@ -396,7 +396,7 @@ def test_admin_changes_are_audited(stack: Stack) -> None:
     actions = [(e.action, e.model) for e in events]
     assert ("gateway.route.set", MODEL) in actions and ("gateway.key.create", "") in actions
     route_set = next(e for e in events if e.action == "gateway.route.set")
-    assert route_set.actor.startswith("gateway-key:") and route_set.details["reason"] == "audit check"
+    assert route_set.actor.startswith("gateway/gateway-key:") and route_set.details["reason"] == "audit check"
 
 
 def test_route_writes_are_compare_and_set(stack: Stack) -> None:

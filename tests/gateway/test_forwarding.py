@@ -68,7 +68,7 @@ async def stack() -> AsyncIterator[Stack]:
     upstream = InferenceUpstream([r.address for r in replicas], balancer, max_message_bytes=64 << 20)
     await upstream.start()
     plane = DataPlane(catalog=catalog, ring=ring, quotas=QuotaEnforcer(), upstream=upstream, default_timeout_s=5.0)
-    app = ServiceApp("gateway", GatewaySettings(host="127.0.0.1", port=0, key_pepper="x"), configure_process=False)
+    app = ServiceApp("gateway", GatewaySettings(host="127.0.0.1", port=0, require_identity=False, key_pepper="x"), configure_process=False)
     app.add_service(INFERENCE_SERVICE, add_inference_proxy, InferenceProxy(plane))
     port = await app.start()
     yield Stack(f"127.0.0.1:{port}", replicas, plane, upstream, catalog, ring, token, narrow_token)

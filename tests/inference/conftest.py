@@ -15,8 +15,9 @@ from typing import Any
 import grpc
 import pytest
 
+from aiaas.identity import ClientIdentity
 from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
-from tests.support.procs import ServiceProcess, wait_healthy
+from tests.support.procs import ServiceProcess
 
 FORMAT_ENUM = {
     "torchscript": registry_pb2.ARTIFACT_FORMAT_TORCHSCRIPT,
@@ -28,9 +29,11 @@ FORMAT_ENUM = {
 class Registry:
     """A registry process plus the calls tests need to publish models."""
 
-    def __init__(self, proc: ServiceProcess) -> None:
+    def __init__(self, proc: ServiceProcess, identity: ClientIdentity | None = None) -> None:
         self.proc = proc
-        self.channel = grpc.insecure_channel(proc.address)
+        # With an identity (mTLS certificate): localhost, the name in the test certificates.
+        self.channel = (identity.channel(f"localhost:{proc.port}") if identity is not None
+                        else grpc.insecure_channel(proc.address))
         self.stub = registry_pb2_grpc.ModelRegistryStub(self.channel)
 
     @property
@@ -73,9 +76,9 @@ class Registry:
         self.channel.close()
 
 
-def start_registry(tmp: Path, port: int | None = None) -> ServiceProcess:
+def start_registry(tmp: Path, port: int | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
     return ServiceProcess("registry", args=["--database-url", f"sqlite:///{tmp}/registry.db",
-                                            "--artifact-dir", str(tmp / "artifacts")], port=port).start()
+                                            "--artifact-dir", str(tmp / "artifacts")], port=port, env=env).start()
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def start_inference(args: Sequence[str], env: dict[str, str] | None = None) -> S
 def wait_model(proc: ServiceProcess, model: str, version: int | None = None, timeout: float = 90.0) -> None:
     """Poll the per-model health entry (`model` or `model/version`) until SERVING."""
     service = model if version is None else f"{model}/{version}"
-    wait_healthy(proc.address, service, timeout, proc=proc.proc, log_path=proc.log_file.name)
+    proc.wait_ready(service, timeout)
 
 
 def write_triton_backends(path: Path, entries: dict[str, dict[str, str]]) -> str:

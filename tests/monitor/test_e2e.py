@@ -1,5 +1,9 @@
 """End to end: real registry, inference, gateway, monitor and Redis processes, driven with tritonclient.
 
+The fleet runs as production does inside: mTLS between every service, each with its own
+certificate (SPIFFE identity) and identities required by the authorization policy; the gateway's
+public door stays keyed by API keys (off here).
+
 One stack for the module (start-up is the expensive part). Tests run in file order; the last one
 kills the monitor mid-load.
 """
@@ -12,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -24,6 +27,7 @@ from aiaas.monitor.v1 import monitor_pb2_grpc
 from aiaas.registry.v1 import registry_pb2
 from tests.inference.conftest import Registry, inference_args, start_registry, wait_model
 from tests.inference.models import Artifact, TensorSpec, _jit_save, write_fails_on_negative
+from tests.support.identity import Pki, make_pki
 from tests.support.procs import ServiceProcess
 from tests.support.servers import RedisServer, free_port
 
@@ -47,16 +51,19 @@ class Stack:
     gateway: ServiceProcess
     monitor: ServiceProcess
     monitor_args: list[str] = field(default_factory=list)
+    pki: Pki | None = None
 
     def monitor_stub(self) -> monitor_pb2_grpc.MonitorStub:
-        return monitor_pb2_grpc.MonitorStub(grpc.aio.insecure_channel(self.monitor.address))
+        assert self.pki is not None
+        return monitor_pb2_grpc.MonitorStub(self.pki.client("admin").aio_channel(f"localhost:{self.monitor.port}"))
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("e2e")
-    registry_proc = start_registry(tmp)
-    registry = Registry(registry_proc)
+    pki = make_pki(tmp / "pki")
+    registry_proc = start_registry(tmp, env=pki.server_env("registry"))
+    registry = Registry(registry_proc, pki.client("admin"))
     double, broken = write_double(tmp), write_fails_on_negative(tmp)
     for model in ("steady", "drifty", "fraud"):
         registry.register(model, double, max_batch_size=16, max_queue_delay_us=500, alias="production")
@@ -66,12 +73,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
     monitor_args = ["--registry-url", registry.address, "--redis-url", redis_server.url, "--metrics-port", "0",
                     "--evaluation-interval-s", "0.25", "--control-refresh-s", "0.5", "--canary-min-requests", "30",
                     "--drift-min-samples", "150", "--grace-period-s", "1"]
-    monitor = ServiceProcess("monitor", monitor_args, port=monitor_port)
+    monitor = ServiceProcess("monitor", monitor_args, port=monitor_port, env=pki.server_env("monitor"))
     inference = ServiceProcess("inference", inference_args(registry, tmp / "cache", "--monitor-url", monitor.address,
-                                                           follow="production,canary"))
+                                                           follow="production,canary"),
+                               env=pki.server_env("inference"))
     gateway = ServiceProcess("gateway", ["--registry-url", registry.address, "--inference-targets",
                                          inference.address, "--monitor-url", monitor.address,
-                                         "--no-auth-enabled", "--grace-period-s", "2"])
+                                         "--no-auth-enabled", "--grace-period-s", "2"], env=pki.client_env("gateway"))
     procs = [monitor, inference, gateway]
     try:
         for proc in procs:
@@ -81,7 +89,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -
         for model in ("steady", "drifty", "fraud"):
             wait_model(inference, model)
         gateway.wait_ready(timeout=60)
-        built = Stack(registry, inference, gateway, monitor, monitor_args)
+        built = Stack(registry, inference, gateway, monitor, monitor_args, pki)
         yield built
         procs.append(built.monitor)  # a test may have replaced the monitor with a new process
     finally:
@@ -241,6 +249,17 @@ async def test_broken_canary_is_rolled_back_while_production_serves(stack: Stack
     assert set(after.versions) == {"1"}
 
 
+async def test_an_alias_move_reaches_the_gateway_over_mtls(stack: Stack, tmp_path: Path) -> None:
+    """Registry -> inference -> gateway, every hop mTLS: a new version moved to production serves."""
+    version = stack.registry.register("steady", write_double(tmp_path), max_batch_size=16, alias="production")
+
+    async def serving_new() -> bool:
+        out = await drive(stack.gateway.address, "steady", requests=8, rows=1, concurrency=2)
+        return out.failed == 0 and set(out.versions) == {str(version)}
+
+    await poll(serving_new, 60, f"steady:production served by version {version}")
+
+
 async def test_killing_the_monitor_mid_load_fails_no_request(stack: Stack) -> None:
     stub = stack.monitor_stub()
     slo = pb.SLO(model="steady", p99_latency_ms=500, max_error_rate=0.01, window_seconds=30)
@@ -254,7 +273,8 @@ async def test_killing_the_monitor_mid_load_fails_no_request(stack: Stack) -> No
     assert outcome.failed == 0, outcome.errors[:3]
     assert outcome.ok > 20
     # A new monitor on the same port: reports flow again, and the Redis windows kept the past.
-    stack.monitor = ServiceProcess("monitor", stack.monitor_args, port=stack.monitor.port).start()
+    stack.monitor = ServiceProcess("monitor", stack.monitor_args, port=stack.monitor.port,
+                                   env=stack.pki.server_env("monitor") if stack.pki else None).start()
     more = await drive(stack.gateway.address, "steady", requests=40, rows=1, seed=7)
     assert more.failed == 0
     stub = stack.monitor_stub()

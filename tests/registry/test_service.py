@@ -72,7 +72,7 @@ def test_register_list_get_and_download_verified(client: RegistryClient, tmp_pat
     version = client.register("rt-model", artifact, format="onnx", signature=SIGNATURE,
                               serving_config={"max_batch_size": 8, "preferred_batch_sizes": [4, 8]},
                               metadata={"accuracy": 0.91}, progress=lambda sent, total: seen.append((sent, total)))
-    assert version.version == 1 and version.created_by == "tester"
+    assert version.version == 1 and version.created_by == "admin/tester"
     assert seen[-1] == (artifact.stat().st_size, artifact.stat().st_size)
     again = client.get_version("rt-model", 1)
     assert again.artifact_sha256 == hashlib.sha256(artifact.read_bytes()).hexdigest()

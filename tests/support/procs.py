@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aiaas.identity import ClientIdentity
+from tests.support.identity import session_identities, session_installed
 from tests.support.servers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,10 +41,13 @@ def _log_dir() -> str:
 
 
 def wait_healthy(address: str, service: str = "", timeout: float = 60.0,
-                 proc: subprocess.Popen[bytes] | None = None, log_path: str | None = None) -> None:
+                 proc: subprocess.Popen[bytes] | None = None, log_path: str | None = None,
+                 identity: ClientIdentity | None = None) -> None:
+    """Poll grpc.health.v1 until `service` is SERVING (over mTLS with `identity`, at localhost:port)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
-    with grpc.insecure_channel(address) as channel:
+    target = f"localhost:{address.rpartition(':')[2]}" if identity is not None and identity.tls else address
+    with (identity.channel(target) if identity is not None else grpc.insecure_channel(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -69,6 +74,9 @@ class ServiceProcess:
         self.port = port or free_port()
         self.args = list(args)
         self.env = {**os.environ, "AIAAS_LOG_JSON": "false", **(env or {})}
+        if "AIAAS_IDENTITY_TOKEN_FILE" not in (env or {}) and session_installed():
+            # Each service presents its own identity (the policy applies to what it calls).
+            self.env["AIAAS_IDENTITY_TOKEN_FILE"] = str(session_identities().token_file(name))
         self.env.setdefault("PYTHONPATH", str(REPO_ROOT))
         # Kept open for the child's lifetime so a failing test can show it; removed at exit.
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115
@@ -90,8 +98,17 @@ class ServiceProcess:
             self.wait_ready(timeout=timeout)
         return self
 
+    def client_identity(self) -> ClientIdentity | None:
+        """The process's own certificate when it serves mTLS (health checks need one too)."""
+        if not self.env.get("AIAAS_TLS_CLIENT_CA"):
+            return None
+        return ClientIdentity.from_files(tls_ca=self.env.get("AIAAS_CLIENT_TLS_CA") or self.env["AIAAS_TLS_CLIENT_CA"],
+                                         tls_cert=self.env.get("AIAAS_CLIENT_TLS_CERT") or self.env["AIAAS_TLS_CERT"],
+                                         tls_key=self.env.get("AIAAS_CLIENT_TLS_KEY") or self.env["AIAAS_TLS_KEY"])
+
     def wait_ready(self, service: str = "", timeout: float = 90.0) -> None:
-        wait_healthy(self.address, service, timeout, proc=self.proc, log_path=self.log_file.name)
+        wait_healthy(self.address, service, timeout, proc=self.proc, log_path=self.log_file.name,
+                     identity=self.client_identity())
 
     def log(self) -> str:
         return Path(self.log_file.name).read_text(errors="replace")

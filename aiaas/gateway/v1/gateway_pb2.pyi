@@ -16,10 +16,12 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_INFER: _ClassVar[Role]
     ROLE_READ: _ClassVar[Role]
     ROLE_ADMIN: _ClassVar[Role]
+    ROLE_PRIORITY: _ClassVar[Role]
 ROLE_UNSPECIFIED: Role
 ROLE_INFER: Role
 ROLE_READ: Role
 ROLE_ADMIN: Role
+ROLE_PRIORITY: Role
 
 class Quota(_message.Message):
     __slots__ = ("requests_per_second", "burst")
