@@ -9,6 +9,13 @@ failures in a row a replica is skipped for a growing while; a transport failure 
 cannot connect ejects it at once. Panic threshold: when more than `panic_threshold` of the
 replicas are ejected, ejection is ignored and every replica takes traffic (ejecting the whole
 pool would only turn a partial outage into a total one).
+
+Active health checks feed the same ejection state, so the panic threshold applies to them as to
+any failure: a failed check is a transport failure, NOT_SERVING ejects at once. A passing check
+brings back at once a replica that was seen down (a transport failure or a failed check), like
+Envoy's `successful_active_health_check_uneject_host`; it leaves alone a replica ejected only
+for stalls (tries with no answer in time) while its checks kept passing, whose data path is the
+problem, and never resets the failures counted by requests.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from services.gateway.try_timeout import LatencyWindow
 
 
 @dataclasses.dataclass(eq=False)
@@ -28,8 +37,13 @@ class Replica:
     ejections: int = 0
     # False after a transport failure, until the replica answers again (anything, even an error).
     reachable: bool = True
+    # Seen down (a transport failure or a failed health check) and not seen back since: a passing
+    # health check brings it back at once.
+    down: bool = False
     # The transport attached by the forwarder (a channel and its method callables).
     transport: Any = None
+    # Latencies of its last answered inference tries (its per-try timeout).
+    latency: LatencyWindow = dataclasses.field(default_factory=LatencyWindow)
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -112,15 +126,40 @@ class Balancer:
         replica.consecutive_failures = 0
         replica.ejections = 0
         replica.reachable = True
+        replica.down = False
 
-    def failed(self, replica: Replica, *, unreachable: bool = False) -> None:
-        """A transport or gateway-level failure; `unreachable`: the replica cannot be connected to
-        at all (ejected at once)."""
+    def failed(self, replica: Replica, *, unreachable: bool = False, stalled: bool = False) -> None:
+        """A transport failure, or with `stalled` a gateway-level one (no answer in time);
+        `unreachable`: the replica cannot be connected to at all (ejected at once)."""
         replica.consecutive_failures += 1
+        if not stalled:
+            replica.down = True
         if unreachable:
             replica.reachable = False
         if unreachable or replica.consecutive_failures >= self.eject_after:
-            replica.ejections += 1
-            backoff = min(self.eject_max_s, self.eject_base_s * 2 ** (replica.ejections - 1))
-            replica.ejected_until = self.clock() + backoff
-            replica.consecutive_failures = 0
+            self._eject(replica)
+
+    def check_failed(self, replica: Replica, *, unreachable: bool = False, not_serving: bool = False) -> None:
+        """A health check failed (a transport failure); `not_serving`: the replica answered that it
+        should get no traffic (draining, say): ejected at once."""
+        if not_serving:
+            replica.down = True
+            self._eject(replica)
+        else:
+            self.failed(replica, unreachable=unreachable)
+
+    def check_passed(self, replica: Replica) -> bool:
+        """A health check said SERVING; True when the replica had been seen down (it is back now)."""
+        if not replica.down and replica.reachable:
+            return False
+        replica.down = False
+        replica.reachable = True
+        replica.consecutive_failures = 0
+        replica.ejected_until = 0.0
+        return True
+
+    def _eject(self, replica: Replica) -> None:
+        replica.ejections += 1
+        backoff = min(self.eject_max_s, self.eject_base_s * 2 ** (replica.ejections - 1))
+        replica.ejected_until = self.clock() + backoff
+        replica.consecutive_failures = 0

@@ -140,9 +140,12 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     )
     balancer = Balancer(eject_after=settings.eject_after_failures, eject_base_s=settings.eject_base_s,
                         eject_max_s=settings.eject_max_s, panic_threshold=settings.eject_panic_threshold)
-    upstream = InferenceUpstream(settings.inference_targets, balancer, max_message_bytes=settings.max_message_bytes,
-                                 max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s,
-                                 identity=identity)
+    upstream = InferenceUpstream(
+        settings.inference_targets, balancer, max_message_bytes=settings.max_message_bytes,
+        max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s, identity=identity,
+        health_check_interval_s=settings.health_check_interval_s, health_check_timeout_s=settings.health_check_timeout_s,
+        try_timeouts=settings.try_timeouts(),
+    )
     reporter = TelemetryReporter(settings.monitor_url, source="gateway", identity=identity)
     registry = RegistryClient(registry_channel, timeout_s=5.0)
 

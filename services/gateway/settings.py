@@ -7,6 +7,7 @@ import dataclasses
 from aiaas.api_keys import parse_token
 from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.settings import ServerSettings
+from services.gateway.try_timeout import TryTimeouts
 
 REDIS_FAILURE_MODES = ("local", "open", "closed")
 
@@ -79,6 +80,22 @@ class GatewaySettings(ServerSettings):
     eject_max_s: float = 30.0
     # Panic threshold: when more than this share of the replicas is ejected, every replica takes traffic.
     eject_panic_threshold: float = 0.5
+    # Active health checks: grpc.health.v1 Check (service "") of each replica on its own channel every
+    # this many seconds, give or take 20%. SERVING brings a replica seen down back at once; a check
+    # that fails or times out counts as a transport failure; NOT_SERVING ejects at once. 0 turns them off.
+    health_check_interval_s: float = 0.5
+    # A health check with no answer within this long, in seconds, has failed.
+    health_check_timeout_s: float = 1.0
+    # How long a ModelInfer try may go unanswered before the same request also goes to another
+    # replica (a hedge: the first answer wins, and a stalled try that loses counts against its
+    # replica). "auto": max(per_try_timeout_floor_s, per_try_timeout_p99_factor x the replica's
+    # recent p99 latency); a number: that many seconds; "off": a try waits for the caller's deadline.
+    # No hedge when less than per_try_timeout_floor_s of the caller's deadline would be left.
+    per_try_timeout: str = "auto"
+    # Shortest per-try timeout in seconds, and the least time left to the caller's deadline for a hedge.
+    per_try_timeout_floor_s: float = 0.25
+    # The "auto" per-try timeout is this many times the replica's recent p99.
+    per_try_timeout_p99_factor: float = 3.0
     # Shadow copies in flight at once; beyond it sampled copies are dropped. 0 drops every copy.
     shadow_max_concurrency: int = 16
     # A shadow's numeric outputs match the live ones within this, relative and absolute (BYTES exactly).
@@ -103,6 +120,10 @@ class GatewaySettings(ServerSettings):
     # Elements one input may hold (the product of its shape); more is refused with INVALID_ARGUMENT.
     max_elements: int = 64 * 1024 * 1024
 
+    def try_timeouts(self) -> TryTimeouts:
+        return TryTimeouts.parse(self.per_try_timeout, floor_s=self.per_try_timeout_floor_s,
+                                 p99_factor=self.per_try_timeout_p99_factor)
+
     def validate(self) -> None:
         super().validate()
         if self.redis_failure_mode not in REDIS_FAILURE_MODES:
@@ -124,6 +145,9 @@ class GatewaySettings(ServerSettings):
             raise InvalidArgument("max_attempts must be >= 1")
         if not 0.0 <= self.eject_panic_threshold <= 1.0:
             raise InvalidArgument("eject_panic_threshold must be between 0 and 1")
+        if self.health_check_interval_s < 0 or self.health_check_timeout_s <= 0:
+            raise InvalidArgument("health_check_interval_s must be >= 0 and health_check_timeout_s > 0")
+        self.try_timeouts()
         for name in ("default_key_rps", "default_model_rps", "redis_timeout_ms", "default_timeout_s"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0")

@@ -1,13 +1,6 @@
-"""The inference replicas behind the gateway: grpc.aio channels, DNS discovery, forwarding of raw
-request bytes with deadline propagation, and a retry on another replica for UNAVAILABLE.
-
-A failed call is one of two kinds. An *application answer* carries the `aiaas-app-status` trailer
-that every service's own errors carry (`services.common.interceptors.APP_STATUS_KEY`): the replica
-is up. UNAVAILABLE (model loading, queue timeout, worker restarting) and RESOURCE_EXHAUSTED (queue
-full) of that kind go to another replica when one is left to try and are passed through as they
-are otherwise; they never count against the replica. A *replica failure* is UNAVAILABLE without
-the trailer (grpc's own: connection refused or reset, GOAWAY) or a deadline that passed with no
-answer: it counts towards ejection (`Balancer.failed`) and is retried, on the same replica too.
+"""The inference replicas behind the gateway: grpc.aio channels, DNS discovery, active health
+checks, and forwarding of raw request bytes with deadline propagation, retries and hedges (the
+rules of a call's tries are in forwarding.py, the per-try timeout in try_timeout.py).
 """
 
 from __future__ import annotations
@@ -25,11 +18,16 @@ from services.common import errors
 from services.common.interceptors import APP_STATUS_KEY
 from services.common.server import channel_options
 from services.gateway.balancer import Balancer, Replica
+from services.gateway.forwarding import ForwardedCall, Refused, ReplicaFailed
+from services.gateway.health_check import HealthChecker, health_check_callable
+from services.gateway.try_timeout import LatencyWindow, TryTimeouts
 
 log = logging.getLogger("aiaas.gateway.upstream")
 
 SERVICE = "inference.GRPCInferenceService"
 DNS_SCHEME = "dns:///"
+# Calls whose tries are timed and hedged: inference is idempotent. Reads are cheap and quick.
+HEDGED_METHODS = frozenset({"ModelInfer"})
 
 
 def split_dns_target(target: str) -> tuple[str, int]:
@@ -49,22 +47,6 @@ _RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOU
 _UNREACHABLE_STATES = frozenset({grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN})
 
 
-class _ReplicaFailed(Exception):
-    """A transport or gateway-level failure of one replica (counted towards its ejection)."""
-
-    def __init__(self, error: errors.AiaasError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-class _Refused(Exception):
-    """An application answer another replica may serve (model loading, queue full or timed out)."""
-
-    def __init__(self, error: errors.AiaasError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
 def answered_by_application(exc: grpc.aio.AioRpcError) -> bool:
     """Whether the status came from the replica's own code (the trailer), not from grpc."""
     return any(key == APP_STATUS_KEY for key, _ in exc.trailing_metadata() or ())
@@ -80,6 +62,7 @@ class _Transport:
     def __init__(self, address: str, options: list[tuple[str, Any]], identity: ClientIdentity) -> None:
         self.channel = identity.aio_channel(address, options)
         self._methods: dict[str, Any] = {}
+        self.health_check = health_check_callable(self.channel)
 
     def unary(self, method: str) -> Any:
         call = self._methods.get(method)
@@ -88,6 +71,10 @@ class _Transport:
             self._methods[method] = call
         return call
 
+    def unreachable(self) -> bool:
+        """The channel cannot connect now (refused, or in its reconnect backoff)."""
+        return self.channel.get_state() in _UNREACHABLE_STATES
+
 
 class InferenceUpstream:
     """Forwards calls to a pool of inference replicas (static list or a DNS name)."""
@@ -95,6 +82,8 @@ class InferenceUpstream:
     def __init__(
         self, targets: Sequence[str], balancer: Balancer, *, max_message_bytes: int, max_attempts: int = 3,
         dns_refresh_s: float = 5.0, identity: ClientIdentity | None = None,
+        health_check_interval_s: float = 0.0, health_check_timeout_s: float = 1.0,
+        try_timeouts: TryTimeouts | None = None,
     ) -> None:
         # What the gateway presents to inference replicas (mTLS certificate or development token).
         self.identity = identity or ClientIdentity()
@@ -103,6 +92,19 @@ class InferenceUpstream:
         self.max_attempts = max_attempts
         self.dns_refresh_s = dns_refresh_s
         self._options = [*channel_options(max_message_bytes), ("grpc.enable_retries", 0)]
+        self.health: HealthChecker | None = None
+        if health_check_interval_s > 0:
+            self.health = HealthChecker(balancer, interval_s=health_check_interval_s,
+                                        timeout_s=health_check_timeout_s)
+            # grpc's reconnect backoff grows to 120 s: a replica back on its port would wait that
+            # out. Capped at the check interval, the next check after it is back reconnects.
+            backoff_ms = max(100, int(health_check_interval_s * 1000))
+            self._options += [("grpc.initial_reconnect_backoff_ms", backoff_ms),
+                              ("grpc.max_reconnect_backoff_ms", backoff_ms)]
+        self.try_timeouts = try_timeouts if try_timeouts is not None and try_timeouts.enabled else None
+        # Latencies of every replica's answered inference tries: the per-try timeout of a replica
+        # that has answered too few yet.
+        self.pool_latency = LatencyWindow()
         self._dns_task: asyncio.Task[None] | None = None
         self._dns = [t for t in self.targets if t.startswith(DNS_SCHEME)]
         for target in self._dns:
@@ -117,6 +119,8 @@ class InferenceUpstream:
     async def close(self) -> None:
         if self._dns_task is not None:
             self._dns_task.cancel()
+        if self.health is not None:
+            await self.health.close()
         for replica in self.balancer.replicas:
             if replica.transport is not None:
                 await replica.transport.channel.close()
@@ -125,8 +129,12 @@ class InferenceUpstream:
         added, removed = self.balancer.set_addresses(addresses)
         for replica in added:
             replica.transport = _Transport(replica.address, self._options, self.identity)
+            if self.health is not None:
+                self.health.watch(replica)
         loop = asyncio.get_running_loop()
         for replica in removed:
+            if self.health is not None:
+                self.health.forget(replica)
             # In-flight calls keep their channel; close it once they are surely done.
             loop.call_later(60.0, _close_soon, replica.transport.channel)
         if added or removed:
@@ -172,60 +180,38 @@ class InferenceUpstream:
         """Forward one unary call within `timeout`. After a replica failure another replica is
         tried (the same one again, after a short pause, once all were tried); after an
         application UNAVAILABLE or RESOURCE_EXHAUSTED another replica is tried when one is left,
-        and otherwise that answer is passed through as it came.
+        and otherwise that answer is passed through as it came. An inference try unanswered past
+        its per-try timeout is hedged on another replica (see forwarding.py).
 
         With `retry_not_found` (the registry says the target exists), a replica answering
         NOT_FOUND is one that has not loaded it yet, and another one is tried too.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        tried: set[str] = set()
-        # Replicas that answered this call: not asked again for it.
-        answered: set[str] = set()
-        last: errors.AiaasError | None = None
-        answer: errors.AiaasError | None = None
-        for attempt in range(self.max_attempts):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            replica = self.balancer.pick(tried | answered)
-            if replica is None:
-                if not tried and not answered:
-                    raise errors.Unavailable("no inference replica is known")
-                if not tried - answered:
-                    break  # every replica answered: nothing to retry
-                # Every replica failed once: try again after a short pause, within the deadline.
-                tried.clear()
-                await asyncio.sleep(min(0.05 * attempt, remaining / 2))
-                replica = self.balancer.pick(answered)
-                if replica is None:
-                    break
-            tried.add(replica.address)
-            try:
-                return await self._call_one(replica, method, request, deadline - loop.time(), metadata)
-            except _ReplicaFailed as exc:
-                last = exc.error
-            except _Refused as exc:
-                answer = exc.error
-                answered.add(replica.address)
-            except errors.NotFound as exc:
-                if not retry_not_found:
-                    raise
-                last = exc
-        if answer is not None:
-            raise answer  # a replica's own answer, passed through
-        if isinstance(last, errors.NotFound):
-            raise last
-        if last is not None:
-            raise errors.Unavailable(f"no inference replica could serve the request: {last.message}")
-        raise errors.DeadlineExceeded("deadline exceeded before an inference replica answered")
+
+        def begin(replica: Replica, seconds: float) -> Any:
+            return replica.transport.unary(method)(request, timeout=seconds, metadata=metadata)
+
+        forwarded = ForwardedCall(
+            self.balancer, begin, self._finish, deadline=asyncio.get_running_loop().time() + timeout,
+            max_attempts=self.max_attempts, retry_not_found=retry_not_found,
+            try_timeouts=self.try_timeouts if method in HEDGED_METHODS else None, pool_latency=self.pool_latency,
+        )
+        return await forwarded.run()
 
     async def _call_one(self, replica: Replica, method: str, request: bytes, timeout: float,
                         metadata: Sequence[tuple[str, str]]) -> bytes:
-        """One call to one replica; raises `_ReplicaFailed`, `_Refused` or the replica's error."""
+        """One call to one replica; raises `ReplicaFailed`, `Refused` or the replica's error."""
         replica.outstanding += 1
         try:
-            response: bytes = await replica.transport.unary(method)(request, timeout=timeout, metadata=metadata)
+            return await self._finish(replica, replica.transport.unary(method)(request, timeout=timeout,
+                                                                               metadata=metadata))
+        finally:
+            replica.outstanding -= 1
+
+    async def _finish(self, replica: Replica, call: Any) -> bytes:
+        """The answer of a call to `replica`, once it comes; raises `ReplicaFailed`, `Refused` or
+        the replica's error, and tells the balancer which it was."""
+        try:
+            response: bytes = await call
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             # The replica's status, passed on to the caller with its message.
@@ -233,17 +219,14 @@ class InferenceUpstream:
             if answered_by_application(exc):
                 self.balancer.succeeded(replica)  # it answered: its transport works
                 if code in _RETRY_ELSEWHERE:
-                    raise _Refused(error) from None
+                    raise Refused(error) from None
                 raise error from None
             if code == grpc.StatusCode.UNAVAILABLE:
-                state = replica.transport.channel.get_state()
-                self.balancer.failed(replica, unreachable=state in _UNREACHABLE_STATES)
-                raise _ReplicaFailed(error) from None
+                self.balancer.failed(replica, unreachable=replica.transport.unreachable())
+                raise ReplicaFailed(error) from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                self.balancer.failed(replica)
+                self.balancer.failed(replica, stalled=True)  # no answer within the deadline
             raise error from None
-        finally:
-            replica.outstanding -= 1
         self.balancer.succeeded(replica)
         return response
 
@@ -258,7 +241,7 @@ class InferenceUpstream:
         async def one(replica: Replica) -> bytes | errors.AiaasError:
             try:
                 return await self._call_one(replica, method, request, timeout, metadata)
-            except (_ReplicaFailed, _Refused) as exc:
+            except (ReplicaFailed, Refused) as exc:
                 return exc.error
             except errors.AiaasError as exc:
                 return exc

@@ -180,7 +180,7 @@ class DynamicBatcher:
         if priority < 0:
             raise InvalidArgument(f"priority must be >= 0, got {priority}")
         level = priority if 1 <= priority <= config.priority_levels else config.default_priority_level
-        timeout = _effective_timeout_us(timeout_us, config.default_timeout_us)
+        timeout = effective_timeout_us(timeout_us, config.default_timeout_us)
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -452,7 +452,7 @@ def _fail(batch: list[_Request], error: BaseException) -> None:
             request.future.set_exception(error)
 
 
-def _effective_timeout_us(requested: int | None, default: int) -> int:
+def effective_timeout_us(requested: int | None, default: int) -> int:
     """A request's own non-zero timeout wins, but may only shorten a configured default."""
     if not requested:
         return default

@@ -24,6 +24,7 @@ from aiaas import __version__
 from services.common.datatypes import BytesBudget, check_raw_size, element_count
 from services.common.errors import AiaasError, InvalidArgument, NotFound, Unavailable, Unimplemented
 from services.inference import metadata
+from services.inference.batcher import effective_timeout_us
 from services.inference.convert import InputPlan, ParsedRequest, build_response, parse_request, plan_for
 from services.inference.repository import IndexEntry, ModelRepository, parse_version
 
@@ -121,7 +122,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         deadline_bound = False
         if remaining_s is not None:
             deadline_us = max(1, int(remaining_s * 1e6))
-            if timeout_us is None or deadline_us < timeout_us:
+            # A queue timeout (the request's `timeout`, within the serving config's) is UNAVAILABLE,
+            # as in Triton; DEADLINE_EXCEEDED only when the caller's own deadline comes first.
+            queue_us = effective_timeout_us(timeout_us, lv.spec.serving.default_timeout_us)
+            if not queue_us or deadline_us < queue_us:
                 timeout_us = deadline_us
                 deadline_bound = True
         outputs: dict[str, Any] = {}

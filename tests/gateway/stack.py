@@ -3,14 +3,21 @@ Redis, registry, inference replicas, gateways."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from aiaas.gateway_client import GatewayClient
 from tests.inference import models
 from tests.inference.conftest import Registry, inference_args, start_inference, start_registry, wait_model
 from tests.support.procs import ServiceProcess
 from tests.support.servers import RedisServer
+
+if TYPE_CHECKING:
+    import pytest
 
 PEPPER = "e2e-pepper"
 ADMIN_TOKEN = "aiaas_b00751a9_bootstrap-admin-secret-for-tests"
@@ -56,5 +63,47 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: f
     raise TimeoutError(f"condition not met within {timeout}s")
 
 
-__all__ = ["ADMIN_TOKEN", "PEPPER", "Registry", "start_gateway", "start_inference_replica", "start_registry",
-           "wait_model", "wait_until", "write_versions"]
+@dataclasses.dataclass
+class MlpStack:
+    """A gateway over inference replicas serving "mlp" (4 -> 8 -> 3), and a key that may infer."""
+
+    gateway: ServiceProcess
+    replicas: list[ServiceProcess]
+    token: str
+
+
+@contextlib.contextmanager
+def mlp_behind_a_gateway(tmp: pytest.TempPathFactory, *gateway_args: str, replicas: int = 2) -> Iterator[MlpStack]:
+    registry = Registry(start_registry(tmp.mktemp("registry")))
+    procs: list[ServiceProcess] = []
+    try:
+        registry.register("mlp", models.write_mlp(tmp.mktemp("models"), "torchscript", sizes=(4, 8, 3)),
+                          alias="production", max_batch_size=8)
+        procs += [start_inference_replica(registry, tmp.mktemp("cache")) for _ in range(replicas)]
+        for replica in procs:
+            wait_model(replica, "mlp")
+        gateway = start_gateway(registry, procs, None, *gateway_args)
+        procs.append(gateway)
+        with GatewayClient(gateway.address, api_key=ADMIN_TOKEN) as admin:
+            _, token = admin.create_key("replica-failures", models=["mlp"], roles=["infer"])
+        yield MlpStack(gateway, procs[:replicas], token)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        registry.close()
+        registry.proc.stop()
+
+
+__all__ = [
+    "ADMIN_TOKEN",
+    "PEPPER",
+    "MlpStack",
+    "Registry",
+    "mlp_behind_a_gateway",
+    "start_gateway",
+    "start_inference_replica",
+    "start_registry",
+    "wait_model",
+    "wait_until",
+    "write_versions",
+]

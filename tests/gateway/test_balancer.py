@@ -121,3 +121,60 @@ def test_the_only_replica_ejected_still_takes_traffic() -> None:
     balancer.failed(balancer.replicas[0])
     assert balancer.panicking() and balancer.routable() == balancer.replicas
     assert balancer.pick().address == "a"  # type: ignore[union-attr]
+
+
+def test_a_passing_health_check_brings_back_a_replica_seen_down_at_once() -> None:
+    clock = Clock()
+    balancer = Balancer(eject_after=3, eject_max_s=30.0, clock=clock)
+    balancer.set_addresses(["a", "b", "c"])
+    a = balancer.replicas[0]
+    for _ in range(6):  # refused while it restarts: ejected again and again, the backoff grows
+        balancer.check_failed(a, unreachable=True)
+    assert a.ejected(clock.now) and not a.reachable and a.down and a.ejected_until == clock.now + 30.0
+    assert balancer.check_passed(a)
+    assert not a.ejected(clock.now) and a.reachable and not a.down and a in balancer.healthy()
+    assert not balancer.check_passed(a)  # nothing to bring back any more
+
+
+def test_failed_checks_count_like_transport_failures_and_not_serving_ejects_at_once() -> None:
+    clock = Clock()
+    balancer = Balancer(eject_after=3, clock=clock)
+    balancer.set_addresses(["a", "b", "c"])
+    a, b = balancer.replicas[0], balancer.replicas[1]
+    balancer.check_failed(a)  # timed out: one transport failure
+    balancer.check_failed(a)
+    assert not a.ejected(clock.now) and a.down
+    balancer.check_failed(a)
+    assert a.ejected(clock.now) and a.reachable  # it may answer; it did not in time
+    balancer.check_failed(b, not_serving=True)  # draining: no new traffic
+    assert b.ejected(clock.now) and b.reachable
+    assert balancer.check_passed(b) and not b.ejected(clock.now)
+
+
+def test_a_passing_check_leaves_a_replica_ejected_for_stalls_alone() -> None:
+    clock = Clock()
+    balancer = Balancer(eject_after=2, clock=clock)
+    balancer.set_addresses(["a", "b", "c"])
+    a, b = balancer.replicas[0], balancer.replicas[1]
+    balancer.failed(a, stalled=True)
+    assert not balancer.check_passed(a) and a.consecutive_failures == 1  # checks never hide stalls
+    balancer.failed(a, stalled=True)
+    assert a.ejected(clock.now) and not a.down
+    assert not balancer.check_passed(a) and a.ejected(clock.now)  # its data path is the problem
+    balancer.failed(b)  # reset by the peer: seen down
+    assert balancer.check_passed(b) and b.consecutive_failures == 0
+
+
+def test_health_check_ejections_obey_the_panic_threshold() -> None:
+    clock = Clock()
+    balancer = Balancer(eject_after=3, panic_threshold=0.5, clock=clock)
+    balancer.set_addresses(["a", "b"])
+    a, b = balancer.replicas
+    balancer.check_failed(a, unreachable=True)
+    assert not balancer.panicking() and balancer.routable() == [b]
+    balancer.check_failed(b, not_serving=True)
+    # Both ejected by their checks: panic, both take traffic rather than none.
+    assert balancer.panicking() and balancer.routable() == [a, b]
+    assert balancer.pick() is not None
+    balancer.check_passed(a)
+    assert not balancer.panicking() and balancer.routable() == [a]

@@ -39,12 +39,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceP
     registry.register("held-timeout", mlp, alias="production", max_batch_size=64, max_queue_delay_us=HOLD_US)
     registry.register("held", mlp, alias="production", max_batch_size=64, max_queue_delay_us=HOLD_US,
                       max_queue_size=2)
+    registry.register("held-config-timeout", mlp, alias="production", max_batch_size=64,
+                      max_queue_delay_us=HOLD_US, default_timeout_us=200_000)
     replica = start_inference_replica(registry, tmp_path_factory.mktemp("cache"))
-    for model in ("mlp", "held-timeout", "held"):
+    models_ = ["mlp", "held-timeout", "held", "held-config-timeout"]
+    for model in models_:
         wait_model(replica, model)
     proc = start_gateway(registry, [replica], None)
     admin = GatewayClient(proc.address, api_key=ADMIN_TOKEN)
-    _, token = admin.create_key("busy", models=["mlp", "held-timeout", "held"], roles=["infer", "read"])
+    _, token = admin.create_key("busy", models=models_, roles=["infer", "read"])
     yield proc, token
     admin.close()
     proc.stop()
@@ -78,6 +81,24 @@ def test_a_queue_timeout_is_passed_through_and_the_gateway_stays_ready(gateway: 
             assert info.value.message() == "Request timeout expired"  # the replica's answer, as it came
         _served_at_once(client, headers)
         assert client.is_server_ready()
+
+
+@pytest.mark.parametrize("client_timeout", [None, 5.0])
+def test_a_serving_config_queue_timeout_is_unavailable_whatever_the_callers_deadline(
+    gateway: tuple[ServiceProcess, str], client_timeout: float | None
+) -> None:
+    # The gateway always forwards a deadline (the caller's, or --default-timeout-s): the replica's
+    # queue timeout must still answer UNAVAILABLE, as Triton does, not DEADLINE_EXCEEDED.
+    proc, token = gateway
+    headers = {"authorization": f"Bearer {token}"}
+    with tc.InferenceServerClient(proc.address) as client:
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("held-config-timeout", _inputs(), headers=headers, client_timeout=client_timeout)
+        assert info.value.status() == "StatusCode.UNAVAILABLE"
+        assert info.value.message() == "Request timeout expired"
+        assert time.monotonic() - started < HOLD_US / 1e6  # the 200 ms queue timeout, not the held batch
+        _served_at_once(client, headers)
 
 
 def test_a_full_queue_is_passed_through_and_the_gateway_stays_ready(gateway: tuple[ServiceProcess, str]) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from services.common.interceptors import APP_STATUS_KEY
@@ -29,7 +30,7 @@ class EchoReplica:
     """`ModelInfer` returns input 0 as output "y" (plus `offset_by_version[version]`)."""
 
     def __init__(self, offset_by_version: dict[str, float] | None = None, delay_s: float = 0.0,
-                 aliases: dict[str, str] | None = None) -> None:
+                 aliases: dict[str, str] | None = None, health_service: bool = False) -> None:
         self.offset_by_version = offset_by_version or {}
         # `model:alias` names resolve through this map, as on a real inference replica.
         self.aliases = aliases or {}
@@ -40,6 +41,9 @@ class EchoReplica:
         self.fail_with: grpc.StatusCode | None = None
         # Whether `fail_with` is marked as the application's answer, as every aiaas service marks it.
         self.fail_as_application = False
+        # Serve grpc.health.v1 (service "" SERVING once started), as every aiaas service does.
+        self.health_service = health_service
+        self.health: health.aio.HealthServicer | None = None
 
     @property
     def address(self) -> str:
@@ -82,9 +86,19 @@ class EchoReplica:
                 response_serializer=pb.ModelReadyResponse.SerializeToString),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        if self.health_service:
+            self.health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         await self.server.start()
+        if self.health is not None:
+            await self.set_serving(True)
         return self
+
+    async def set_serving(self, serving: bool) -> None:
+        if self.health is not None:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            await self.health.set("", status)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -216,6 +216,28 @@ def test_default_timeout_from_serving_config(client: tc.InferenceServerClient) -
     assert 0.25 < time.monotonic() - started < 2.0
 
 
+@pytest.mark.parametrize("model, parameter_us, deadline_s, status", [
+    # The serving config's queue timeout (300 ms) comes first: Triton's UNAVAILABLE, deadline or not.
+    ("held-timeout", None, 5.0, "UNAVAILABLE"),
+    # The request's own `timeout` parameter comes first: UNAVAILABLE too.
+    ("held", 200_000, 5.0, "UNAVAILABLE"),
+    ("held-timeout", 200_000, 5.0, "UNAVAILABLE"),
+    # The caller's deadline comes first: DEADLINE_EXCEEDED.
+    ("held-timeout", None, 0.1, "DEADLINE_EXCEEDED"),
+    ("held", 2_000_000, 0.2, "DEADLINE_EXCEEDED"),
+])
+def test_queue_timeout_or_caller_deadline_whichever_comes_first(
+    client: tc.InferenceServerClient, model: str, parameter_us: int | None, deadline_s: float, status: str
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(model, [_ones()], timeout=parameter_us, client_timeout=deadline_s)
+    assert info.value.status() == f"StatusCode.{status}", info.value.message()
+    if status == "UNAVAILABLE":
+        assert info.value.message() == "Request timeout expired"
+    assert time.monotonic() - started < 3.0  # long before the held batch would run
+
+
 def test_caller_deadline_passes_in_queue(client: tc.InferenceServerClient) -> None:
     before = client.get_inference_statistics("held").model_stats[0].inference_stats.fail.count
     with pytest.raises(InferenceServerException) as info:
