@@ -7,6 +7,7 @@ client certificates. The gateway's door is keyed by API keys instead (tests/gate
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -200,10 +201,10 @@ def test_internal_attacks_are_refused(token_fleet: dict[str, ServiceProcess], id
     assert _code(lambda: anonymous.PutRecord(escalate, timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
     # A compromised inference or monitor pod cannot either.
     for stub in (inference, monitor):
-        assert _code(lambda s=stub: s.SetAlias(move, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
-        assert _code(lambda s=stub: s.GetRecord(registry_pb2.GetRecordRequest(kind="api_key", name="k1"),
-                                                timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
-        assert _code(lambda s=stub: s.PutRecord(escalate, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+        assert _code(partial(stub.SetAlias, move, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+        assert _code(partial(stub.GetRecord, registry_pb2.GetRecordRequest(kind="api_key", name="k1"),
+                             timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+        assert _code(partial(stub.PutRecord, escalate, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
     assert _code(lambda: inference.AppendAuditEvent(
         registry_pb2.AppendAuditEventRequest(actor="admin", action="alias.set", model="mlp"), timeout=5)) \
         == grpc.StatusCode.PERMISSION_DENIED
@@ -235,8 +236,7 @@ def test_a_forged_report_is_refused(token_fleet: dict[str, ServiceProcess], iden
     for name in ("inference", "intruder"):
         channel = identities.client(name).channel(token_fleet["monitor"].address)
         with channel:
-            stub = monitor_pb2_grpc.MonitorStub(channel)
-            code = _code(lambda s=stub: s.Report(forged, timeout=5))
+            code = _code(partial(monitor_pb2_grpc.MonitorStub(channel).Report, forged, timeout=5))
         assert code == grpc.StatusCode.PERMISSION_DENIED, name
     with identities.client("gateway").channel(token_fleet["monitor"].address) as channel:
         assert monitor_pb2_grpc.MonitorStub(channel).Report(forged, timeout=5).accepted == 50
