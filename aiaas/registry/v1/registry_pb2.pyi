@@ -1,5 +1,6 @@
 import datetime
 
+from aiaas.registry.v1 import evaluation_pb2 as _evaluation_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -450,20 +451,22 @@ class AttachReportResponse(_message.Message):
     def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
-    __slots__ = ("model", "alias", "version", "expected_version", "actor", "reason")
+    __slots__ = ("model", "alias", "version", "expected_version", "actor", "reason", "force")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     alias: str
     version: int
     expected_version: int
     actor: str
     reason: str
-    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., expected_version: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, model: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., expected_version: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class SetAliasResponse(_message.Message):
     __slots__ = ("move",)

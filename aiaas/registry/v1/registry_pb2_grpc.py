@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from aiaas.registry.v1 import evaluation_pb2 as aiaas_dot_registry_dot_v1_dot_evaluation__pb2
 from aiaas.registry.v1 import registry_pb2 as aiaas_dot_registry_dot_v1_dot_registry__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -144,6 +145,46 @@ class ModelRegistryStub:
                 '/aiaas.registry.v1.ModelRegistry/WatchModels',
                 request_serializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.WatchModelsRequest.SerializeToString,
                 response_deserializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.WatchModelsResponse.FromString,
+                _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/aiaas.registry.v1.ModelRegistry/UploadDataset',
+                request_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.UploadDatasetResponse.FromString,
+                _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/aiaas.registry.v1.ModelRegistry/GetDataset',
+                request_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetDatasetResponse.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/aiaas.registry.v1.ModelRegistry/ListDatasets',
+                request_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.DownloadDataset = channel.unary_stream(
+                '/aiaas.registry.v1.ModelRegistry/DownloadDataset',
+                request_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DownloadDatasetRequest.SerializeToString,
+                response_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DownloadDatasetResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/aiaas.registry.v1.ModelRegistry/DeleteDataset',
+                request_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
+        self.PutEvaluation = channel.unary_unary(
+                '/aiaas.registry.v1.ModelRegistry/PutEvaluation',
+                request_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.PutEvaluationRequest.SerializeToString,
+                response_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.PutEvaluationResponse.FromString,
+                _registered_method=True)
+        self.GetEvaluation = channel.unary_unary(
+                '/aiaas.registry.v1.ModelRegistry/GetEvaluation',
+                request_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetEvaluationRequest.SerializeToString,
+                response_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetEvaluationResponse.FromString,
+                _registered_method=True)
+        self.ListEvaluations = channel.unary_unary(
+                '/aiaas.registry.v1.ModelRegistry/ListEvaluations',
+                request_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListEvaluationsRequest.SerializeToString,
+                response_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListEvaluationsResponse.FromString,
                 _registered_method=True)
 
 
@@ -306,6 +347,63 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadDataset(self, request_iterator, context):
+        """UploadDataset streams a header then a labeled data set's file; it is stored only after its sha256
+        matches and its columns fit the named model version's signature (evaluation.proto).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """GetDataset returns one data set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """ListDatasets pages through data sets in name order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadDataset(self, request, context):
+        """DownloadDataset streams a data set's file, verified against its recorded sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """DeleteDataset deletes a data set that no model's evaluation gate requires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutEvaluation(self, request, context):
+        """PutEvaluation stores an evaluation result on an existing version (one per evaluation name).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEvaluation(self, request, context):
+        """GetEvaluation returns one stored evaluation result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvaluations(self, request, context):
+        """ListEvaluations lists the evaluation results of a model or of one version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -418,6 +516,46 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.WatchModels,
                     request_deserializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.WatchModelsRequest.FromString,
                     response_serializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.WatchModelsResponse.SerializeToString,
+            ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.UploadDatasetResponse.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetDatasetRequest.FromString,
+                    response_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'DownloadDataset': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadDataset,
+                    request_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DownloadDatasetRequest.FromString,
+                    response_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DownloadDatasetResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'PutEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutEvaluation,
+                    request_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.PutEvaluationRequest.FromString,
+                    response_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.PutEvaluationResponse.SerializeToString,
+            ),
+            'GetEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvaluation,
+                    request_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetEvaluationRequest.FromString,
+                    response_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetEvaluationResponse.SerializeToString,
+            ),
+            'ListEvaluations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvaluations,
+                    request_deserializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListEvaluationsRequest.FromString,
+                    response_serializer=aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListEvaluationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1015,6 +1153,222 @@ class ModelRegistry:
             '/aiaas.registry.v1.ModelRegistry/WatchModels',
             aiaas_dot_registry_dot_v1_dot_registry__pb2.WatchModelsRequest.SerializeToString,
             aiaas_dot_registry_dot_v1_dot_registry__pb2.WatchModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/aiaas.registry.v1.ModelRegistry/UploadDataset',
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.UploadDatasetRequest.SerializeToString,
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.UploadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiaas.registry.v1.ModelRegistry/GetDataset',
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetDatasetRequest.SerializeToString,
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiaas.registry.v1.ModelRegistry/ListDatasets',
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListDatasetsRequest.SerializeToString,
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aiaas.registry.v1.ModelRegistry/DownloadDataset',
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DownloadDatasetRequest.SerializeToString,
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DownloadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiaas.registry.v1.ModelRegistry/DeleteDataset',
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DeleteDatasetRequest.SerializeToString,
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiaas.registry.v1.ModelRegistry/PutEvaluation',
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.PutEvaluationRequest.SerializeToString,
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.PutEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiaas.registry.v1.ModelRegistry/GetEvaluation',
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetEvaluationRequest.SerializeToString,
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.GetEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvaluations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiaas.registry.v1.ModelRegistry/ListEvaluations',
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListEvaluationsRequest.SerializeToString,
+            aiaas_dot_registry_dot_v1_dot_evaluation__pb2.ListEvaluationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
