@@ -1,8 +1,9 @@
 """The kinds of registry Records the platform keeps, each with its name rule and its codec.
 
 A Record is (kind, name, data bytes) in the registry, versioned by revision and sent on the change
-feed. The gateway keeps API keys and routes there, the monitor SLOs and baselines, and the CLI
-writes the first admin key. Adding a kind is a `RecordKind` here (its data is one proto message).
+feed. The gateway keeps API keys and routes there, the monitor SLOs and baselines, the CLI writes
+the first admin key, and a model's evaluation gate lists what its promotion requires. Adding a
+kind is a `RecordKind` here (its data is one proto message).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from google.protobuf.message import DecodeError, Message
 from aiaas.errors import InvalidArgument
 from aiaas.gateway.v1 import gateway_pb2
 from aiaas.monitor.v1 import monitor_pb2
-from aiaas.registry.v1 import registry_pb2
+from aiaas.registry.v1 import evaluation_pb2, registry_pb2
 
 M = TypeVar("M", bound=Message)
 
@@ -50,8 +51,11 @@ API_KEY = RecordKind("api_key", gateway_pb2.StoredApiKey, "key id")
 ROUTE = RecordKind("route", gateway_pb2.Route, "model")
 SLO = RecordKind("slo", monitor_pb2.SLO, "model")
 BASELINE = RecordKind("baseline", monitor_pb2.Baseline, "<model>/<version>")
+# The evaluations a model requires before a gated alias moves; read by the registry's promotion gate.
+EVALUATION_GATE = RecordKind("evaluation_gate", evaluation_pb2.EvaluationGate, "model")
 
-KINDS: dict[str, RecordKind[Message]] = {k.kind: k for k in (API_KEY, ROUTE, SLO, BASELINE)}  # type: ignore[misc]
+KINDS: dict[str, RecordKind[Message]] = {k.kind: k for k in (  # type: ignore[misc]
+    API_KEY, ROUTE, SLO, BASELINE, EVALUATION_GATE)}
 
 
 def baseline_name(model: str, version: int) -> str:

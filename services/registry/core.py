@@ -28,6 +28,7 @@ from services.registry.entities import (
     Record,
     VersionSpec,
 )
+from services.registry.quality import DEFAULT_GATED_ALIASES, QualityCore
 from services.registry.store import NO_CHECK, RegistryStore
 
 log = logging.getLogger("aiaas.registry.core")
@@ -129,12 +130,15 @@ class Upload:
 class RegistryCore:
     def __init__(self, store: RegistryStore, artifacts: ArtifactStore, *, max_artifact_bytes: int,
                  max_concurrent_uploads: int = 64,
-                 allowed_formats: frozenset[str] = frozenset(artifact_gate.FORMATS)) -> None:
+                 allowed_formats: frozenset[str] = frozenset(artifact_gate.FORMATS),
+                 max_dataset_bytes: int = 4 * 1024**3, gated_aliases: frozenset[str] = DEFAULT_GATED_ALIASES) -> None:
         self.allowed_formats = frozenset(allowed_formats)
         self.store = store
         self.artifacts = artifacts
         self.max_artifact_bytes = max_artifact_bytes
         self.upload_slots = UploadSlots(max_concurrent_uploads)
+        # Data sets, evaluation results and the promotion gate.
+        self.quality = QualityCore(self, max_dataset_bytes=max_dataset_bytes, gated_aliases=gated_aliases)
 
     # Models.
     def create_model(self, name: str, description: str = "", labels: dict[str, str] | None = None,
@@ -233,11 +237,16 @@ class RegistryCore:
 
     # Aliases.
     def set_alias(self, model: str, alias: str, version: int, expected_version: int = NO_CHECK,
-                  actor: str = "", reason: str = "") -> AliasMove:
+                  actor: str = "", reason: str = "", force: bool = False) -> AliasMove:
+        """Move the alias; a gated alias (production) only to a version that passed what its model's
+        evaluation gate requires, unless forced with a reason."""
         if expected_version < NO_CHECK:
             raise InvalidArgument("expected_version must be -1 (no check), 0 (alias must be new) or a version")
+        if force and not reason.strip():
+            raise InvalidArgument("a forced alias move needs a reason; it is recorded in the audit log")
+        guard = self.quality.alias_guard(model, alias, version, force=force)
         return self.store.set_alias(check.name(model), check.name(alias, "alias"), check.version_number(version),
-                                    expected_version, check.actor(actor), check.reason(reason))
+                                    expected_version, check.actor(actor), check.reason(reason), guard=guard)
 
     def delete_alias(self, model: str, alias: str, actor: str = "", reason: str = "") -> AliasMove:
         return self.store.delete_alias(check.name(model), check.name(alias, "alias"), check.actor(actor),

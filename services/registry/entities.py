@@ -11,8 +11,9 @@ from aiaas.formats import ArtifactFormat
 from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
 
-__all__ = ["AliasMove", "ArtifactFormat", "AuditEvent", "ChangeEvent", "ChangeType", "Lineage", "Model",
-           "ModelVersion", "Page", "Record", "ServingConfig", "Signature", "TensorSpec", "VersionSpec"]
+__all__ = ["AliasMove", "ArtifactFormat", "AuditEvent", "ChangeEvent", "ChangeType", "Dataset", "DatasetColumn",
+           "DatasetSpec", "Lineage", "Model", "ModelVersion", "Page", "Record", "ServingConfig", "Signature",
+           "StoredEvaluation", "TensorSpec", "VersionSpec"]
 
 
 class ChangeType(enum.Enum):
@@ -138,3 +139,56 @@ class Page:
 
     items: list[Any]
     next_token: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetColumn:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    role: str  # "input", "label" or "feature"
+    split: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What a client declares for a new data set (the upload header, validated)."""
+
+    name: str
+    format: str  # aiaas.eval.formats.DatasetFormat value
+    sha256: str
+    size: int
+    label_columns: tuple[str, ...]
+    model: str
+    model_version: int = 0
+    model_alias: str = ""
+    description: str = ""
+    actor: str = "anonymous"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    format: str
+    sha256: str
+    size: int
+    num_rows: int
+    columns: tuple[DatasetColumn, ...]
+    model: str
+    model_version: int
+    description: str
+    created_by: str
+    create_time: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredEvaluation:
+    """An EvaluationResult as the store keeps it: serialized, with what the store needs to know."""
+
+    model: str
+    version: int
+    name: str
+    passed: bool
+    data: bytes
+    created_by: str
+    create_time: datetime

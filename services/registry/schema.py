@@ -128,6 +128,36 @@ blobs = sa.Table(
     sa.Index("ix_blobs_refs", "refs"),
 )
 
+# Labeled data sets for evaluations: content-addressed files counted in `blobs` like artifacts.
+datasets = sa.Table(
+    "datasets", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(63), nullable=False, unique=True),
+    sa.Column("format", sa.String(16), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False, index=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("num_rows", sa.BigInteger, nullable=False),
+    sa.Column("columns", sa.Text, nullable=False),
+    sa.Column("model", sa.String(63), nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("created_by", sa.String(200), nullable=False),
+    sa.Column("create_us", sa.BigInteger, nullable=False),
+)
+
+# One EvaluationResult (serialized) per version and evaluation name; deleted with its version.
+evaluations = sa.Table(
+    "evaluations", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("passed", sa.Boolean, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False),
+    sa.Column("create_us", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("version_id", "name", name="uq_evaluations_version_name"),
+)
+
 schema_version = sa.Table(
     "schema_version", sa.MetaData(),
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
@@ -149,12 +179,17 @@ def _blob_references(conn: sa.Connection) -> None:
                   sa.literal(now_us, sa.BigInteger)).group_by(versions.c.sha256)))
 
 
+def _datasets_and_evaluations(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[datasets, evaluations])
+
+
 Migration = Callable[[sa.Connection], None]
 
 # Append only: index + 1 is the schema version a migration produces.
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("initial schema", _initial_schema),
     ("blob references", _blob_references),
+    ("data sets and evaluations", _datasets_and_evaluations),
 ]
 
 LATEST = len(MIGRATIONS)

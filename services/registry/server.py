@@ -16,7 +16,8 @@ from services.common.server import Service, ServiceApp
 from services.registry.artifacts import ArtifactStore
 from services.registry.core import MAX_REQUEST_BYTES, RegistryCore
 from services.registry.feed import FeedHub
-from services.registry.servicer import RegistryServicer, UploadLimits
+from services.registry.quality_servicer import QualityServicer
+from services.registry.servicer import UploadLimits
 from services.registry.settings import RegistrySettings
 from services.registry.sql_store import SqlRegistryStore
 
@@ -109,14 +110,15 @@ def create_service(settings: RegistrySettings, *, configure_process: bool = True
     artifacts.clean_stale_uploads(settings.upload_stale_after_s)
     core = RegistryCore(store, artifacts, max_artifact_bytes=settings.max_artifact_bytes,
                         max_concurrent_uploads=settings.max_concurrent_uploads,
-                        allowed_formats=settings.format_set())
+                        allowed_formats=settings.format_set(), max_dataset_bytes=settings.max_dataset_bytes,
+                        gated_aliases=settings.gated_alias_set())
     hub = FeedHub(store, poll_s=settings.feed_poll_s, heartbeat_s=settings.heartbeat_s)
     # Every request fits in a chunk or a header plus framing; responses (listings, downloads) may be larger.
     app = ServiceApp("registry", settings, configure_process=configure_process, max_receive_bytes=MAX_REQUEST_BYTES)
     limits = UploadLimits(idle_timeout_s=settings.upload_idle_timeout_s,
                           max_duration_s=settings.upload_max_duration_s)
     app.add_service(SERVICE_NAME, registry_pb2_grpc.add_ModelRegistryServicer_to_server,
-                    RegistryServicer(core, hub, limits, feed_kinds=_feed_kinds(app)))
+                    QualityServicer(core, hub, limits, feed_kinds=_feed_kinds(app)))
     sweeper = ArtifactSweeper(core, interval_s=settings.upload_sweep_interval_s,
                               stale_after_s=settings.upload_stale_after_s)
     return RegistryService(app, core, store=store, hub=hub, sweeper=sweeper)

@@ -156,7 +156,7 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     # Aliases.
     async def SetAlias(self, request: pb.SetAliasRequest, context: Any) -> pb.SetAliasResponse:
         move = await run(self.core.set_alias, request.model, request.alias, request.version,
-                         request.expected_version, audit_actor(request.actor), request.reason)
+                         request.expected_version, audit_actor(request.actor), request.reason, request.force)
         return pb.SetAliasResponse(move=convert.alias_move(move))
 
     async def DeleteAlias(self, request: pb.DeleteAliasRequest, context: Any) -> pb.DeleteAliasResponse:

@@ -51,9 +51,17 @@ class RegistrySettings(ServerSettings):
     # Artifact formats this registry accepts (comma-separated); each is checked by the artifact gate
     # at upload. Drop 'torchscript' to turn off the deprecated format whose archives carry code.
     allowed_formats: str = "torchscript,torch_export,onnx,safetensors"
+    # Largest labeled data set (UploadDataset) in bytes (4 GiB); a larger declared size is refused at once.
+    max_dataset_bytes: int = 4 * 1024**3
+    # Aliases the promotion gate guards (comma-separated): a model's evaluation gate must pass before one
+    # of them points at a version, unless the move is forced with a reason (empty: no gate).
+    gated_aliases: str = "production"
 
     def format_set(self) -> frozenset[str]:
         return frozenset(f.strip() for f in self.allowed_formats.split(",") if f.strip())
+
+    def gated_alias_set(self) -> frozenset[str]:
+        return frozenset(a.strip() for a in self.gated_aliases.split(",") if a.strip())
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +75,8 @@ class RegistrySettings(ServerSettings):
         if unknown or not self.format_set():
             raise InvalidArgument(f"allowed_formats {self.allowed_formats!r}: use a comma-separated subset of "
                                   f"{', '.join(artifact_gate.FORMATS)}")
+        if self.max_dataset_bytes < 1:
+            raise InvalidArgument("max_dataset_bytes must be positive")
         if self.max_concurrent_uploads < 1:
             raise InvalidArgument("max_concurrent_uploads must be at least 1")
         if self.upload_idle_timeout_s <= 0 or self.upload_sweep_interval_s <= 0:

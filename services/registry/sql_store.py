@@ -32,7 +32,8 @@ from services.registry.entities import (
     Record,
     VersionSpec,
 )
-from services.registry.store import NO_CHECK, CommitListener, PlaceBlob, RegistryStore, RemoveBlob
+from services.registry.quality_store import SqlQualityStore
+from services.registry.store import NO_CHECK, AliasGuard, CommitListener, PlaceBlob, RegistryStore, RemoveBlob
 from services.registry.validation import decode_token, encode_token
 
 
@@ -100,7 +101,7 @@ class _Tx:
         self.conn.execute(sa.delete(t.feed).where(t.feed.c.revision <= self.head - self.retention))
 
 
-class SqlRegistryStore(RegistryStore):
+class SqlRegistryStore(SqlQualityStore, RegistryStore):
     def __init__(self, url: str, *, feed_retention: int = 10_000) -> None:
         self.url = url
         self.engine = create_engine(url)
@@ -343,7 +344,7 @@ class SqlRegistryStore(RegistryStore):
 
     # Aliases.
     def _move(self, tx: _Tx, model: sa.Row[Any], alias: str, to_version: int, actor: str, reason: str,
-              action: str) -> AliasMove:
+              action: str, details: dict[str, Any] | None = None) -> AliasMove:
         current = self._alias_target(tx.conn, model.id, alias)
         key = (t.aliases.c.model_id == model.id, t.aliases.c.alias == alias)
         if to_version == 0:
@@ -357,8 +358,8 @@ class SqlRegistryStore(RegistryStore):
             model_id=model.id, alias=alias, from_version=current, to_version=to_version, actor=actor,
             reason=reason, time_us=tx.now))
         tx.conn.execute(sa.update(t.models).where(t.models.c.id == model.id).values(update_us=tx.now))
-        tx.audit(actor, action, model.name, to_version, alias=alias, from_version=current, to_version=to_version,
-                 reason=reason)
+        tx.audit(actor, action, model.name, to_version, extra=details, alias=alias, from_version=current,
+                 to_version=to_version, reason=reason)
         if to_version:
             tx.emit(ChangeType.ALIAS_MOVED, model=model.name, version=to_version, alias=alias, from_version=current)
         else:
@@ -366,7 +367,7 @@ class SqlRegistryStore(RegistryStore):
         return AliasMove(model.name, alias, current, to_version, actor, reason, rows.time(tx.now))
 
     def set_alias(self, model: str, alias: str, version: int, expected_version: int, actor: str,
-                  reason: str) -> AliasMove:
+                  reason: str, guard: AliasGuard | None = None) -> AliasMove:
         with self._write() as tx:
             model_row = self._model_row(tx.conn, model)
             self._version_row(tx.conn, model_row, version)
@@ -378,7 +379,9 @@ class SqlRegistryStore(RegistryStore):
                               "it was moved concurrently: read it again and retry")
             if current == version:
                 return AliasMove(model, alias, current, version, actor, reason, rows.time(tx.now))
-            return self._move(tx, model_row, alias, version, actor, reason, "alias.set")
+            # Writers are serialized from here to the commit, so what the guard reads cannot change meanwhile.
+            details = guard() if guard is not None else None
+            return self._move(tx, model_row, alias, version, actor, reason, "alias.set", details)
 
     def delete_alias(self, model: str, alias: str, actor: str, reason: str) -> AliasMove:
         with self._write() as tx:

@@ -20,6 +20,7 @@ from services.registry.entities import (
     Record,
     VersionSpec,
 )
+from services.registry.quality_store import QualityStore
 
 # Called after a write commits, with the feed revision it reached.
 CommitListener = Callable[[int], None]
@@ -27,12 +28,16 @@ CommitListener = Callable[[int], None]
 PlaceBlob = Callable[[], None]
 # Removes a blob file (given its sha256); run inside the transaction that forgets the blob.
 RemoveBlob = Callable[[str], None]
+# Runs inside an alias move's transaction before it changes anything: raises to refuse the move, or
+# returns details to add to its audit event (the promotion gate, services/registry/quality.py).
+AliasGuard = Callable[[], dict[str, Any]]
 
 NO_CHECK = -1
 
 
-class RegistryStore(abc.ABC):
-    """Models, versions, aliases, records, audit and feed. Raises services.common.errors."""
+class RegistryStore(QualityStore):
+    """Models, versions, aliases, records, audit and feed (and data sets and evaluation results, from
+    QualityStore). Raises services.common.errors."""
 
     @abc.abstractmethod
     def set_commit_listener(self, listener: CommitListener | None) -> None: ...
@@ -99,7 +104,8 @@ class RegistryStore(abc.ABC):
     # Aliases.
     @abc.abstractmethod
     def set_alias(self, model: str, alias: str, version: int, expected_version: int, actor: str,
-                  reason: str) -> AliasMove: ...
+                  reason: str, guard: AliasGuard | None = None) -> AliasMove:
+        """Point the alias at the version; `guard` runs once the move is known to change something."""
 
     @abc.abstractmethod
     def delete_alias(self, model: str, alias: str, actor: str, reason: str) -> AliasMove: ...

@@ -384,7 +384,8 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PutEvaluation(self, request, context):
-        """PutEvaluation stores an evaluation result on an existing version (one per evaluation name).
+        """PutEvaluation stores an evaluation result on an existing version (one per evaluation name; deleted
+        with the version).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
