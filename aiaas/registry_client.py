@@ -254,11 +254,13 @@ class RegistryClient:
 
     # Aliases.
     def set_alias(self, model: str, alias: str, version: int, *, expected_version: int | None = None,
-                  reason: str = "") -> pb.AliasMove:
-        """Point `alias` at `version`. With `expected_version` (0 = must be new) it is a compare-and-set."""
+                  reason: str = "", force: bool = False) -> pb.AliasMove:
+        """Point `alias` at `version`. With `expected_version` (0 = must be new) it is a compare-and-set.
+
+        `force` moves a gated alias (production) past the model's evaluation gate; it needs a `reason`."""
         request = pb.SetAliasRequest(model=model, alias=alias, version=version,
                                      expected_version=-1 if expected_version is None else expected_version,
-                                     actor=self.actor, reason=reason)
+                                     actor=self.actor, reason=reason, force=force)
         return self._call(self.stub.SetAlias, request).move
 
     def delete_alias(self, model: str, alias: str, reason: str = "") -> pb.AliasMove:

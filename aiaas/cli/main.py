@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
     "aiaas.cli.gateway_cmds",
     "aiaas.cli.monitor_cmds",
     "aiaas.cli.pipeline_cmds",
+    "aiaas.cli.eval_cmds",
     "aiaas.cli.k8s_cmds",
     "aiaas.cli.identity_cmds",
 )

@@ -1,7 +1,7 @@
 """`aiaas convert`, `aiaas optimize`, `aiaas promote` and `aiaas up`.
 
-Exit codes: 0 done, 1 error, 3 the parity gate refused the candidate (its report is printed;
-`--force` registers it anyway, marked as forced).
+Exit codes: 0 done, 1 error, 3 the parity gate or an evaluation (`--evaluate`) refused the candidate
+(its report is printed; `--force` registers it anyway, marked as forced).
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     promote.add_argument("--weight", type=int, default=None,
                          help="percent of the model's traffic the alias gets through the gateway (canary)")
     promote.add_argument("--reason", default="", help="recorded in the audit log")
+    promote.add_argument("--force", action="store_true",
+                         help="move production past the model's evaluation gate (needs --reason, audited)")
     promote.add_argument("--registry", default=None, help="registry address ($AIAAS_REGISTRY_URL, localhost:50051)")
     promote.add_argument("--gateway", default=None, help="gateway address ($AIAAS_GATEWAY_URL, localhost:8001)")
     promote.add_argument("--api-key", default=None, help="admin API key for the gateway ($AIAAS_API_KEY)")
@@ -98,7 +100,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def _gate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", help="parity sample: .npz or .safetensors, one array per input (by name or order)")
-    parser.add_argument("--force", action="store_true", help="register even when the parity gate refuses")
+    parser.add_argument("--force", action="store_true",
+                        help="register even when the parity gate (or an evaluation) refuses")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="also run the evaluations the model's gate requires (aiaas eval-gate), vs the parent")
+    parser.add_argument("--eval-spec", default=None, help="evaluate with this spec (implies --evaluate)")
+    parser.add_argument("--eval-dataset", default=None, help="on this registered data set (with --eval-spec)")
+    parser.add_argument("--eval-baseline", default=None,
+                        help="baseline of relative thresholds (default: the parent version)")
     parser.add_argument("--atol", type=float, default=None, help="element-wise absolute tolerance")
     parser.add_argument("--rtol", type=float, default=None, help="element-wise relative tolerance")
     parser.add_argument("--min-cosine", type=float, default=None)
@@ -118,11 +127,24 @@ def _run(step: Any, args: argparse.Namespace) -> int:
     import grpc
 
     from aiaas.errors import AiaasError
+    from aiaas.eval.workflow import EvaluationRefused
     from aiaas.pipeline.parity import ParityRefused
     from aiaas.pipeline.report_text import format_report
 
     try:
         return int(step(args))
+    except EvaluationRefused as refused:
+        from aiaas.eval.report_text import format_result
+        from aiaas.eval.workflow import as_dict
+
+        if getattr(args, "json", False):
+            print(json.dumps({"refused": True, "evaluations": [as_dict(r) for r in refused.results]}, indent=2))
+        else:
+            for result in refused.results:
+                print("\n".join(format_result(result)))
+            print("refused: the candidate failed an evaluation; nothing was registered (--force registers it "
+                  "anyway, with its failed result)", file=sys.stderr)
+        return EXIT_REFUSED
     except ParityRefused as refused:
         if getattr(args, "json", False):
             print(json.dumps({"refused": True, "parity": refused.report}, indent=2, default=str))

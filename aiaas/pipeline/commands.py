@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from aiaas.errors import InvalidArgument
+from aiaas.pipeline import evaluation
 from aiaas.pipeline.artifacts import ArtifactFormat
 from aiaas.pipeline.parity import Tolerances, default_tolerances
 from aiaas.pipeline.publish import Publisher, from_struct
@@ -104,29 +105,40 @@ def _example_inputs(args: argparse.Namespace, sample: list[np.ndarray] | None) -
 
 
 def _print_result(args: argparse.Namespace, model: str, version: Any, candidate: Candidate,
-                  moved_alias: str | None) -> None:
+                  moved_alias: str | None, evaluations: Sequence[Any] = ()) -> None:
     report = from_struct(version.reports["parity"]) if "parity" in version.reports else candidate.report
     if args.json:
+        from aiaas.eval.workflow import as_dict
+
         print(json.dumps({
             "model": model, "version": version.version, "format": candidate.format.value,
             "lineage": {"parent_version": candidate.parent_version, "transformation": candidate.transformation},
-            "alias": moved_alias, "parity": report,
+            "alias": moved_alias, "parity": report, "evaluations": [as_dict(r) for r in evaluations],
         }, indent=2, default=str))
         return
     parent = f" from version {candidate.parent_version}" if candidate.parent_version else ""
     print(f"registered {model} version {version.version} ({candidate.format.value}, "
           f"{candidate.transformation}{parent})")
     print("\n".join(format_report(report)))
+    if evaluations:
+        from aiaas.eval.report_text import format_result
+
+        for result in evaluations:
+            print("\n".join(format_result(result)))
     if moved_alias:
         print(f"{model}:{moved_alias} -> version {version.version}")
 
 
-def _publish(args: argparse.Namespace, model: str, candidate: Candidate, metadata: dict[str, Any]) -> int:
+def _publish(args: argparse.Namespace, model: str, candidate: Candidate, metadata: dict[str, Any],
+             baseline: str | None = None) -> int:
     with Publisher(args.registry) as publisher:
+        # Beside the parity gate: the model's required evaluations, before anything is registered.
+        results = evaluation.evaluate_candidate(args, publisher.client, model, candidate, baseline)
         version = publisher.upload(model, candidate, metadata)
+        evaluation.store_results(publisher.client, version.version, results)
         if args.alias:
             publisher.set_alias(model, args.alias, version.version, reason=candidate.transformation)
-    _print_result(args, model, version, candidate, args.alias)
+    _print_result(args, model, version, candidate, args.alias, results)
     return 0
 
 
@@ -188,7 +200,7 @@ def _transform(args: argparse.Namespace, model: str, version_text: str, transfor
     )
     metadata = {"source": f"aiaas {'convert' if transformation == 'to-onnx' else 'optimize'}",
                 "parent_format": parent.format.value}
-    return _publish(args, model, candidate, metadata)
+    return _publish(args, model, candidate, metadata, baseline=str(parent.version.version))
 
 
 def promote(args: argparse.Namespace) -> int:
@@ -196,9 +208,11 @@ def promote(args: argparse.Namespace) -> int:
         raise InvalidArgument("--weight is a percentage, 0..100")
     if args.weight is not None and args.alias == "production":
         raise InvalidArgument("production takes the traffic the other splits leave; give --weight to canary aliases")
+    if args.force and not args.reason:
+        raise InvalidArgument("--force needs --reason: it is recorded in the audit log")
     with Publisher(args.registry) as publisher:
         move = publisher.set_alias(args.model, args.alias, args.version,
-                                   reason=args.reason or f"aiaas promote --alias {args.alias}")
+                                   reason=args.reason or f"aiaas promote --alias {args.alias}", force=args.force)
     result: dict[str, Any] = {"model": args.model, "alias": args.alias, "version": args.version,
                               "previous_version": move.from_version}
     editor = RouteEditor(args.gateway, args.api_key)

@@ -129,8 +129,8 @@ class Publisher:
     def get_model(self, name: str) -> pb.Model:
         return self.client.get_model(name)
 
-    def set_alias(self, model: str, alias: str, version: int, reason: str = "") -> pb.AliasMove:
-        return self.client.set_alias(model, alias, version, reason=reason)
+    def set_alias(self, model: str, alias: str, version: int, reason: str = "", force: bool = False) -> pb.AliasMove:
+        return self.client.set_alias(model, alias, version, reason=reason, force=force)
 
 
 def default_actor() -> str:
