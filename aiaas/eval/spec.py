@@ -180,6 +180,8 @@ class _Fields:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
+    if set(kinds) == {int, float}:
+        return "a number"
     names = {int: "a whole number", float: "a number", str: "a string", list: "a list", bool: "true or false",
              dict: "a mapping"}
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))

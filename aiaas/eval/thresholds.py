@@ -72,14 +72,15 @@ def _relative(threshold: Threshold, found: epb.SliceResult, value: float, baseli
     base = found.baseline_metrics[threshold.metric]
     result.baseline_value = base
     if threshold.max_decrease is not None:
-        result.bound = base - threshold.max_decrease
-        ok, change, verb, limit = value >= result.bound - TOLERANCE, base - value, "dropped", threshold.max_decrease
+        limit, noun = threshold.max_decrease, "drop"
+        result.bound = base - limit
+        ok = value >= result.bound - TOLERANCE
     else:
-        limit = threshold.max_increase or 0.0
+        limit, noun = threshold.max_increase or 0.0, "rise"
         result.bound = base + limit
-        ok, change, verb = value <= result.bound + TOLERANCE, value - base, "rose"
+        ok = value <= result.bound + TOLERANCE
     result.outcome = PASSED if ok else FAILED
     result.message = (f"{threshold.describe()} {'passed' if ok else 'failed'}: {threshold.metric} {value:.4f} vs "
-                      f"{base:.4f} for the baseline {baseline} ({verb} {change:+.4f}"
-                      f"{'' if ok else f', more than {limit:g}'}) {_where(found)}")
+                      f"{base:.4f} for the baseline {baseline} (change {value - base:+.4f}, "
+                      f"{'within' if ok else 'beyond'} the allowed {noun} of {limit:g}) {_where(found)}")
     return result
