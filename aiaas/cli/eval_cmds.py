@@ -162,7 +162,7 @@ def _suffix(found: Any) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from aiaas.eval import registry_io, report_text
     from aiaas.eval.spec import load_spec
-    from aiaas.eval.workflow import Evaluator, Subject
+    from aiaas.eval.workflow import Evaluator, Subject, as_dict
 
     spec = load_spec(args.spec)
     with _client(args) as client:
@@ -178,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         report_html.write(result, args.html)
     if args.json:
-        output.print_json(result)
+        output.print_json(as_dict(result))
     else:
         print("\n".join(report_text.format_result(result)))
         if args.html:
@@ -198,7 +198,9 @@ def cmd_evaluations(args: argparse.Namespace) -> int:
             number = client.get_version(args.model, args.version).version if args.version else 0
             results = list(registry_io.list_evaluations(client, args.model, number))
     if args.json:
-        output.print_json(results)
+        from aiaas.eval.workflow import as_dict
+
+        output.print_json([as_dict(r) for r in results])
         return 0
     if args.name:
         print("\n".join(report_text.format_result(results[0])))

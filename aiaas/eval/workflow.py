@@ -241,6 +241,8 @@ class EvaluationRefused(FailedPrecondition):
 
 
 def as_dict(result: epb.EvaluationResult) -> dict[str, Any]:
+    """The result as JSON values, with false and zero fields spelled out (`passed: false`)."""
     from google.protobuf import json_format
 
-    return json_format.MessageToDict(result, preserving_proto_field_name=True)
+    return json_format.MessageToDict(result, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
