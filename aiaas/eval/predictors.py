@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from aiaas import runtime
-from aiaas.errors import FailedPrecondition, error_from_rpc
+from aiaas.errors import FailedPrecondition, NotFound, Unavailable, error_from_rpc
 from aiaas.identity import ClientIdentity
 
 SERVING = "serving"
@@ -92,8 +92,10 @@ class ServingPredictor:
         try:
             return bool(self.client.is_model_ready(self.model, str(self.version), headers=self.headers))
         except InferenceServerException as exc:
-            raise error_from_rpc(exc, f"asking {self.url} whether {self.model} version {self.version} is ready") \
-                from None
+            error = error_from_rpc(exc, f"asking {self.url} whether {self.model} version {self.version} is ready")
+            if isinstance(error, (NotFound, Unavailable)):  # a version it does not know, or one still loading
+                return False
+            raise error from None
 
     def require_ready(self) -> None:
         if not self.ready():

@@ -33,6 +33,7 @@ def _png(figure: Any) -> str:
 
 def _metric_chart(result: epb.EvaluationResult, metric: str) -> str:
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     slices = [s for s in result.slices if metric in s.metrics]
     names = [s.slice for s in slices]
@@ -44,11 +45,14 @@ def _metric_chart(result: epb.EvaluationResult, metric: str) -> str:
     height = 0.4 if result.baseline_version else 0.8
     failed = {t.slice for t in result.thresholds if t.outcome == FAILED and t.metric == metric}
     colors = ["#c62828" if n in failed else "#1565c0" for n in names]
-    axes.barh(rows, values, height=height, color=colors, label=f"version {result.version}")
+    axes.barh(rows, values, height=height, color=colors)
+    handles = [Patch(color="#1565c0", label=f"version {result.version}")]
+    if failed:
+        handles.append(Patch(color="#c62828", label="a threshold failed"))
     if result.baseline_version:
-        axes.barh(rows + height, baseline, height=height, color="#9e9e9e",
-                  label=f"baseline (version {result.baseline_version})")
-        axes.legend(loc="lower right", fontsize="small")
+        axes.barh(rows + height, baseline, height=height, color="#9e9e9e")
+        handles.append(Patch(color="#9e9e9e", label=f"baseline (version {result.baseline_version})"))
+    axes.legend(handles=handles, loc="lower right", fontsize="small")
     axes.set_yticks(rows + (height / 2 if result.baseline_version else 0), names)
     axes.invert_yaxis()
     axes.set_title(metric)
@@ -60,7 +64,7 @@ def _confusion_chart(matrix: epb.ConfusionMatrix) -> str:
 
     size = len(matrix.labels)
     counts = np.asarray(matrix.counts, dtype=np.int64).reshape(size, size)
-    figure = Figure(figsize=(1.0 + 0.45 * size, 0.8 + 0.45 * size))
+    figure = Figure(figsize=(max(4.0, 1.0 + 0.45 * size), max(3.5, 0.8 + 0.45 * size)))
     axes = figure.subplots()
     image = axes.imshow(counts, cmap="Blues")
     figure.colorbar(image, ax=axes)
