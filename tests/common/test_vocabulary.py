@@ -17,6 +17,7 @@ from aiaas import artifact_gate, errors, records, runtime, serving
 from aiaas.formats import FORMATS, SERVABLE_FORMATS, ArtifactFormat, platform_of
 from aiaas.gateway.v1 import gateway_pb2
 from aiaas.monitor.v1 import monitor_pb2
+from aiaas.registry.v1 import evaluation_pb2
 from aiaas.registry.v1 import registry_pb2 as pb
 from services.common.interceptors import STATUS_BY_CODE
 from services.common.server import ServiceApp
@@ -57,7 +58,9 @@ def test_record_kinds_are_spelled_out_once() -> None:
     for kind in records.KINDS:
         assert "aiaas/records.py" in files_with_literal(kind)
     assert files_with_literal("api_key") == {"aiaas/records.py"}
-    assert files_with_literal("baseline") <= {"aiaas/records.py", "aiaas/cli/monitor_cmds.py"}  # a subcommand
+    # monitor_cmds: a subcommand; the evaluation spec and its CLI: the baseline version relative thresholds use.
+    assert files_with_literal("baseline") <= {"aiaas/records.py", "aiaas/cli/monitor_cmds.py", "aiaas/eval/spec.py",
+                                              "aiaas/cli/eval_cmds.py"}
 
 
 def status_keyed_tables() -> list[str]:
@@ -145,6 +148,8 @@ def test_record_kinds_round_trip_their_messages() -> None:
         "route": gateway_pb2.Route(model="m", splits=[gateway_pb2.RouteSplit(alias="production", weight=100)]),
         "slo": monitor_pb2.SLO(model="m", p99_latency_ms=50),
         "baseline": monitor_pb2.Baseline(model="m", version=3),
+        "evaluation_gate": evaluation_pb2.EvaluationGate(required=[evaluation_pb2.RequiredEvaluation(
+            name="holdout", dataset="d", spec_yaml="name: holdout", spec_sha256="0" * 64)]),
     }
     assert set(records.KINDS) == set(samples)
     for kind, message in samples.items():
