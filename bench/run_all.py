@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 BENCHMARKS = ("bench.bench_engine", "bench.bench_inference", "bench.bench_gateway", "bench.bench_telemetry",
-              "bench.bench_attacks")
+              "bench.bench_attacks", "bench.bench_eval")
 
 
 def main() -> int:

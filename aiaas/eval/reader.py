@@ -85,7 +85,9 @@ class DatasetReader:
         elif self.format is DatasetFormat.PARQUET:
             import pyarrow.parquet as pq
 
-            with pq.ParquetFile(self.path) as parquet:
+            # pre_buffer (the default) coalesces column chunks ahead across row groups and keeps them:
+            # reading four columns of 400,000 rows held 124 MiB. Without it, a row group at a time.
+            with pq.ParquetFile(self.path, pre_buffer=False) as parquet:
                 for batch in parquet.iter_batches(batch_size=rows, columns=self._sources()):
                     yield self._arrow_columns(batch)
         else:

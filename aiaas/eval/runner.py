@@ -39,12 +39,45 @@ class ModelRun:
     latencies_ms: list[float]
 
 
-@dataclasses.dataclass
+class Filled:
+    """An array filled batch by batch in place: sized once for the rows the data set announces (no
+    list of chunks concatenated at the end, which would hold everything twice); grows if more come."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(capacity, 1)
+        self.data: np.ndarray | None = None
+        self.size = 0
+
+    def add(self, values: np.ndarray) -> None:
+        if self.data is None:
+            self.data = np.empty((self.capacity, *values.shape[1:]), values.dtype)
+        if values.dtype != self.data.dtype and np.result_type(self.data.dtype, values.dtype) != self.data.dtype:
+            self.data = self.data.astype(np.result_type(self.data.dtype, values.dtype))  # e.g. ints, then a null
+        end = self.size + len(values)
+        if end > len(self.data):
+            grown = np.empty((max(2 * len(self.data), end), *self.data.shape[1:]), self.data.dtype)
+            grown[:self.size] = self.data[:self.size]
+            self.data = grown
+        self.data[self.size:end] = values
+        self.size = end
+
+    def array(self) -> np.ndarray:
+        return self.data[:self.size] if self.data is not None else np.empty(0)
+
+
 class _Answers:
-    labels: list[np.ndarray] = dataclasses.field(default_factory=list)
-    predicted: list[np.ndarray] = dataclasses.field(default_factory=list)
-    probabilities: list[np.ndarray] = dataclasses.field(default_factory=list)
-    latencies_ms: list[float] = dataclasses.field(default_factory=list)
+    def __init__(self, rows: int) -> None:
+        self.labels = Filled(rows)
+        self.predicted = Filled(rows)
+        self.probabilities = Filled(rows)
+        self.latencies_ms: list[float] = []
+
+
+def _interned(values: np.ndarray, pool: dict[object, object]) -> np.ndarray:
+    """Strings as references to one object per distinct value: 8 bytes a row, not a string each."""
+    if values.dtype != object:
+        return values
+    return np.array([None if v is None else pool.setdefault(v, v) for v in values], dtype=object)
 
 
 class Scorer:
@@ -70,10 +103,12 @@ class Scorer:
             unknown = sorted({t for t in texts if t not in self.class_index})
             if unknown:
                 raise InvalidArgument(f"label column {self.label!r} holds {unknown[:5]}, not in class_names")
-            return np.array([self.class_index[t] for t in texts], dtype=np.int64)
+            return np.array([self.class_index[t] for t in texts], dtype=np.int32)
         if values.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0):
             raise InvalidArgument(f"label column {self.label!r} holds non-integer values for classification")
-        return values.astype(np.int64)
+        if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
+            raise InvalidArgument(f"label column {self.label!r} holds class ids beyond 32 bits")
+        return values.astype(np.int32)
 
     def predictions(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(predicted class or value per example, class probabilities or None)."""
@@ -94,7 +129,7 @@ class Scorer:
             probs = np.stack([1.0 - positive, positive], axis=1)
         else:
             probs = softmax(scores, axis=1) if self.spec.scores == "logits" else scores
-        return probs.argmax(axis=1), probs.astype(np.float32)
+        return probs.argmax(axis=1).astype(np.int32), probs.astype(np.float32)
 
 
 def _class_ids(table: np.ndarray, output: str) -> np.ndarray:
@@ -104,7 +139,7 @@ def _class_ids(table: np.ndarray, output: str) -> np.ndarray:
     values = table[:, 0]
     if values.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0):
         raise InvalidArgument(f"output {output!r} gives non-integer class indices")
-    return values.astype(np.int64)
+    return values.astype(np.int32)
 
 
 def _in_order(batches: Iterator[Batch], predictors: Sequence[Predictor]) -> Iterator[tuple[Batch, list[
@@ -148,8 +183,9 @@ class Runs:
 def run(spec: EvalSpec, reader: DatasetReader, scorer: Scorer, predictors: Sequence[Predictor], *,
         batch_rows: int, total_rows: int, progress: Progress | None = None) -> Runs:
     """Every example through each predictor (the candidate first, then the baseline if any)."""
-    answers = [_Answers() for _ in predictors]
-    features: dict[str, list[np.ndarray]] = {c.name: [] for c in reader.fit.features}
+    answers = [_Answers(total_rows) for _ in predictors]
+    features = {c.name: Filled(total_rows) for c in reader.fit.features}
+    pools: dict[str, dict[object, object]] = {name: {} for name in features}
     started = time.perf_counter()
     rows = 0
     for batch, outputs, latency in _in_order(reader.batches(batch_rows), predictors):
@@ -161,26 +197,25 @@ def run(spec: EvalSpec, reader: DatasetReader, scorer: Scorer, predictors: Seque
             if len(predicted) != batch.rows:
                 raise InvalidArgument(f"output {scorer.output!r} has {len(predicted)} rows for a batch of "
                                       f"{batch.rows} examples")
-            answer.labels.append(labels)
-            answer.predicted.append(predicted)
+            answer.labels.add(labels)
+            answer.predicted.add(predicted)
             if probs is not None:
-                answer.probabilities.append(probs)
+                answer.probabilities.add(probs)
         answers[0].latencies_ms.append(latency)
         for name, values in batch.features.items():
-            features[name].append(values)
+            features[name].add(_interned(values, pools[name]))
         rows += batch.rows
         if progress is not None:
             progress(rows, total_rows, time.perf_counter() - started)
     duration = time.perf_counter() - started
     model_runs = [_model_run(spec, a) for a in answers]
-    joined = {name: np.concatenate(parts) if parts else np.empty(0) for name, parts in features.items()}
+    joined = {name: found.array() for name, found in features.items()}
     return Runs(model_runs[0], model_runs[1] if len(model_runs) > 1 else None, joined, rows, duration)
 
 
 def _model_run(spec: EvalSpec, answers: _Answers) -> ModelRun:
-    labels = np.concatenate(answers.labels) if answers.labels else np.empty(0)
-    predicted = np.concatenate(answers.predicted) if answers.predicted else np.empty(0)
-    probs = np.concatenate(answers.probabilities) if answers.probabilities else None
+    labels, predicted = answers.labels.array(), answers.predicted.array()
+    probs = answers.probabilities.array() if answers.probabilities.size else None
     num_classes = 0
     if spec.task == CLASSIFICATION:
         num_classes = _num_classes(spec, labels, predicted, probs)
@@ -213,14 +248,16 @@ def measure(spec: EvalSpec, runs: Runs) -> list[epb.SliceResult]:
     for cut in spec.slicings:
         for found in slicing.slices(cut, runs.features, runs.rows, spec.max_slices):
             result = epb.SliceResult(slice=found.key, slicing=found.slicing, example_count=len(found.rows))
-            values = metrics.compute(spec, candidate.predictions.subset(found.rows), classes)
+            whole = found.key == OVERALL  # every row: no copy
+            values = metrics.compute(spec, candidate.predictions if whole else candidate.predictions.subset(found.rows),
+                                     classes)
             result.metrics.update(values.values)
             limit = MAX_CONFUSION_CLASSES if found.key == OVERALL else SLICE_CONFUSION_CLASSES
             if values.confusion is not None and classes <= limit:
                 result.confusion_matrix.CopyFrom(_confusion(values.confusion, spec.class_names))
             if baseline is not None:
-                result.baseline_metrics.update(metrics.compute(spec, baseline.predictions.subset(found.rows),
-                                                               classes).values)
+                base = baseline.predictions if whole else baseline.predictions.subset(found.rows)
+                result.baseline_metrics.update(metrics.compute(spec, base, classes).values)
             if found.key == OVERALL and spec.wants("latency"):
                 result.metrics.update(metrics.latency_metrics(candidate.latencies_ms))
             out.append(result)

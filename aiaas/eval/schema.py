@@ -151,7 +151,7 @@ def arrow_layout(arrow_type: Any) -> tuple[str, tuple[int, ...]]:
 def _inspect_parquet(path: Path) -> DatasetSchema:
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(path, pre_buffer=False)  # see reader.py: bounded memory
     columns = []
     variable = []
     for field in parquet.schema_arrow:

@@ -58,9 +58,20 @@ def _codes(feature: SliceFeature, values: np.ndarray) -> tuple[list[str], np.nda
     if values.dtype.kind in "iub":
         distinct, index = np.unique(values, return_inverse=True)
         return [f"{name}={_text(v.item())}" for v in distinct], index
-    texts = np.array([_text(v) for v in values], dtype=object)
-    distinct, index = np.unique(texts, return_inverse=True)
-    return [f"{name}={v}" for v in distinct], index
+    try:
+        distinct, index = np.unique(values, return_inverse=True)
+    except TypeError:  # values that do not compare (strings and nulls): compare their texts
+        distinct, index = np.unique(np.array([_text(v) for v in values], dtype=object), return_inverse=True)
+    labels = [f"{name}={_text(v)}" for v in distinct]
+    if len(set(labels)) != len(labels):  # b"fr" and "fr" are one slice
+        return _codes_by_text(name, labels, index)
+    return labels, index
+
+
+def _codes_by_text(name: str, labels: list[str], index: np.ndarray) -> tuple[list[str], np.ndarray]:
+    merged = sorted(set(labels))
+    position = np.array([merged.index(label) for label in labels])
+    return merged, position[index]
 
 
 def slices(slicing: Slicing, features: Mapping[str, np.ndarray], count: int, max_slices: int) -> list[Slice]:
