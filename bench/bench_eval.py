@@ -7,8 +7,9 @@ Starts a registry and an inference service as real processes, registers a classi
 `--scale` x `--rows` examples (written in chunks), then runs `aiaas evaluate` on each, each run in
 its own process: through the inference service (`--path serving`, batches of 256, `--concurrency`
 in flight) and in process (`--path in-process`, the serving loader). Prints rows/s of each path
-and their ratio, and each run's peak RSS: between the two sizes it grows by the per-example
-answers kept for the metrics (about 100 bytes a row here), not by the inputs read.
+and their ratio, and each run's peak RSS: between the two sizes it grows by what the metrics need
+per example (label, prediction, class probabilities, slicing features, and scikit-learn's working
+copies while measuring: rows x classes), not by the inputs, which are read a batch at a time.
 """
 
 from __future__ import annotations
