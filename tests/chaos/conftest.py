@@ -13,21 +13,22 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tests.chaos.fleet import MODEL, Fleet, start_fleet
+from tests.chaos.load import status_of
 from tests.chaos.report import ChaosReport
 from tests.gateway.stack import wait_until
 from tests.support.servers import PostgresServer
 
 
-def answers(address: str, token: str) -> bool:
-    """Whether the gateway at `address` serves the model to `token` (one request)."""
+def answer(address: str, token: str) -> str:
+    """What the gateway at `address` answers `token` for one request: "OK" or the status name."""
     tensor = tc.InferInput("input", [1, 4], "FP32")
     tensor.set_data_from_numpy(np.zeros((1, 4), np.float32))
     with tc.InferenceServerClient(address) as client:
         try:
             client.infer(MODEL, [tensor], headers={"authorization": f"Bearer {token}"}, client_timeout=5)
-        except InferenceServerException:
-            return False
-    return True
+        except InferenceServerException as exc:
+            return status_of(exc)
+    return "OK"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresSer
     try:
         # The load's key was made on gateway 0; gateway 1 learns it from the registry's feed.
         for address in started.gateway_addresses:
-            wait_until(lambda a=address: answers(a, started.token), timeout=60, interval=0.2)  # type: ignore[misc]
+            wait_until(lambda a=address: answer(a, started.token) == "OK", timeout=60, interval=0.2)  # type: ignore[misc]
         yield started
     finally:
         started.close()
