@@ -7,28 +7,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-import tritonclient.grpc as tc
-from tritonclient.utils import InferenceServerException
 
-from tests.chaos.fleet import MODEL, Fleet, start_fleet
-from tests.chaos.load import status_of
+from tests.chaos.fleet import Fleet, answer, start_fleet
 from tests.chaos.report import ChaosReport
 from tests.gateway.stack import wait_until
 from tests.support.servers import PostgresServer
-
-
-def answer(address: str, token: str) -> str:
-    """What the gateway at `address` answers `token` for one request: "OK" or the status name."""
-    tensor = tc.InferInput("input", [1, 4], "FP32")
-    tensor.set_data_from_numpy(np.zeros((1, 4), np.float32))
-    with tc.InferenceServerClient(address) as client:
-        try:
-            client.infer(MODEL, [tensor], headers={"authorization": f"Bearer {token}"}, client_timeout=5)
-        except InferenceServerException as exc:
-            return status_of(exc)
-    return "OK"
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +20,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresSer
     started = start_fleet(tmp_path_factory.mktemp("chaos"), postgres_server)
     try:
         # The load's key was made on gateway 0; gateway 1 learns it from the registry's feed.
-        for address in started.gateway_addresses:
-            wait_until(lambda a=address: answer(a, started.token) == "OK", timeout=60, interval=0.2)  # type: ignore[misc]
+        wait_until(lambda: all(answer(a, started.token) == "OK" for a in started.gateway_addresses),
+                   timeout=60, interval=0.2)
         yield started
     finally:
         started.close()

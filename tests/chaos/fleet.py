@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
 
 from aiaas.gateway_client import GatewayClient
+from tests.chaos.load import status_of
 from tests.chaos.proxy import FaultProxy
 from tests.gateway.stack import ADMIN_TOKEN, PEPPER
 from tests.inference import models
@@ -29,7 +32,8 @@ MODEL = "chaos"
 SIZES = (4, 1024, 1024, 3)
 MAX_BATCH = 128
 # A replica refuses requests past this queue (RESOURCE_EXHAUSTED) and times out any that waited
-# longer than QUEUE_TIMEOUT_US (UNAVAILABLE): both answers send the gateway to another replica.
+# longer than QUEUE_TIMEOUT_US (UNAVAILABLE, as Triton; DEADLINE_EXCEEDED at c9db8bd when the
+# caller's deadline is longer, which the gateway does not retry): both send the gateway elsewhere.
 MAX_QUEUE = 16
 QUEUE_TIMEOUT_US = 1_000_000
 # Small, so a feed that was away for a few dozen changes must take a whole new snapshot.
@@ -101,6 +105,18 @@ class Fleet:
             proxy.close()
         self.registry.close()
         self.redis.close()
+
+
+def answer(address: str, token: str) -> str:
+    """What the gateway at `address` answers `token` for one request: "OK" or the status name."""
+    tensor = tc.InferInput("input", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 4), np.float32))
+    with tc.InferenceServerClient(address) as client:
+        try:
+            client.infer(MODEL, [tensor], headers={"authorization": f"Bearer {token}"}, client_timeout=5)
+        except InferenceServerException as exc:
+            return status_of(exc)
+    return "OK"
 
 
 def registry_args(database_url: str, directory: Path) -> list[str]:

@@ -16,6 +16,7 @@ import json
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,8 +26,7 @@ from aiaas.api_keys import make_key, stored_key_to_bytes
 from aiaas.monitor.v1 import monitor_pb2
 from aiaas.records import API_KEY, BASELINE, baseline_name
 from aiaas.registry.v1 import registry_pb2 as rpb
-from tests.chaos.conftest import answer
-from tests.chaos.fleet import FEED_RETENTION, MAX_BATCH, MAX_QUEUE, MODEL, Fleet, register, run_flood
+from tests.chaos.fleet import FEED_RETENTION, MAX_BATCH, MAX_QUEUE, MODEL, Fleet, answer, register, run_flood
 from tests.chaos.load import FleetLoad, LoadStats
 from tests.chaos.report import ChaosReport, ScenarioResult
 from tests.gateway.stack import PEPPER
@@ -51,8 +51,9 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str)
     raise AssertionError(f"{what}: not within {timeout}s")
 
 
-def verdict(fleet: Fleet, report: ChaosReport, result: ScenarioResult, stats: LoadStats) -> None:
+def verdict(fleet: Fleet, report: ChaosReport, scenario: str, stats: LoadStats, **notes: Any) -> None:
     """Report the scenario, then: nothing failed, both gateways carried load, the fleet is whole."""
+    result = ScenarioResult.of(scenario, stats, **notes)
     report.add(result)
     assert stats.failed == 0, f"{result.scenario}: {result.failed} failed; first: {stats.errors()}"
     assert all(stats.by_gateway().get(i, 0) >= 10 for i in range(len(fleet.gateways))), stats.by_gateway()
@@ -72,9 +73,8 @@ async def test_sigkill_and_restart_an_inference_replica(fleet: Fleet, chaos_repo
             return await asyncio.to_thread(fleet.served_by, 0) >= 20
 
         back_s = await until(taking_traffic, 60, "the restarted replica answering the gateways' requests")
-    verdict(fleet, chaos_report, ScenarioResult.of(
-        "SIGKILL + restart an inference replica", load.stats(), restart_to_serving_s=restart_s,
-        traffic_back_after_s=back_s), load.stats())
+    verdict(fleet, chaos_report, "SIGKILL + restart an inference replica", load.stats(),
+            restart_to_serving_s=restart_s, traffic_back_after_s=back_s)
 
 
 async def test_sigstop_an_inference_replica_for_5_s(fleet: Fleet, chaos_report: ChaosReport) -> None:
@@ -91,10 +91,8 @@ async def test_sigstop_an_inference_replica_for_5_s(fleet: Fleet, chaos_report: 
             hung.signal(signal.SIGCONT)
         during = load.stats(mark)
         await load.wait_for(40)
-    verdict(fleet, chaos_report, ScenarioResult.of(
-        "SIGSTOP an inference replica for 5 s", load.stats(),
-        during_the_hang=f"{during.sent} sent, {during.failed} failed {during.failed_by_status() or ''}".strip()),
-        load.stats())
+    verdict(fleet, chaos_report, "SIGSTOP an inference replica for 5 s", load.stats(),
+            during_the_hang=f"{during.sent} sent, {during.failed} failed {during.failed_by_status() or ''}".strip())
 
 
 async def test_overload_one_inference_replica(fleet: Fleet, chaos_report: ChaosReport) -> None:
@@ -108,8 +106,8 @@ async def test_overload_one_inference_replica(fleet: Fleet, chaos_report: ChaosR
         await load.wait_for(20)
     flooded: dict[str, int] = json.loads(out)
     refused = flooded.get("RESOURCE_EXHAUSTED", 0) + flooded.get("UNAVAILABLE", 0)
-    verdict(fleet, chaos_report, ScenarioResult.of(
-        "overload one inference replica", load.stats(), flood_answers=flooded, queue_limit=MAX_QUEUE), load.stats())
+    verdict(fleet, chaos_report, "overload one inference replica", load.stats(), flood_answers=flooded,
+            queue_limit=MAX_QUEUE)
     assert refused > 0, f"the flood never overloaded the replica: {flooded}"
 
 
@@ -132,8 +130,7 @@ async def test_move_aliases_under_load(fleet: Fleet, chaos_report: ChaosReport) 
 
             took[label] = await until(serving, 90, f"both gateways serving v{target} after moving {label}")
     stats = load.stats()
-    verdict(fleet, chaos_report, ScenarioResult.of(
-        "move aliases under load", stats, seconds_until_served=took), stats)
+    verdict(fleet, chaos_report, "move aliases under load", stats, seconds_until_served=took)
     assert {"1", str(v2), str(v3)} <= set(stats.versions()), stats.versions()
 
 
@@ -164,9 +161,8 @@ async def test_kill_redis(fleet: Fleet, chaos_report: ChaosReport) -> None:
             await load.wait_for(20)
     finally:
         store.close()
-    verdict(fleet, chaos_report, ScenarioResult.of(
-        "kill Redis (then start it again)", load.stats(), sent_while_down=during.sent,
-        buckets_back_after_s=back_s), load.stats())
+    verdict(fleet, chaos_report, "kill Redis (then start it again)", load.stats(), sent_while_down=during.sent,
+            buckets_back_after_s=back_s)
 
 
 async def test_kill_and_restart_the_registry(fleet: Fleet, chaos_report: ChaosReport) -> None:
@@ -192,9 +188,8 @@ async def test_kill_and_restart_the_registry(fleet: Fleet, chaos_report: ChaosRe
         moved_s = await until(serving, 90, "an alias move after the registry's restart reaching the fleet")
         await asyncio.to_thread(fleet.registry.set_alias, MODEL, "production", 1)
         await until(lambda: serving("1"), 90, "production back on v1")
-    verdict(fleet, chaos_report, ScenarioResult.of(
-        "kill -9 and restart the registry", load.stats(), sent_while_down=during.sent,
-        registry_restart_s=restart_s, alias_move_served_after_s=moved_s), load.stats())
+    verdict(fleet, chaos_report, "kill -9 and restart the registry", load.stats(), sent_while_down=during.sent,
+            registry_restart_s=restart_s, alias_move_served_after_s=moved_s)
 
 
 def snapshot_size(fleet: Fleet) -> int:
@@ -263,9 +258,8 @@ async def test_break_the_registry_feed_mid_snapshot(fleet: Fleet, chaos_report: 
     cuts = [[c.bytes_down for c in proxy.cuts()] for proxy in fleet.feed_proxies]
     snapshots = [g.log().count(SNAPSHOT_LINE) - n for g, n in zip(fleet.gateways, snapshots_before, strict=True)]
     resyncs = [g.log().count(RESYNC_LINE) - n for g, n in zip(fleet.gateways, resyncs_before, strict=True)]
-    verdict(fleet, chaos_report, ScenarioResult.of(
-        "break the registry feed mid-snapshot", load.stats(), snapshot_bytes=size, cut_after_bytes=cuts,
-        resyncs=resyncs, snapshots_installed=snapshots, converged_after_s=converged_s), load.stats())
+    verdict(fleet, chaos_report, "break the registry feed mid-snapshot", load.stats(), snapshot_bytes=size,
+            cut_after_bytes=cuts, resyncs=resyncs, snapshots_installed=snapshots, converged_after_s=converged_s)
     assert resyncs == [1, 1], f"resyncs asked for by the gateways: {resyncs}"
     for gateway_cuts, installed in zip(cuts, snapshots, strict=True):
         assert gateway_cuts and all(0 < c < size for c in gateway_cuts), cuts  # cut inside a snapshot
