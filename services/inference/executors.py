@@ -33,6 +33,7 @@ def batching_config(spec: VersionSpec, settings: InferenceSettings) -> BatchingC
         default_priority_level=settings.default_priority_level or settings.priority_levels,
         # One batch per instance at a time keeps every worker busy without over-queueing them.
         max_concurrent_batches=max(1, serving.instance_count),
+        idle_dispatch=not serving.strict_queue_delay,
     )
 
 

@@ -104,7 +104,7 @@ class Signature(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
-    __slots__ = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instance_count", "device", "max_queue_size", "default_timeout_us")
+    __slots__ = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instance_count", "device", "max_queue_size", "default_timeout_us", "strict_queue_delay")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class ServingConfig(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    STRICT_QUEUE_DELAY_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     max_queue_delay_us: int
@@ -119,7 +120,8 @@ class ServingConfig(_message.Message):
     device: str
     max_queue_size: int
     default_timeout_us: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., instance_count: _Optional[int] = ..., device: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ...) -> None: ...
+    strict_queue_delay: bool
+    def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., instance_count: _Optional[int] = ..., device: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., strict_queue_delay: _Optional[bool] = ...) -> None: ...
 
 class Lineage(_message.Message):
     __slots__ = ("parent_version", "transformation", "parent_model")
