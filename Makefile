@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test venv deps protos check-protos lint bench clean
+.PHONY: run test test-large venv deps protos check-protos lint bench clean
 
 run: $(STAMP)
 	$(BIN)/aiaas up
@@ -13,6 +13,10 @@ run: $(STAMP)
 test: $(STAMP) deps
 	$(BIN)/python tools/gen_protos.py --check
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Tests marked `large` (gigabytes through the registry; about a minute of disk IO each), left out of `make test`.
+test-large: $(STAMP) deps
+	$(BIN)/pytest -q -p no:cacheprovider -m large $(PYTEST_ARGS)
 
 venv: $(STAMP)
 
