@@ -30,6 +30,7 @@ from aiaas import _registry_convert as conv
 from aiaas import manifest
 from aiaas._files_download import FilesDownload
 from aiaas.errors import AiaasError
+from aiaas.formats import ArtifactFormat
 from aiaas.identity import ClientIdentity
 from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry.v1 import registry_pb2_grpc
@@ -155,12 +156,17 @@ class RegistryClient:
             lineage=conv.lineage(lineage), actor=self.actor, create_model=create_model,
             reports={k: conv.struct(v) for k, v in (reports or {}).items()},
         )
+        is_directory = not isinstance(artifact, bytes) and Path(artifact).is_dir()
+        if ArtifactFormat.from_pb(header.format).multi_file and not is_directory:
+            shown = "these bytes" if isinstance(artifact, bytes) else str(artifact)
+            raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a {format} artifact is a checkpoint directory, and {shown} is not one")
         sources: list[bytes | Path]
         if isinstance(artifact, bytes):
             header.artifact_sha256 = hashlib.sha256(artifact).hexdigest()
             header.artifact_size = total = len(artifact)
             sources = [artifact]
-        elif Path(artifact).is_dir():
+        elif is_directory:
             try:
                 files, located = manifest.scan(artifact)
             except AiaasError as exc:

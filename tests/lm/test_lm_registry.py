@@ -252,6 +252,23 @@ def test_an_interrupted_download_resumes_from_its_partial_file(registry: Running
     assert (dest / "model.safetensors").read_bytes() == weights
 
 
+def test_empty_and_nested_files_round_trip_and_a_file_is_not_a_checkpoint(
+        client: RegistryClient, checkpoint: Path, tmp_path: Path) -> None:
+    source = refused_copy(checkpoint, tmp_path, "with-extras")
+    (source / "README.md").write_bytes(b"")
+    (source / "additional_chat_templates").mkdir()
+    (source / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    version = register_checkpoint(client, "extras-llama", source)
+    assert {f.path: f.size for f in version.files}["README.md"] == 0
+    client.download_files("extras-llama", version.version, tmp_path / "back")
+    assert manifest.scan(tmp_path / "back")[0] == manifest.scan(source)[0]
+    with pytest.raises(RegistryError) as caught:
+        client.register("extras-llama", checkpoint / "config.json", format="hf_causal_lm")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (f"a hf_causal_lm artifact is a checkpoint directory, and "
+                                      f"{checkpoint / 'config.json'} is not one")
+
+
 def test_a_download_refuses_a_directory_holding_other_files(client: RegistryClient, checkpoint: Path,
                                                             tmp_path: Path) -> None:
     register_checkpoint(client, "foreign-llama", checkpoint)

@@ -81,7 +81,7 @@ def test_a_checkpoint_holds_one_reference_per_distinct_blob_shared_across_versio
 
 
 def test_files_read_back_in_manifest_order_from_any_file_and_offset(core: RegistryCore) -> None:
-    files = {"config.json": config("r"), "model.safetensors": WEIGHTS, "tokenizer.json": b"{}"}
+    files = {"README.md": b"", "config.json": config("r"), "model.safetensors": WEIGHTS, "tokenizer.json": b"{}"}
     version, _ = core.upload_bytes(*checkpoint_spec("reader", files))
     found, parts = core.read_files("reader", 1, chunk_size=1000)
     assert found == version
