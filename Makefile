@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test chaos venv deps protos check-protos lint bench clean
+.PHONY: run test chaos test-large venv deps protos check-protos lint bench clean
 
 run: $(STAMP)
 	$(BIN)/aiaas up
@@ -18,6 +18,10 @@ test: $(STAMP) deps
 # (about 5 minutes; not part of `make test`). AIAAS_CHAOS_REPORT=path.md keeps its report.
 chaos: $(STAMP) deps
 	$(BIN)/pytest -q -p no:cacheprovider -s -m chaos tests/chaos $(PYTEST_ARGS)
+
+# Tests marked `large` (gigabytes through the registry; about a minute of disk IO each), left out of `make test`.
+test-large: $(STAMP) deps
+	$(BIN)/pytest -q -p no:cacheprovider -m large $(PYTEST_ARGS)
 
 venv: $(STAMP)
 

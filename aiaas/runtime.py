@@ -30,10 +30,12 @@ import numpy as np
 
 from aiaas import artifact_gate
 from aiaas.errors import AiaasError, FailedPrecondition, Internal, InvalidArgument
-from aiaas.formats import SERVABLE_FORMATS
+from aiaas.formats import SERVABLE_FORMATS, ArtifactFormat
 
 # The formats that load here (aiaas.formats is where a format is declared).
 FORMATS = SERVABLE_FORMATS
+# Checkpoint directories load through aiaas.lm instead.
+_MULTI_FILE_FORMATS = frozenset(f.value for f in ArtifactFormat if f.multi_file)
 
 # KServe v2 datatype -> the numpy dtype a tensor of it has in memory.
 KSERVE_TO_NUMPY: dict[str, np.dtype] = {
@@ -122,6 +124,9 @@ def load_model(
     threads: int | None = None,
 ) -> LoadedModel:
     in_sigs, out_sigs = signature_of(inputs), signature_of(outputs)
+    if format in _MULTI_FILE_FORMATS:
+        raise InvalidArgument(f"{format} checkpoints are generative models, not tensor models: load them with "
+                              "aiaas.lm.load_causal_lm")
     if format not in FORMATS:
         raise InvalidArgument(f"unknown model format '{format}'; expected one of {', '.join(FORMATS)}")
     if not isinstance(artifact, (bytes, bytearray)) and not os.path.isfile(artifact):

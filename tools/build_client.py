@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_MODULES = (
     "__init__.py", "identity.py", "errors.py", "formats.py", "serving.py", "records.py", "tensors.py", "api_keys.py",
-    "_registry_convert.py", "registry_client.py", "gateway_client.py", "monitor_client.py",
+    "_registry_convert.py", "registry_client.py", "gateway_client.py", "monitor_client.py", "manifest.py",
+    "_files_download.py",
 )
 STUB_PACKAGES = ("registry", "gateway", "monitor")
 

@@ -8,11 +8,13 @@ from datetime import datetime
 from typing import Any
 
 from aiaas.formats import ArtifactFormat
+from aiaas.manifest import ManifestFile
 from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
 
-__all__ = ["AliasMove", "ArtifactFormat", "AuditEvent", "ChangeEvent", "ChangeType", "Lineage", "Model",
-           "ModelVersion", "Page", "Record", "ServingConfig", "Signature", "TensorSpec", "VersionSpec"]
+__all__ = ["AliasMove", "ArtifactFormat", "AuditEvent", "ChangeEvent", "ChangeType", "FileStart", "Lineage",
+           "ManifestFile", "Model", "ModelVersion", "Page", "Record", "ServingConfig", "Signature", "TensorSpec",
+           "VersionSpec"]
 
 
 class ChangeType(enum.Enum):
@@ -69,6 +71,9 @@ class VersionSpec:
     actor: str = "anonymous"
     create_model: bool = False
     reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # A multi-file version's files, sorted by path (their bytes arrive in this order); the artifact is then
+    # their manifest (aiaas.manifest).
+    files: tuple[ManifestFile, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +91,15 @@ class ModelVersion:
     create_time: datetime
     aliases: tuple[str, ...] = ()
     reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    files: tuple[ManifestFile, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FileStart:
+    """In a download of a multi-file version: the chunks that follow are `path`'s, from `offset` on."""
+
+    path: str
+    offset: int
 
 
 @dataclasses.dataclass(frozen=True)
