@@ -112,7 +112,7 @@ class GatewayService(Service[DataPlane]):
 
     async def close(self) -> None:
         await self.feed.close()
-        await self.plane.drain_shadows()
+        await self.plane.shadows.drain()
         await self.reporter.close()
         await self.upstream.close()
         await self.registry_channel.close()
