@@ -64,9 +64,10 @@ def load_ca(ca: Issued) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def issue(ca: Issued, name: str, *, dns_names: Sequence[str] = ("localhost",), ip_addresses: Sequence[str] = ("127.0.0.1",),
-          namespace: str = "default", trust_domain: str = DEFAULT_TRUST_DOMAIN, uri: str | None = None,
-          client: bool = True, days: int = 90) -> Issued:
+def issue(ca: Issued, name: str, *, dns_names: Sequence[str] = ("localhost",),
+          ip_addresses: Sequence[str] = ("127.0.0.1",), namespace: str = "default",
+          trust_domain: str = DEFAULT_TRUST_DOMAIN, uri: str | None = None, client: bool = True,
+          days: int = 90) -> Issued:
     """A certificate with CN `name`, signed by `ca` and never valid past the CA's own expiry.
 
     As a client (`client`): the URI SAN `uri`, by default spiffe://<trust_domain>/<namespace>/<name>,
@@ -91,7 +92,8 @@ def issue(ca: Issued, name: str, *, dns_names: Sequence[str] = ("localhost",), i
         .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
     )
     return _signed(builder, ec.generate_private_key(ec.SECP256R1()), ca_key, now)
 
