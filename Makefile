@@ -25,13 +25,14 @@ test-large: $(STAMP) deps
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py clients/python/pyproject.toml clients/python/setup.py
 	@if [ ! -x "$(BIN)/python" ]; then \
 	  $(PYTHON) -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq python3-venv && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } \
 	    || { echo "python venv failed: on Debian run 'apt-get install -y python3-venv' and retry"; exit 1; }; \
 	fi
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@# One resolve for both projects: the server requires aiaas-client, which this checkout provides.
+	$(BIN)/pip install --quiet -e ./clients/python -e '.[dev]'
 	@touch $(STAMP)
 
 # System servers the tests start (redis-server, PostgreSQL's initdb/pg_ctl): install when missing.

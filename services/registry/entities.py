@@ -14,6 +14,7 @@ from aiaas.tensors import TensorSpec
 
 __all__ = ["AliasMove", "ArtifactFormat", "AuditEvent", "ChangeEvent", "ChangeType", "FileStart", "Lineage",
            "ManifestFile", "Model", "ModelVersion", "Page", "Record", "ServingConfig", "Signature", "TensorSpec",
+           "VersionBody",
            "VersionSpec"]
 
 
@@ -56,9 +57,10 @@ class Model:
     update_time: datetime
 
 
-@dataclasses.dataclass(frozen=True)
-class VersionSpec:
-    """What a client declares for a new version (the upload header, validated)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VersionBody:
+    """What a version is: its artifact, signature, serving settings and provenance; declared by a
+    client (`VersionSpec`) and stored by the registry (`ModelVersion`) alike."""
 
     model: str
     format: ArtifactFormat
@@ -68,30 +70,26 @@ class VersionSpec:
     serving_config: ServingConfig = dataclasses.field(default_factory=ServingConfig)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     lineage: Lineage = Lineage()
-    actor: str = "anonymous"
-    create_model: bool = False
     reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     # A multi-file version's files, sorted by path (their bytes arrive in this order); the artifact is then
     # their manifest (aiaas.manifest).
     files: tuple[ManifestFile, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelVersion:
-    model: str
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VersionSpec(VersionBody):
+    """What a client declares for a new version (the upload header, validated)."""
+
+    actor: str = "anonymous"
+    create_model: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelVersion(VersionBody):
     version: int
-    format: ArtifactFormat
-    artifact_sha256: str
-    artifact_size: int
-    signature: Signature
-    serving_config: ServingConfig
-    metadata: dict[str, Any]
-    lineage: Lineage
     created_by: str
     create_time: datetime
     aliases: tuple[str, ...] = ()
-    reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    files: tuple[ManifestFile, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
