@@ -22,10 +22,12 @@ ENV PATH=/opt/aiaas/bin:$PATH
 # torch first, from the wheel index that picks CPU or CUDA; the project then finds it installed.
 RUN pip install 'torch>=2.3,<2.14' --index-url "${TORCH_INDEX_URL}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
+COPY clients/python ./clients/python
 COPY aiaas ./aiaas
 COPY services ./services
-RUN pip install '.[onnx]' \
+# The client distribution (aiaas-client, which the server requires) and the server, in one resolve.
+RUN pip install ./clients/python '.[onnx]' \
  && python -m compileall -q /opt/aiaas/lib \
  && pip check
 

@@ -16,9 +16,10 @@ _LAZY = {
     "GatewayClient": "aiaas.gateway_client",
     "MonitorClient": "aiaas.monitor_client",
     "deploy": "aiaas.deployment",
+    "deploy_lm": "aiaas.lm",
 }
 
-__all__ = ["GatewayClient", "MonitorClient", "RegistryClient", "__version__", "deploy"]
+__all__ = ["GatewayClient", "MonitorClient", "RegistryClient", "__version__", "deploy", "deploy_lm"]
 
 
 def __getattr__(name: str) -> Any:

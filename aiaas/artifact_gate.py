@@ -18,6 +18,9 @@ refuses the rest *before* any deserializer that could run code sees the bytes:
 - ``onnx``: external data is refused (an initializer could otherwise name any file on the node,
   such as another version's artifact), and so are operator domains outside an allow-list.
 - ``safetensors``: the header must be bounded JSON whose offsets stay inside the file.
+- ``hf_causal_lm`` (a checkpoint directory): known file names only, safetensors weights only (no
+  pickled ``*.bin``/``*.pt``), no code (``*.py``, ``auto_map``), a ``model_type`` that transformers
+  ships as a decoder-only model, and every shard checked as ``safetensors``.
 
 The same checks run at upload (registry, no torch deserializer at all), in ``aiaas convert`` /
 ``aiaas optimize``, and again at load in the inference worker.
@@ -33,11 +36,12 @@ import pickletools
 import re
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from aiaas import formats
+from aiaas import formats, manifest
+from aiaas.errors import InvalidArgument
 
 # Every format the registry stores, each checked below (declared in aiaas.formats).
 FORMATS = formats.FORMATS
@@ -96,13 +100,16 @@ class GateReport:
 # ---------------------------------------------------------------------------------------------- entry
 
 
-def check_artifact(source: str | os.PathLike[str] | bytes, format: str, *,
+def check_artifact(source: str | os.PathLike[str] | bytes | Mapping[str, str | os.PathLike[str]], format: str, *,
                    allow_torchscript: bool = True) -> GateReport:
     """Refuse (UnsafeArtifact) anything in `source` that is not provably data, without deserializing it.
 
     Pure parsing: zip directories, JSON, protobuf and pickle opcodes are read, nothing is executed,
-    so this is safe to run in the registry on every upload.
+    so this is safe to run in the registry on every upload. A multi-file format's `source` is a
+    directory, or {path inside the artifact: file on disk}.
     """
+    if isinstance(source, Mapping) or format == "hf_causal_lm":
+        return _check_multi_file(source, format)
     if format == "torch_export":
         return _check_pt2(source).report
     if format == "torchscript":
@@ -115,6 +122,27 @@ def check_artifact(source: str | os.PathLike[str] | bytes, format: str, *,
     if format == "safetensors":
         return _check_safetensors(source)
     raise UnsafeArtifact(f"unknown artifact format {format!r}; expected one of {', '.join(FORMATS)}")
+
+
+def check_file_names(paths: Iterable[str], format: str) -> None:
+    """What the file names of a multi-file artifact alone tell: the registry checks them before any byte arrives."""
+    if format != "hf_causal_lm":
+        raise UnsafeArtifact(f"a {format} artifact is a single file, not a list of files")
+    check_checkpoint_names(paths)
+
+
+def _check_multi_file(source: str | os.PathLike[str] | bytes | Mapping[str, str | os.PathLike[str]],
+                      format: str) -> GateReport:
+    if format != "hf_causal_lm":
+        raise UnsafeArtifact(f"a {format} artifact is a single file, not a list of files")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raise UnsafeArtifact(f"a {format} artifact is a directory of files, not bytes")
+    if not isinstance(source, Mapping):
+        try:
+            source = manifest.files_in(source)
+        except InvalidArgument as exc:
+            raise UnsafeArtifact(exc.message) from None
+    return check_checkpoint(source)
 
 
 def _read(source: str | os.PathLike[str] | bytes) -> bytes:
@@ -634,6 +662,8 @@ def _check_safetensors(source: str | os.PathLike[str] | bytes) -> GateReport:
         entries = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UnsafeArtifact(f"the safetensors header is not JSON ({exc})") from None
+    if not isinstance(entries, dict):
+        raise UnsafeArtifact("the safetensors header is not a JSON object")
     body = size - 8 - length
     for name, entry in entries.items():
         if name == "__metadata__":
@@ -643,6 +673,122 @@ def _check_safetensors(source: str | os.PathLike[str] | bytes) -> GateReport:
                 or not 0 <= offsets[0] <= offsets[1] <= body):
             raise UnsafeArtifact(f"the safetensors tensor {name[:100]!r} has offsets outside the file")
     return GateReport("safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+# Decoder-only architectures that transformers ships (config.json `model_type`): their code comes
+# from the installed transformers, never from the checkpoint (tests check each against transformers).
+CAUSAL_LM_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gpt2", "gpt_neox",
+    "gptj", "gpt_bigcode", "gemma", "gemma2", "gemma3_text", "falcon", "opt", "bloom", "olmo", "olmo2",
+    "stablelm", "starcoder2", "granite", "smollm3", "cohere",
+})
+# What a checkpoint directory may hold besides its *.safetensors shards: configuration, tokenizer
+# data (read by the tokenizers library, never unpickled), chat templates (rendered by transformers
+# in a sandboxed jinja environment) and documentation.
+CHECKPOINT_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "chat_template.jinja", "chat_template.json", "README.md", "README", "LICENSE",
+    "LICENSE.md", "LICENSE.txt", "NOTICE", "USE_POLICY.md",
+})
+_SHARD_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,200}\.safetensors")
+_EXTRA_TEMPLATE_RE = re.compile(r"additional_chat_templates/[A-Za-z0-9_][A-Za-z0-9._-]{0,200}\.jinja")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".h5", ".msgpack")
+_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".so", ".dylib", ".dll", ".sh")
+# Configuration files the gate parses (tokenizer.json and vocab.json are data for the tokenizers library).
+_CHECKPOINT_CONFIGS = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                       "added_tokens.json", "chat_template.json", "model.safetensors.index.json")
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def check_checkpoint(files: Mapping[str, str | os.PathLike[str]]) -> GateReport:
+    """A Hugging Face causal-LM checkpoint, given as {path inside the checkpoint: file on disk}.
+
+    Only known file names; weights in safetensors only (pickled *.bin/*.pt refused); no code (*.py)
+    and no `auto_map` (which would make transformers import code shipped with the checkpoint); a
+    `model_type` transformers ships as a decoder-only model; every shard's header in bounds.
+    """
+    shards = check_checkpoint_names(files)
+    configs = {name: _checkpoint_json(files[name], name) for name in _CHECKPOINT_CONFIGS if name in files}
+    for name, document in configs.items():
+        _refuse_auto_map(document, name, 0)
+    config = configs["config.json"]
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in CAUSAL_LM_MODEL_TYPES:
+        raise UnsafeArtifact(f"config.json: model_type {str(model_type)[:60]!r} is not a decoder-only architecture "
+                             f"transformers ships; allowed: {', '.join(sorted(CAUSAL_LM_MODEL_TYPES))}")
+    if "model.safetensors.index.json" in configs:
+        _check_shard_index(configs["model.safetensors.index.json"], set(shards))
+    for shard in shards:
+        try:
+            _check_safetensors(files[shard])
+        except UnsafeArtifact as exc:
+            raise UnsafeArtifact(f"{shard}: {exc}") from None
+    return GateReport("hf_causal_lm")
+
+
+def check_checkpoint_names(paths: Iterable[str]) -> list[str]:
+    """What the file names alone tell (the registry checks them before any byte arrives); returns the shards."""
+    listed = sorted(paths)
+    for path in listed:
+        _check_checkpoint_name(path)
+    shards = [p for p in listed if _SHARD_RE.fullmatch(p)]
+    if "config.json" not in listed:
+        raise UnsafeArtifact("the checkpoint has no config.json; save it with save_pretrained")
+    if not shards:
+        raise UnsafeArtifact("the checkpoint has no *.safetensors weights; save it with save_pretrained "
+                             "(transformers writes safetensors)")
+    return shards
+
+
+def _check_checkpoint_name(path: str) -> None:
+    name = path.rsplit("/", 1)[-1].lower()
+    if name.endswith(_PICKLE_SUFFIXES):
+        raise UnsafeArtifact(f"{path}: pickled (or non-safetensors) weights are refused; save the model with "
+                             "safetensors (save_pretrained does) and leave *.bin/*.pt files out")
+    if name.endswith(_CODE_SUFFIXES):
+        raise UnsafeArtifact(f"{path}: a checkpoint may not carry code (models load with trust_remote_code=False); "
+                             "use an architecture transformers ships")
+    if not (path in CHECKPOINT_FILES or _SHARD_RE.fullmatch(path) or _EXTRA_TEMPLATE_RE.fullmatch(path)):
+        raise UnsafeArtifact(f"{path}: not a file a checkpoint may hold (configuration, tokenizer and chat template "
+                             "files, *.safetensors shards, README/LICENSE); leave it out")
+
+
+def _checkpoint_json(source: str | os.PathLike[str], name: str) -> Any:
+    with open(source, "rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UnsafeArtifact(f"{name} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UnsafeArtifact(f"{name} is not JSON ({str(exc)[:200]})") from None
+
+
+def _refuse_auto_map(value: Any, name: str, depth: int) -> None:
+    if depth > MAX_GRAPH_DEPTH:
+        raise UnsafeArtifact(f"{name} nests deeper than {MAX_GRAPH_DEPTH} levels")
+    if isinstance(value, dict):
+        if "auto_map" in value:
+            raise UnsafeArtifact(f"{name} has an auto_map, which points transformers at code shipped with the "
+                                 "checkpoint (remote code is refused); use an architecture transformers ships")
+        for item in value.values():
+            _refuse_auto_map(item, name, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_auto_map(item, name, depth + 1)
+
+
+def _check_shard_index(index: Any, shards: set[str]) -> None:
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UnsafeArtifact("model.safetensors.index.json has no weight_map of tensor names to shard files")
+    missing = sorted(set(weight_map.values()) - shards)
+    if missing:
+        raise UnsafeArtifact(f"model.safetensors.index.json names shard {missing[0][:200]!r}, which the checkpoint "
+                             "does not hold")
 
 
 # ---------------------------------------------------------------------------------------------- loaders

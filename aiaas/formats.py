@@ -22,6 +22,9 @@ class ArtifactFormat(enum.Enum):
     ONNX = "onnx"
     # Weights only: stored and converted by the pipeline, never served.
     SAFETENSORS = "safetensors"
+    # A Hugging Face causal language model checkpoint: a directory of files (aiaas.manifest), loaded
+    # by aiaas.lm for the generative engine, not by the tensor runtime.
+    HF_CAUSAL_LM = "hf_causal_lm"
 
     @property
     def pb(self) -> PbFormat:
@@ -32,6 +35,11 @@ class ArtifactFormat(enum.Enum):
     def servable(self) -> bool:
         """Whether the inference service loads artifacts of this format."""
         return self in _PLATFORM_BY_FORMAT
+
+    @property
+    def multi_file(self) -> bool:
+        """Whether a version of this format is a directory of files stored as a manifest."""
+        return self in _MULTI_FILE
 
     @property
     def platform(self) -> str:
@@ -77,6 +85,7 @@ _PLATFORM_BY_FORMAT = {
     ArtifactFormat.TORCH_EXPORT: "pytorch_libtorch",
     ArtifactFormat.ONNX: "onnxruntime_onnx",
 }
+_MULTI_FILE = frozenset({ArtifactFormat.HF_CAUSAL_LM})
 _ALIASES = {"ts": "torchscript", "jit": "torchscript", "export": "torch_export", "pt2": "torch_export"}
 
 # Every format the registry stores (and the artifact gate checks), by name.

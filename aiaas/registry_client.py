@@ -27,6 +27,10 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from aiaas import _registry_convert as conv
+from aiaas import manifest
+from aiaas._files_download import FilesDownload
+from aiaas.errors import AiaasError
+from aiaas.formats import ArtifactFormat
 from aiaas.identity import ClientIdentity
 from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry.v1 import registry_pb2_grpc
@@ -136,38 +140,55 @@ class RegistryClient:
 
     # Versions.
     def upload_version(self, model: str, artifact: str | os.PathLike[str] | bytes, *, format: str,
-                       signature: conv.SignatureLike, serving_config: Mapping[str, Any] | None = None,
+                       signature: conv.SignatureLike | None = None, serving_config: Mapping[str, Any] | None = None,
                        metadata: Mapping[str, Any] | None = None, lineage: Mapping[str, Any] | None = None,
                        reports: Mapping[str, Mapping[str, Any]] | None = None, create_model: bool = True,
                        progress: Progress | None = None, chunk_size: int = CHUNK_BYTES,
                        timeout: float | None = None) -> pb.ModelVersion:
-        """Upload an artifact (a path or bytes) as the model's next version and return it."""
+        """Upload an artifact (a path or bytes) as the model's next version and return it.
+
+        A directory (a checkpoint of format hf_causal_lm) is uploaded as its files, each hashed first;
+        hidden names ('.cache', '.gitattributes') are left out.
+        """
         header = pb.UploadVersionHeader(
             model=model, format=conv.artifact_format(format), signature=conv.signature(signature),
             serving_config=conv.serving_config(serving_config), metadata=conv.struct(metadata),
             lineage=conv.lineage(lineage), actor=self.actor, create_model=create_model,
             reports={k: conv.struct(v) for k, v in (reports or {}).items()},
         )
+        is_directory = not isinstance(artifact, bytes) and Path(artifact).is_dir()
+        if ArtifactFormat.from_pb(header.format).multi_file and not is_directory:
+            shown = "these bytes" if isinstance(artifact, bytes) else str(artifact)
+            raise RegistryError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a {format} artifact is a checkpoint directory, and {shown} is not one")
+        sources: list[bytes | Path]
         if isinstance(artifact, bytes):
             header.artifact_sha256 = hashlib.sha256(artifact).hexdigest()
-            header.artifact_size = len(artifact)
+            header.artifact_size = total = len(artifact)
+            sources = [artifact]
+        elif is_directory:
+            try:
+                files, located = manifest.scan(artifact)
+            except AiaasError as exc:
+                raise RegistryError(grpc.StatusCode[exc.code.status_name], exc.message) from None
+            header.files.extend(pb.ArtifactFile(path=f.path, sha256=f.sha256, size=f.size) for f in files)
+            header.artifact_sha256, header.artifact_size = manifest.digest(files)
+            total = manifest.total_size(files)
+            sources = [located[f.path] for f in files]
         else:
-            path = Path(artifact)
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                while block := handle.read(CHUNK_BYTES):
-                    digest.update(block)
-            header.artifact_sha256 = digest.hexdigest()
-            header.artifact_size = path.stat().st_size
+            header.artifact_sha256, header.artifact_size = manifest.hash_file(artifact)
+            total = header.artifact_size
+            sources = [Path(artifact)]
 
         def requests() -> Iterator[pb.UploadVersionRequest]:
             yield pb.UploadVersionRequest(header=header)
             sent = 0
-            for chunk in self._chunks(artifact, chunk_size):
-                yield pb.UploadVersionRequest(chunk=chunk)
-                sent += len(chunk)
-                if progress is not None:
-                    progress(sent, header.artifact_size)
+            for source in sources:
+                for chunk in self._chunks(source, chunk_size):
+                    yield pb.UploadVersionRequest(chunk=chunk)
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent, total)
 
         reply = self._call(self.stub.UploadVersion, requests(), timeout=timeout or max(self.timeout, 3600.0))
         return reply.version
@@ -175,7 +196,7 @@ class RegistryClient:
     register = upload_version
 
     @staticmethod
-    def _chunks(artifact: str | os.PathLike[str] | bytes, chunk_size: int) -> Iterator[bytes]:
+    def _chunks(artifact: Path | bytes, chunk_size: int) -> Iterator[bytes]:
         if isinstance(artifact, bytes):
             for start in range(0, len(artifact), chunk_size):
                 yield artifact[start:start + chunk_size]
@@ -251,6 +272,39 @@ class RegistryClient:
                 if not handle.closed:
                     handle.close()
                 tmp_path.unlink(missing_ok=True)
+
+    def download_files(self, model: str, version: int | str | None = None,
+                       dest: str | os.PathLike[str] | None = None, *, progress: Progress | None = None,
+                       chunk_size: int = 0, timeout: float | None = None) -> pb.ModelVersion:
+        """Download a multi-file version (a checkpoint) into the directory `dest`; returns the version.
+
+        Each file is verified against its sha256 and renamed into place once complete. An interrupted
+        download resumes where it stopped when called again with the same `dest`: complete files are
+        re-verified and kept, a partial one (kept as a hidden `.NAME.part` beside it) continues from its
+        size. Without `dest` the files land in `<model>-v<version>` in the current directory.
+        """
+        found = self.get_version(model, version)
+        if not found.files:
+            raise RegistryError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"version {found.version} of model {model!r} is a single file; use download_artifact")
+        try:
+            download = FilesDownload(found, Path(dest) if dest else Path(f"{found.model}-v{found.version}"), progress)
+            start = download.resume_point()
+            if start is None:
+                return found
+            request = pb.DownloadFilesRequest(model=found.model, version=found.version, path=start[0],
+                                              offset=start[1], chunk_size=chunk_size)
+            try:
+                for message in self.stub.DownloadFiles(request, timeout=timeout or max(self.timeout, 3600.0)):
+                    download.receive(message)
+                download.finish()
+            finally:
+                download.close()
+        except grpc.RpcError as exc:
+            raise exc if isinstance(exc, RegistryError) else _wrap(exc) from None
+        except AiaasError as exc:
+            raise RegistryError(grpc.StatusCode[exc.code.status_name], exc.message) from None
+        return found
 
     # Aliases.
     def set_alias(self, model: str, alias: str, version: int, *, expected_version: int | None = None,

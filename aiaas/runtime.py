@@ -30,10 +30,12 @@ import numpy as np
 
 from aiaas import artifact_gate
 from aiaas.errors import AiaasError, FailedPrecondition, Internal, InvalidArgument
-from aiaas.formats import SERVABLE_FORMATS
+from aiaas.formats import SERVABLE_FORMATS, ArtifactFormat
 
 # The formats that load here (aiaas.formats is where a format is declared).
 FORMATS = SERVABLE_FORMATS
+# Checkpoint directories load through aiaas.lm instead.
+_MULTI_FILE_FORMATS = frozenset(f.value for f in ArtifactFormat if f.multi_file)
 
 # KServe v2 datatype -> the numpy dtype a tensor of it has in memory.
 KSERVE_TO_NUMPY: dict[str, np.dtype] = {
@@ -122,6 +124,9 @@ def load_model(
     threads: int | None = None,
 ) -> LoadedModel:
     in_sigs, out_sigs = signature_of(inputs), signature_of(outputs)
+    if format in _MULTI_FILE_FORMATS:
+        raise InvalidArgument(f"{format} checkpoints are generative models, not tensor models: load them with "
+                              "aiaas.lm.load_causal_lm")
     if format not in FORMATS:
         raise InvalidArgument(f"unknown model format '{format}'; expected one of {', '.join(FORMATS)}")
     if not isinstance(artifact, (bytes, bytearray)) and not os.path.isfile(artifact):
@@ -151,22 +156,11 @@ def torch_dtype(datatype: str) -> Any:
 class TorchModel:
     """A TorchScript module or a `torch.export` program, called under inference_mode."""
 
-    def __init__(
-        self,
-        artifact: Artifact,
-        format: str,
-        inputs: tuple[TensorSig, ...],
-        outputs: tuple[TensorSig, ...],
-        device: str,
-        threads: int | None,
-    ) -> None:
+    def __init__(self, artifact: Artifact, format: str, inputs: tuple[TensorSig, ...],
+                 outputs: tuple[TensorSig, ...], device: str, threads: int | None) -> None:
         import torch
 
-        for sig in inputs + outputs:
-            if sig.datatype == "BYTES":
-                raise InvalidArgument(
-                    f"tensor '{sig.name}' is BYTES, which torch cannot hold; serve string models as ONNX"
-                )
+        _refuse_datatype(inputs + outputs, "BYTES", "which torch cannot hold; serve string models as ONNX")
         # Arrays decoded from request bytes are read-only views; the model never writes to inputs.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         if threads:
@@ -252,22 +246,12 @@ def _to_numpy(tensor: Any, dtype: np.dtype, sig: TensorSig) -> np.ndarray:
 class OnnxModel:
     """An onnxruntime session fed by name."""
 
-    def __init__(
-        self,
-        artifact: Artifact,
-        inputs: tuple[TensorSig, ...],
-        outputs: tuple[TensorSig, ...],
-        device: str,
-        threads: int | None,
-    ) -> None:
+    def __init__(self, artifact: Artifact, inputs: tuple[TensorSig, ...], outputs: tuple[TensorSig, ...],
+                 device: str, threads: int | None) -> None:
         import onnxruntime as ort
 
-        for sig in inputs + outputs:
-            if sig.datatype == "BF16":
-                raise InvalidArgument(
-                    f"tensor '{sig.name}' is BF16, which onnxruntime cannot exchange with numpy; "
-                    "serve BF16 models as TorchScript or torch.export"
-                )
+        _refuse_datatype(inputs + outputs, "BF16", "which onnxruntime cannot exchange with numpy; "
+                         "serve BF16 models as TorchScript or torch.export")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: load-time advice (unused initializers...) is noise here
         options.intra_op_num_threads = threads or 1
@@ -348,6 +332,13 @@ def _strings_out(array: np.ndarray) -> np.ndarray:
     result = np.empty(len(encoded), dtype=object)
     result[:] = encoded
     return result.reshape(array.shape)
+
+
+def _refuse_datatype(sigs: tuple[TensorSig, ...], datatype: str, why: str) -> None:
+    """InvalidArgument naming the first tensor of `datatype`: a runtime that cannot hold it says `why`."""
+    for sig in sigs:
+        if sig.datatype == datatype:
+            raise InvalidArgument(f"tensor '{sig.name}' is {datatype}, {why}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -33,6 +33,9 @@ class ServingConfig:
     max_queue_size: int = 0
     # 0: no timeout unless the request names one.
     default_timeout_us: int = 0
+    # Wait up to max_queue_delay_us for more requests even when an instance is idle and nothing
+    # else is queued (Triton's behaviour). Off: such a batch goes at once ("idle dispatch").
+    strict_queue_delay: bool = False
 
     def normalized(self) -> ServingConfig:
         """This config checked against the registry's rules (InvalidArgument naming the field),
@@ -66,6 +69,7 @@ def to_pb(config: ServingConfig) -> pb.ServingConfig:
         max_batch_size=config.max_batch_size, preferred_batch_sizes=list(config.preferred_batch_sizes),
         max_queue_delay_us=config.max_queue_delay_us, instance_count=config.instance_count, device=config.device,
         max_queue_size=config.max_queue_size, default_timeout_us=config.default_timeout_us,
+        strict_queue_delay=config.strict_queue_delay,
     )
 
 
@@ -75,5 +79,5 @@ def from_pb(message: pb.ServingConfig) -> ServingConfig:
         max_batch_size=message.max_batch_size, preferred_batch_sizes=tuple(message.preferred_batch_sizes),
         max_queue_delay_us=message.max_queue_delay_us, instance_count=message.instance_count or 1,
         device=message.device or DEFAULT_DEVICE, max_queue_size=message.max_queue_size,
-        default_timeout_us=message.default_timeout_us,
+        default_timeout_us=message.default_timeout_us, strict_queue_delay=message.strict_queue_delay,
     )

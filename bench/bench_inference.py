@@ -73,7 +73,8 @@ def in_process_rows_per_s(path: Path, features: int, batch: int, seconds: float,
 
 
 def register(address: str, name: str, path: Path, sizes: tuple[int, ...], max_batch: int,
-             max_queue_delay_us: int = 0, preferred: tuple[int, ...] = (), instances: int = 1) -> None:
+             max_queue_delay_us: int = 0, preferred: tuple[int, ...] = (), instances: int = 1,
+             strict_queue_delay: bool = False) -> None:
     import grpc
 
     from aiaas.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -87,7 +88,8 @@ def register(address: str, name: str, path: Path, sizes: tuple[int, ...], max_ba
             outputs=[registry_pb2.TensorSpec(name="y", datatype="FP32", shape=[-1, sizes[-1]])]),
         serving_config=registry_pb2.ServingConfig(max_batch_size=max_batch, instance_count=instances, device="cpu",
                                                   max_queue_size=4096, max_queue_delay_us=max_queue_delay_us,
-                                                  preferred_batch_sizes=list(preferred)))
+                                                  preferred_batch_sizes=list(preferred),
+                                                  strict_queue_delay=strict_queue_delay))
 
     def messages() -> Any:
         yield registry_pb2.UploadVersionRequest(header=header)
@@ -178,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--compare-strict", action="store_true",
+                        help="also serve each model with strict_queue_delay (Triton's wait even when idle) and "
+                             "alternate the two at every point: idle dispatch vs strict, same run")
     args = parser.parse_args(argv)
     seconds = 1.0 if args.quick else args.seconds
     warmup = 0.5 if args.quick else 2.0
@@ -202,17 +207,29 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             register(registry.address, name, tmp / f"{name}.pt", MODELS[name], args.max_batch,
                      args.max_queue_delay_us, instances=args.instances)
+            if args.compare_strict:
+                register(registry.address, f"{name}-strict", tmp / f"{name}.pt", MODELS[name], args.max_batch,
+                         args.max_queue_delay_us, instances=args.instances, strict_queue_delay=True)
         inference = ServiceProcess("inference", args=[
             "--registry-url", registry.address, "--model-cache-dir", str(tmp / "cache"),
             "--torch-threads", str(args.worker_threads), "--log-level", "warning",
         ], env={"AIAAS_LOG_JSON": "false"}).start(timeout=300)
         for name in names:
             for concurrency in levels:
-                row = asyncio.run(drive(inference.address, name, MODELS[name][0], concurrency, seconds, warmup, runs))
-                row["in_process_b32_rows_s"] = limits[name]
-                row["ratio_to_b32"] = row["rps"] / limits[name]
-                rows.append(row)
-                print(_line(row), flush=True)
+                variants = [name, f"{name}-strict"] if args.compare_strict else [name]
+                measured = {}
+                for variant in variants:
+                    row = asyncio.run(drive(inference.address, variant, MODELS[name][0], concurrency, seconds,
+                                            warmup, runs))
+                    row["in_process_b32_rows_s"] = limits[name]
+                    row["ratio_to_b32"] = row["rps"] / limits[name]
+                    rows.append(row)
+                    measured[variant] = row
+                    print(_line(row), flush=True)
+                if args.compare_strict:
+                    idle, strict = measured[name], measured[f"{name}-strict"]
+                    print(f"  idle dispatch / strict at c={concurrency}: req/s x{idle['rps'] / strict['rps']:.2f}, "
+                          f"p50 x{idle['p50_ms'] / strict['p50_ms']:.2f}", flush=True)
     finally:
         if inference is not None:
             inference.stop()

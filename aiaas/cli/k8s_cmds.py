@@ -122,7 +122,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_dev_certs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aiaas.k8s.certs import OPERATOR_CERTIFICATES, POD_CERTIFICATES, dns_names, spiffe_id, write_dev_certs
+    from aiaas.identity import spiffe_id
+    from aiaas.k8s.certs import OPERATOR_CERTIFICATES, POD_CERTIFICATES, dns_names, write_dev_certs
 
     outdir = Path(args.outdir)
     try:
@@ -131,7 +132,7 @@ def cmd_dev_certs(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"{'created' if result.ca_created else 'kept'} the CA {outdir / 'ca.crt'}")
-    rows = [[spec.name, spiffe_id(args.namespace, spec.identity) if spec.identity else "-",
+    rows = [[spec.name, spiffe_id(spec.identity, args.namespace) if spec.identity else "-",
              ", ".join(dns_names(spec.services, args.namespace)[:1] + (["localhost"] if spec.localhost else []))
              or "-"]
             for spec in (*POD_CERTIFICATES, *OPERATOR_CERTIFICATES)]

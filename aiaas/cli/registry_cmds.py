@@ -13,6 +13,7 @@ from typing import Any
 
 from aiaas import _registry_convert as conv
 from aiaas.cli import output
+from aiaas.formats import ArtifactFormat
 from aiaas.registry.v1 import registry_pb2 as pb
 from aiaas.registry_client import RegistryClient, RegistryError
 
@@ -50,8 +51,9 @@ def _shape(spec: pb.TensorSpec) -> str:
 
 def _version_row(v: pb.ModelVersion) -> dict[str, Any]:
     lineage = f"{v.lineage.parent_model or v.model}/{v.lineage.parent_version}" if v.lineage.parent_version else ""
+    size = sum(f.size for f in v.files) if v.files else v.artifact_size
     return {
-        "version": v.version, "format": conv.format_name(v.format), "size": output.human_bytes(v.artifact_size),
+        "version": v.version, "format": conv.format_name(v.format), "size": output.human_bytes(size),
         "sha256": v.artifact_sha256[:12], "aliases": list(v.aliases),
         "inputs": " ".join(_shape(t) for t in v.signature.inputs),
         "outputs": " ".join(_shape(t) for t in v.signature.outputs),
@@ -104,12 +106,14 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _signature(args: argparse.Namespace) -> dict[str, Any]:
+def _signature(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.signature:
         signature = json.loads(Path(args.signature).read_text())
         if args.input or args.output:
             raise ValueError("give --signature FILE or --input/--output, not both")
         return dict(signature)
+    if not args.input and not args.output and ArtifactFormat.parse(args.format).multi_file:
+        return None  # a checkpoint speaks text: a tensor signature is optional
     if not args.input or not args.output:
         raise ValueError("a signature is required: --input NAME:DATATYPE:SHAPE and --output ... (repeatable), "
                          "or --signature sig.json")
@@ -142,7 +146,7 @@ def _metadata(pairs: list[str]) -> dict[str, Any]:
 def cmd_register(args: argparse.Namespace) -> int:
     lineage = {"parent_version": args.parent_version or 0, "transformation": args.transformation or "",
                "parent_model": args.parent_model or ""}
-    with _client(args) as client, output.ProgressBar(f"uploading {Path(args.file).name}") as progress:
+    with _client(args) as client, output.ProgressBar(f"uploading {Path(args.file).resolve().name}") as progress:
         version = client.register(
             args.name, Path(args.file), format=args.format, signature=_signature(args),
             serving_config=_serving_config(args), metadata=_metadata(args.metadata), lineage=lineage,
@@ -153,8 +157,10 @@ def cmd_register(args: argparse.Namespace) -> int:
     if args.json:
         output.print_json(version)
     else:
+        size = _version_row(version)["size"]
+        files = f"{len(version.files)} files, " if version.files else ""
         print(f"registered {version.model} version {version.version} "
-              f"({output.human_bytes(version.artifact_size)}, sha256 {version.artifact_sha256[:12]})"
+              f"({files}{size}, sha256 {version.artifact_sha256[:12]})"
               + (f", alias {args.alias}" if args.alias else ""))
     return 0
 
@@ -207,10 +213,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     with _client(args) as client, output.ProgressBar("downloading") as progress:
+        if client.get_version(args.name, args.version).files:
+            dest = args.output or f"{args.name}-{args.version}"
+            version = client.download_files(args.name, args.version, dest, progress=progress)
+            print(f"wrote {dest}/ ({version.model} version {version.version}, {len(version.files)} files, "
+                  "each sha256 verified)")
+            return 0
         dest = args.output or f"{args.name}-{args.version}.bin"
         version = client.download_artifact(args.name, args.version, dest, progress=progress)
     print(f"wrote {dest} ({version.model} version {version.version}, sha256 verified)")
     return 0
+
+
+def _format_name(text: str) -> str:
+    return text.strip().lower().replace("-", "_")
 
 
 def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -244,8 +260,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     reg = command(subparsers, "register", cmd_register, "upload a model artifact as a new version")
     reg.add_argument("name", help="model name (created when missing unless --no-create)")
-    reg.add_argument("file", help="artifact file")
-    reg.add_argument("--format", required=True, choices=sorted(conv.FORMATS))
+    reg.add_argument("file", help="artifact file, or checkpoint directory (--format hf-causal-lm)")
+    reg.add_argument("--format", required=True, choices=sorted(conv.FORMATS), type=_format_name,
+                     help="artifact format ('-' or '_' alike)")
     reg.add_argument("--input", action="append", default=[], metavar="NAME:DATATYPE:SHAPE",
                      help="input tensor, e.g. x:FP32:-1,10 (repeatable)")
     reg.add_argument("--output", action="append", default=[], metavar="NAME:DATATYPE:SHAPE",
@@ -290,7 +307,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     audit.add_argument("--until", help="ISO time or age")
     audit.add_argument("--limit", type=int, default=50)
 
-    download = command(subparsers, "download", cmd_download, "download a version's artifact, sha256-verified")
+    download = command(subparsers, "download", cmd_download,
+                       "download a version's artifact (a checkpoint: its files, resumably), sha256-verified")
     download.add_argument("name")
     download.add_argument("version", help="number or alias")
-    download.add_argument("-o", "--output", help="destination file")
+    download.add_argument("-o", "--output", help="destination file (a checkpoint: directory; run again to resume)")

@@ -9,26 +9,20 @@ certificates (deploy/k8s/overlays/prod/certificates.yaml); the tests hold the tw
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from aiaas import pki
 from aiaas.k8s.manifest import Manifest
 from aiaas.k8s.render import NAMESPACE, PART_OF
+from aiaas.pki import Issued
 
-TRUST_DOMAIN = "aiaas"
 CLUSTER_DOMAIN = "cluster.local"
-# Minutes a new certificate is valid before now, so a node whose clock lags accepts it.
-BACKDATE = datetime.timedelta(minutes=5)
+# What a certificate that also answers on this machine (`kubectl port-forward`) is valid for.
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -63,114 +57,45 @@ POSTGRES_CERTIFICATE = CertSpec("postgres-tls", None, ("postgres",))
 OPERATOR_CERTIFICATES = (CertSpec(None, "admin"), CertSpec(None, "deployer"))
 
 
-def spiffe_id(namespace: str, identity: str) -> str:
-    return f"spiffe://{TRUST_DOMAIN}/{namespace}/{identity}"
-
-
 def dns_names(services: Sequence[str], namespace: str, cluster_domain: str = CLUSTER_DOMAIN) -> list[str]:
     """Every name a pod in the cluster may dial a Service by, short name first."""
     return [name for service in services for name in (
         service, f"{service}.{namespace}", f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.{cluster_domain}")]
 
 
-@dataclass(frozen=True)
-class Issued:
-    """A certificate and its private key, PEM-encoded."""
-
-    cert_pem: bytes
-    key_pem: bytes
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 class CertificateAuthority:
-    """A CA key and self-signed certificate that issues the services' certificates."""
+    """The development CA that issues the services' certificates (through `aiaas.pki`)."""
 
-    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-        self.cert = cert
-        self.key = key
+    def __init__(self, issued: Issued) -> None:
+        self.issued = issued
+        self.cert, _ = pki.load_ca(issued)
 
     @classmethod
     def create(cls, common_name: str = "aiaas development CA", days: int = 365) -> CertificateAuthority:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, TRUST_DOMAIN),
-                          x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        return cls(cert, key)
+        return cls(pki.make_ca(common_name, days=days))
 
     @classmethod
     def load(cls, cert_pem: bytes, key_pem: bytes) -> CertificateAuthority:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
-            raise ValueError("the CA key is not an EC key matching the CA certificate")
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if not constraints.ca:
-            raise ValueError("the CA certificate is not a CA (basicConstraints CA:FALSE)")
-        return cls(cert, key)
+        """ValueError unless the key is an EC key matching a CA certificate."""
+        return cls(Issued(cert_pem, key_pem))
 
     @property
     def cert_pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
+        return self.issued.cert_pem
 
     @property
     def key_pem(self) -> bytes:
-        return _key_pem(self.key)
+        return self.issued.key_pem
 
     def issue(self, spec: CertSpec, namespace: str = NAMESPACE, days: int = 90) -> Issued:
         """A certificate for `spec`: client auth with its SPIFFE URI when it has an identity,
         server auth with its Services' DNS names when it serves; never past the CA's own expiry."""
         if spec.identity is None and not spec.services:
             raise ValueError(f"{spec.name}: a certificate needs an identity, a Service, or both")
-        key = ec.generate_private_key(ec.SECP256R1())
-        names: list[x509.GeneralName] = []
-        if spec.identity:
-            names.append(x509.UniformResourceIdentifier(spiffe_id(namespace, spec.identity)))
-        names += [x509.DNSName(name) for name in dns_names(spec.services, namespace)]
-        if spec.localhost:
-            names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                      x509.IPAddress(ipaddress.ip_address("::1"))]
-        usages = ([ExtendedKeyUsageOID.CLIENT_AUTH] if spec.identity else []) + (
-            [ExtendedKeyUsageOID.SERVER_AUTH] if spec.services else [])
-        now = datetime.datetime.now(datetime.UTC)
-        # The CN repeats the identity: a peer that reads no URI SAN takes the CN instead.
-        common_name = spec.identity or spec.services[0]
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, TRUST_DOMAIN),
-                                     x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(min(now + datetime.timedelta(days=days), self.cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                           critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+        names = dns_names(spec.services, namespace) + (["localhost"] if spec.localhost else [])
+        return pki.issue(self.issued, spec.identity or spec.services[0], dns_names=names,
+                         ip_addresses=LOOPBACK_ADDRESSES if spec.localhost else (), namespace=namespace,
+                         client=bool(spec.identity), days=days)
 
 
 def tls_secret(name: str, namespace: str, issued: Issued, ca_pem: bytes) -> Manifest:
@@ -194,15 +119,6 @@ _BlockDumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
     "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Created with the final mode, so a key is never readable by others, even for a moment.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    os.chmod(path, 0o600 if private else 0o644)
-
-
 def load_or_create_ca(outdir: Path, days: int) -> tuple[CertificateAuthority, bool]:
     """The CA in OUTDIR (ca.crt, ca.key) if both are there, else a new one written there;
     the flag says whether it was created. Keeping it means clients that trust it go on working."""
@@ -212,8 +128,7 @@ def load_or_create_ca(outdir: Path, days: int) -> tuple[CertificateAuthority, bo
     if cert_path.exists():
         return CertificateAuthority.load(cert_path.read_bytes(), key_path.read_bytes()), False
     ca = CertificateAuthority.create(days=days)
-    _write(cert_path, ca.cert_pem)
-    _write(key_path, ca.key_pem, private=True)
+    pki.write(ca.issued, outdir, "ca")
     return ca, True
 
 
@@ -240,11 +155,12 @@ def write_dev_certs(outdir: Path, namespace: str = NAMESPACE, days: int = 90, ca
         folder = outdir / spec.name
         for filename, data, private in (("tls.crt", issued.cert_pem, False), ("tls.key", issued.key_pem, True),
                                         ("ca.crt", ca.cert_pem, False)):
-            _write(folder / filename, data, private)
+            pki.write_file(folder / filename, data, private=private)
             written.append(folder / filename)
         if spec.secret:
             secrets.append(tls_secret(spec.secret, namespace, issued, ca.cert_pem))
     manifest = outdir / "secrets.yaml"
     header = b"# Development certificates from `aiaas k8s dev-certs`: kubectl apply -f this file.\n"
-    _write(manifest, header + yaml.dump_all(secrets, Dumper=_BlockDumper, sort_keys=False).encode(), private=True)
+    pki.write_file(manifest, header + yaml.dump_all(secrets, Dumper=_BlockDumper, sort_keys=False).encode(),
+                   private=True)
     return DevCerts(created, written, manifest)

@@ -3,7 +3,7 @@ format conversion. Each works on the parent's artifact bytes alone (no original 
 
 | transformation | TorchScript parent | torch.export parent | ONNX parent |
 |---|---|---|---|
-| `int8-dynamic` | graph-mode `quantize_dynamic_jit` (Linear) | torchao `quantize_` (int8 dynamic), re-exported (`aiaas.pipeline.quantize_export`) | `onnxruntime.quantization.quantize_dynamic` |
+| `int8-dynamic` | graph-mode `quantize_dynamic_jit` (Linear) | torchao `quantize_` (int8 dynamic), re-exported (`aiaas.pipeline.quantize_export`) | `onnxruntime.quantization.quantize_dynamic` (7-bit weights, exact on every CPU) |
 | `fp16` / `bf16` | module cast, wrapped in input/output casts | same, re-exported | fp16: `convert_float_to_float16(keep_io_types)`; bf16 refused |
 | `ort-optimize` | refused | refused | `SessionOptions.optimized_model_filepath` |
 | `to-onnx` | legacy exporter (dynamic batch axis) | dynamo exporter | refused |
@@ -116,8 +116,11 @@ def _onnx_file_op(data: bytes, op: str, level: str = "extended") -> bytes:
         if op == "int8-dynamic":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            # 7-bit weights (reduce_range): x86 CPUs without VNNI multiply u8 activations by s8 weights
+            # with VPMADDUBSW, whose int16 pair sums saturate for 8-bit weights; the result would then
+            # depend on the CPU that serves it. With |w| <= 64 every kernel computes the exact integers.
             with _quiet_root_logger():
-                quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8, reduce_range=True)
         elif op == "fp16":
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16

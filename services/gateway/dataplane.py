@@ -32,7 +32,7 @@ from services.gateway.keys import KeyRing, authorize
 from services.gateway.limits import RequestLimits, check_request
 from services.gateway.quotas import QuotaEnforcer
 from services.gateway.router import Catalog, Resolution
-from services.gateway.shadow import ShadowMirror, ShadowStats
+from services.gateway.shadow import ShadowMirror
 from services.gateway.signatures import SignatureCache
 from services.gateway.stats import merge_index, merge_statistics
 from services.gateway.wire import response_version, retarget, wrap_stream_response
@@ -119,7 +119,7 @@ class DataPlane:
         self.upstream = upstream
         self.limits = limits or RequestLimits()
         self.signatures = signatures or SignatureCache(None)
-        self._reporter = reporter
+        self.reporter = reporter
         self.default_timeout_s = default_timeout_s
         self.stream_window = stream_window
         # A callable saying whether the gateway is ready (registry synced, replicas known).
@@ -128,39 +128,6 @@ class DataPlane:
                                     tolerance=shadow_tolerance, timeout_s=default_timeout_s)
         # Drift samples go nowhere without a reporter that has a monitor: then nothing is decoded.
         self.drift = DriftSampler(reporter, drift_sample_rate if reporter is not None and reporter.target else 0.0)
-
-    # Shadow mirroring and drift sampling live in their own modules; these keep the old names.
-    @property
-    def reporter(self) -> TelemetryReporter | None:
-        return self._reporter
-
-    @reporter.setter
-    def reporter(self, reporter: TelemetryReporter | None) -> None:
-        self._reporter = reporter
-        self.shadows.reporter = self.drift.reporter = reporter
-
-    @property
-    def shadow_stats(self) -> dict[tuple[str, int, int], ShadowStats]:
-        return self.shadows.stats
-
-    async def drain_shadows(self) -> None:
-        await self.shadows.drain()
-
-    @property
-    def drift_sample_rate(self) -> float:
-        return self.drift.rate
-
-    @drift_sample_rate.setter
-    def drift_sample_rate(self, rate: float) -> None:
-        self.drift.rate = rate
-
-    @property
-    def drift_pending(self) -> int:
-        return self.drift.pending
-
-    @property
-    def drift_dropped(self) -> int:
-        return self.drift.dropped
 
     def _timeout(self, call: CallInfo) -> float:
         return call.timeout if call.timeout is not None else self.default_timeout_s

@@ -3,6 +3,7 @@ and servicers on a `ServiceApp`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import grpc
@@ -61,28 +62,29 @@ def make_redis(settings: GatewaySettings) -> object | None:
     )
 
 
+@dataclasses.dataclass(eq=False, repr=False)  # no repr: the settings hold secrets
 class GatewayService(Service[DataPlane]):
     """The gateway's server and data plane, with what feeds them: the registry feed (keys, routes,
     versions), the replica pool, quotas and the telemetry reporter."""
 
-    def __init__(self, settings: GatewaySettings, app: ServiceApp, plane: DataPlane, *, catalog: Catalog,
-                 ring: KeyRing, feed: RegistryFeed, upstream: InferenceUpstream, quotas: QuotaEnforcer,
-                 reporter: TelemetryReporter, registry_channel: grpc.aio.Channel, redis: object | None) -> None:
-        super().__init__(app, plane)
-        self.settings = settings
-        self.plane = plane
-        self.catalog = catalog
-        self.ring = ring
-        self.feed = feed
-        self.upstream = upstream
-        self.quotas = quotas
-        self.reporter = reporter
-        self.registry_channel = registry_channel
-        self.redis = redis
-        # How long `prepare` waits for the registry's first snapshot; None: until it comes (or a signal).
-        self.wait_for_registry_s: float | None = None
-        # Stores the bootstrap admin token as a key once the snapshot is in (set by create_service).
-        self.admin: GatewayAdmin | None = None
+    settings: GatewaySettings
+    app: ServiceApp
+    plane: DataPlane
+    catalog: Catalog
+    ring: KeyRing
+    feed: RegistryFeed
+    upstream: InferenceUpstream
+    quotas: QuotaEnforcer
+    reporter: TelemetryReporter
+    registry_channel: grpc.aio.Channel
+    redis: object | None
+    # Stores the bootstrap admin token as a key once the snapshot is in.
+    admin: GatewayAdmin | None = None
+    # How long `prepare` waits for the registry's first snapshot; None: until it comes (or a signal).
+    wait_for_registry_s: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.app, self.plane)
 
     def ready(self) -> bool:
         """Registry synced and at least one replica reachable; never "no replica had a bad answer
@@ -112,7 +114,7 @@ class GatewayService(Service[DataPlane]):
 
     async def close(self) -> None:
         await self.feed.close()
-        await self.plane.drain_shadows()
+        await self.plane.shadows.drain()
         await self.reporter.close()
         await self.upstream.close()
         await self.registry_channel.close()
@@ -170,6 +172,6 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     app.add_service(ADMIN_SERVICE, gate.adding(gw_grpc.add_GatewayAdminServicer_to_server),
                     GatewayAdminServicer(admin, ring))
     service = GatewayService(settings, app, plane, catalog=catalog, ring=ring, feed=feed, upstream=upstream,
-                             quotas=quotas, reporter=reporter, registry_channel=registry_channel, redis=redis)
-    service.admin = admin
+                             quotas=quotas, reporter=reporter, registry_channel=registry_channel, redis=redis,
+                             admin=admin)
     return service

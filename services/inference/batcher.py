@@ -3,7 +3,8 @@
 Each queued request carries its own future. Requests wait in one FIFO per priority level; a batch
 is formed when a concurrency slot is free and either the rows of compatible requests reach
 `max_batch_size` or a preferred size, or the oldest request has waited `max_queue_delay_us`
-(the wait starts when it arrived). Requests are compatible when their inputs agree on names,
+(the wait starts when it arrived), or (idle dispatch, on by default) the batch holds every queued
+request: an instance is free and waiting would only leave it idle. Requests are compatible when their inputs agree on names,
 dtypes and every non-batch dimension, so only those are concatenated along dim 0.
 
 Nothing here polls: the scheduler runs when a request arrives, a batch finishes, a request
@@ -46,6 +47,10 @@ class BatchingConfig:
     priority_levels: int = 1  # 1..N, 1 highest
     default_priority_level: int = 1
     max_concurrent_batches: int = 1
+    # A batch goes at once when an instance is free and it holds every queued request: waiting
+    # could only delay it. The queue delay applies only while every instance is busy, when more
+    # requests can arrive before one is free. False: Triton's strict wait.
+    idle_dispatch: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
@@ -356,6 +361,10 @@ class DynamicBatcher:
             return self._take(chosen)
         due = head.enqueued_ns + self._delay_ns
         if now >= due:
+            return self._take(chosen)
+        # Called only while an instance is free: with nothing else queued, waiting for the timer
+        # would leave that instance idle for the whole delay.
+        if self.config.idle_dispatch and len(chosen) == self._queued:
             return self._take(chosen)
         self._arm_timer(due)
         return None

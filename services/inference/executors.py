@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -33,6 +32,7 @@ def batching_config(spec: VersionSpec, settings: InferenceSettings) -> BatchingC
         default_priority_level=settings.default_priority_level or settings.priority_levels,
         # One batch per instance at a time keeps every worker busy without over-queueing them.
         max_concurrent_batches=max(1, serving.instance_count),
+        idle_dispatch=not serving.strict_queue_delay,
     )
 
 
@@ -61,7 +61,9 @@ class BatchedExecutor:
         self._lv = lv
         self._config = batching_config(spec, settings)
         serving = spec.serving
-        kwargs: dict[str, Any] = {
+        from services.inference import workers
+
+        model: workers.ModelArgs = {
             "artifact_path": str(artifact_path),
             "format": spec.format,
             "inputs": spec.inputs,
@@ -72,13 +74,11 @@ class BatchedExecutor:
             "torch_threads": settings.torch_threads or None,
             "name": f"{spec.model}/{spec.version}",
         }
-        from services.inference import workers
-
         if settings.worker_mode == "process":
             self.pool: workers.WorkerPool | workers.InProcessRunner = workers.WorkerPool(
-                **kwargs, sandbox=sandbox_policy(settings), batch_timeout_s=settings.batch_timeout_s)
+                **model, sandbox=sandbox_policy(settings), batch_timeout_s=settings.batch_timeout_s)
         else:  # threads share the service's process: no sandbox and no batch watchdog
-            self.pool = workers.InProcessRunner(**kwargs)
+            self.pool = workers.InProcessRunner(**model)
         self.batcher: DynamicBatcher | None = None
 
     async def start(self) -> None:

@@ -10,6 +10,7 @@ per model (`name`) and per version (`name/version`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import grpc
@@ -43,24 +44,24 @@ def parse_model_ref(ref: str) -> tuple[str, int, str]:
     return model, 0, alias
 
 
+@dataclasses.dataclass(eq=False, repr=False)  # no repr: the settings hold secrets
 class InferenceService(Service[ModelRepository]):
     """The inference service's server and model repository, with what feeds the repository (the
     registry loader, Triton backends, the alias follower) and its telemetry reporter."""
 
-    def __init__(self, settings: InferenceSettings, app: ServiceApp, repository: ModelRepository, *,
-                 servicer: InferenceServicer, registry_channel: grpc.aio.Channel, loader: RegistryLoader,
-                 triton_loaders: dict[str, TritonLoader], follower: AliasFollower | None,
-                 reporter: TelemetryReporter) -> None:
-        super().__init__(app, repository)
-        self.settings = settings
-        self.repository = repository
-        self.servicer = servicer
-        self.registry_channel = registry_channel
-        self.loader = loader
-        self.triton_loaders = triton_loaders
-        self.follower = follower
-        self.reporter = reporter
-        repository.add_listener(self._on_version_state)
+    settings: InferenceSettings
+    app: ServiceApp
+    repository: ModelRepository
+    servicer: InferenceServicer
+    registry_channel: grpc.aio.Channel
+    loader: RegistryLoader
+    triton_loaders: dict[str, TritonLoader]
+    follower: AliasFollower | None
+    reporter: TelemetryReporter
+
+    def __post_init__(self) -> None:
+        super().__init__(self.app, self.repository)
+        self.repository.add_listener(self._on_version_state)
 
     def _on_version_state(self, model: str, version: int, ready: bool) -> None:
         loop = asyncio.get_running_loop()

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 import numpy as np
 
@@ -366,53 +366,64 @@ class _Worker:
         self.out_slab.close()
 
 
-class WorkerPool:
+class ModelArgs(TypedDict):
+    """What both runners are built from: one version's artifact, signature and sizing."""
+
+    artifact_path: str
+    format: str
+    inputs: Sequence[TensorSpecLike]
+    outputs: Sequence[TensorSpecLike]
+    device: NotRequired[str]  # "" or "cpu" (the default), "cuda:N"
+    instance_count: NotRequired[int]  # at least 1 (the default)
+    max_batch_size: NotRequired[int]  # 0 (the default): the model takes no batch dimension
+    torch_threads: NotRequired[int | None]
+    name: NotRequired[str | None]  # for logs and errors; the artifact path by default
+
+
+class _Runner:
+    """The model a runner serves and how many instances serve it."""
+
+    def __init__(self, model: ModelArgs) -> None:
+        self.artifact_path = model["artifact_path"]
+        self.format = model["format"]
+        self.inputs, self.outputs = signature_of(model["inputs"]), signature_of(model["outputs"])
+        self.device = model.get("device") or "cpu"
+        self.instance_count = max(1, model.get("instance_count", 1))
+        self.max_batch_size = model.get("max_batch_size", 0)
+        self.torch_threads = model.get("torch_threads")
+        self.name = model.get("name") or self.artifact_path
+
+
+class WorkerPool(_Runner):
     """`instance_count` worker processes for one model version, each sandboxed by `sandbox`.
 
     `sandbox.address_space_bytes` is the runtime's allowance; each worker may map that plus four
     times its artifact's size. `batch_timeout_s` bounds one batch (0: no bound).
     """
 
-    def __init__(
-        self,
-        *,
-        artifact_path: str,
-        format: str,
-        inputs: Sequence[TensorSpecLike],
-        outputs: Sequence[TensorSpecLike],
-        device: str = "cpu",
-        instance_count: int = 1,
-        max_batch_size: int = 0,
-        torch_threads: int | None = None,
-        name: str | None = None,
-        start_timeout_s: float = 300.0,
-        sandbox: SandboxPolicy | None = None,
-        batch_timeout_s: float = 60.0,
-    ) -> None:
-        if format not in FORMATS:
-            raise FailedPrecondition(f"unknown model format '{format}'; expected one of {', '.join(FORMATS)}")
-        self.inputs, self.outputs = signature_of(inputs), signature_of(outputs)
+    def __init__(self, *, start_timeout_s: float = 300.0, sandbox: SandboxPolicy | None = None,
+                 batch_timeout_s: float = 60.0, **model: Unpack[ModelArgs]) -> None:
+        if model["format"] not in FORMATS:
+            raise FailedPrecondition(
+                f"unknown model format '{model['format']}'; expected one of {', '.join(FORMATS)}")
+        super().__init__(model)
         self.output_names = frozenset(sig.name for sig in self.outputs)
-        self.name = name or artifact_path
-        self.instance_count = max(1, instance_count)
-        self.max_batch_size = max_batch_size
         self.start_timeout_s = start_timeout_s
         self.batch_timeout_s = max(0.0, batch_timeout_s)
         policy = sandbox or SandboxPolicy()
         allowance = policy.address_space_bytes
         if allowance > 0:
             with contextlib.suppress(OSError):  # a missing artifact fails with the loader's message
-                allowance += _ADDRESS_SPACE_PER_ARTIFACT_BYTE * os.path.getsize(artifact_path)
-        policy = dataclasses.replace(policy, readable=(artifact_path,), device=device or "cpu",
+                allowance += _ADDRESS_SPACE_PER_ARTIFACT_BYTE * os.path.getsize(self.artifact_path)
+        policy = dataclasses.replace(policy, readable=(self.artifact_path,), device=self.device,
                                      address_space_bytes=allowance)  # fmt: skip
-        self.worker_config = WorkerConfig(
-            artifact_path, format, self.inputs, self.outputs, device or "cpu", torch_threads or 1, policy
-        )
+        self.worker_config = WorkerConfig(self.artifact_path, self.format, self.inputs, self.outputs, self.device,
+                                          self.torch_threads or 1, policy)
         # What the sandbox held in the latest start of each instance (what `sandbox.apply` reported).
         self.sandbox_reports: dict[int, SandboxReport] = {}
         self._warned_unconfined = False
-        rows = max(1, max_batch_size)
-        batched = max_batch_size > 0
+        rows = max(1, self.max_batch_size)
+        batched = self.max_batch_size > 0
         self.slab_bytes = max(_MIN_SLAB, rows * _row_bytes(self.inputs, batched))
         self.out_slab_bytes = max(_MIN_SLAB, rows * _row_bytes(self.outputs, batched))
         self._workers: list[_Worker] = []
@@ -559,29 +570,11 @@ class WorkerPool:
             return
 
 
-class InProcessRunner:
+class InProcessRunner(_Runner):
     """The same interface as `WorkerPool`, running the model in a thread pool of this process."""
 
-    def __init__(
-        self,
-        *,
-        artifact_path: str,
-        format: str,
-        inputs: Sequence[TensorSpecLike],
-        outputs: Sequence[TensorSpecLike],
-        device: str = "cpu",
-        instance_count: int = 1,
-        max_batch_size: int = 0,
-        torch_threads: int | None = None,
-        name: str | None = None,
-    ) -> None:
-        self._args = (artifact_path, format, inputs, outputs)
-        self._device = device or "cpu"
-        self._threads = torch_threads
-        self.name = name or artifact_path
-        self.max_batch_size = max_batch_size
-        self.instance_count = max(1, instance_count)
-        self.inputs = signature_of(inputs)
+    def __init__(self, **model: Unpack[ModelArgs]) -> None:
+        super().__init__(model)
         self._model: LoadedModel | None = None
         self._executor: ThreadPoolExecutor | None = None
 
@@ -596,11 +589,9 @@ class InProcessRunner:
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(self.instance_count, thread_name_prefix=f"model-{self.name}")
         loop = asyncio.get_running_loop()
-        path, format, inputs, outputs = self._args
-        self._model = await loop.run_in_executor(
-            self._executor,
-            lambda: load_model(path, format, inputs, outputs, device=self._device, threads=self._threads),
-        )
+        self._model = await loop.run_in_executor(self._executor, lambda: load_model(
+            self.artifact_path, self.format, self.inputs, self.outputs, device=self.device,
+            threads=self.torch_threads))
 
     async def run_batch(self, inputs: dict[str, np.ndarray]) -> BatchResult:
         model, executor = self._model, self._executor

@@ -15,7 +15,9 @@ from services.registry.entities import (
     AuditEvent,
     ChangeEvent,
     ChangeType,
+    FileStart,
     Lineage,
+    ManifestFile,
     Model,
     ModelVersion,
     Record,
@@ -77,7 +79,14 @@ def version(v: ModelVersion) -> pb.ModelVersion:
                            parent_model=v.lineage.parent_model),
         created_by=v.created_by, create_time=timestamp(v.create_time), aliases=v.aliases,
         reports={name: struct(report) for name, report in v.reports.items()},
+        files=[pb.ArtifactFile(path=f.path, sha256=f.sha256, size=f.size) for f in v.files],
     )
+
+
+def file_part(part: FileStart | bytes) -> pb.DownloadFilesResponse:
+    if isinstance(part, FileStart):
+        return pb.DownloadFilesResponse(file=pb.FileStart(path=part.path, offset=part.offset))
+    return pb.DownloadFilesResponse(chunk=part)
 
 
 def version_spec(header: pb.UploadVersionHeader) -> VersionSpec:
@@ -88,6 +97,7 @@ def version_spec(header: pb.UploadVersionHeader) -> VersionSpec:
         lineage=Lineage(header.lineage.parent_version, header.lineage.transformation, header.lineage.parent_model),
         actor=header.actor, create_model=header.create_model,
         reports={name: from_struct(report) for name, report in header.reports.items()},
+        files=tuple(ManifestFile(f.path, f.sha256, f.size) for f in header.files),
     )
 
 

@@ -10,18 +10,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from aiaas import artifact_gate
-from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from aiaas import artifact_gate, manifest
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
 from services.registry import validation as check
-from services.registry.artifacts import ArtifactStore, PendingArtifact
+from services.registry.artifacts import ArtifactStore, PendingArtifact, PendingFiles
 from services.registry.entities import (
     AliasMove,
     AuditEvent,
+    FileStart,
+    ManifestFile,
     Model,
     ModelVersion,
     Page,
@@ -41,6 +49,17 @@ MESSAGE_FRAMING_BYTES = 64 * 1024
 # The largest message the registry accepts: anything bigger is refused before it is buffered.
 MAX_REQUEST_BYTES = max(MAX_CHUNK_BYTES, MAX_UPLOAD_HEADER_BYTES) + MESSAGE_FRAMING_BYTES
 DEFAULT_DOWNLOAD_CHUNK = 1024 * 1024
+
+
+def _chunk_size(value: int) -> int:
+    if value < 0 or value > MAX_CHUNK_BYTES:
+        raise InvalidArgument(f"chunk_size must be 0..{MAX_CHUNK_BYTES} (0 means {DEFAULT_DOWNLOAD_CHUNK})")
+    return value or DEFAULT_DOWNLOAD_CHUNK
+
+
+def _check_offset(offset: int, size: int, what: str) -> None:
+    if not 0 <= offset <= size:
+        raise OutOfRange(f"offset {offset} is outside {what} ({size} bytes)")
 
 
 class UploadSlots:
@@ -72,14 +91,20 @@ class UploadSlots:
 
 
 class Upload:
-    """One version upload: `write` chunks, then `finish`; `abort` (always safe) drops what was written."""
+    """One version upload: `write` chunks, then `finish`; `abort` (always safe) drops what was written.
+
+    A multi-file version's chunks are its files' bytes, one file after the other (PendingFiles)."""
 
     def __init__(self, core: RegistryCore, spec: VersionSpec) -> None:
         self.core = core
         self.spec = spec
         # `abort` may come from another thread (a cancelled stream) while a chunk is being written.
         self._lock = threading.Lock()
-        self._pending: PendingArtifact | None = core.artifacts.begin(spec.artifact_sha256, spec.artifact_size)
+        self._pending: PendingArtifact | PendingFiles | None
+        if spec.files:
+            self._pending = PendingFiles(core.artifacts, spec.artifact_sha256, manifest.encode(spec.files), spec.files)
+        else:
+            self._pending = core.artifacts.begin(spec.artifact_sha256, spec.artifact_size)
 
     def write(self, chunk: bytes) -> None:
         if len(chunk) > MAX_CHUNK_BYTES:
@@ -103,17 +128,17 @@ class Upload:
             version = self.core.store.create_version(self.spec, place_blob=pending.place)
         except BaseException:
             self.abort()
-            if pending.placed:
-                # The file went into place but the version did not commit: remove it unless something uses it now.
-                self.core.collect_blob_or_log(self.spec.artifact_sha256, "the same bytes are uploaded again")
+            # Files went into place but the version did not commit: remove them unless something uses them now.
+            for sha256 in pending.placed_blobs():
+                self.core.collect_blob_or_log(sha256, "the same bytes are uploaded again")
             raise
         self.abort()  # drops the temporary copy when the content was stored already
         return version, not pending.placed
 
-    def _check_content(self, path: Path) -> None:
+    def _check_content(self, located: Path | Mapping[str, Path]) -> None:
         """The artifact gate on the complete upload: nothing that can run code becomes a version."""
         try:
-            artifact_gate.check_artifact(path, self.spec.format.value,
+            artifact_gate.check_artifact(located, self.spec.format.value,
                                          allow_torchscript="torchscript" in self.core.allowed_formats)
         except artifact_gate.UnsafeArtifact as exc:
             raise InvalidArgument(f"artifact refused: {exc}; nothing was stored") from None
@@ -173,6 +198,11 @@ class RegistryCore:
         if spec.format.value not in self.allowed_formats:
             raise InvalidArgument(f"this registry does not accept {spec.format.value} artifacts (setting "
                                   f"allowed_formats: {', '.join(sorted(self.allowed_formats))})")
+        if spec.files:
+            try:
+                artifact_gate.check_file_names((f.path for f in spec.files), spec.format.value)
+            except artifact_gate.UnsafeArtifact as exc:
+                raise InvalidArgument(f"artifact refused: {exc}; nothing was stored") from None
         self.store.check_new_version(spec)
         return Upload(self, spec)
 
@@ -201,8 +231,8 @@ class RegistryCore:
         return self.store.list_versions(check.name(model), check.page_size(page_size), page_token)
 
     def delete_version(self, model: str, version: int, actor: str = "") -> None:
-        sha = self.store.delete_version(check.name(model), check.version_number(version), check.actor(actor))
-        self.collect_blob_or_log(sha, "the next sweep")
+        for sha in self.store.delete_version(check.name(model), check.version_number(version), check.actor(actor)):
+            self.collect_blob_or_log(sha, "the next sweep")
 
     # Blobs.
     def collect_blob(self, sha256: str) -> bool:
@@ -221,13 +251,37 @@ class RegistryCore:
         database connection); returns how many were removed."""
         return sum(self.collect_blob(sha) for sha in self.store.unreferenced_blobs(limit))
 
-    def read_artifact(self, model: str, version: int = 0, alias: str = "",
-                      chunk_size: int = 0) -> tuple[ModelVersion, Iterator[bytes]]:
-        if chunk_size < 0 or chunk_size > MAX_CHUNK_BYTES:
-            raise InvalidArgument(f"chunk_size must be 0..{MAX_CHUNK_BYTES} (0 means {DEFAULT_DOWNLOAD_CHUNK})")
+    def read_artifact(self, model: str, version: int = 0, alias: str = "", chunk_size: int = 0,
+                      offset: int = 0) -> tuple[ModelVersion, Iterator[bytes]]:
+        """The version and its artifact's bytes from `offset` (a multi-file version's artifact is its manifest)."""
+        chunk_size = _chunk_size(chunk_size)
         found = self.get_version(model, version, alias)
-        chunks = self.artifacts.read(found.artifact_sha256, found.artifact_size, chunk_size or DEFAULT_DOWNLOAD_CHUNK)
-        return found, chunks
+        _check_offset(offset, found.artifact_size, "the artifact")
+        return found, self.artifacts.read(found.artifact_sha256, found.artifact_size, chunk_size, offset)
+
+    def read_files(self, model: str, version: int = 0, alias: str = "", chunk_size: int = 0, path: str = "",
+                   offset: int = 0) -> tuple[ModelVersion, Iterator[FileStart | bytes]]:
+        """A multi-file version and its files' bytes in manifest order, each file's after a `FileStart`;
+        starting at file `path` (empty: the first), `offset` bytes in."""
+        chunk_size = _chunk_size(chunk_size)
+        found = self.get_version(model, version, alias)
+        if not found.files:
+            raise FailedPrecondition(f"version {found.version} of model {found.model!r} is a single-file "
+                                     f"{found.format.value} artifact; download it with DownloadArtifact")
+        paths = [listed.path for listed in found.files]
+        if path and path not in paths:
+            raise NotFound(f"version {found.version} of model {found.model!r} has no file {path!r}")
+        if offset and not path:
+            raise InvalidArgument("an offset needs the path of the file it is in")
+        start = paths.index(path) if path else 0
+        _check_offset(offset, found.files[start].size, f"file {path!r}")
+        return found, self._file_parts(found.files[start:], offset, chunk_size)
+
+    def _file_parts(self, files: Sequence[ManifestFile], offset: int, chunk_size: int) -> Iterator[FileStart | bytes]:
+        for index, listed in enumerate(files):
+            start = offset if index == 0 else 0
+            yield FileStart(listed.path, start)
+            yield from self.artifacts.read(listed.sha256, listed.size, chunk_size, start)
 
     def attach_report(self, model: str, version: int, name: str, report: dict[str, Any],
                       actor: str = "") -> ModelVersion:

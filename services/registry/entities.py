@@ -8,12 +8,13 @@ from datetime import datetime
 from typing import Any
 
 from aiaas.formats import ArtifactFormat
+from aiaas.manifest import ManifestFile
 from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
 
 __all__ = ["AliasMove", "ArtifactFormat", "AuditEvent", "ChangeEvent", "ChangeType", "Dataset", "DatasetColumn",
-           "DatasetSpec", "Lineage", "Model", "ModelVersion", "Page", "Record", "ServingConfig", "Signature",
-           "StoredEvaluation", "TensorSpec", "VersionSpec"]
+           "DatasetSpec", "FileStart", "Lineage", "ManifestFile", "Model", "ModelVersion", "Page", "Record",
+           "ServingConfig", "Signature", "StoredEvaluation", "TensorSpec", "VersionBody", "VersionSpec"]
 
 
 class ChangeType(enum.Enum):
@@ -55,9 +56,10 @@ class Model:
     update_time: datetime
 
 
-@dataclasses.dataclass(frozen=True)
-class VersionSpec:
-    """What a client declares for a new version (the upload header, validated)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VersionBody:
+    """What a version is: its artifact, signature, serving settings and provenance; declared by a
+    client (`VersionSpec`) and stored by the registry (`ModelVersion`) alike."""
 
     model: str
     format: ArtifactFormat
@@ -67,26 +69,34 @@ class VersionSpec:
     serving_config: ServingConfig = dataclasses.field(default_factory=ServingConfig)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     lineage: Lineage = Lineage()
+    reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # A multi-file version's files, sorted by path (their bytes arrive in this order); the artifact is then
+    # their manifest (aiaas.manifest).
+    files: tuple[ManifestFile, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VersionSpec(VersionBody):
+    """What a client declares for a new version (the upload header, validated)."""
+
     actor: str = "anonymous"
     create_model: bool = False
-    reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelVersion:
-    model: str
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelVersion(VersionBody):
     version: int
-    format: ArtifactFormat
-    artifact_sha256: str
-    artifact_size: int
-    signature: Signature
-    serving_config: ServingConfig
-    metadata: dict[str, Any]
-    lineage: Lineage
     created_by: str
     create_time: datetime
     aliases: tuple[str, ...] = ()
-    reports: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileStart:
+    """In a download of a multi-file version: the chunks that follow are `path`'s, from `offset` on."""
+
+    path: str
+    offset: int
 
 
 @dataclasses.dataclass(frozen=True)

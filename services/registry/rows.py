@@ -17,6 +17,7 @@ from services.registry.entities import (
     ChangeEvent,
     ChangeType,
     Lineage,
+    ManifestFile,
     Model,
     ModelVersion,
     Record,
@@ -101,22 +102,30 @@ def models(conn: sa.Connection, found: Sequence[sa.Row[Any]]) -> list[Model]:
 
 def versions(conn: sa.Connection, model: str, found: Sequence[sa.Row[Any]]) -> list[ModelVersion]:
     pointing: dict[int, list[str]] = {}
+    listed: dict[int, list[ManifestFile]] = {}
     if found:
         for alias, number in conn.execute(
                 sa.select(t.aliases.c.alias, t.aliases.c.version)
                 .where(t.aliases.c.model_id == found[0].model_id).order_by(t.aliases.c.alias)):
             pointing.setdefault(int(number), []).append(alias)
-    return [version(row, model, tuple(pointing.get(row.version, ()))) for row in found]
+        for file_row in conn.execute(
+                sa.select(t.version_files).where(t.version_files.c.version_id.in_([row.id for row in found]))):
+            listed.setdefault(file_row.version_id, []).append(
+                ManifestFile(file_row.path, file_row.sha256, int(file_row.size)))
+    # Sorted here, not by SQL: a PostgreSQL collation may order paths unlike the manifest (code points).
+    return [version(row, model, tuple(pointing.get(row.version, ())), tuple(sorted(listed.get(row.id, ()))))
+            for row in found]
 
 
-def version(row: sa.Row[Any], model: str, aliases: tuple[str, ...] = ()) -> ModelVersion:
+def version(row: sa.Row[Any], model: str, aliases: tuple[str, ...] = (),
+            files: tuple[ManifestFile, ...] = ()) -> ModelVersion:
     return ModelVersion(
         model=model, version=int(row.version), format=ArtifactFormat(row.format), artifact_sha256=row.sha256,
         artifact_size=int(row.size), signature=_signature(row.signature), serving_config=_serving(row.serving_config),
         metadata=json.loads(row.metadata), lineage=Lineage(int(row.parent_version), row.transformation,
                                                            row.parent_model),
         created_by=row.created_by, create_time=time(row.create_us), aliases=aliases,
-        reports=json.loads(row.reports),
+        reports=json.loads(row.reports), files=files,
     )
 
 

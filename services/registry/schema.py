@@ -128,6 +128,16 @@ blobs = sa.Table(
     sa.Index("ix_blobs_refs", "refs"),
 )
 
+# The files of a multi-file version (a checkpoint directory), each a blob; the version's own sha256 is
+# the blob of their manifest. A version holds one reference to each distinct blob it lists.
+version_files = sa.Table(
+    "version_files", metadata,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("path", sa.String(255), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False, index=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+)
+
 # Labeled data sets for evaluations: content-addressed files counted in `blobs` like artifacts.
 datasets = sa.Table(
     "datasets", metadata,
@@ -179,6 +189,10 @@ def _blob_references(conn: sa.Connection) -> None:
                   sa.literal(now_us, sa.BigInteger)).group_by(versions.c.sha256)))
 
 
+def _version_files(conn: sa.Connection) -> None:
+    version_files.create(conn)
+
+
 def _datasets_and_evaluations(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[datasets, evaluations])
 
@@ -189,6 +203,7 @@ Migration = Callable[[sa.Connection], None]
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("initial schema", _initial_schema),
     ("blob references", _blob_references),
+    ("files of multi-file versions", _version_files),
     ("data sets and evaluations", _datasets_and_evaluations),
 ]
 

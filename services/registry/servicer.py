@@ -140,13 +140,24 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def DownloadArtifact(self, request: pb.DownloadArtifactRequest,
                                context: Any) -> AsyncIterator[pb.DownloadArtifactResponse]:
         found, chunks = await run(self.core.read_artifact, request.model, request.version, request.alias,
-                                  request.chunk_size)
+                                  request.chunk_size, request.offset)
         try:
             yield pb.DownloadArtifactResponse(version=convert.version(found))
             while (chunk := await run(next, chunks, None)) is not None:
                 yield pb.DownloadArtifactResponse(chunk=chunk)
         finally:
             chunks.close()  # type: ignore[attr-defined]
+
+    async def DownloadFiles(self, request: pb.DownloadFilesRequest,
+                            context: Any) -> AsyncIterator[pb.DownloadFilesResponse]:
+        found, parts = await run(self.core.read_files, request.model, request.version, request.alias,
+                                 request.chunk_size, request.path, request.offset)
+        try:
+            yield pb.DownloadFilesResponse(version=convert.version(found))
+            while (part := await run(next, parts, None)) is not None:
+                yield convert.file_part(part)
+        finally:
+            parts.close()  # type: ignore[attr-defined]
 
     async def AttachReport(self, request: pb.AttachReportRequest, context: Any) -> pb.AttachReportResponse:
         found = await run(self.core.attach_report, request.model, request.version, request.name,

@@ -27,8 +27,8 @@ class RegistrySettings(ServerSettings):
     database_url: str = ""
     # Content-addressed artifact directory; empty means $AIAAS_HOME/artifacts.
     artifact_dir: str = ""
-    # Largest artifact a version may have, in bytes (4 GiB); a larger declared artifact_size is refused
-    # (INVALID_ARGUMENT) before a byte is stored.
+    # Largest artifact a version may have, in bytes (4 GiB); a larger declared artifact_size (for a checkpoint
+    # directory: the sum of its files) is refused (INVALID_ARGUMENT) before a byte is stored.
     max_artifact_bytes: int = 4 * 1024**3
     # How many change-feed events are kept for watchers that resume after a disconnect.
     feed_retention: int = 10_000
@@ -50,7 +50,7 @@ class RegistrySettings(ServerSettings):
     upload_sweep_interval_s: float = 60.0
     # Artifact formats this registry accepts (comma-separated); each is checked by the artifact gate
     # at upload. Drop 'torchscript' to turn off the deprecated format whose archives carry code.
-    allowed_formats: str = "torchscript,torch_export,onnx,safetensors"
+    allowed_formats: str = "torchscript,torch_export,onnx,safetensors,hf_causal_lm"
     # Largest labeled data set (UploadDataset) in bytes (4 GiB); a larger declared size is refused at once.
     max_dataset_bytes: int = 4 * 1024**3
     # Aliases the promotion gate guards (comma-separated): a model's evaluation gate must pass before one

@@ -211,18 +211,16 @@ class SqlRegistryStore(SqlQualityStore, RegistryStore):
             if pointed:
                 listed = ", ".join(f"{a}->{v}" for a, v in pointed)
                 raise FailedPrecondition(f"model {name!r} still has aliases ({listed}); delete or move them first")
-            gone = tx.conn.execute(sa.select(t.versions.c.version, t.versions.c.sha256).where(
+            gone = tx.conn.execute(sa.select(t.versions.c.id, t.versions.c.version).where(
                 t.versions.c.model_id == row.id).order_by(t.versions.c.version)).all()
-            for _, sha in gone:
-                self._drop_blob_ref(tx, sha)
-            for table in (t.alias_moves, t.versions):
-                tx.conn.execute(sa.delete(table).where(table.c.model_id == row.id))
+            shas = [sha for version_id, _ in gone for sha in self._drop_version(tx, version_id)]
+            tx.conn.execute(sa.delete(t.alias_moves).where(t.alias_moves.c.model_id == row.id))
             tx.conn.execute(sa.delete(t.models).where(t.models.c.id == row.id))
-            tx.audit(actor, "model.delete", name, versions=[v for v, _ in gone])
-            for number, _ in gone:
+            tx.audit(actor, "model.delete", name, versions=[v for _, v in gone])
+            for _, number in gone:
                 tx.emit(ChangeType.VERSION_DELETED, model=name, version=number)
             tx.emit(ChangeType.MODEL_DELETED, model=name)
-        return [sha for _, sha in gone]
+        return shas
 
     # Versions.
     def check_new_version(self, spec: VersionSpec) -> None:
@@ -251,9 +249,14 @@ class SqlRegistryStore(SqlQualityStore, RegistryStore):
                 .values(last_version=t.models.c.last_version + 1, update_us=tx.now)
                 .returning(t.models.c.last_version)
             ).scalar_one()
-            tx.conn.execute(t.versions.insert().values(model_id=model_id, version=number, **rows.version_values(spec),
-                                                       create_us=tx.now))
-            self._add_blob_ref(tx, spec.artifact_sha256, spec.artifact_size)
+            version_id = tx.conn.execute(t.versions.insert().values(
+                model_id=model_id, version=number, **rows.version_values(spec), create_us=tx.now,
+            ).returning(t.versions.c.id)).scalar_one()
+            if spec.files:
+                tx.conn.execute(t.version_files.insert(), [
+                    {"version_id": version_id, "path": f.path, "sha256": f.sha256, "size": f.size} for f in spec.files])
+            for sha256, size in self._blobs_of(spec).items():
+                self._add_blob_ref(tx, sha256, size)
             place_blob()
             tx.audit(spec.actor, "version.create", spec.model, number, sha256=spec.artifact_sha256,
                      size=spec.artifact_size, format=spec.format.value,
@@ -284,7 +287,7 @@ class SqlRegistryStore(SqlQualityStore, RegistryStore):
         token = encode_token("versions:" + model, items[-1].version) if len(found) > page_size else ""
         return Page(items, token)
 
-    def delete_version(self, model: str, version: int, actor: str) -> str:
+    def delete_version(self, model: str, version: int, actor: str) -> list[str]:
         with self._write() as tx:
             model_row = self._model_row(tx.conn, model)
             row = self._version_row(tx.conn, model_row, version)
@@ -294,11 +297,22 @@ class SqlRegistryStore(SqlQualityStore, RegistryStore):
             if pointing:
                 raise FailedPrecondition(f"version {version} of model {model!r} is aliased by "
                                          f"{', '.join(pointing)}; move or delete those aliases first")
-            tx.conn.execute(sa.delete(t.versions).where(t.versions.c.id == row.id))
-            self._drop_blob_ref(tx, row.sha256)
+            shas = self._drop_version(tx, row.id)
             tx.audit(actor, "version.delete", model, version, sha256=row.sha256)
             tx.emit(ChangeType.VERSION_DELETED, model=model, version=version)
-        return str(row.sha256)
+        return shas
+
+    def _drop_version(self, tx: _Tx, version_id: int) -> list[str]:
+        """Delete a version's row and files, dropping one reference to each blob it used; returns them."""
+        sha = tx.conn.execute(sa.select(t.versions.c.sha256).where(t.versions.c.id == version_id)).scalar_one()
+        listed = tx.conn.execute(sa.select(t.version_files.c.sha256).where(
+            t.version_files.c.version_id == version_id)).scalars().all()
+        tx.conn.execute(sa.delete(t.version_files).where(t.version_files.c.version_id == version_id))
+        tx.conn.execute(sa.delete(t.versions).where(t.versions.c.id == version_id))
+        shas = sorted({sha, *listed})
+        for blob in shas:
+            self._drop_blob_ref(tx, blob)
+        return shas
 
     def attach_report(self, model: str, version: int, name: str, report: dict[str, Any],
                       actor: str) -> ModelVersion:
@@ -311,6 +325,11 @@ class SqlRegistryStore(SqlQualityStore, RegistryStore):
         return self.get_version(model, version)
 
     # Blobs.
+    @staticmethod
+    def _blobs_of(spec: VersionSpec) -> dict[str, int]:
+        """The distinct blobs a version uses (its artifact, and a multi-file version's files), with their sizes."""
+        return {spec.artifact_sha256: spec.artifact_size, **{f.sha256: f.size for f in spec.files}}
+
     def _add_blob_ref(self, tx: _Tx, sha256: str, size: int) -> None:
         # No insert can race this one: writers are serialized (module docstring).
         added = tx.conn.execute(sa.update(t.blobs).where(t.blobs.c.sha256 == sha256)

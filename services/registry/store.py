@@ -24,7 +24,7 @@ from services.registry.quality_store import QualityStore
 
 # Called after a write commits, with the feed revision it reached.
 CommitListener = Callable[[int], None]
-# Puts a version's blob file in place if it is missing; run inside the version's transaction.
+# Puts a version's blob files in place if they are missing; run inside the version's transaction.
 PlaceBlob = Callable[[], None]
 # Removes a blob file (given its sha256); run inside the transaction that forgets the blob.
 RemoveBlob = Callable[[str], None]
@@ -58,7 +58,7 @@ class RegistryStore(QualityStore):
 
     @abc.abstractmethod
     def delete_model(self, name: str, actor: str) -> list[str]:
-        """Delete a model and its versions, dropping their blob references; returns their sha256."""
+        """Delete a model and its versions, dropping their blob references; returns those blobs' sha256."""
 
     # Versions.
     @abc.abstractmethod
@@ -67,7 +67,8 @@ class RegistryStore(QualityStore):
 
     @abc.abstractmethod
     def create_version(self, spec: VersionSpec, place_blob: PlaceBlob) -> ModelVersion:
-        """Record the version and a reference to its blob, then call `place_blob` before committing.
+        """Record the version and a reference to each of its blobs (the artifact, and a multi-file version's
+        files), then call `place_blob` (which places them all) before committing.
 
         No `collect_blob` of any replica runs between the reference and the commit, so a blob file
         that `place_blob` finds (or puts) in place stays there while a version uses it."""
@@ -79,8 +80,8 @@ class RegistryStore(QualityStore):
     def list_versions(self, model: str, page_size: int, page_token: str) -> Page: ...
 
     @abc.abstractmethod
-    def delete_version(self, model: str, version: int, actor: str) -> str:
-        """Delete an unaliased version, dropping its blob reference; returns its artifact's sha256."""
+    def delete_version(self, model: str, version: int, actor: str) -> list[str]:
+        """Delete an unaliased version, dropping its blob references; returns those blobs' sha256."""
 
     @abc.abstractmethod
     def attach_report(self, model: str, version: int, name: str, report: dict[str, Any],

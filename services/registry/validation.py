@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 from typing import Any
 
+from aiaas import manifest
 from services.common.errors import InvalidArgument
-from services.registry.entities import Lineage, ServingConfig, Signature, TensorSpec, VersionSpec
+from services.registry.entities import (
+    Lineage,
+    ManifestFile,
+    ServingConfig,
+    Signature,
+    TensorSpec,
+    VersionSpec,
+)
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -160,8 +169,38 @@ def lineage(value: Lineage) -> Lineage:
     return value
 
 
+def files(spec: VersionSpec, max_artifact_bytes: int) -> tuple[tuple[ManifestFile, ...], str, int]:
+    """A multi-file version's files, and the sha256 and size of their manifest (its artifact)."""
+    fmt = spec.format.value
+    if not spec.format.multi_file:
+        raise InvalidArgument(f"a {fmt} artifact is a single file: send it without a files list")
+    if not spec.files:
+        raise InvalidArgument(f"a {fmt} version is a directory of files: list them (path, sha256, size) in the "
+                              "upload header's files")
+    listed = manifest.check_files(spec.files)
+    if listed != tuple(spec.files):
+        raise InvalidArgument("list the files sorted by path: their bytes follow in that order")
+    total = manifest.total_size(listed)
+    if total > max_artifact_bytes:
+        raise InvalidArgument(f"the files add up to {total} bytes, over this registry's limit of {max_artifact_bytes} "
+                              "bytes (setting max_artifact_bytes)")
+    sha256, size = manifest.digest(listed)
+    if spec.artifact_sha256 and spec.artifact_sha256 != sha256:
+        raise InvalidArgument(f"artifact_sha256 of a multi-file version is the sha256 of its manifest "
+                              f"(aiaas.manifest.digest): the files listed give {sha256}, not {spec.artifact_sha256}; "
+                              "or leave it empty")
+    if spec.artifact_size and spec.artifact_size != size:
+        raise InvalidArgument(f"artifact_size of a multi-file version is the size of its manifest: the files listed "
+                              f"give {size}, not {spec.artifact_size}; or leave it 0")
+    return listed, sha256, size
+
+
 def version_spec(spec: VersionSpec, max_artifact_bytes: int) -> VersionSpec:
     name(spec.model)
+    listed: tuple[ManifestFile, ...] = ()
+    if spec.files or spec.format.multi_file:
+        listed, sha256, size = files(spec, max_artifact_bytes)
+        spec = dataclasses.replace(spec, artifact_sha256=sha256, artifact_size=size)
     if not SHA256_RE.fullmatch(spec.artifact_sha256):
         raise InvalidArgument("artifact_sha256 must be 64 lowercase hex characters (the sha256 of the artifact)")
     if spec.artifact_size <= 0:
@@ -170,7 +209,9 @@ def version_spec(spec: VersionSpec, max_artifact_bytes: int) -> VersionSpec:
         raise InvalidArgument(f"artifact_size {spec.artifact_size} exceeds this registry's limit of "
                               f"{max_artifact_bytes} bytes (setting max_artifact_bytes)")
     cfg = serving_config(spec.serving_config)
-    signature(spec.signature, cfg)
+    # A checkpoint speaks text (the generative engine's protocol): a tensor signature is optional.
+    if not spec.format.multi_file or spec.signature.inputs or spec.signature.outputs:
+        signature(spec.signature, cfg)
     json_document(spec.metadata, "metadata")
     for report_name, report in spec.reports.items():
         name(report_name, "report name")
@@ -179,7 +220,7 @@ def version_spec(spec: VersionSpec, max_artifact_bytes: int) -> VersionSpec:
         model=spec.model, format=spec.format, artifact_sha256=spec.artifact_sha256,
         artifact_size=spec.artifact_size, signature=spec.signature, serving_config=cfg,
         metadata=spec.metadata, lineage=lineage(spec.lineage), actor=actor(spec.actor),
-        create_model=spec.create_model, reports=spec.reports,
+        create_model=spec.create_model, reports=spec.reports, files=listed,
     )
 
 

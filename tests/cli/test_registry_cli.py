@@ -45,7 +45,7 @@ def test_register_list_show_alias_rollback_audit(capsys: pytest.CaptureFixture[s
         assert code == 0, err
         assert out.startswith("registered cli-model version")
     version = run_json(capsys, registry, "versions", "cli-model")[1]
-    assert version["version"] == "2" and version["created_by"] == "cli-test"
+    assert version["version"] == "2" and version["created_by"] == "admin/cli-test"
     assert version["signature"]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "10"]}]
     assert version["metadata"] == {"accuracy": 0.93, "owner": "vision"}
     assert version["artifact_sha256"] == hashlib.sha256(onnx_blob("second")).hexdigest()

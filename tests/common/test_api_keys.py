@@ -64,7 +64,7 @@ def test_token_format() -> None:
     for bad in ("aiaas_abcd1234_", "other_abcd1234_x", "aiaas_AB_x", "aiaas"):
         with pytest.raises(Unauthenticated, match="malformed API key"):
             api_keys.parse_token(bad)
-    assert set(api_keys.ROLE_NAMES) == {"infer", "read", "admin"}
+    assert set(api_keys.ROLE_NAMES) == {"infer", "read", "admin", "priority"}
 
 
 def test_unreadable_or_foreign_records_are_refused() -> None:

@@ -97,7 +97,7 @@ def test_every_proto_format_has_exactly_one_member() -> None:
 
 
 def test_format_lists_derive_from_the_enum() -> None:
-    assert FORMATS == artifact_gate.FORMATS == ("torchscript", "torch_export", "onnx", "safetensors")
+    assert FORMATS == artifact_gate.FORMATS == ("torchscript", "torch_export", "onnx", "safetensors", "hf_causal_lm")
     assert SERVABLE_FORMATS == runtime.FORMATS == ("torchscript", "torch_export", "onnx")
     assert platform_of("onnx") == "onnxruntime_onnx" and platform_of("triton") == "triton"
 

@@ -36,11 +36,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceP
     registry = Registry(start_registry(tmp_path_factory.mktemp("registry")))
     mlp = models.write_mlp(tmp_path_factory.mktemp("models"), "torchscript", sizes=(4, 8, 3))
     registry.register("mlp", mlp, alias="production", max_batch_size=8)
-    registry.register("held-timeout", mlp, alias="production", max_batch_size=64, max_queue_delay_us=HOLD_US)
+    registry.register("held-timeout", mlp, alias="production", max_batch_size=64, max_queue_delay_us=HOLD_US, strict_queue_delay=True)
     registry.register("held", mlp, alias="production", max_batch_size=64, max_queue_delay_us=HOLD_US,
+                      strict_queue_delay=True,
                       max_queue_size=2)
     registry.register("held-config-timeout", mlp, alias="production", max_batch_size=64,
-                      max_queue_delay_us=HOLD_US, default_timeout_us=200_000)
+                      max_queue_delay_us=HOLD_US,
+                      strict_queue_delay=True, default_timeout_us=200_000)
     replica = start_inference_replica(registry, tmp_path_factory.mktemp("cache"))
     models_ = ["mlp", "held-timeout", "held", "held-config-timeout"]
     for model in models_:

@@ -284,9 +284,9 @@ async def test_shadows_never_change_the_answer_and_are_compared(stack: Stack) ->
             result = await client.infer("m", inputs([float(i)]), headers=stack.headers())
             assert result.get_response().model_version == "1"
             np.testing.assert_array_equal(result.as_numpy("y"), [[i]])
-    await stack.plane.drain_shadows()
-    diverging = stack.plane.shadow_stats[("m", 1, 3)]
-    agreeing = stack.plane.shadow_stats[("m", 1, 2)]
+    await stack.plane.shadows.drain()
+    diverging = stack.plane.shadows.stats[("m", 1, 3)]
+    agreeing = stack.plane.shadows.stats[("m", 1, 2)]
     assert (diverging.compared, diverging.mismatched, diverging.max_abs_diff) == (10, 10, 0.5)
     assert (agreeing.compared, agreeing.mismatched) == (10, 0)
 
@@ -368,15 +368,15 @@ async def test_drift_samples_of_live_inputs_reach_the_monitor(stack: Stack) -> N
     await server.start()
     reporter = TelemetryReporter(f"127.0.0.1:{port}", source="gateway", flush_interval_s=60, model_metrics=False)
     await reporter.start()
-    stack.plane.reporter = reporter
+    stack.plane.drift.reporter = reporter
     try:
         async with tca.InferenceServerClient(stack.address) as client:
-            stack.plane.drift_sample_rate = 0.0
+            stack.plane.drift.rate = 0.0
             for _ in range(5):
                 await client.infer("m", drift_inputs(3), headers=stack.headers())
             await asyncio.sleep(0.01)
-            assert not reporter._samples and stack.plane.drift_pending == 0
-            stack.plane.drift_sample_rate = 1.0
+            assert not reporter._samples and stack.plane.drift.pending == 0
+            stack.plane.drift.rate = 1.0
             await client.infer("m", drift_inputs(3), headers=stack.headers())          # production -> 1
             await client.infer("m:canary", drift_inputs(2), headers=stack.headers())   # canary -> 2
         await asyncio.sleep(0.01)
@@ -396,7 +396,7 @@ async def test_drift_samples_of_live_inputs_reach_the_monitor(stack: Stack) -> N
 async def test_drift_sampling_is_bounded_and_off_without_a_monitor(stack: Stack) -> None:
     plane = DataPlane(catalog=stack.catalog, ring=stack.ring, quotas=QuotaEnforcer(), upstream=stack.upstream,
                       reporter=TelemetryReporter(None, source="gateway", model_metrics=False), drift_sample_rate=1.0)
-    assert plane.drift_sample_rate == 0.0  # nowhere to send samples: nothing is decoded
+    assert plane.drift.rate == 0.0  # nowhere to send samples: nothing is decoded
     reporter = TelemetryReporter("127.0.0.1:1", source="gateway", model_metrics=False)  # never started
     plane = DataPlane(catalog=stack.catalog, ring=stack.ring, quotas=QuotaEnforcer(), upstream=stack.upstream,
                       reporter=reporter, drift_sample_rate=1.0)
@@ -405,7 +405,7 @@ async def test_drift_sampling_is_bounded_and_off_without_a_monitor(stack: Stack)
     resolution = stack.catalog.resolve("m", "", "", "")
     for _ in range(20):  # a burst: at most 8 wait for their loop turn, the rest are dropped
         plane.drift.maybe_sample(request, resolution.model, resolution.version)
-    assert (plane.drift_pending, plane.drift_dropped, len(reporter._samples)) == (8, 12, 0)
+    assert (plane.drift.pending, plane.drift.dropped, len(reporter._samples)) == (8, 12, 0)
     await asyncio.sleep(0)
-    assert plane.drift_pending == 0 and len(reporter._samples) == 8
+    assert plane.drift.pending == 0 and len(reporter._samples) == 8
     assert {(s.model, s.version, s.input) for s in reporter._samples} == {("m", 1, "x")}

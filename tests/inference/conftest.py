@@ -42,7 +42,8 @@ class Registry:
 
     def register(self, model: str, artifact: Any, *, max_batch_size: int = 8,
                  preferred_batch_sizes: Sequence[int] = (), max_queue_delay_us: int = 0, instance_count: int = 1,
-                 max_queue_size: int = 0, default_timeout_us: int = 0, alias: str | None = None) -> int:
+                 max_queue_size: int = 0, default_timeout_us: int = 0, alias: str | None = None,
+                 strict_queue_delay: bool = False) -> int:
         """Upload `artifact` (tests.inference.models.Artifact) as a new version; returns its number."""
         data = Path(artifact.path).read_bytes()
         header = registry_pb2.UploadVersionHeader(
@@ -56,7 +57,8 @@ class Registry:
             serving_config=registry_pb2.ServingConfig(
                 max_batch_size=max_batch_size, preferred_batch_sizes=list(preferred_batch_sizes),
                 max_queue_delay_us=max_queue_delay_us, instance_count=instance_count, device="cpu",
-                max_queue_size=max_queue_size, default_timeout_us=default_timeout_us))
+                max_queue_size=max_queue_size, default_timeout_us=default_timeout_us,
+                strict_queue_delay=strict_queue_delay))
 
         def messages() -> Iterator[registry_pb2.UploadVersionRequest]:
             yield registry_pb2.UploadVersionRequest(header=header)

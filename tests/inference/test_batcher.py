@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 
 import numpy as np
@@ -90,7 +91,7 @@ async def test_single_request_goes_straight_to_the_model() -> None:
 
 async def test_size_trigger_dispatches_at_max_batch_size() -> None:
     runner = GatedRunner()
-    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US))
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US, idle_dispatch=False))
     payloads = [rows(1, i) for i in range(4)]
     tasks = [start(batcher, p) for p in payloads[:3]]
     await settle()
@@ -105,7 +106,7 @@ async def test_size_trigger_dispatches_at_max_batch_size() -> None:
 
 async def test_multi_row_requests_are_merged_and_split_exactly() -> None:
     runner = GatedRunner()
-    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=10, max_queue_delay_us=HUGE_US))
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=10, max_queue_delay_us=HUGE_US, idle_dispatch=False))
     payloads = [rows(n, 100 + n) for n in (3, 1, 4, 2)]
     outcomes = await asyncio.gather(*(batcher.submit(p) for p in payloads))
     assert runner.sizes == [10]
@@ -116,7 +117,7 @@ async def test_multi_row_requests_are_merged_and_split_exactly() -> None:
 
 async def test_time_trigger_sends_a_partial_batch() -> None:
     runner = GatedRunner()
-    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=64, max_queue_delay_us=2_000))
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=64, max_queue_delay_us=2_000, idle_dispatch=False))
     payloads = [rows(1, i) for i in range(3)]
     outcomes = await asyncio.wait_for(asyncio.gather(*(batcher.submit(p) for p in payloads)), 5)
     assert runner.sizes == [3]
@@ -127,7 +128,7 @@ async def test_time_trigger_sends_a_partial_batch() -> None:
 
 async def test_wait_starts_when_the_first_request_arrives() -> None:
     runner = GatedRunner()
-    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=64, max_queue_delay_us=500_000))
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=64, max_queue_delay_us=500_000, idle_dispatch=False))
     first = start(batcher, rows(1, 1))
     await asyncio.sleep(0.2)
     second = start(batcher, rows(1, 2))
@@ -155,9 +156,44 @@ async def test_no_delay_and_busy_slot_batches_whatever_queued_meanwhile() -> Non
         check(outcome, payload)
 
 
+async def test_idle_dispatch_sends_a_lone_request_at_once_and_waits_only_while_busy() -> None:
+    """Idle dispatch (the default): an idle instance never waits out the queue delay for requests
+    that may not come; while it is busy, requests gather, and the freed slot takes them all."""
+    runner = GatedRunner(gated=True)
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=8, max_queue_delay_us=HUGE_US))
+    payloads = [rows(1, i) for i in range(6)]
+    tasks = [start(batcher, payloads[0])]
+    await settle()
+    assert runner.sizes == [1] and batcher.queued == 0  # alone and idle: no wait for the delay
+    tasks += [start(batcher, p) for p in payloads[1:]]
+    await settle()
+    assert runner.sizes == [1] and batcher.queued == 5  # busy: they wait together
+    runner.gate.set()
+    outcomes = await asyncio.gather(*tasks)
+    assert runner.sizes == [1, 5]  # the freed slot took every queued request at once
+    for outcome, payload in zip(outcomes, payloads, strict=True):
+        check(outcome, payload)
+
+
+async def test_strict_queue_delay_waits_even_when_idle() -> None:
+    runner = GatedRunner()
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=8, max_queue_delay_us=30_000,
+                                                    idle_dispatch=False))
+    started = time.monotonic()
+    await batcher.submit(rows(1, 0))
+    assert time.monotonic() - started >= 0.025 and runner.sizes == [1]  # Triton's wait, by choice
+
+
+def test_strict_queue_delay_travels_in_the_serving_config() -> None:
+    from aiaas.serving import ServingConfig, from_pb, to_pb
+
+    assert from_pb(to_pb(ServingConfig(max_batch_size=4, strict_queue_delay=True))).strict_queue_delay
+    assert not from_pb(to_pb(ServingConfig(max_batch_size=4))).strict_queue_delay
+
+
 async def test_preferred_batch_size_dispatches_without_waiting() -> None:
     runner = GatedRunner(gated=True)
-    config = BatchingConfig(max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_us=HUGE_US)
+    config = BatchingConfig(max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_us=HUGE_US, idle_dispatch=False)
     batcher = DynamicBatcher(runner, config)
     tasks = [start(batcher, rows(1, i)) for i in range(3)]
     await settle()
@@ -171,7 +207,7 @@ async def test_preferred_batch_size_dispatches_without_waiting() -> None:
 
 async def test_preferred_size_is_the_largest_prefix_that_matches() -> None:
     runner = GatedRunner(gated=True)
-    config = BatchingConfig(max_batch_size=8, preferred_batch_sizes=(2, 4), max_queue_delay_us=HUGE_US)
+    config = BatchingConfig(max_batch_size=8, preferred_batch_sizes=(2, 4), max_queue_delay_us=HUGE_US, idle_dispatch=False)
     batcher = DynamicBatcher(runner, config)
     blocker = start(batcher, rows(2, 0))  # occupies the only slot
     await settle()
@@ -229,7 +265,7 @@ async def test_cancelled_request_is_dropped_before_the_model_runs() -> None:
 
 async def test_cancelling_a_running_request_does_not_hurt_its_batch() -> None:
     runner = GatedRunner(gated=True)
-    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US))
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US, idle_dispatch=False))
     payloads = [rows(1, i) for i in range(4)]
     tasks = [start(batcher, p) for p in payloads]
     await settle()
@@ -372,7 +408,7 @@ async def test_without_batching_each_request_runs_alone() -> None:
 
 async def test_runner_errors_reach_every_request_of_the_batch() -> None:
     runner = GatedRunner(gated=True)
-    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US))
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US, idle_dispatch=False))
     tasks = [start(batcher, rows(1, i)) for i in range(4)]
     await settle()
     runner.fail_with = Unavailable("model worker for m crashed (exit code -9); retry")
@@ -391,14 +427,14 @@ async def test_wrong_output_rows_are_internal() -> None:
     async def short(inputs: dict[str, np.ndarray]) -> BatchResult:
         return BatchResult({"y": inputs["x"][:1]})
 
-    batcher = DynamicBatcher(short, BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US))
+    batcher = DynamicBatcher(short, BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US, idle_dispatch=False))
     results = await asyncio.gather(*(batcher.submit(rows(2, i)) for i in range(2)), return_exceptions=True)
     assert all(isinstance(r, Internal) and "4 rows" in r.message for r in results)
 
 
 async def test_on_batch_reports_each_execution() -> None:
     seen: list[BatchExecution] = []
-    config = BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US)
+    config = BatchingConfig(max_batch_size=4, max_queue_delay_us=HUGE_US, idle_dispatch=False)
     batcher = DynamicBatcher(GatedRunner(), config, seen.append)
     await asyncio.gather(*(batcher.submit(rows(n, n)) for n in (1, 3)))
     assert seen == [BatchExecution(4, 2, 1, 2, 3)]

@@ -113,8 +113,11 @@ def test_load_failures_are_clear(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"\['wrong'\] are not in the ONNX graph"):
         load_model(artifact.path, "onnx", renamed, artifact.outputs)
     bytes_spec = [type(artifact.inputs[0])("input", "BYTES", (-1,))]
-    with pytest.raises(InvalidArgument, match="BYTES"):
+    with pytest.raises(InvalidArgument, match="tensor 'input' is BYTES, which torch cannot hold"):
         load_model(write_mlp(tmp_path, "torchscript").path, "torchscript", bytes_spec, artifact.outputs)
+    bf16_spec = [type(artifact.inputs[0])("input", "BF16", (-1, 10))]
+    with pytest.raises(InvalidArgument, match="tensor 'input' is BF16, which onnxruntime cannot exchange"):
+        load_model(artifact.path, "onnx", bf16_spec, artifact.outputs)
 
 
 def test_devices() -> None:

@@ -28,8 +28,10 @@ def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iter
     registry.register("mlp", mlp, alias="production", max_batch_size=8)
     registry.register("two", models.write_two_in_two_out(directory), alias="production", max_batch_size=4)
     registry.register("held", mlp, alias="production", max_batch_size=64, max_queue_delay_us=HOLD_US,
+                      strict_queue_delay=True,
                       max_queue_size=4)
     registry.register("held-timeout", mlp, alias="production", max_batch_size=64, max_queue_delay_us=HOLD_US,
+                      strict_queue_delay=True,
                       default_timeout_us=300_000)
     proc = start_inference(inference_args(registry, tmp_path_factory.mktemp("cache"),
                                           "--max-message-bytes", str(2 * 1024 * 1024)))

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from aiaas.cli.main import main
+from aiaas.identity import spiffe_id
 from aiaas.k8s.certs import (
     OPERATOR_CERTIFICATES,
     POD_CERTIFICATES,
@@ -24,7 +25,6 @@ from aiaas.k8s.certs import (
     CertificateAuthority,
     CertSpec,
     dns_names,
-    spiffe_id,
     write_dev_certs,
 )
 from aiaas.k8s.render import render
@@ -80,7 +80,7 @@ def test_the_identities_and_names_the_services_dial() -> None:
     assert by_secret["inference-tls"].services == ("inference", "inference-headless")
     assert dns_names(["registry"], "ml") == ["registry", "registry.ml", "registry.ml.svc",
                                              "registry.ml.svc.cluster.local"]
-    assert spiffe_id("ml", "gateway") == "spiffe://aiaas/ml/gateway"
+    assert spiffe_id("gateway", "ml") == "spiffe://aiaas/ml/gateway"
     assert {spec.identity for spec in ALL_DEV} - {None} == {
         "registry", "inference", "monitor", "gateway", "admin", "deployer"}
 
@@ -194,7 +194,7 @@ def test_prod_certificates_ask_for_the_names_of_the_table(overlay: str) -> None:
             assert "uris" not in cert and cert["dnsNames"]
             continue
         assert cert["issuerRef"] == {"kind": "Issuer", "name": "aiaas-internal"}, secret
-        assert cert.get("uris", []) == ([spiffe_id("aiaas", spec.identity)] if spec.identity else []), secret
+        assert cert.get("uris", []) == ([spiffe_id(spec.identity, "aiaas")] if spec.identity else []), secret
         assert cert.get("dnsNames", []) == dns_names(spec.services, "aiaas"), secret
         assert cert["commonName"] == (spec.identity or spec.services[0]), secret
 

@@ -41,4 +41,9 @@ def test_image_is_multi_stage_with_cpu_torch_by_default() -> None:
 def test_dockerignore_keeps_the_build_context_small() -> None:
     lines = (ROOT / ".dockerignore").read_text().split()
     assert lines[lines.index("*")] == "*"
-    assert {"!pyproject.toml", "!README.md", "!aiaas/", "!services/"} <= set(lines)
+    assert {"!pyproject.toml", "!setup.py", "!README.md", "!clients/python/", "!aiaas/", "!services/"} <= set(lines)
+
+
+def test_image_installs_the_client_distribution_the_server_requires() -> None:
+    assert "clients/python ./clients/python" in instruction("COPY")
+    assert any(line.startswith("pip install ./clients/python '.[onnx]'") for line in instruction("RUN"))

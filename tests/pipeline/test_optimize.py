@@ -6,8 +6,11 @@ import io
 import zipfile
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from aiaas import artifact_gate
 from aiaas.pipeline.artifacts import ArtifactFormat, load_runner
@@ -78,6 +81,24 @@ def test_int8_of_an_export_is_torchao_int8_in_plain_aten(parents: dict[ArtifactF
     with zipfile.ZipFile(io.BytesIO(candidate.data)) as archive:
         graph = next(archive.read(n) for n in archive.namelist() if n.endswith("models/model.json"))
     assert b"stack_trace" not in graph and b"site-packages" not in graph
+
+
+def test_int8_of_an_onnx_version_computes_exact_integers_on_any_cpu(parents: dict[ArtifactFormat, Candidate]) -> None:
+    parent = parents[ONNX]
+    # Forced, so that a refusal by the parity gate does not hide which of the checks below fails.
+    candidate = transform_candidate(parent.format, parent.data, parent.signature, SERVING, "int8-dynamic",
+                                    force=True, measure_latency=False)
+    model = onnx.load_from_string(candidate.data)
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    # 7-bit weights: u8 x s8 pair sums stay inside int16, where VPMADDUBSW (x86 without VNNI) saturates.
+    assert weights and all(int(np.abs(w.astype(np.int32)).max()) <= 64 for w in weights)
+    # ONNX Runtime on this CPU gives what the ONNX reference (exact integer arithmetic) gives.
+    x = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    (served,) = load_runner(candidate.format, candidate.data, candidate.signature)([x])
+    exact = ReferenceEvaluator(model).run(None, {candidate.signature.inputs[0].name: x})
+    assert isinstance(exact, list)
+    np.testing.assert_allclose(served, exact[0], rtol=0, atol=1e-6)
 
 
 def test_int8_of_an_export_shrinks_a_model_whose_weights_dominate() -> None:

@@ -206,6 +206,7 @@ def test_the_migration_counts_the_references_of_existing_versions(database_url: 
     store = SqlRegistryStore(database_url)
     try:
         assert (store.blob_refs(sha_of(data)), store.blob_refs(sha_of(other))) == (2, 1)
+        assert store.get_version("m", 1).files == ()  # single-file versions list no files
         with store.engine.connect() as conn:
             assert schema.current_version(conn) == schema.LATEST == len(schema.MIGRATIONS)
     finally:

@@ -19,6 +19,7 @@ class ArtifactFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ARTIFACT_FORMAT_TORCH_EXPORT: _ClassVar[ArtifactFormat]
     ARTIFACT_FORMAT_ONNX: _ClassVar[ArtifactFormat]
     ARTIFACT_FORMAT_SAFETENSORS: _ClassVar[ArtifactFormat]
+    ARTIFACT_FORMAT_HF_CAUSAL_LM: _ClassVar[ArtifactFormat]
 
 class ChangeEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +40,7 @@ ARTIFACT_FORMAT_TORCHSCRIPT: ArtifactFormat
 ARTIFACT_FORMAT_TORCH_EXPORT: ArtifactFormat
 ARTIFACT_FORMAT_ONNX: ArtifactFormat
 ARTIFACT_FORMAT_SAFETENSORS: ArtifactFormat
+ARTIFACT_FORMAT_HF_CAUSAL_LM: ArtifactFormat
 CHANGE_EVENT_TYPE_UNSPECIFIED: ChangeEventType
 CHANGE_EVENT_TYPE_MODEL_CREATED: ChangeEventType
 CHANGE_EVENT_TYPE_MODEL_UPDATED: ChangeEventType
@@ -86,6 +88,16 @@ class Model(_message.Message):
     created_by: str
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Mapping[str, int]] = ..., latest_version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
 
+class ArtifactFile(_message.Message):
+    __slots__ = ("path", "sha256", "size")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    sha256: str
+    size: int
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
 class TensorSpec(_message.Message):
     __slots__ = ("name", "datatype", "shape")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -105,7 +117,7 @@ class Signature(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
-    __slots__ = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instance_count", "device", "max_queue_size", "default_timeout_us")
+    __slots__ = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instance_count", "device", "max_queue_size", "default_timeout_us", "strict_queue_delay")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +125,7 @@ class ServingConfig(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
+    STRICT_QUEUE_DELAY_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     max_queue_delay_us: int
@@ -120,7 +133,8 @@ class ServingConfig(_message.Message):
     device: str
     max_queue_size: int
     default_timeout_us: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., instance_count: _Optional[int] = ..., device: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ...) -> None: ...
+    strict_queue_delay: bool
+    def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., instance_count: _Optional[int] = ..., device: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., strict_queue_delay: _Optional[bool] = ...) -> None: ...
 
 class Lineage(_message.Message):
     __slots__ = ("parent_version", "transformation", "parent_model")
@@ -133,7 +147,7 @@ class Lineage(_message.Message):
     def __init__(self, parent_version: _Optional[int] = ..., transformation: _Optional[str] = ..., parent_model: _Optional[str] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("model", "version", "format", "artifact_sha256", "artifact_size", "signature", "serving_config", "metadata", "lineage", "created_by", "create_time", "aliases", "reports")
+    __slots__ = ("model", "version", "format", "artifact_sha256", "artifact_size", "signature", "serving_config", "metadata", "lineage", "created_by", "create_time", "aliases", "reports", "files")
     class ReportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +168,7 @@ class ModelVersion(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     format: ArtifactFormat
@@ -167,7 +182,8 @@ class ModelVersion(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     aliases: _containers.RepeatedScalarFieldContainer[str]
     reports: _containers.MessageMap[str, _struct_pb2.Struct]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., serving_config: _Optional[_Union[ServingConfig, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., aliases: _Optional[_Iterable[str]] = ..., reports: _Optional[_Mapping[str, _struct_pb2.Struct]] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[ArtifactFile]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., serving_config: _Optional[_Union[ServingConfig, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., aliases: _Optional[_Iterable[str]] = ..., reports: _Optional[_Mapping[str, _struct_pb2.Struct]] = ..., files: _Optional[_Iterable[_Union[ArtifactFile, _Mapping]]] = ...) -> None: ...
 
 class AliasMove(_message.Message):
     __slots__ = ("model", "alias", "from_version", "to_version", "actor", "reason", "time")
@@ -314,7 +330,7 @@ class DeleteModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class UploadVersionHeader(_message.Message):
-    __slots__ = ("model", "format", "artifact_sha256", "artifact_size", "signature", "serving_config", "metadata", "lineage", "actor", "create_model", "reports")
+    __slots__ = ("model", "format", "artifact_sha256", "artifact_size", "signature", "serving_config", "metadata", "lineage", "actor", "create_model", "reports", "files")
     class ReportsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +349,7 @@ class UploadVersionHeader(_message.Message):
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     CREATE_MODEL_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     model: str
     format: ArtifactFormat
     artifact_sha256: str
@@ -344,7 +361,8 @@ class UploadVersionHeader(_message.Message):
     actor: str
     create_model: bool
     reports: _containers.MessageMap[str, _struct_pb2.Struct]
-    def __init__(self, model: _Optional[str] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., serving_config: _Optional[_Union[ServingConfig, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., actor: _Optional[str] = ..., create_model: _Optional[bool] = ..., reports: _Optional[_Mapping[str, _struct_pb2.Struct]] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[ArtifactFile]
+    def __init__(self, model: _Optional[str] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ..., serving_config: _Optional[_Union[ServingConfig, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., actor: _Optional[str] = ..., create_model: _Optional[bool] = ..., reports: _Optional[_Mapping[str, _struct_pb2.Struct]] = ..., files: _Optional[_Iterable[_Union[ArtifactFile, _Mapping]]] = ...) -> None: ...
 
 class UploadVersionRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -411,16 +429,18 @@ class DeleteVersionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class DownloadArtifactRequest(_message.Message):
-    __slots__ = ("model", "version", "alias", "chunk_size")
+    __slots__ = ("model", "version", "alias", "chunk_size", "offset")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     alias: str
     chunk_size: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., chunk_size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class DownloadArtifactResponse(_message.Message):
     __slots__ = ("version", "chunk")
@@ -429,6 +449,40 @@ class DownloadArtifactResponse(_message.Message):
     version: ModelVersion
     chunk: bytes
     def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class DownloadFilesRequest(_message.Message):
+    __slots__ = ("model", "version", "alias", "chunk_size", "path", "offset")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    alias: str
+    chunk_size: int
+    path: str
+    offset: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., chunk_size: _Optional[int] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class FileStart(_message.Message):
+    __slots__ = ("path", "offset")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    offset: int
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class DownloadFilesResponse(_message.Message):
+    __slots__ = ("version", "file", "chunk")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    version: ModelVersion
+    file: FileStart
+    chunk: bytes
+    def __init__(self, version: _Optional[_Union[ModelVersion, _Mapping]] = ..., file: _Optional[_Union[FileStart, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class AttachReportRequest(_message.Message):
     __slots__ = ("model", "version", "name", "report", "actor")

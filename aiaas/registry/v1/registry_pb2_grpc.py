@@ -86,6 +86,11 @@ class ModelRegistryStub:
                 request_serializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactResponse.FromString,
                 _registered_method=True)
+        self.DownloadFiles = channel.unary_stream(
+                '/aiaas.registry.v1.ModelRegistry/DownloadFiles',
+                request_serializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadFilesRequest.SerializeToString,
+                response_deserializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadFilesResponse.FromString,
+                _registered_method=True)
         self.AttachReport = channel.unary_unary(
                 '/aiaas.registry.v1.ModelRegistry/AttachReport',
                 request_serializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.AttachReportRequest.SerializeToString,
@@ -257,7 +262,15 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadArtifact(self, request, context):
-        """DownloadArtifact streams a version's artifact, verified against its recorded sha256.
+        """DownloadArtifact streams a version's artifact, verified against its recorded sha256. For a
+        multi-file version (a checkpoint directory) the artifact is its manifest; DownloadFiles streams the files.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadFiles(self, request, context):
+        """DownloadFiles streams the files of a multi-file version in manifest order, resumable at a (file, offset).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -457,6 +470,11 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactResponse.SerializeToString,
+            ),
+            'DownloadFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadFiles,
+                    request_deserializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadFilesRequest.FromString,
+                    response_serializer=aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadFilesResponse.SerializeToString,
             ),
             'AttachReport': grpc.unary_unary_rpc_method_handler(
                     servicer.AttachReport,
@@ -830,6 +848,33 @@ class ModelRegistry:
             '/aiaas.registry.v1.ModelRegistry/DownloadArtifact',
             aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactRequest.SerializeToString,
             aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aiaas.registry.v1.ModelRegistry/DownloadFiles',
+            aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadFilesRequest.SerializeToString,
+            aiaas_dot_registry_dot_v1_dot_registry__pb2.DownloadFilesResponse.FromString,
             options,
             channel_credentials,
             insecure,
