@@ -99,13 +99,19 @@ def test_worker_killed_mid_batch(server: ServiceProcess) -> None:
 def _wait_busy(pids: list[int], timeout: float = 20.0) -> int:
     """The worker that starts burning CPU, i.e. the one running the long batch."""
     processes = [psutil.Process(pid) for pid in pids]
-    for process in processes:
-        process.cpu_percent(None)
+
+    def used(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    # CPU time spent since now, not a share of the last interval: on a saturated machine a busy
+    # worker may never get half a core in 0.1 s, but it keeps accumulating CPU time.
+    before = {process.pid: used(process) for process in processes}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.1)
         for process in processes:
-            if process.cpu_percent(None) > 50:
+            if used(process) - before[process.pid] > 0.3:
                 return process.pid
     raise AssertionError("no worker started the batch")
 
