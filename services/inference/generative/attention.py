@@ -40,7 +40,7 @@ class StepLayout:
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [N]: the cache slot of each new token
     num_decodes: int  # the first num_decodes tokens are one decoding sequence each
-    decode_slots: torch.Tensor | None  # [num_decodes, L]: context slots, padded
+    decode_slots: torch.Tensor | None  # [num_decodes * L]: each decode's context slots, padded to L
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, L] bool, True = attend
     prefills: tuple[PrefillChunk, ...]
 
@@ -65,8 +65,10 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         assert layout.decode_slots is not None and layout.decode_mask is not None
         # GQA packed into the query length: [B, KVH, groups, D] against [B, KVH, L, D].
         q = query[0, :, :b].transpose(0, 1).reshape(b, kv_heads, heads // kv_heads, head_dim)
-        k = keys[layout.decode_slots].transpose(1, 2)
-        v = values[layout.decode_slots].transpose(1, 2)
+        width = layout.decode_slots.numel() // b
+        # index_select, not advanced indexing: an order of magnitude faster on CPU.
+        k = keys.index_select(0, layout.decode_slots).view(b, width, kv_heads, head_dim).transpose(1, 2)
+        v = values.index_select(0, layout.decode_slots).view(b, width, kv_heads, head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.decode_mask, scale=scaling)
         out[0, :b] = o.reshape(b, heads, head_dim)
     for chunk in layout.prefills:
@@ -75,8 +77,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             o = F.scaled_dot_product_attention(q, key[:, :, chunk.start:chunk.end], value[:, :, chunk.start:chunk.end],
                                                is_causal=True, scale=scaling, enable_gqa=heads != kv_heads)
         else:
-            k = keys[chunk.context_slots].transpose(0, 1).unsqueeze(0)
-            v = values[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+            k = keys.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
+            v = values.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.mask, scale=scaling,
                                                enable_gqa=heads != kv_heads)
         out[0, chunk.start:chunk.end] = o[0].transpose(0, 1)

@@ -227,10 +227,12 @@ class GenerativeEngine:
         finished = 0
         for entry, token in zip(sampling, tokens, strict=True):
             state = self._active[entry.seq.request_id]
-            if state.add_token(token, now):
+            chunk = state.add_token(token, now)
+            if chunk.finished:  # free the blocks first: a reader that sees the end sees them free
                 self.scheduler.finish(entry.seq)
                 self._forget(entry.seq.request_id)
                 finished += 1
+            state.sink(chunk)
         return self._record(out, started, now, len(sampling), finished)
 
     def _settle_queue(self, out: SchedulerOutput) -> None:
@@ -274,8 +276,8 @@ class GenerativeEngine:
             state.counted_as_queued = False
             with self._lock:
                 self._queued -= 1
-        state.end(reason, now, error_code=error_code, error_message=error_message)
         self._forget(request_id)
+        state.sink(state.end(reason, now, error_code=error_code, error_message=error_message))
 
     def _forget(self, request_id: str) -> None:
         self._active.pop(request_id, None)

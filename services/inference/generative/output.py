@@ -1,8 +1,8 @@
 """One live request's side of the engine: its sampler, its text, its timeline, and the chunks it emits.
 
 `RequestState.add_token` takes each sampled token, decides whether the request is finished (a stop
-token, a stop string, max_tokens) and emits the chunk; `end` emits the last chunk of a request
-that ends without a token (cancelled, timed out, failed).
+token, a stop string, max_tokens) and makes its chunk; `end` makes the last chunk of a request
+that ends without a token (cancelled, timed out, failed). The engine sends them to `sink`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class RequestState:
         self.token_times: list[float] = []
         self.counted_as_queued = True  # in the engine's queue count until first admitted
 
-    def add_token(self, token: int, now: float) -> bool:
-        """Record a sampled token and emit its chunk; True when the request is finished."""
+    def add_token(self, token: int, now: float) -> GenerationChunk:
+        """Record a sampled token; the chunk to emit (the last one when the token finished the request)."""
         seq, params = self.seq, self.seq.params
         seq.output_ids.append(token)
         self.sampler.append(token)
@@ -50,17 +50,17 @@ class RequestState:
                 reason, stop_reason = FinishReason.STOP, matched
             elif produced >= seq.max_tokens:
                 reason = FinishReason.LENGTH
-        self._emit((token,), reason, stop_reason, now)
-        return reason is not None
+        return self._chunk((token,), reason, stop_reason, now)
 
     def end(self, reason: FinishReason, now: float, *, error_code: ErrorCode | None = None,
-            error_message: str = "") -> None:
-        self._emit((), reason, None, now, error_code=error_code, error_message=error_message)
+            error_message: str = "") -> GenerationChunk:
+        """The last chunk of a request that ends without a token."""
+        return self._chunk((), reason, None, now, error_code=error_code, error_message=error_message)
 
-    def _emit(self, token_ids: tuple[int, ...], reason: FinishReason | None, stop_reason: str | int | None,
-              now: float, *, error_code: ErrorCode | None = None, error_message: str = "") -> None:
+    def _chunk(self, token_ids: tuple[int, ...], reason: FinishReason | None, stop_reason: str | int | None,
+               now: float, *, error_code: ErrorCode | None = None, error_message: str = "") -> GenerationChunk:
         final = reason is not None
-        chunk = GenerationChunk(
+        return GenerationChunk(
             request_id=self.seq.request_id,
             token_ids=token_ids,
             text=self.text.take(final=final),
@@ -71,7 +71,6 @@ class RequestState:
             error_code=error_code,
             error_message=error_message,
         )
-        self.sink(chunk)
 
     def metrics(self, now: float) -> RequestMetrics:
         seq = self.seq

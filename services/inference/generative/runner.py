@@ -75,7 +75,7 @@ class ModelRunner:
                 table = entry.seq.block_table[:nblocks]
                 tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
             slots = (tables[:, :, None] * bs + self._positions(bs)).reshape(len(decodes), -1)[:, :width]
-            decode_slots = slots.contiguous()
+            decode_slots = slots.reshape(-1)
             slot_mapping[: len(decodes)] = slots.gather(1, (lengths - 1)[:, None])[:, 0]
             decode_mask = (self._positions(width)[None, :] < lengths[:, None])[:, None, None, :]
         chunks = []
