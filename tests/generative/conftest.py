@@ -74,5 +74,5 @@ def generate(reference: Any, prompt: Sequence[int], max_new_tokens: int, *, igno
     extra: dict[str, Any] = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
     with torch.inference_mode():
         out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=reference.config.pad_token_id, **{**extra, **kwargs})
+                                 pad_token_id=reference.config.pad_token_id, **{"do_sample": False, **extra, **kwargs})
     return out[0, ids.shape[1]:].tolist()

@@ -218,9 +218,10 @@ class GenerativeEngine:
                       error_message="Request timeout expired")
         if out.empty:
             return None
-        logits = self.runner.execute(out.decodes, out.prefills)
         sampling = [entry for entry in out.scheduled if entry.samples]
-        tokens = sample(logits, [self._active[e.seq.request_id].sampler for e in sampling])
+        with torch.inference_mode():
+            logits = self.runner.execute(out.decodes, out.prefills)
+            tokens = sample(logits, [self._active[e.seq.request_id].sampler for e in sampling])
         for entry in out.scheduled:
             entry.seq.num_computed += entry.num_tokens
         now = time.monotonic()

@@ -50,6 +50,8 @@ class RequestState:
                 reason, stop_reason = FinishReason.STOP, matched
             elif produced >= seq.max_tokens:
                 reason = FinishReason.LENGTH
+        if reason is not None and not isinstance(stop_reason, str):  # not cut at a stop string
+            self.text.flush()
         return self._chunk((token,), reason, stop_reason, now)
 
     def end(self, reason: FinishReason, now: float, *, error_code: ErrorCode | None = None,

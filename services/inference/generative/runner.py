@@ -36,9 +36,8 @@ class ModelRunner:
         blocks = torch.tensor(table[: -(-length // bs)], dtype=torch.long)
         return (blocks[:, None] * bs + self._positions(bs)[None, :]).reshape(-1)[:length]
 
-    @torch.inference_mode()
     def execute(self, decodes: Seq[ScheduledSeq], prefills: Seq[ScheduledSeq]) -> torch.Tensor:
-        """Run the step; logits `[rows, vocab]` (float32) for the entries with `samples`, in order."""
+        """Run the step (under inference mode); logits `[rows, vocab]` (float32) of the entries with `samples`."""
         token_ids: list[int] = []
         positions: list[int] = []
         for entry in (*decodes, *prefills):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections import deque
 
 from services.inference.generative.config import EngineConfig
@@ -82,7 +83,7 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
-        self._watermark = max(1, int(pool.num_blocks * config.watermark_fraction))
+        self._watermark = math.ceil(pool.num_blocks * config.watermark_fraction)
 
     @property
     def has_work(self) -> bool:

@@ -1,9 +1,10 @@
 """A request's output text, built token by token, and its stop strings.
 
 `tokenizers`' `DecodeStream` turns each new token into the text it completes (it waits for the
-rest of a split UTF-8 character). The text is cut exactly before the first stop string; text that
-could still be the start of a stop string is held back from the stream until the next tokens
-settle it.
+rest of a split UTF-8 character); when the request ends on such an unfinished character, `flush`
+decodes the rest as a full decode would. The text is cut exactly before the first stop string;
+text that could still be the start of a stop string is held back from the stream until the next
+tokens settle it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ class OutputText:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], stop: Sequence[str],
                  skip_special_tokens: bool) -> None:
         self._tokenizer = tokenizer
-        self._decoder = DecodeStream(ids=list(prompt_ids[-_PRIME_TOKENS:]), skip_special_tokens=skip_special_tokens)
+        self._skip_special_tokens = skip_special_tokens
+        self._ids = list(prompt_ids[-_PRIME_TOKENS:])  # tokens fed, after a little prompt context
+        self._settled = len(self._ids)  # tokens whose text is in self.text
+        self._decoder = DecodeStream(ids=list(self._ids), skip_special_tokens=skip_special_tokens)
         self._stop = tuple(stop)
         self._longest = max((len(s) for s in self._stop), default=0)
         self.text = ""
@@ -30,8 +34,10 @@ class OutputText:
     def add(self, token_id: int, *, check_stop: bool) -> str | None:
         """Append a token's text; the stop string it completed (the text is then cut before it), if any."""
         piece = self._decoder.step(self._tokenizer, token_id)
+        self._ids.append(token_id)
         if not piece:
             return None
+        self._settled = len(self._ids)
         start = max(0, len(self.text) - self._longest + 1)
         self.text += piece
         if not check_stop or not self._stop:
@@ -42,6 +48,16 @@ class OutputText:
         index, stop = min(found)
         self.text = self.text[:index]
         return stop
+
+    def flush(self) -> None:
+        """Decode the tokens still waiting for the rest of a character (the request ended on them)."""
+        if self._settled == len(self._ids):
+            return
+        context = self._ids[max(0, self._settled - _PRIME_TOKENS): self._settled]
+        before = self._tokenizer.decode(context, skip_special_tokens=self._skip_special_tokens)
+        after = self._tokenizer.decode(context + self._ids[self._settled:], skip_special_tokens=self._skip_special_tokens)
+        self.text += after.removeprefix(before)
+        self._settled = len(self._ids)
 
     def take(self, *, final: bool) -> str:
         """The text not yet sent that can be sent now (all of it once the request is finished)."""
