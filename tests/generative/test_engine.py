@@ -28,7 +28,7 @@ def test_requests_and_chunks_cross_a_pipe_as_json(make_engine: Any, tokenizer: A
     wire = json.dumps(request.to_message())
     engine.submit(GenerationRequest.from_message(json.loads(wire)),
                   sink=lambda chunk: outbox.put(json.dumps(chunk.to_message()).encode()))
-    chunks = []
+    chunks: list[GenerationChunk] = []
     while not chunks or not chunks[-1].finished:
         chunks.append(GenerationChunk.from_message(json.loads(outbox.get(timeout=60))))
     result = GenerationResult.from_chunks(chunks)

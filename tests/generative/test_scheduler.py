@@ -15,8 +15,8 @@ def _seq(name: str, prompt_len: int, *, deadline: float | None = None) -> Sequen
                     max_tokens=100, arrival_s=0.0, deadline_s=deadline)
 
 
-def _scheduler(blocks: int, **config: int) -> Scheduler:
-    return Scheduler(BlockPool(blocks, 4), EngineConfig(block_size=4, kv_cache_tokens=4 * blocks, **config))
+def _scheduler(blocks: int, **config: float) -> Scheduler:
+    return Scheduler(BlockPool(blocks, 4), EngineConfig(block_size=4, kv_cache_tokens=4 * blocks, **config))  # type: ignore[arg-type]
 
 
 def _run(sched: Scheduler, now: float = 0.0, sample: int = 7) -> list[tuple[str, int]]:
