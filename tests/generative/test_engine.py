@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 from typing import Any
 
 import pytest
@@ -92,3 +93,37 @@ def test_a_failing_model_step_fails_every_request_and_the_engine_goes_on(make_en
     ok = engine.submit(GenerationRequest("ok", prompt_token_ids=tuple(prompt_ids[0]),
                                          params=SamplingParams(max_tokens=3))).result(60)
     assert ok.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+
+
+def test_a_failing_sink_loses_its_request_only(make_engine: Any, prompt_ids: list[list[int]]) -> None:
+    engine = make_engine()
+    seen: list[GenerationChunk] = []
+
+    def broken_pipe(chunk: GenerationChunk) -> None:
+        seen.append(chunk)
+        if len(seen) == 3:
+            raise BrokenPipeError("the service went away")
+
+    engine.submit(GenerationRequest("dropped", prompt_token_ids=tuple(prompt_ids[2]),
+                                    params=SamplingParams(max_tokens=200, ignore_eos=True)), sink=broken_pipe)
+    other = engine.submit(GenerationRequest("other", prompt_token_ids=tuple(prompt_ids[0]),
+                                            params=SamplingParams(max_tokens=20, ignore_eos=True)))
+    assert other.result(60).finish_reason is FinishReason.LENGTH
+    deadline = time.monotonic() + 60
+    while engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.has_unfinished() and engine.pool.num_used == 0
+    assert len(seen) == 3
+
+
+def test_closing_a_running_engine_ends_streams_with_unavailable(make_engine: Any,
+                                                                prompt_ids: list[list[int]]) -> None:
+    engine = make_engine()
+    handle = engine.submit(GenerationRequest("long", prompt_token_ids=tuple(prompt_ids[2]),
+                                             params=SamplingParams(max_tokens=400, ignore_eos=True)))
+    first = handle.get(timeout=60)
+    assert first.token_ids and not first.finished
+    engine.close(grace_s=0)
+    last = list(handle)[-1]
+    assert last.finish_reason is FinishReason.ERROR and last.error_code is ErrorCode.UNAVAILABLE
+    assert not engine.has_unfinished() and engine.pool.num_used == 0

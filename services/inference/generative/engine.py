@@ -24,7 +24,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from aiaas.errors import ErrorCode, InvalidArgument, ResourceExhausted, Unavailable
 from services.inference.generative.config import EngineConfig
-from services.inference.generative.entities import FinishReason, GenerationRequest, StepMetrics
+from services.inference.generative.entities import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    StepMetrics,
+)
 from services.inference.generative.kv_cache import BlockPool, PagedKVCache
 from services.inference.generative.output import ChunkSink, RequestState
 from services.inference.generative.runner import ModelRunner
@@ -233,7 +238,7 @@ class GenerativeEngine:
                 self.scheduler.finish(entry.seq)
                 self._forget(entry.seq.request_id)
                 finished += 1
-            state.sink(chunk)
+            self._deliver(state, chunk)
         return self._record(out, started, now, len(sampling), finished)
 
     def _settle_queue(self, out: SchedulerOutput) -> None:
@@ -278,7 +283,16 @@ class GenerativeEngine:
             with self._lock:
                 self._queued -= 1
         self._forget(request_id)
-        state.sink(state.end(reason, now, error_code=error_code, error_message=error_message))
+        self._deliver(state, state.end(reason, now, error_code=error_code, error_message=error_message))
+
+    def _deliver(self, state: RequestState, chunk: GenerationChunk) -> None:
+        """Hand a chunk to its sink; a sink that raises loses its request, not the engine."""
+        try:
+            state.sink(chunk)
+        except Exception:
+            log.exception("the chunk sink of request '%s' failed; dropping the request", chunk.request_id)
+            if not chunk.finished and self.scheduler.abort(chunk.request_id) is not None:
+                self._forget(chunk.request_id)
 
     def _forget(self, request_id: str) -> None:
         self._active.pop(request_id, None)
