@@ -34,14 +34,19 @@ class PrefillChunk:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecodeBatch:
+    count: int  # the first `count` tokens of the row are one decoding sequence each
+    slots: torch.Tensor  # [count * L]: each one's context slots, padded to L
+    mask: torch.Tensor  # [count, 1, 1, L] bool, True = attend
+
+
+@dataclasses.dataclass(frozen=True)
 class StepLayout:
     """Where a step's tokens sit in the packed row and in the cache."""
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [N]: the cache slot of each new token
-    num_decodes: int  # the first num_decodes tokens are one decoding sequence each
-    decode_slots: torch.Tensor | None  # [num_decodes * L]: each decode's context slots, padded to L
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, L] bool, True = attend
+    decodes: DecodeBatch | None
     prefills: tuple[PrefillChunk, ...]
 
 
@@ -60,16 +65,16 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     _, heads, n, head_dim = query.shape
     kv_heads = key.shape[1]
     out = query.new_empty(1, n, heads, head_dim)
-    b = layout.num_decodes
-    if b:
-        assert layout.decode_slots is not None and layout.decode_mask is not None
+    decodes = layout.decodes
+    if decodes is not None:
+        b = decodes.count
         # GQA packed into the query length: [B, KVH, groups, D] against [B, KVH, L, D].
         q = query[0, :, :b].transpose(0, 1).reshape(b, kv_heads, heads // kv_heads, head_dim)
-        width = layout.decode_slots.numel() // b
+        width = decodes.slots.numel() // b
         # index_select, not advanced indexing: an order of magnitude faster on CPU.
-        k = keys.index_select(0, layout.decode_slots).view(b, width, kv_heads, head_dim).transpose(1, 2)
-        v = values.index_select(0, layout.decode_slots).view(b, width, kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.decode_mask, scale=scaling)
+        k = keys.index_select(0, decodes.slots).view(b, width, kv_heads, head_dim).transpose(1, 2)
+        v = values.index_select(0, decodes.slots).view(b, width, kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=decodes.mask, scale=scaling)
         out[0, :b] = o.reshape(b, heads, head_dim)
     for chunk in layout.prefills:
         q = query[:, :, chunk.start:chunk.end]

@@ -12,7 +12,13 @@ from collections.abc import Sequence as Seq
 import torch
 from transformers import PreTrainedModel
 
-from services.inference.generative.attention import ATTENTION_NAME, LAYOUT_KWARG, PrefillChunk, StepLayout
+from services.inference.generative.attention import (
+    ATTENTION_NAME,
+    LAYOUT_KWARG,
+    DecodeBatch,
+    PrefillChunk,
+    StepLayout,
+)
 from services.inference.generative.kv_cache import PagedKVCache
 from services.inference.generative.scheduler import ScheduledSeq
 
@@ -64,7 +70,7 @@ class ModelRunner:
     def _layout(self, decodes: Seq[ScheduledSeq], prefills: Seq[ScheduledSeq], pos: torch.Tensor) -> StepLayout:
         bs = self.block_size
         slot_mapping = torch.empty_like(pos)
-        decode_slots = decode_mask = None
+        decode_batch = None
         if decodes:
             lengths = torch.tensor([e.seq.num_computed + 1 for e in decodes], dtype=torch.long)
             width = int(lengths.max())
@@ -74,9 +80,9 @@ class ModelRunner:
                 table = entry.seq.block_table[:nblocks]
                 tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
             slots = (tables[:, :, None] * bs + self._positions(bs)).reshape(len(decodes), -1)[:, :width]
-            decode_slots = slots.reshape(-1)
             slot_mapping[: len(decodes)] = slots.gather(1, (lengths - 1)[:, None])[:, 0]
-            decode_mask = (self._positions(width)[None, :] < lengths[:, None])[:, None, None, :]
+            mask = (self._positions(width)[None, :] < lengths[:, None])[:, None, None, :]
+            decode_batch = DecodeBatch(len(decodes), slots.reshape(-1), mask)
         chunks = []
         offset = len(decodes)
         for entry in prefills:
@@ -90,8 +96,7 @@ class ModelRunner:
                 mask = self._positions(start + n)[None, :] <= (start + self._positions(n))[:, None]
                 chunks.append(PrefillChunk(offset, offset + n, slots, mask[None, None]))
             offset += n
-        return StepLayout(cache=self.cache, slot_mapping=slot_mapping, num_decodes=len(decodes),
-                          decode_slots=decode_slots, decode_mask=decode_mask, prefills=tuple(chunks))
+        return StepLayout(cache=self.cache, slot_mapping=slot_mapping, decodes=decode_batch, prefills=tuple(chunks))
 
     @staticmethod
     def _sampling_rows(decodes: Seq[ScheduledSeq], prefills: Seq[ScheduledSeq]) -> torch.Tensor:
