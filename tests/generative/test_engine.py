@@ -127,3 +127,12 @@ def test_closing_a_running_engine_ends_streams_with_unavailable(make_engine: Any
     last = list(handle)[-1]
     assert last.finish_reason is FinishReason.ERROR and last.error_code is ErrorCode.UNAVAILABLE
     assert not engine.has_unfinished() and engine.pool.num_used == 0
+
+
+def test_close_with_grace_lets_running_requests_finish(make_engine: Any, prompt_ids: list[list[int]]) -> None:
+    engine = make_engine()
+    handle = engine.submit(GenerationRequest("graceful", prompt_token_ids=tuple(prompt_ids[0]),
+                                             params=SamplingParams(max_tokens=30, ignore_eos=True)))
+    engine.close(grace_s=60)
+    result = handle.result(0)
+    assert result.finish_reason is FinishReason.LENGTH and len(result.token_ids) == 30

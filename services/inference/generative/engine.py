@@ -70,6 +70,7 @@ class GenerativeEngine:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # guards the counts and ids below, and the step history
+        self._all_done = threading.Condition(self._lock)  # notified when the last live request ends
         self._tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self._queued = 0
         self._live: set[str] = set()
@@ -166,9 +167,9 @@ class GenerativeEngine:
         """Refuse new requests; let running ones finish for up to `grace_s`; end the rest with UNAVAILABLE."""
         with self._lock:
             self._closing = True
-        deadline = time.monotonic() + grace_s
-        while self._thread is not None and self.has_unfinished() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if self._thread is not None and grace_s > 0:
+            with self._lock:
+                self._all_done.wait_for(lambda: not self._live, timeout=grace_s)
         thread, self._thread = self._thread, None
         self._inbox.put(("close", None))
         self._wake.set()
@@ -298,6 +299,8 @@ class GenerativeEngine:
         self._active.pop(request_id, None)
         with self._lock:
             self._live.discard(request_id)
+            if not self._live:
+                self._all_done.notify_all()
 
     def _fail_all(self, code: ErrorCode, message: str) -> None:
         for request_id in list(self._active):
