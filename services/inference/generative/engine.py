@@ -75,6 +75,7 @@ class GenerativeEngine:
         self._queued = 0
         self._live: set[str] = set()
         self._active: dict[str, RequestState] = {}  # engine thread only
+        self._deferred_wakes: list[Callable[[], None]] = []  # engine thread only
         self._steps: deque[StepMetrics] = deque(maxlen=config.step_history)
         self._step_count = 0
         self._closing = False
@@ -110,7 +111,7 @@ class GenerativeEngine:
         now = time.monotonic()
         seq = Sequence(request_id=request.request_id, prompt_ids=prompt_ids, params=params, max_tokens=max_tokens,
                        arrival_s=now, deadline_s=now + timeout if timeout else None)
-        handle = GenerationHandle(request.request_id, self.cancel)
+        handle = GenerationHandle(request.request_id, self.cancel, self._defer_wake)
         state = RequestState(seq, self.tokenizer.backend_tokenizer, self.eos_ids, sink or handle.put)
         with self._lock:
             if self._closing:
@@ -240,7 +241,16 @@ class GenerativeEngine:
                 self._forget(entry.seq.request_id)
                 finished += 1
             self._deliver(state, chunk)
+        self._wake_readers()
         return self._record(out, started, now, len(sampling), finished)
+
+    def _defer_wake(self, wake: Callable[[], None]) -> None:
+        self._deferred_wakes.append(wake)
+
+    def _wake_readers(self) -> None:
+        wakes, self._deferred_wakes = self._deferred_wakes, []
+        for wake in wakes:
+            wake()
 
     def _settle_queue(self, out: SchedulerOutput) -> None:
         """Requests admitted for the first time leave the queue count."""
@@ -285,6 +295,7 @@ class GenerativeEngine:
                 self._queued -= 1
         self._forget(request_id)
         self._deliver(state, state.end(reason, now, error_code=error_code, error_message=error_message))
+        self._wake_readers()
 
     def _deliver(self, state: RequestState, chunk: GenerationChunk) -> None:
         """Hand a chunk to its sink; a sink that raises loses its request, not the engine."""

@@ -18,9 +18,13 @@ from services.inference.generative.entities import GenerationChunk, GenerationRe
 
 
 class GenerationHandle:
-    def __init__(self, request_id: str, cancel: Callable[[str], None]) -> None:
+    def __init__(self, request_id: str, cancel: Callable[[str], None],
+                 defer_wake: Callable[[Callable[[], None]], None] | None = None) -> None:
         self.request_id = request_id
         self._cancel = cancel
+        # The engine wakes async readers once per step, after all its chunks are out, rather than
+        # have each reader's loop take the GIL from the engine thread in the middle of a step.
+        self._defer_wake = defer_wake
         self._chunks: deque[GenerationChunk] = deque()
         self._cond = threading.Condition()
         self._wakers: list[Callable[[], None]] = []
@@ -35,7 +39,10 @@ class GenerationHandle:
             self._cond.notify_all()
             wakers, self._wakers = self._wakers, []
         for wake in wakers:
-            wake()
+            if self._defer_wake is not None:
+                self._defer_wake(wake)
+            else:
+                wake()
 
     def cancel(self) -> None:
         self._cancel(self.request_id)
