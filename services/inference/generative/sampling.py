@@ -46,12 +46,15 @@ class RequestSampler:
                 self.processors.append(TopPLogitsWarper(params.top_p))
         seed = params.seed if params.seed is not None else _seeds.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
-        self._history = torch.empty(capacity, dtype=torch.long)
+        # Only the penalties read the history; greedy and plain sampling need none.
+        self._history = torch.empty(capacity if self.processors else 0, dtype=torch.long)
         self._length = len(prompt_ids)
-        self._history[: self._length] = torch.tensor(list(prompt_ids), dtype=torch.long)
+        if self.processors:
+            self._history[: self._length] = torch.tensor(list(prompt_ids), dtype=torch.long)
 
     def append(self, token_id: int) -> None:
-        self._history[self._length] = token_id
+        if self.processors:
+            self._history[self._length] = token_id
         self._length += 1
 
     def history(self) -> torch.Tensor:
