@@ -43,6 +43,8 @@ StepObserver = Callable[[StepMetrics], None]
 
 
 class GenerativeEngine:
+    """One causal LM and its tokenizer, a KV cache within the budget, a scheduler, and the step loop."""
+
     def __init__(self, model: PreTrainedModel, tokenizer: Any, config: EngineConfig | None = None, *,
                  step_observer: StepObserver | None = None) -> None:
         self.config = config = config or EngineConfig()
