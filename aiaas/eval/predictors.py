@@ -13,20 +13,12 @@ import numpy as np
 
 from aiaas import runtime
 from aiaas.errors import FailedPrecondition, NotFound, Unavailable, error_from_rpc
+from aiaas.eval.schema import TensorSpecLike
 from aiaas.identity import ClientIdentity
 
 SERVING = "serving"
 IN_PROCESS = "in-process"
 MAX_MESSAGE_BYTES = 2**31 - 1
-
-
-class TensorSpecLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def datatype(self) -> str: ...
-    @property
-    def shape(self) -> Sequence[int]: ...
 
 
 class Predictor(Protocol):

@@ -12,7 +12,7 @@ from services.common.authz import audit_actor
 from services.common.errors import InvalidArgument
 from services.registry import quality_convert as convert
 from services.registry.core import MAX_UPLOAD_HEADER_BYTES
-from services.registry.servicer import RegistryServicer, UploadStream, run
+from services.registry.servicer import RegistryServicer, UploadStream, receive_upload, run
 
 
 class QualityServicer(RegistryServicer):
@@ -29,17 +29,7 @@ class QualityServicer(RegistryServicer):
                 raise InvalidArgument(f"the upload header is {size} bytes; the limit is {MAX_UPLOAD_HEADER_BYTES}")
             spec = dataclasses.replace(convert.dataset_spec(first.header), actor=audit_actor(first.header.actor))
             upload = await run(self.core.quality.begin_dataset_upload, spec)
-            try:
-                stream.progressed()
-                while (message := await stream.next()) is not None:
-                    if message.HasField("header"):
-                        raise InvalidArgument("the upload stream carries a header twice; send it once, first")
-                    if message.chunk:
-                        await run(upload.write, message.chunk)
-                        stream.progressed()
-                found, deduplicated = await run(upload.finish)
-            finally:
-                await run(upload.abort)
+            found, deduplicated = await receive_upload(stream, upload)
         return epb.UploadDatasetResponse(dataset=convert.dataset(found), deduplicated=deduplicated)
 
     async def GetDataset(self, request: epb.GetDatasetRequest, context: Any) -> epb.GetDatasetResponse:

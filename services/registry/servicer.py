@@ -60,6 +60,23 @@ class UploadStream:
                 "and was aborted; nothing was stored") from None
 
 
+async def receive_upload(stream: UploadStream, upload: Any) -> Any:
+    """The chunks after the header into `upload` (write / finish / abort), then its `finish()`."""
+    try:
+        stream.progressed()
+        while (message := await stream.next()) is not None:
+            if message.HasField("header"):
+                raise InvalidArgument("the upload stream carries a header twice; send it once, first")
+            if message.chunk:
+                await run(upload.write, message.chunk)
+                stream.progressed()
+        return await run(upload.finish)
+    finally:
+        # A broken, idle or cancelled stream leaves no temporary file behind. In a thread: it waits
+        # for a chunk still being written.
+        await run(upload.abort)
+
+
 class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     def __init__(self, core: RegistryCore, hub: FeedHub, limits: UploadLimits | None = None, *,
                  feed_kinds: Callable[[], frozenset[str] | None] = lambda: None) -> None:
@@ -109,19 +126,7 @@ class RegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                                       "attach large reports after the upload with AttachReport")
             spec = dataclasses.replace(convert.version_spec(first.header), actor=audit_actor(first.header.actor))
             upload = await run(self.core.begin_upload, spec)
-            try:
-                stream.progressed()
-                while (message := await stream.next()) is not None:
-                    if message.HasField("header"):
-                        raise InvalidArgument("the upload stream carries a header twice; send it once, first")
-                    if message.chunk:
-                        await run(upload.write, message.chunk)
-                        stream.progressed()
-                found, deduplicated = await run(upload.finish)
-            finally:
-                # A broken, idle or cancelled stream leaves no temporary file behind. In a thread: it waits
-                # for a chunk still being written.
-                await run(upload.abort)
+            found, deduplicated = await receive_upload(stream, upload)
         return pb.UploadVersionResponse(version=convert.version(found), deduplicated=deduplicated)
 
     async def GetVersion(self, request: pb.GetVersionRequest, context: Any) -> pb.GetVersionResponse:
