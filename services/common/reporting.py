@@ -57,6 +57,30 @@ class RequestRecord:
     batch_size: int = 0
     key_id: str = ""
     time_ns: int = 0  # 0 -> now
+    generation: GenerationStats | None = None  # requests to a generative model only
+
+
+@dataclass(slots=True, frozen=True)
+class GenerationStats:
+    """A generative request's tokens and timings (monitor.proto `GenerationStats`)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_us: int = 0
+    itl_mean_us: int = 0
+    itl_max_us: int = 0
+    generation_us: int = 0
+    preemptions: int = 0
+    kv_cache_usage: float = 0.0
+    finish_reason: str = ""
+
+    def to_pb(self) -> Any:
+        from aiaas.monitor.v1 import monitor_pb2
+
+        return monitor_pb2.GenerationStats(
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, ttft_us=self.ttft_us,
+            itl_mean_us=self.itl_mean_us, itl_max_us=self.itl_max_us, generation_us=self.generation_us,
+            preemptions=self.preemptions, kv_cache_usage=self.kv_cache_usage, finish_reason=self.finish_reason)
 
 
 class _TokenBucket:
@@ -341,7 +365,8 @@ class TelemetryReporter:
             records=[
                 make(source=r.source, model=r.model, version=r.version, alias=r.alias, status=r.status,
                      latency_us=r.latency_us, queue_us=r.queue_us, compute_us=r.compute_us,
-                     batch_size=r.batch_size, key_id=r.key_id, time_ns=r.time_ns)
+                     batch_size=r.batch_size, key_id=r.key_id, time_ns=r.time_ns,
+                     generation=None if r.generation is None else r.generation.to_pb())
                 for r in batch
             ],
             samples=samples, shadow_diffs=diffs, loads=loads, dropped=self._dropped_unreported,

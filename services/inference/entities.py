@@ -13,6 +13,7 @@ import numpy as np
 from aiaas.formats import platform_of
 from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
+from services.common.reporting import GenerationStats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,8 @@ class RequestRecord:
     batch_size: int = 0
     # The request's inputs (not copied), for drift sampling; None for failed requests.
     inputs: Mapping[str, np.ndarray] | None = None
+    # A generative request's tokens and timings (`services.common.reporting.GenerationStats`).
+    generation: GenerationStats | None = None
 
 
 RequestObserver = Callable[[RequestRecord], None]

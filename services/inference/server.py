@@ -125,7 +125,7 @@ def _reporting_to(reporter: TelemetryReporter) -> RequestObserver:
         reporter.record(Report(
             source="inference", model=record.model, version=record.version, alias="", status=record.status,
             latency_us=record.latency_ns // 1000, queue_us=record.queue_ns // 1000,
-            compute_us=record.compute_ns // 1000, batch_size=record.batch_size))
+            compute_us=record.compute_ns // 1000, batch_size=record.batch_size, generation=record.generation))
         if record.inputs is not None:
             reporter.sample_inputs(record.model, record.version, record.inputs)  # type: ignore[arg-type]
 

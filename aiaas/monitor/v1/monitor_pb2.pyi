@@ -45,7 +45,7 @@ ALERT_STATE_FIRING: AlertState
 ALERT_STATE_RESOLVED: AlertState
 
 class RequestRecord(_message.Message):
-    __slots__ = ("source", "model", "version", "alias", "status", "latency_us", "queue_us", "compute_us", "batch_size", "key_id", "time_ns")
+    __slots__ = ("source", "model", "version", "alias", "status", "latency_us", "queue_us", "compute_us", "batch_size", "key_id", "time_ns", "generation")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class RequestRecord(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     source: str
     model: str
     version: int
@@ -68,7 +69,30 @@ class RequestRecord(_message.Message):
     batch_size: int
     key_id: str
     time_ns: int
-    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., status: _Optional[str] = ..., latency_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., batch_size: _Optional[int] = ..., key_id: _Optional[str] = ..., time_ns: _Optional[int] = ...) -> None: ...
+    generation: GenerationStats
+    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., status: _Optional[str] = ..., latency_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., batch_size: _Optional[int] = ..., key_id: _Optional[str] = ..., time_ns: _Optional[int] = ..., generation: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+
+class GenerationStats(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_us", "itl_mean_us", "itl_max_us", "generation_us", "preemptions", "kv_cache_usage", "finish_reason")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_US_FIELD_NUMBER: _ClassVar[int]
+    ITL_MEAN_US_FIELD_NUMBER: _ClassVar[int]
+    ITL_MAX_US_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_US_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_us: int
+    itl_mean_us: int
+    itl_max_us: int
+    generation_us: int
+    preemptions: int
+    kv_cache_usage: float
+    finish_reason: str
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_us: _Optional[int] = ..., itl_mean_us: _Optional[int] = ..., itl_max_us: _Optional[int] = ..., generation_us: _Optional[int] = ..., preemptions: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class InputSample(_message.Message):
     __slots__ = ("model", "version", "input", "rows", "cols", "values_f32", "time_ns")
