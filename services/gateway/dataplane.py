@@ -180,9 +180,11 @@ class DataPlane:
         return resolution
 
     async def _infer(self, caller: Caller, request: Any, raw: bytes, call: CallInfo, started: float | None, *,
-                     streaming: bool) -> tuple[bytes | AsyncIterator[tuple[bytes, Any]], Resolution]:
+                     streaming: bool, generative_only: bool = False,
+                     ) -> tuple[bytes | AsyncIterator[tuple[bytes, Any]], Resolution]:
         """Forward one request. With `streaming`, a request to a decoupled model answers the
-        iterator of its responses (see `_generate`, which reports it), anything else its one answer."""
+        iterator of its responses (see `_generate`, which reports it), anything else its one answer;
+        with `generative_only`, a request to any other model is refused."""
         started = time.perf_counter() if started is None else started
         resolution: Resolution | None = None
         status = "OK"
@@ -196,6 +198,11 @@ class DataPlane:
             forward = resolution.forward()
             decoupled = (await self.kinds.decoupled(resolution.model, resolution.version, forward) if streaming
                          else self.kinds.known(resolution.model, resolution.version, forward))
+            if generative_only and not decoupled:
+                raise InvalidArgument(
+                    f"model {resolution.model!r} (version {resolution.version}) is not a generative model: it "
+                    "takes tensors (call it with the KServe v2 / Triton gRPC API on the gateway's gRPC port)"
+                )
             tokens: list[Bucket] = []
             if decoupled:
                 tokens = self.quotas.token_buckets(caller, resolution.model, resolution.quota)
@@ -248,21 +255,11 @@ class DataPlane:
                               started: float | None = None) -> tuple[AsyncIterator[tuple[bytes, Any]], Resolution]:
         """A request to a generative model (the OpenAI door): admitted, quota-checked and forwarded
         like any stream request; InvalidArgument when the model it resolves to is not generative."""
-        started = time.perf_counter() if started is None else started
         raw = request.SerializeToString()
-        try:
-            resolution = self._admit(caller, request, call)
-            if not await self.kinds.decoupled(resolution.model, resolution.version, resolution.forward()):
-                raise InvalidArgument(
-                    f"model {resolution.model!r} (version {resolution.version}) is not a generative model: "
-                    "it takes tensors (use the KServe v2 / Triton gRPC API on the gateway's gRPC port)"
-                )
-        except AiaasError as exc:
-            self._report(None, caller, exc.code.name, started)
-            raise
-        answer, resolution = await self._infer(caller, request, raw, call, started, streaming=True)
-        if isinstance(answer, bytes):  # the model's kind changed under the request
-            raise Unavailable(f"model {resolution.model!r} is being replaced; try again")
+        answer, resolution = await self._infer(caller, request, raw, call, started, streaming=True,
+                                               generative_only=True)
+        if isinstance(answer, bytes):
+            raise Internal("a generation was answered as a tensor request")
         return answer, resolution
 
     async def _generate(self, caller: Caller, request: Any, raw: bytes, resolution: Resolution, call: CallInfo,
