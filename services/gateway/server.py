@@ -192,7 +192,7 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     openai = None
     if settings.openai_enabled:
         openai = OpenAIServer(
-            OpenAIDoor(plane, max_body_bytes=settings.openai_max_body_bytes), host=settings.host,
+            OpenAIDoor(plane, max_body_bytes=min(settings.openai_max_body_bytes, settings.max_request_bytes)), host=settings.host,
             port=settings.openai_port, max_connections=settings.openai_max_connections,
             keep_alive_s=settings.openai_keep_alive_s, grace_period_s=settings.grace_period_s,
             tls_cert=settings.tls_cert, tls_key=settings.tls_key,

@@ -21,7 +21,8 @@ class GatewaySettings(ServerSettings):
     # port, same host; 0 picks a free one. --no-openai-enabled serves gRPC only.
     openai_port: int = 8000
     openai_enabled: bool = True
-    # Largest request body the OpenAI door reads, in bytes; larger ones get 413.
+    # Largest request body the OpenAI door reads, in bytes (and no more than max_request_bytes);
+    # larger ones get 413.
     openai_max_body_bytes: int = 4 * 1024 * 1024
     # Connections and requests the OpenAI door holds at once; beyond it, new ones get 503.
     openai_max_connections: int = 1024
@@ -145,10 +146,8 @@ class GatewaySettings(ServerSettings):
     def _validate_openai(self) -> None:
         if not 0 <= self.openai_port <= 65535 or (self.openai_enabled and self.openai_port == self.port != 0):
             raise InvalidArgument("openai_port must be a port (0-65535) other than the gRPC port")
-        if not 1024 <= self.openai_max_body_bytes <= self.max_request_bytes:
-            raise InvalidArgument(
-                f"openai_max_body_bytes must be between 1 KiB and max_request_bytes ({self.max_request_bytes})"
-            )
+        if self.openai_max_body_bytes < 1024:
+            raise InvalidArgument("openai_max_body_bytes must be at least 1 KiB")
         if self.openai_max_connections < 1 or self.openai_keep_alive_s <= 0 or self.generation_timeout_s <= 0:
             raise InvalidArgument(
                 "openai_max_connections must be >= 1, openai_keep_alive_s and generation_timeout_s > 0"
