@@ -112,8 +112,10 @@ def test_chat_stream_and_not(llm: LlmStack) -> None:
 def test_openai_errors(llm: LlmStack) -> None:
     with pytest.raises(openai.AuthenticationError):
         llm.openai("aiaas_abcd1234_not-a-key").completions.create(model=MODEL, prompt="a")
-    with pytest.raises(openai.NotFoundError):
-        llm.openai().completions.create(model="no-such-model", prompt="a")
+    with pytest.raises(openai.PermissionDeniedError, match="may not use model 'other-model'"):
+        llm.openai().completions.create(model="other-model", prompt="a")  # the key is scoped to MODEL
+    with pytest.raises(openai.NotFoundError, match="unknown model: 'no-such-model'"):
+        llm.openai(ADMIN_TOKEN).completions.create(model="no-such-model", prompt="a")
     with pytest.raises(openai.BadRequestError) as bad:
         llm.openai().completions.create(model=MODEL, prompt="a", n=3)
     assert bad.value.param == "n"
