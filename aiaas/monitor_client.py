@@ -77,8 +77,13 @@ class MonitorClient:
         return [series_to_dict(s) for s in reply.series]
 
     def set_slo(self, model: str, *, p99_latency_ms: float | None = None, max_error_rate: float | None = None,
-                window_s: float = 0.0, min_requests: int = 0, source: str = "", actor: str = "") -> dict[str, Any]:
+                window_s: float = 0.0, min_requests: int = 0, source: str = "", actor: str = "",
+                p99_ttft_ms: float | None = None, p99_inter_token_ms: float | None = None) -> dict[str, Any]:
         slo = pb.SLO(model=model, window_seconds=window_s, min_requests=min_requests, source=source)
+        if p99_ttft_ms is not None:
+            slo.p99_ttft_ms = p99_ttft_ms
+        if p99_inter_token_ms is not None:
+            slo.p99_inter_token_ms = p99_inter_token_ms
         if p99_latency_ms is not None:
             slo.p99_latency_ms = p99_latency_ms
         if max_error_rate is not None:

@@ -1,7 +1,7 @@
 """`aiaas` commands for the monitor.
 
     aiaas top [--model M] [--window 60] [--interval 1] [--once]    live table of every model and version
-    aiaas slo set MODEL [--p99-ms 50] [--max-error-rate 0.01] [--window 300]
+    aiaas slo set MODEL [--p99-ms 50] [--max-error-rate 0.01] [--p99-ttft-ms 500] [--p99-itl-ms 50] [--window 300]
     aiaas slo list | aiaas slo delete MODEL
     aiaas alerts [--model M] [--active] [--watch]
     aiaas drift MODEL VERSION                                       PSI per feature against the baseline
@@ -101,11 +101,12 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_slo_set(args: argparse.Namespace) -> int:
-    if args.p99_ms is None and args.max_error_rate is None:
-        print("error: give --p99-ms, --max-error-rate or both", file=sys.stderr)
+    if all(v is None for v in (args.p99_ms, args.max_error_rate, args.p99_ttft_ms, args.p99_itl_ms)):
+        print("error: give at least one of --p99-ms, --max-error-rate, --p99-ttft-ms, --p99-itl-ms", file=sys.stderr)
         return 2
     with _client(args) as client:
         slo = client.set_slo(args.model, p99_latency_ms=args.p99_ms, max_error_rate=args.max_error_rate,
+                             p99_ttft_ms=args.p99_ttft_ms, p99_inter_token_ms=args.p99_itl_ms,
                              window_s=args.window, min_requests=args.min_requests, source=args.source,
                              actor=os.environ.get("USER", ""))
     _print(args, slo)
@@ -115,7 +116,8 @@ def cmd_slo_set(args: argparse.Namespace) -> int:
 def cmd_slo_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         slos = client.list_slos(args.model)
-    _print(args, slos, ["model", "p99_latency_ms", "max_error_rate", "window_seconds", "min_requests", "source"])
+    _print(args, slos, ["model", "p99_latency_ms", "max_error_rate", "p99_ttft_ms", "p99_inter_token_ms",
+                        "window_seconds", "min_requests", "source"])
     return 0
 
 
@@ -213,6 +215,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     slo_set.add_argument("model")
     slo_set.add_argument("--p99-ms", type=float, default=None)
     slo_set.add_argument("--max-error-rate", type=float, default=None, help="0..1")
+    slo_set.add_argument("--p99-ttft-ms", type=float, default=None, help="generative models: p99 time to first token")
+    slo_set.add_argument("--p99-itl-ms", type=float, default=None,
+                         help="generative models: p99 of each request's mean inter-token latency")
     slo_set.add_argument("--window", type=float, default=0.0, help="seconds; 0 = the monitor's default")
     slo_set.add_argument("--min-requests", type=int, default=0)
     slo_set.add_argument("--source", default="", choices=["", "gateway", "inference"])

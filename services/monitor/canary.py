@@ -1,5 +1,8 @@
 """Canary analysis: is the canary significantly worse than production?
 
+Generative models add time to first token: the canary's p99 TTFT over production's past a ratio,
+plus a minimum absolute gap, judged like latency (a LATENCY_REGRESSION whose reason says TTFT).
+
 Errors: a one-sided two-proportion z-test (canary error rate greater than production's) at
 `alpha`, plus a minimum absolute increase so a tiny but "significant" difference on a huge
 sample does not roll anything back. Latency: the canary's p99 over production's past a ratio,
@@ -21,6 +24,8 @@ class CanaryPolicy:
     min_error_increase: float = 0.02
     max_p99_ratio: float = 2.0
     min_p99_increase_ms: float = 5.0
+    max_ttft_p99_ratio: float = 2.0
+    min_ttft_increase_ms: float = 20.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -29,6 +34,7 @@ class CanaryDecision:
     error_p_value: float
     p99_ratio: float
     reason: str
+    ttft_p99_ratio: float = 0.0
 
     @property
     def regressed(self) -> bool:
@@ -72,4 +78,15 @@ def judge(production: SeriesMetrics, canary: SeriesMetrics, policy: CanaryPolicy
             f"canary p99 {canary.latency.p99_ms:.1f} ms is {ratio:.1f}x production's {prod_p99:.1f} ms "
             f"(limit {policy.max_p99_ratio:g}x)",
         )
-    return CanaryDecision(CanaryVerdict.HEALTHY, p_value, ratio, "no significant regression")
+    ttft_ratio, prod_ttft, canary_ttft = 0.0, 0.0, 0.0
+    if production.generation is not None and canary.generation is not None:
+        prod_ttft, canary_ttft = production.generation.ttft.p99_ms, canary.generation.ttft.p99_ms
+        ttft_ratio = canary_ttft / prod_ttft if prod_ttft > 0 else 0.0
+        enough = min(production.generation.count, canary.generation.count) >= policy.min_requests
+        if (enough and prod_ttft > 0 and ttft_ratio > policy.max_ttft_p99_ratio
+                and canary_ttft - prod_ttft >= policy.min_ttft_increase_ms):
+            return CanaryDecision(
+                CanaryVerdict.LATENCY_REGRESSION, p_value, ratio,
+                f"canary p99 time to first token {canary_ttft:.1f} ms is {ttft_ratio:.1f}x production's "
+                f"{prod_ttft:.1f} ms (limit {policy.max_ttft_p99_ratio:g}x)", ttft_ratio)
+    return CanaryDecision(CanaryVerdict.HEALTHY, p_value, ratio, "no significant regression", ttft_ratio)

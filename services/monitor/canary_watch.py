@@ -39,6 +39,7 @@ def policy_of(settings: MonitorSettings) -> CanaryPolicy:
         min_requests=settings.canary_min_requests, alpha=settings.canary_alpha,
         min_error_increase=settings.canary_min_error_increase, max_p99_ratio=settings.canary_max_p99_ratio,
         min_p99_increase_ms=settings.canary_min_p99_increase_ms,
+        max_ttft_p99_ratio=settings.canary_max_ttft_p99_ratio, min_ttft_increase_ms=settings.canary_min_ttft_increase_ms,
     )
 
 
@@ -100,7 +101,7 @@ class CanaryWatch:
         canary_version = max(per_version, key=lambda m: m.count).key.version if per_version else 0
         status = CanaryStatus(model=route.model, verdict=decision.verdict, production=prod, canary=canary,
                               error_p_value=decision.error_p_value, p99_ratio=decision.p99_ratio,
-                              reason=decision.reason, time_ns=now)
+                              ttft_p99_ratio=decision.ttft_p99_ratio, reason=decision.reason, time_ns=now)
         self.canaries[route.model] = status
         if not decision.regressed:
             return
@@ -115,12 +116,14 @@ class CanaryWatch:
     def _alert_regression(self, model: str, canary_version: int, decision: CanaryDecision, canary: SeriesMetrics,
                           rolled_back: bool) -> None:
         errors = decision.verdict is CanaryVerdict.ERROR_REGRESSION
+        ttft = not errors and decision.ttft_p99_ratio > self.policy.max_ttft_p99_ratio
         action = "set the canary's weight to 0" if rolled_back else "rollback disabled: route left as is"
         self.alerts.fire(Alert(
             id=f"canary:{model}", kind=AlertKind.CANARY_ROLLBACK, state=AlertState.FIRING, model=model,
             version=canary_version, alias=self.settings.canary_alias, summary=f"{model}: {decision.reason}; {action}",
-            value=canary.error_rate if errors else decision.p99_ratio,
-            threshold=self.policy.min_error_increase if errors else self.policy.max_p99_ratio,
+            value=canary.error_rate if errors else decision.ttft_p99_ratio if ttft else decision.p99_ratio,
+            threshold=(self.policy.min_error_increase if errors
+                       else self.policy.max_ttft_p99_ratio if ttft else self.policy.max_p99_ratio),
             details=(("verdict", decision.verdict.value), ("rolled_back", str(rolled_back).lower())),
         ))
 

@@ -14,6 +14,8 @@ from services.monitor.entities import (
     Distribution,
     FeatureDrift,
     FeatureHistogram,
+    Generation,
+    GenerationMetrics,
     InputSample,
     MetricsFilter,
     ModelLoad,
@@ -29,7 +31,11 @@ _ALERT_KIND = {
     AlertKind.DRIFT: pb.ALERT_KIND_DRIFT,
     AlertKind.CANARY_ROLLBACK: pb.ALERT_KIND_CANARY_ROLLBACK,
     AlertKind.SHADOW_MISMATCH: pb.ALERT_KIND_SHADOW_MISMATCH,
+    AlertKind.SLO_TTFT: pb.ALERT_KIND_SLO_TTFT,
+    AlertKind.SLO_INTER_TOKEN: pb.ALERT_KIND_SLO_INTER_TOKEN,
 }
+# What a reporter may put in the finish-reason label; anything else counts as "other".
+FINISH_REASONS = frozenset({"stop", "length", "cancelled", "timeout", "error"})
 _ALERT_STATE = {AlertState.FIRING: pb.ALERT_STATE_FIRING, AlertState.RESOLVED: pb.ALERT_STATE_RESOLVED}
 _VERDICT = {
     CanaryVerdict.UNSPECIFIED: pb.CANARY_VERDICT_UNSPECIFIED,
@@ -46,7 +52,8 @@ def report_from_proto(msg: pb.ReportRequest) -> Report:
         requests=[
             Request(source=r.source, model=r.model, version=r.version, alias=r.alias, status=r.status or "OK",
                     latency_us=r.latency_us, queue_us=r.queue_us, compute_us=r.compute_us,
-                    batch_size=r.batch_size, key_id=r.key_id, time_ns=r.time_ns)
+                    batch_size=r.batch_size, key_id=r.key_id, time_ns=r.time_ns,
+                    generation=_generation(r.generation) if r.HasField("generation") else None)
             for r in msg.records
         ],
         samples=[InputSample(model=s.model, version=s.version, input=s.input, rows=s.rows, cols=s.cols,
@@ -59,6 +66,13 @@ def report_from_proto(msg: pb.ReportRequest) -> Report:
     )
 
 
+def _generation(g: pb.GenerationStats) -> Generation:
+    return Generation(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens, ttft_us=g.ttft_us,
+                      itl_mean_us=g.itl_mean_us, itl_max_us=g.itl_max_us, generation_us=g.generation_us,
+                      preemptions=g.preemptions, kv_cache_usage=g.kv_cache_usage,
+                      finish_reason=g.finish_reason if g.finish_reason in FINISH_REASONS else "other")
+
+
 def filter_from_proto(msg: pb.QueryMetricsRequest) -> MetricsFilter:
     return MetricsFilter(model=msg.model, version=msg.version, alias=msg.alias, source=msg.source,
                          window_s=msg.window_seconds, merge=msg.merge)
@@ -68,8 +82,17 @@ def _distribution(d: Distribution) -> pb.LatencySummary:
     return pb.LatencySummary(p50_ms=d.p50_ms, p90_ms=d.p90_ms, p99_ms=d.p99_ms, mean_ms=d.mean_ms, max_ms=d.max_ms)
 
 
+def _generation_metrics(g: GenerationMetrics) -> pb.GenerationMetrics:
+    return pb.GenerationMetrics(
+        count=g.count, ttft=_distribution(g.ttft), inter_token=_distribution(g.inter_token),
+        prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
+        output_tokens_per_second=g.output_tokens_per_s, mean_kv_cache_usage=g.mean_kv_cache_usage,
+        preemptions=g.preemptions, finish_reasons=g.finish_reasons)
+
+
 def series_to_proto(m: SeriesMetrics) -> pb.SeriesMetrics:
     return pb.SeriesMetrics(
+        generation=_generation_metrics(m.generation) if m.generation is not None else None,
         source=m.key.source, model=m.key.model, version=m.key.version, alias=m.key.alias,
         window_seconds=m.window_s, count=m.count, rate_per_second=m.rate_per_s, errors=m.errors,
         error_rate=m.error_rate, status_counts=m.status_counts, latency=_distribution(m.latency),
@@ -85,6 +108,8 @@ def slo_from_proto(msg: pb.SLO) -> SLO:
         p99_latency_ms=msg.p99_latency_ms if msg.HasField("p99_latency_ms") else None,
         max_error_rate=msg.max_error_rate if msg.HasField("max_error_rate") else None,
         window_s=msg.window_seconds, min_requests=msg.min_requests, source=msg.source,
+        p99_ttft_ms=msg.p99_ttft_ms if msg.HasField("p99_ttft_ms") else None,
+        p99_inter_token_ms=msg.p99_inter_token_ms if msg.HasField("p99_inter_token_ms") else None,
     )
 
 
@@ -94,6 +119,10 @@ def slo_to_proto(slo: SLO) -> pb.SLO:
         msg.p99_latency_ms = slo.p99_latency_ms
     if slo.max_error_rate is not None:
         msg.max_error_rate = slo.max_error_rate
+    if slo.p99_ttft_ms is not None:
+        msg.p99_ttft_ms = slo.p99_ttft_ms
+    if slo.p99_inter_token_ms is not None:
+        msg.p99_inter_token_ms = slo.p99_inter_token_ms
     return msg
 
 
@@ -127,7 +156,7 @@ def drift_to_proto(features: list[FeatureDrift], threshold: float) -> pb.GetDrif
 
 def canary_to_proto(s: CanaryStatus) -> pb.CanaryStatus:
     msg = pb.CanaryStatus(model=s.model, verdict=_VERDICT[s.verdict], error_p_value=s.error_p_value,
-                          p99_ratio=s.p99_ratio, rolled_back=s.rolled_back, reason=s.reason, time_ns=s.time_ns)
+                          p99_ratio=s.p99_ratio, ttft_p99_ratio=s.ttft_p99_ratio, rolled_back=s.rolled_back, reason=s.reason, time_ns=s.time_ns)
     if s.production is not None:
         msg.production.CopyFrom(series_to_proto(s.production))
     if s.canary is not None:

@@ -30,6 +30,21 @@ class SeriesKey:
         return SeriesKey(model=model, version=int(version), alias=alias, source=source)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Generation:
+    """A generative request's tokens and timings, as reported (monitor.proto GenerationStats)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_us: int = 0
+    itl_mean_us: int = 0
+    itl_max_us: int = 0
+    generation_us: int = 0
+    preemptions: int = 0
+    kv_cache_usage: float = 0.0
+    finish_reason: str = ""
+
+
 @dataclasses.dataclass(slots=True)
 class Request:
     """One served request, as reported."""
@@ -45,6 +60,7 @@ class Request:
     batch_size: int = 0
     key_id: str = ""
     time_ns: int = 0
+    generation: Generation | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -112,6 +128,21 @@ class Distribution:
 
 
 @dataclasses.dataclass(slots=True)
+class GenerationMetrics:
+    """A window's generative requests: token counts and rates, TTFT and inter-token latency."""
+
+    count: int = 0
+    ttft: Distribution = dataclasses.field(default_factory=Distribution)
+    inter_token: Distribution = dataclasses.field(default_factory=Distribution)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    output_tokens_per_s: float = 0.0
+    mean_kv_cache_usage: float = 0.0
+    preemptions: int = 0
+    finish_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(slots=True)
 class SeriesMetrics:
     key: SeriesKey
     window_s: float
@@ -127,6 +158,7 @@ class SeriesMetrics:
     mean_batch_size: float = 0.0
     first_response_ms: float = 0.0
     load_ms: float = 0.0
+    generation: GenerationMetrics | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -137,6 +169,8 @@ class SLO:
     window_s: float = 0.0
     min_requests: int = 0
     source: str = ""
+    p99_ttft_ms: float | None = None
+    p99_inter_token_ms: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -174,6 +208,8 @@ class AlertKind(enum.Enum):
     DRIFT = "drift"
     CANARY_ROLLBACK = "canary_rollback"
     SHADOW_MISMATCH = "shadow_mismatch"
+    SLO_TTFT = "slo_ttft"
+    SLO_INTER_TOKEN = "slo_inter_token"
 
 
 class AlertState(enum.Enum):
@@ -212,6 +248,7 @@ class CanaryStatus:
     canary: SeriesMetrics | None = None
     error_p_value: float = 1.0
     p99_ratio: float = 0.0
+    ttft_p99_ratio: float = 0.0
     rolled_back: bool = False
     reason: str = ""
     time_ns: int = 0

@@ -30,6 +30,14 @@ _HISTOGRAMS = (
     ("aiaas_model_request_latency_seconds", "Request latency", "l:", "ls", "n"),
     ("aiaas_model_queue_seconds", "Time in the batch queue", "q:", "qs", "qn"),
     ("aiaas_model_compute_seconds", "Time running the model", "c:", "cs", "qn"),
+    ("aiaas_model_time_to_first_token_seconds", "Generative requests: arrival to first token", "t:", "ts", "tn"),
+    ("aiaas_model_inter_token_seconds", "Generative requests: mean gap between tokens, per request", "i:", "is", "in"),
+)
+# Running token and preemption totals of generative requests: (family, doc, field).
+_GENERATION_COUNTERS = (
+    ("aiaas_model_prompt_tokens", "Prompt tokens of generative requests", "pt"),
+    ("aiaas_model_completion_tokens", "Tokens generated", "ot"),
+    ("aiaas_model_preemptions", "Times a generative request's KV cache was taken back and recomputed", "pe"),
 )
 
 
@@ -58,6 +66,7 @@ class _TotalsCollector:
         requests = CounterMetricFamily("aiaas_model_requests", "Requests served, by status", labels=[*_LABELS, "status"])
         families = {name: HistogramMetricFamily(name, doc, labels=_LABELS) for name, doc, *_ in _HISTOGRAMS}
         batch = HistogramMetricFamily("aiaas_model_batch_size", "Size of the batch a request ran in", labels=_LABELS)
+        counters = {name: CounterMetricFamily(name, doc, labels=_LABELS) for name, doc, _ in _GENERATION_COUNTERS}
         for series, fields in sorted(snapshot.items()):
             key = SeriesKey.decode(series)
             labels = [key.source, key.model, str(key.version), key.alias]
@@ -68,6 +77,9 @@ class _TotalsCollector:
                 if fields.get(count, 0):
                     buckets = self._buckets(fields, prefix, _LATENCY_BUCKETS_S, _bin_upper_s)
                     families[family].add_metric(labels, buckets, fields.get(total, 0) / 1e6)
+            if fields.get("gn", 0):
+                for name, _, field in _GENERATION_COUNTERS:
+                    counters[name].add_metric(labels, fields.get(field, 0))
             sizes = {int(k[2:]): n for k, n in fields.items() if k.startswith("b:")}
             if sizes:
                 buckets = self._buckets({f"b:{k}": v for k, v in sizes.items()}, "b:", _BATCH_BUCKETS, float)
@@ -75,6 +87,7 @@ class _TotalsCollector:
         yield requests
         yield from families.values()
         yield batch
+        yield from counters.values()
 
     @staticmethod
     def _buckets(fields: Mapping[str, int], prefix: str, bounds: tuple[float, ...], upper: Any) -> list[tuple[str, float]]:
@@ -101,6 +114,14 @@ class PrometheusExport:
                                        _LABELS, registry=reg)
         self.window_rate = Gauge("aiaas_model_window_requests_per_second", "Request rate over the default window",
                                  _LABELS, registry=reg)
+        self.window_output_tokens = Gauge(
+            "aiaas_model_window_output_tokens_per_second", "Tokens generated per second over the default window",
+            _LABELS, registry=reg)
+        self.window_ttft_p99 = Gauge("aiaas_model_window_ttft_p99_seconds",
+                                     "p99 time to first token over the default window", _LABELS, registry=reg)
+        self.window_kv_cache_usage = Gauge(
+            "aiaas_model_window_kv_cache_usage", "Mean fraction of KV-cache blocks in use as generative requests "
+            "finished, over the default window", _LABELS, registry=reg)
         self.drift_psi = Gauge("aiaas_model_drift_psi", "Population stability index of live inputs",
                                ("model", "version", "feature"), registry=reg)
         self.alerts_firing = Gauge("aiaas_alerts_firing", "Alerts firing", ("kind",), registry=reg)
@@ -122,3 +143,8 @@ class PrometheusExport:
         self.window_p99.labels(*labels).set(metrics.latency.p99_ms / 1000.0)
         self.window_error_rate.labels(*labels).set(metrics.error_rate)
         self.window_rate.labels(*labels).set(metrics.rate_per_s)
+        gen = metrics.generation
+        if gen is not None:
+            self.window_output_tokens.labels(*labels).set(gen.output_tokens_per_s)
+            self.window_ttft_p99.labels(*labels).set(gen.ttft.p99_ms / 1000.0)
+            self.window_kv_cache_usage.labels(*labels).set(gen.mean_kv_cache_usage)

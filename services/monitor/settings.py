@@ -66,6 +66,11 @@ class MonitorSettings(ServerSettings):
     canary_max_p99_ratio: float = 2.0
     # Least rise of the canary's p99 over production's, in milliseconds, that counts as a regression.
     canary_min_p99_increase_ms: float = 5.0
+    # Generative models: canary p99 time to first token above this multiple of production's (and
+    # canary_min_ttft_increase_ms above it) is a latency regression; must be > 1.
+    canary_max_ttft_p99_ratio: float = 2.0
+    # Least rise of the canary's p99 time to first token over production's, in milliseconds.
+    canary_min_ttft_increase_ms: float = 20.0
     # False: analyse and alert, but leave the route alone.
     canary_rollback: bool = True
 
@@ -105,6 +110,8 @@ class MonitorSettings(ServerSettings):
             raise InvalidArgument("canary_alpha must be between 0 and 1")
         if self.canary_max_p99_ratio <= 1:
             raise InvalidArgument("canary_max_p99_ratio must be > 1")
+        if self.canary_max_ttft_p99_ratio <= 1:
+            raise InvalidArgument("canary_max_ttft_p99_ratio must be > 1")
         if self.drift_threshold <= 0:
             raise InvalidArgument("drift_threshold must be > 0")
         if not 2 <= self.drift_bins <= 100:

@@ -21,10 +21,14 @@ def check_slo(slo: SLO, retention_s: float) -> None:
     """Raise InvalidArgument unless the SLO can be evaluated."""
     if not slo.model:
         raise InvalidArgument("an SLO needs a model")
-    if slo.p99_latency_ms is None and slo.max_error_rate is None:
-        raise InvalidArgument("an SLO needs p99_latency_ms, max_error_rate or both")
-    if slo.p99_latency_ms is not None and slo.p99_latency_ms <= 0:
-        raise InvalidArgument("p99_latency_ms must be > 0")
+    objectives = (slo.p99_latency_ms, slo.max_error_rate, slo.p99_ttft_ms, slo.p99_inter_token_ms)
+    if all(value is None for value in objectives):
+        raise InvalidArgument("an SLO needs at least one of p99_latency_ms, max_error_rate, p99_ttft_ms, "
+                              "p99_inter_token_ms")
+    for name in ("p99_latency_ms", "p99_ttft_ms", "p99_inter_token_ms"):
+        value = getattr(slo, name)
+        if value is not None and not value > 0:
+            raise InvalidArgument(f"{name} must be > 0")
     if slo.max_error_rate is not None and not 0 <= slo.max_error_rate <= 1:
         raise InvalidArgument("max_error_rate must be between 0 and 1")
     if slo.window_s < 0 or slo.window_s > retention_s:
@@ -60,7 +64,7 @@ class SLOWatch:
 
     def _forget(self, model: str) -> None:
         self.slos.pop(model, None)
-        for kind in ("latency", "error_rate"):
+        for kind in ("latency", "error_rate", "ttft", "inter_token"):
             self.alerts.resolve(f"slo:{model}:{kind}", summary=f"SLO of {model} deleted")
 
     async def set(self, slo: SLO, actor: str) -> SLO:
@@ -106,4 +110,20 @@ class SLOWatch:
                          f"{'above' if breached else 'within'} the SLO of {slo.max_error_rate:.2%} "
                          f"over {window:g}s ({m.count} requests)"),
                 value=m.error_rate, threshold=slo.max_error_rate, details=details,
+            ), breached)
+        gen = m.generation
+        for objective, kind, alert_kind, label in (
+                (slo.p99_ttft_ms, "ttft", AlertKind.SLO_TTFT, "time to first token"),
+                (slo.p99_inter_token_ms, "inter_token", AlertKind.SLO_INTER_TOKEN, "inter-token latency")):
+            if objective is None or gen is None:
+                continue
+            dist = gen.ttft if kind == "ttft" else gen.inter_token
+            breached = dist.p99_ms > objective
+            self.alerts.set_condition(Alert(
+                id=f"slo:{slo.model}:{kind}", kind=alert_kind,
+                state=AlertState.FIRING if breached else AlertState.RESOLVED, model=slo.model,
+                summary=(f"{slo.model}: p99 {label} {dist.p99_ms:.1f} ms "
+                         f"{'above' if breached else 'within'} the SLO of {objective:g} ms "
+                         f"over {window:g}s ({gen.count} generative requests)"),
+                value=dist.p99_ms, threshold=objective, details=details,
             ), breached)

@@ -11,6 +11,11 @@ Field names in a bucket:
   qn           requests that reported a queue/compute split
   q:<bin> qs   queue-time bins/sum   c:<bin> cs  compute-time bins/sum
   b:<size>     batch-size histogram
+Generative requests (those that report token figures) add:
+  gn           generative requests   t:<bin> ts  time-to-first-token bins/sum (us)
+  in           requests with >= 2 tokens          i:<bin> is  their mean inter-token gap bins/sum
+  pt ot        prompt / completion tokens         pe          preemptions
+  kv           KV-cache use at finish, per mille, summed      f:<reason>  per finish reason
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ from typing import Any, Protocol
 
 from services.common.errors import Unavailable
 from services.common.outages import OutageLog, url_address
-from services.monitor.entities import SERVER_FAULT_STATUSES, Distribution, Request, SeriesKey, SeriesMetrics
+from services.monitor.entities import (
+    SERVER_FAULT_STATUSES,
+    Distribution,
+    GenerationMetrics,
+    Request,
+    SeriesKey,
+    SeriesMetrics,
+)
 
 log = logging.getLogger("aiaas.monitor.windows")
 
@@ -74,6 +86,25 @@ def add_request(increments: Increments, req: Request, bucket_s: float) -> None:
         fields["cs"] += max(0, int(req.compute_us))
     if req.batch_size > 0:
         fields[f"b:{req.batch_size}"] += 1
+    gen = req.generation
+    if gen is not None:
+        fields["gn"] += 1
+        fields["pt"] += max(0, gen.prompt_tokens)
+        fields["ot"] += max(0, gen.completion_tokens)
+        fields["pe"] += max(0, gen.preemptions)
+        fields["kv"] += round(min(max(gen.kv_cache_usage, 0.0), 1.0) * 1000)
+        if gen.finish_reason:
+            fields["f:" + gen.finish_reason] += 1
+        if gen.completion_tokens > 0:
+            ttft = max(0, int(gen.ttft_us))
+            fields[f"t:{latency_bin(ttft)}"] += 1
+            fields["ts"] += ttft
+            fields["tn"] += 1
+        if gen.completion_tokens > 1:
+            itl = max(0, int(gen.itl_mean_us))
+            fields[f"i:{latency_bin(itl)}"] += 1
+            fields["is"] += itl
+            fields["in"] += 1
 
 
 def _distribution(fields: Mapping[str, int], prefix: str, total_field: str, count: int) -> Distribution:
@@ -106,7 +137,22 @@ def summarize(key: SeriesKey, fields: Mapping[str, int], window_s: float, span_s
     batch_sizes = {int(name[2:]): int(n) for name, n in fields.items() if name.startswith("b:") and n > 0}
     batched = sum(batch_sizes.values())
     queued = int(fields.get("qn", 0))
+    generated = int(fields.get("gn", 0))
+    generation = None
+    if generated:
+        generation = GenerationMetrics(
+            count=generated,
+            ttft=_distribution(fields, "t:", "ts", int(fields.get("tn", 0))),
+            inter_token=_distribution(fields, "i:", "is", int(fields.get("in", 0))),
+            prompt_tokens=int(fields.get("pt", 0)),
+            completion_tokens=int(fields.get("ot", 0)),
+            output_tokens_per_s=int(fields.get("ot", 0)) / max(span_s, 1e-9),
+            mean_kv_cache_usage=int(fields.get("kv", 0)) / 1000.0 / generated,
+            preemptions=int(fields.get("pe", 0)),
+            finish_reasons={name[2:]: int(n) for name, n in fields.items() if name.startswith("f:") and n > 0},
+        )
     return SeriesMetrics(
+        generation=generation,
         key=key,
         window_s=window_s,
         count=count,

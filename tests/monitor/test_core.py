@@ -18,6 +18,7 @@ from services.monitor.entities import (
     AlertState,
     Baseline,
     CanaryVerdict,
+    Generation,
     InputSample,
     MetricsFilter,
     ModelLoad,
@@ -272,3 +273,48 @@ async def test_control_plane_changes_reach_the_parts_and_stale_news_is_ignored(
     core.route_changed("r", route, 99)
     core.control_replaced(ControlState(slos={"x": SLO(model="x", max_error_rate=0.1)}))
     assert list(core.slos) == ["x"] and core.routes == {} and core.baselines == {}
+
+
+def _gen(clock: Clock, ttft_ms: float, alias: str = "production", version: int = 1, model: str = "lm") -> Request:
+    return Request(source="gateway", model=model, version=version, alias=alias, status="OK", latency_us=400_000,
+                   time_ns=clock.now, generation=Generation(prompt_tokens=12, completion_tokens=32,
+                                                            ttft_us=int(ttft_ms * 1000), itl_mean_us=20_000))
+
+
+async def test_ttft_slo_fires_and_resolves_and_inter_token_slo_holds(core: MonitorCore, clock: Clock) -> None:
+    sub = core.alerts.subscribe(model="lm")
+    await core.set_slo(SLO(model="lm", p99_ttft_ms=300, p99_inter_token_ms=50, window_s=5, min_requests=10), "me")
+    await core.ingest(Report("gateway", [_gen(clock, 100)] * 50))
+    await core.evaluate()
+    assert not core.alerts.active
+    await core.ingest(Report("gateway", [_gen(clock, 900)] * 50))
+    await core.evaluate()
+    alert, _ = await asyncio.wait_for(sub.next(), 1)
+    assert (alert.kind, alert.state, alert.id) == (AlertKind.SLO_TTFT, AlertState.FIRING, "slo:lm:ttft")
+    assert alert.value == pytest.approx(900, rel=0.03) and alert.threshold == 300
+    assert list(core.alerts.active) == ["slo:lm:ttft"]  # inter-token latency (20 ms) is within its 50 ms
+    clock.advance(6)
+    await core.ingest(Report("gateway", [_gen(clock, 100)] * 50))
+    await core.evaluate()
+    alert, _ = await asyncio.wait_for(sub.next(), 1)
+    assert (alert.kind, alert.state) == (AlertKind.SLO_TTFT, AlertState.RESOLVED)
+    with pytest.raises(InvalidArgument, match="p99_ttft_ms must be > 0"):
+        await core.set_slo(SLO(model="lm", p99_ttft_ms=0), "me")
+
+
+async def test_canary_with_slow_first_tokens_is_rolled_back(core: MonitorCore, clock: Clock,
+                                                            control: MemoryControlPlane) -> None:
+    control.put_route("lm", [("production", 90), ("canary", 10)])
+    control.put_route("ok", [("production", 90), ("canary", 10)])
+    await core.evaluate()
+    # Same end-to-end latency on both sides: only the time to first token tells the canary apart.
+    await core.ingest(Report("gateway", [_gen(clock, 100)] * 100 + [_gen(clock, 800, "canary", 2)] * 40
+                             + [_gen(clock, 100, model="ok")] * 100 + [_gen(clock, 120, "canary", 2, "ok")] * 40))
+    await core.evaluate()
+    status = core.canary_status("lm")
+    assert status.verdict is CanaryVerdict.LATENCY_REGRESSION and "first token" in status.reason
+    assert status.ttft_p99_ratio == pytest.approx(8, rel=0.05)
+    assert control.routes["lm"].splits[1].weight == 0
+    healthy = core.canary_status("ok")
+    assert healthy.verdict is CanaryVerdict.HEALTHY and healthy.ttft_p99_ratio == pytest.approx(1.2, rel=0.05)
+    assert control.routes["ok"].splits[1].weight == 10

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from services.monitor.control import MemoryControlPlane
 from services.monitor.core import MonitorCore
-from services.monitor.entities import Report, Request
+from services.monitor.entities import Generation, Report, Request
 from services.monitor.prom import PrometheusExport
 from services.monitor.settings import MonitorSettings
 from services.monitor.windows import MemoryWindowStore
@@ -22,8 +22,12 @@ async def _exported_names() -> set[str]:
     registry = CollectorRegistry()
     prom = PrometheusExport(registry)
     core = MonitorCore(MonitorSettings(registry_url=None), MemoryWindowStore(), MemoryControlPlane(), prom=prom)
+    generation = Generation(prompt_tokens=8, completion_tokens=16, ttft_us=50_000, itl_mean_us=9_000, preemptions=1,
+                            kv_cache_usage=0.25, finish_reason="length")
     await core.ingest(Report("inference", [Request("inference", "m", 1, "", "OK", 900, queue_us=100, compute_us=700,
-                                                   batch_size=2)], dropped=3))
+                                                   batch_size=2),
+                                           Request("inference", "lm", 1, "", "OK", 200_000, generation=generation)],
+                             dropped=3))
     await core.evaluate()
     prom.drift_psi.labels("m", "1", "x").set(0.1)
     prom.canary_rollbacks.labels("m").inc()

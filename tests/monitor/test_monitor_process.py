@@ -13,7 +13,7 @@ import pytest
 
 from aiaas.monitor.v1 import monitor_pb2 as pb
 from aiaas.monitor.v1 import monitor_pb2_grpc
-from services.common.reporting import RequestRecord, TelemetryReporter
+from services.common.reporting import GenerationStats, RequestRecord, TelemetryReporter
 from services.monitor.windows import GAMMA
 from tests.support.procs import ServiceProcess
 from tests.support.servers import RedisServer, free_port
@@ -97,6 +97,36 @@ async def test_figures_match_a_known_load_across_replicas(monitors: tuple[Servic
     assert 'aiaas_model_requests_total{alias="canary",model="load",source="gateway",status="INTERNAL",version="2"}' \
         in text
     assert "aiaas_model_request_latency_seconds_bucket" in text
+
+
+async def test_generation_figures_reach_queries_and_prometheus(monitors: tuple[ServiceProcess, ServiceProcess, int]
+                                                             ) -> None:
+    """Token counts, TTFT and inter-token latency of generative requests, as the inference service reports them."""
+    a, _, metrics_port = monitors
+    rng = np.random.default_rng(5)
+    ttft = (rng.lognormal(np.log(60_000), 0.4, 300) + 1).astype(int)
+    records = [RequestRecord("inference", "gen-lm", 3, "", "OK", 900_000, generation=GenerationStats(
+        prompt_tokens=20, completion_tokens=64, ttft_us=int(v), itl_mean_us=15_000, itl_max_us=40_000,
+        generation_us=945_000, preemptions=1 if i < 3 else 0, kv_cache_usage=0.5, finish_reason="length"))
+        for i, v in enumerate(ttft)]
+    reporter = TelemetryReporter(a.address, source="inference", max_buffer=10_000)
+    await reporter.start()
+    try:
+        await _send(reporter, records)
+    finally:
+        await reporter.close()
+    (series,) = (await _stub(a).QueryMetrics(pb.QueryMetricsRequest(model="gen-lm"), timeout=5)).series
+    g = series.generation
+    assert (g.count, g.prompt_tokens, g.completion_tokens, g.preemptions) == (300, 6000, 19200, 3)
+    assert dict(g.finish_reasons) == {"length": 300} and g.mean_kv_cache_usage == pytest.approx(0.5)
+    exact = np.percentile(ttft, 99, method="inverted_cdf") / 1000
+    assert abs(g.ttft.p99_ms - exact) / exact <= TOLERANCE
+    assert g.inter_token.p50_ms == pytest.approx(15, rel=TOLERANCE) and g.output_tokens_per_second > 0
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
+    labels = 'alias="",model="gen-lm",source="inference",version="3"'
+    assert f"aiaas_model_completion_tokens_total{{{labels}}} 19200.0" in text
+    assert f"aiaas_model_time_to_first_token_seconds_count{{{labels}}} 300.0" in text
 
 
 async def test_slo_breach_and_recovery_stream_two_alerts(monitors: tuple[ServiceProcess, ServiceProcess, int]

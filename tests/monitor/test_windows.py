@@ -145,3 +145,47 @@ async def test_a_redis_outage_is_one_warning_line_and_one_when_it_answers(caplog
     assert [(r.levelno, r.exc_info) for r in lines] == [(logging.WARNING, None), (logging.INFO, None)]
     assert lines[0].getMessage().startswith(f"window store (Redis) at 127.0.0.1:{server.port} unreachable: ")
     assert "\n" not in lines[0].getMessage() and "answers again" in lines[1].getMessage()
+
+
+def test_generation_figures_match_numpy_within_tolerance() -> None:
+    """TTFT and inter-token percentiles, token sums and rates, KV use, preemptions, finish reasons."""
+    from services.monitor.entities import Generation
+
+    rng = np.random.default_rng(3)
+    ttft = (rng.lognormal(np.log(80_000), 0.5, 2000) + 1).astype(np.int64)
+    itl = (rng.lognormal(np.log(25_000), 0.3, 2000) + 1).astype(np.int64)
+    completion = rng.integers(2, 65, 2000)
+    prompt = rng.integers(1, 129, 2000)
+    usage = rng.uniform(0, 1, 2000)
+    now = time.time_ns()
+    increments: Increments = {}
+    for i in range(2000):
+        gen = Generation(prompt_tokens=int(prompt[i]), completion_tokens=int(completion[i]), ttft_us=int(ttft[i]),
+                         itl_mean_us=int(itl[i]), preemptions=i % 7 == 0, kv_cache_usage=float(usage[i]),
+                         finish_reason="length" if i % 4 else "stop")
+        add_request(increments, Request("inference", "lm", 1, "", "OK", latency_us=500_000, time_ns=now,
+                                        generation=gen), 1.0)
+    # A request that produced no token counts as a request, but not in TTFT or inter-token figures.
+    add_request(increments, Request("inference", "lm", 1, "", "UNAVAILABLE", 10, time_ns=now,
+                                    generation=Generation(prompt_tokens=5, completion_tokens=0,
+                                                          finish_reason="timeout")), 1.0)
+    add_request(increments, Request("inference", "lm", 1, "", "OK", 10, time_ns=now), 1.0)  # a tensor request
+    (fields,) = increments.values()
+    m = summarize(SeriesKey("lm", 1, "", "inference"), fields, 60.0, 20.0)
+    g = m.generation
+    assert g is not None and m.count == 2002 and g.count == 2001
+    for q, got in ((50, g.ttft.p50_ms), (99, g.ttft.p99_ms)):
+        exact = np.percentile(ttft, q, method="inverted_cdf") / 1000
+        assert abs(got - exact) / exact <= TOLERANCE, (q, got, exact)
+    for q, got in ((50, g.inter_token.p50_ms), (99, g.inter_token.p99_ms)):
+        exact = np.percentile(itl, q, method="inverted_cdf") / 1000
+        assert abs(got - exact) / exact <= TOLERANCE, (q, got, exact)
+    assert g.ttft.mean_ms == pytest.approx(ttft.mean() / 1000)
+    assert (g.prompt_tokens, g.completion_tokens) == (int(prompt.sum()) + 5, int(completion.sum()))
+    assert g.output_tokens_per_s == pytest.approx(completion.sum() / 20.0)
+    assert g.mean_kv_cache_usage == pytest.approx(usage.sum() / 2001, abs=1e-3)
+    assert g.preemptions == sum(1 for i in range(2000) if i % 7 == 0)
+    assert g.finish_reasons == {"length": 1500, "stop": 500, "timeout": 1}
+    tensor_only: Increments = {}
+    add_request(tensor_only, Request("inference", "m", 1, "", "OK", 10, time_ns=now), 1.0)
+    assert summarize(SeriesKey("m", 1, "", "inference"), next(iter(tensor_only.values())), 60, 1).generation is None

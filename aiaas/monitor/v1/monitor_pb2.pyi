@@ -23,6 +23,8 @@ class AlertKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALERT_KIND_DRIFT: _ClassVar[AlertKind]
     ALERT_KIND_CANARY_ROLLBACK: _ClassVar[AlertKind]
     ALERT_KIND_SHADOW_MISMATCH: _ClassVar[AlertKind]
+    ALERT_KIND_SLO_TTFT: _ClassVar[AlertKind]
+    ALERT_KIND_SLO_INTER_TOKEN: _ClassVar[AlertKind]
 
 class AlertState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +42,8 @@ ALERT_KIND_SLO_ERROR_RATE: AlertKind
 ALERT_KIND_DRIFT: AlertKind
 ALERT_KIND_CANARY_ROLLBACK: AlertKind
 ALERT_KIND_SHADOW_MISMATCH: AlertKind
+ALERT_KIND_SLO_TTFT: AlertKind
+ALERT_KIND_SLO_INTER_TOKEN: AlertKind
 ALERT_STATE_UNSPECIFIED: AlertState
 ALERT_STATE_FIRING: AlertState
 ALERT_STATE_RESOLVED: AlertState
@@ -201,7 +205,7 @@ class BatchSizeCount(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class SeriesMetrics(_message.Message):
-    __slots__ = ("source", "model", "version", "alias", "window_seconds", "count", "rate_per_second", "errors", "error_rate", "status_counts", "latency", "queue", "compute", "batch_sizes", "mean_batch_size", "first_response_ms", "load_ms")
+    __slots__ = ("source", "model", "version", "alias", "window_seconds", "count", "rate_per_second", "errors", "error_rate", "status_counts", "latency", "queue", "compute", "batch_sizes", "mean_batch_size", "first_response_ms", "load_ms", "generation")
     class StatusCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +230,7 @@ class SeriesMetrics(_message.Message):
     MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     FIRST_RESPONSE_MS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     source: str
     model: str
     version: int
@@ -243,7 +248,37 @@ class SeriesMetrics(_message.Message):
     mean_batch_size: float
     first_response_ms: float
     load_ms: float
-    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., window_seconds: _Optional[float] = ..., count: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., status_counts: _Optional[_Mapping[str, int]] = ..., latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue: _Optional[_Union[LatencySummary, _Mapping]] = ..., compute: _Optional[_Union[LatencySummary, _Mapping]] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCount, _Mapping]]] = ..., mean_batch_size: _Optional[float] = ..., first_response_ms: _Optional[float] = ..., load_ms: _Optional[float] = ...) -> None: ...
+    generation: GenerationMetrics
+    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., window_seconds: _Optional[float] = ..., count: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., status_counts: _Optional[_Mapping[str, int]] = ..., latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue: _Optional[_Union[LatencySummary, _Mapping]] = ..., compute: _Optional[_Union[LatencySummary, _Mapping]] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCount, _Mapping]]] = ..., mean_batch_size: _Optional[float] = ..., first_response_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., generation: _Optional[_Union[GenerationMetrics, _Mapping]] = ...) -> None: ...
+
+class GenerationMetrics(_message.Message):
+    __slots__ = ("count", "ttft", "inter_token", "prompt_tokens", "completion_tokens", "output_tokens_per_second", "mean_kv_cache_usage", "preemptions", "finish_reasons")
+    class FinishReasonsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TTFT_FIELD_NUMBER: _ClassVar[int]
+    INTER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    MEAN_KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASONS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    ttft: LatencySummary
+    inter_token: LatencySummary
+    prompt_tokens: int
+    completion_tokens: int
+    output_tokens_per_second: float
+    mean_kv_cache_usage: float
+    preemptions: int
+    finish_reasons: _containers.ScalarMap[str, int]
+    def __init__(self, count: _Optional[int] = ..., ttft: _Optional[_Union[LatencySummary, _Mapping]] = ..., inter_token: _Optional[_Union[LatencySummary, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., output_tokens_per_second: _Optional[float] = ..., mean_kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., finish_reasons: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class QueryMetricsResponse(_message.Message):
     __slots__ = ("series", "time_ns")
@@ -254,20 +289,24 @@ class QueryMetricsResponse(_message.Message):
     def __init__(self, series: _Optional[_Iterable[_Union[SeriesMetrics, _Mapping]]] = ..., time_ns: _Optional[int] = ...) -> None: ...
 
 class SLO(_message.Message):
-    __slots__ = ("model", "p99_latency_ms", "max_error_rate", "window_seconds", "min_requests", "source")
+    __slots__ = ("model", "p99_latency_ms", "max_error_rate", "window_seconds", "min_requests", "source", "p99_ttft_ms", "p99_inter_token_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     P99_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    P99_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_INTER_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     p99_latency_ms: float
     max_error_rate: float
     window_seconds: float
     min_requests: int
     source: str
-    def __init__(self, model: _Optional[str] = ..., p99_latency_ms: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., window_seconds: _Optional[float] = ..., min_requests: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    p99_ttft_ms: float
+    p99_inter_token_ms: float
+    def __init__(self, model: _Optional[str] = ..., p99_latency_ms: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., window_seconds: _Optional[float] = ..., min_requests: _Optional[int] = ..., source: _Optional[str] = ..., p99_ttft_ms: _Optional[float] = ..., p99_inter_token_ms: _Optional[float] = ...) -> None: ...
 
 class SetSLORequest(_message.Message):
     __slots__ = ("slo", "actor")
@@ -428,7 +467,7 @@ class GetCanaryStatusRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class CanaryStatus(_message.Message):
-    __slots__ = ("model", "verdict", "production", "canary", "error_p_value", "p99_ratio", "rolled_back", "reason", "time_ns")
+    __slots__ = ("model", "verdict", "production", "canary", "error_p_value", "p99_ratio", "rolled_back", "reason", "time_ns", "ttft_p99_ratio")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     PRODUCTION_FIELD_NUMBER: _ClassVar[int]
@@ -438,6 +477,7 @@ class CanaryStatus(_message.Message):
     ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
     model: str
     verdict: CanaryVerdict
     production: SeriesMetrics
@@ -447,7 +487,8 @@ class CanaryStatus(_message.Message):
     rolled_back: bool
     reason: str
     time_ns: int
-    def __init__(self, model: _Optional[str] = ..., verdict: _Optional[_Union[CanaryVerdict, str]] = ..., production: _Optional[_Union[SeriesMetrics, _Mapping]] = ..., canary: _Optional[_Union[SeriesMetrics, _Mapping]] = ..., error_p_value: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., rolled_back: _Optional[bool] = ..., reason: _Optional[str] = ..., time_ns: _Optional[int] = ...) -> None: ...
+    ttft_p99_ratio: float
+    def __init__(self, model: _Optional[str] = ..., verdict: _Optional[_Union[CanaryVerdict, str]] = ..., production: _Optional[_Union[SeriesMetrics, _Mapping]] = ..., canary: _Optional[_Union[SeriesMetrics, _Mapping]] = ..., error_p_value: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., rolled_back: _Optional[bool] = ..., reason: _Optional[str] = ..., time_ns: _Optional[int] = ..., ttft_p99_ratio: _Optional[float] = ...) -> None: ...
 
 class GetCanaryStatusResponse(_message.Message):
     __slots__ = ("status",)
