@@ -196,6 +196,8 @@ class DataPlane:
             check_request(request, len(raw), self.limits, self.signatures.get(resolution.model, resolution.version))
             check_bytes_inputs(request, resolution.model)
             forward = resolution.forward()
+            # A cache hit after the first request to a version (its ModelConfig, asked once). A stream
+            # must know (a generation is forwarded on a stream of its own); a unary call does not wait.
             decoupled = (await self.kinds.decoupled(resolution.model, resolution.version, forward) if streaming
                          else self.kinds.known(resolution.model, resolution.version, forward))
             if generative_only and not decoupled:
@@ -217,6 +219,10 @@ class DataPlane:
             served = response_version(response)
             if served.isdigit() and int(served) != resolution.version:
                 resolution = dataclasses.replace(resolution, version=int(served))
+            if decoupled is None:  # not known yet: a generative model's answer says so itself
+                parameters = pb.ModelInferResponse.FromString(response).parameters
+                decoupled = "completion_tokens" in parameters
+                tokens = self.quotas.token_buckets(caller, resolution.model, resolution.quota) if decoupled else []
             if decoupled:
                 parameters = pb.ModelInferResponse.FromString(response).parameters
                 generation = GenerationStats(prompt_tokens=int_parameter(parameters, "prompt_tokens"),

@@ -81,6 +81,17 @@ async def test_unary_infer_of_a_generative_model_returns_the_whole_text(gen_stac
     assert parameter(result, "prompt_tokens") == 3 and parameter(result, "completion_tokens") == 2
 
 
+async def test_a_unary_generation_is_charged_before_its_kind_is_known(gen_stack: GenStack) -> None:
+    headers = gen_stack.headers(gen_stack.thrifty_token)
+    words = " ".join(f"w{i}" for i in range(20))
+    async with tca.InferenceServerClient(gen_stack.address) as client:
+        # The gateway has not learnt that "gen" is generative yet: the answer's usage says so.
+        await client.infer("gen", prompt(words, stream=False), headers=headers, parameters={"max_tokens": 4})
+        await gen_stack.plane.kinds.decoupled("gen", 1, ("gen:production", ""))
+        with pytest.raises(Exception, match="token quota exceeded"):
+            await client.infer("gen", prompt("a", stream=False), headers=headers)
+
+
 async def test_a_refusing_replica_hands_the_generation_to_another(gen_stack: GenStack) -> None:
     busy, idle = gen_stack.replicas
     busy.fail_with, busy.fail_as_application = grpc.StatusCode.RESOURCE_EXHAUSTED, True
