@@ -1,5 +1,9 @@
 """Quotas: token buckets per API key and per model, shared by every gateway replica through Redis.
 
+Two kinds: requests (each request takes one token) and, for generative models, tokens per minute
+(a request is admitted while its buckets hold a token, then charged its prompt + completion
+tokens when it ends; see TOKEN_USAGE_LUA).
+
 One Lua script takes a token from every bucket that applies, atomically, or from none of them,
 and answers how long to wait when any is empty. Without Redis the same buckets live in-process.
 When a Redis call times out or fails, and for the retry-after window after it, the configured
