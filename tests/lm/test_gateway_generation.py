@@ -5,7 +5,10 @@ streaming on the gateway's gRPC door. Registry, inference, gateway and Redis are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ import openai
 import pytest
 import tritonclient.grpc as grpcclient
 
+from aiaas.cli.main import main as cli_main
 from aiaas.gateway_client import GatewayClient
 from aiaas.registry_client import RegistryClient
 from tests.gateway.stack import ADMIN_TOKEN, start_gateway
@@ -67,8 +71,15 @@ def llm(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> 
         procs.append(gateway)
         with GatewayClient(gateway.address, api_key=ADMIN_TOKEN) as admin:
             _, token = admin.create_key("llm", models=[MODEL], roles=["infer", "read"])
-            _, thrifty = admin.create_key("llm-thrifty", models=[MODEL], roles=["infer"], tokens_per_minute=40)
-        yield LlmStack(gateway, token, thrifty)
+        # The token quota as an operator sets it: `aiaas keys create --tokens-per-minute`.
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli_main(["keys", "create", "--gateway", gateway.address, "--api-key", ADMIN_TOKEN, "--name",
+                             "llm-thrifty", "--models", MODEL, "--roles", "infer", "--tokens-per-minute", "40",
+                             "--json"]) == 0
+        thrifty = json.loads(out.getvalue())
+        assert thrifty["tokens_per_minute"] == 40
+        yield LlmStack(gateway, token, thrifty["token"])
     finally:
         for proc in reversed(procs):
             proc.stop()
