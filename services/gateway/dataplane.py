@@ -292,7 +292,8 @@ class DataPlane:
             status = exc.code.name
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            status = "CANCELLED"
+            if not final:  # closed after its final response is a finished generation
+                status = "CANCELLED"
             raise
         except Exception:
             status = "INTERNAL"
@@ -377,8 +378,8 @@ class DataPlane:
                         done.cancel()
 
     async def _stream_one(self, caller: Caller, raw: bytes, call: CallInfo) -> bytes | _Relay:
-        # A tensor request gets the default deadline; a generation the caller's, else generation_timeout_s.
-        per_request = dataclasses.replace(call, timeout=self.default_timeout_s)
+        # Not the stream's deadline: a tensor request gets default_timeout_s, a generation generation_timeout_s.
+        per_request = dataclasses.replace(call, timeout=None)
         request = pb.ModelInferRequest.FromString(raw)
         try:
             answer, _ = await self._infer(caller, request, raw, per_request, None, streaming=True)

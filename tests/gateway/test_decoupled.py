@@ -164,3 +164,12 @@ async def test_generations_reach_the_monitor_with_their_usage_and_alias(gen_stac
     assert (first.prompt_tokens, first.completion_tokens, first.finish_reason) == (5, 3, "length")
     assert (second.prompt_tokens, second.completion_tokens, second.finish_reason) == (2, 2, "stop")
     assert first.ttft_us > 0 and first.itl_max_us >= first.itl_mean_us > 0
+
+
+async def test_a_generation_on_a_stream_gets_the_generation_deadline(gen_stack: GenStack) -> None:
+    gen_stack.plane.generation_timeout_s = 120.0
+    await collect(gen_stack, request("a b", "deadline"), {"model_name": "m", "inputs": inputs([1.0])})
+    remaining = [seen.time_remaining for replica in gen_stack.replicas for seen in replica.seen]
+    # The generation: generation_timeout_s; the tensor request beside it: default_timeout_s (5 s).
+    short, long = sorted(r or 0.0 for r in remaining)
+    assert 4 < short <= 5.5 and 115 < long <= 121

@@ -78,6 +78,10 @@ async def test_completion_whole_and_streamed(door: tuple[GenStack, str]) -> None
     assert chunks[-1].choices == [] and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 3)
     assert all(c.usage is None for c in chunks[:-1])
     assert parameters(sent(stack)) == {}  # nothing asked: the model's defaults
+    await stack.reporter.flush()
+    records = [r for r in stack.monitor.records() if r.model == "gen"]
+    assert [(r.status, r.generation.completion_tokens, r.generation.finish_reason) for r in records] == [
+        ("OK", 3, "length"), ("OK", 3, "stop")]
 
 
 async def test_chat_whole_and_streamed(door: tuple[GenStack, str]) -> None:
