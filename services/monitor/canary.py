@@ -3,7 +3,9 @@
 Errors: a one-sided two-proportion z-test (canary error rate greater than production's) at
 `alpha`, plus a minimum absolute increase so a tiny but "significant" difference on a huge
 sample does not roll anything back. Latency: the canary's p99 over production's past a ratio,
-plus a minimum absolute gap. Both need a minimum number of requests on each side.
+plus a minimum absolute gap. Both need a minimum number of requests on each side. Quality: once
+both sides have `min_labels` class labels from Feedback, the same one-sided test on wrong
+predictions, plus a least accuracy drop (`max_accuracy_drop`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ class CanaryPolicy:
     min_error_increase: float = 0.02
     max_p99_ratio: float = 2.0
     min_p99_increase_ms: float = 5.0
+    min_labels: int = 100
+    max_accuracy_drop: float = 0.05
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -29,10 +33,12 @@ class CanaryDecision:
     error_p_value: float
     p99_ratio: float
     reason: str
+    accuracy_p_value: float = 1.0
 
     @property
     def regressed(self) -> bool:
-        return self.verdict in (CanaryVerdict.ERROR_REGRESSION, CanaryVerdict.LATENCY_REGRESSION)
+        return self.verdict in (CanaryVerdict.ERROR_REGRESSION, CanaryVerdict.LATENCY_REGRESSION,
+                                CanaryVerdict.QUALITY_REGRESSION)
 
 
 def two_proportion_p_value(errors_a: int, n_a: int, errors_b: int, n_b: int) -> float:
@@ -72,4 +78,18 @@ def judge(production: SeriesMetrics, canary: SeriesMetrics, policy: CanaryPolicy
             f"canary p99 {canary.latency.p99_ms:.1f} ms is {ratio:.1f}x production's {prod_p99:.1f} ms "
             f"(limit {policy.max_p99_ratio:g}x)",
         )
-    return CanaryDecision(CanaryVerdict.HEALTHY, p_value, ratio, "no significant regression")
+    if canary.class_labels < policy.min_labels or production.class_labels < policy.min_labels:
+        return CanaryDecision(CanaryVerdict.HEALTHY, p_value, ratio,
+                              f"no significant regression (quality not judged: need {policy.min_labels} labels "
+                              f"on each side, canary {canary.class_labels}, production {production.class_labels})")
+    wrong_p = two_proportion_p_value(canary.class_labels - canary.correct, canary.class_labels,
+                                     production.class_labels - production.correct, production.class_labels)
+    drop = production.accuracy - canary.accuracy
+    if wrong_p < policy.alpha and drop > policy.max_accuracy_drop:
+        return CanaryDecision(
+            CanaryVerdict.QUALITY_REGRESSION, p_value, ratio,
+            f"canary online accuracy {canary.accuracy:.1%} vs production {production.accuracy:.1%} over "
+            f"{canary.class_labels}/{production.class_labels} labels (drop {drop:.1%} > "
+            f"{policy.max_accuracy_drop:.1%}, p={wrong_p:.2g} < {policy.alpha})", wrong_p,
+        )
+    return CanaryDecision(CanaryVerdict.HEALTHY, p_value, ratio, "no significant regression", wrong_p)
