@@ -2,6 +2,7 @@
 
     aiaas top [--model M] [--window 60] [--interval 1] [--once]    live table of every model and version
     aiaas slo set MODEL [--p99-ms 50] [--max-error-rate 0.01] [--window 300]
+                        [--min-accuracy 0.9 --min-labels 200] [--max-mean-abs-error 2.5]   (from feedback)
     aiaas slo list | aiaas slo delete MODEL
     aiaas alerts [--model M] [--active] [--watch]
     aiaas drift MODEL VERSION                                       PSI per feature against the baseline
@@ -23,7 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 DEFAULT_URL = "localhost:50053"
-TOP_COLUMNS = ("model", "version", "alias", "source", "rps", "err%", "p50_ms", "p99_ms", "queue_ms", "batch", "count")
+TOP_COLUMNS = ("model", "version", "alias", "source", "rps", "err%", "p50_ms", "p99_ms", "queue_ms", "batch", "count",
+               "acc%")
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -78,6 +80,7 @@ def top_rows(series: list[dict[str, Any]]) -> list[list[str]]:
             f"{s['rate_per_second']:.1f}", f"{100 * s['error_rate']:.2f}",
             f"{s['latency']['p50_ms']:.2f}", f"{s['latency']['p99_ms']:.2f}", f"{s['queue']['p50_ms']:.2f}",
             f"{s['mean_batch_size']:.1f}", str(s["count"]),
+            f"{100 * s['accuracy']:.1f} ({s['class_labels']})" if int(s.get("class_labels", 0)) else "-",
         ])
     return rows
 
@@ -101,13 +104,15 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_slo_set(args: argparse.Namespace) -> int:
-    if args.p99_ms is None and args.max_error_rate is None:
-        print("error: give --p99-ms, --max-error-rate or both", file=sys.stderr)
+    if all(v is None for v in (args.p99_ms, args.max_error_rate, args.min_accuracy, args.max_mean_abs_error)):
+        print("error: give at least one of --p99-ms, --max-error-rate, --min-accuracy, --max-mean-abs-error",
+              file=sys.stderr)
         return 2
     with _client(args) as client:
         slo = client.set_slo(args.model, p99_latency_ms=args.p99_ms, max_error_rate=args.max_error_rate,
                              window_s=args.window, min_requests=args.min_requests, source=args.source,
-                             actor=os.environ.get("USER", ""))
+                             actor=os.environ.get("USER", ""), min_accuracy=args.min_accuracy,
+                             max_mean_abs_error=args.max_mean_abs_error, min_labels=args.min_labels)
     _print(args, slo)
     return 0
 
@@ -115,7 +120,8 @@ def cmd_slo_set(args: argparse.Namespace) -> int:
 def cmd_slo_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         slos = client.list_slos(args.model)
-    _print(args, slos, ["model", "p99_latency_ms", "max_error_rate", "window_seconds", "min_requests", "source"])
+    _print(args, slos, ["model", "p99_latency_ms", "max_error_rate", "min_accuracy", "max_mean_abs_error",
+                        "window_seconds", "min_requests", "min_labels", "source"])
     return 0
 
 
@@ -216,6 +222,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     slo_set.add_argument("--window", type=float, default=0.0, help="seconds; 0 = the monitor's default")
     slo_set.add_argument("--min-requests", type=int, default=0)
     slo_set.add_argument("--source", default="", choices=["", "gateway", "inference"])
+    slo_set.add_argument("--min-accuracy", type=float, default=None,
+                         help="0..1, online accuracy from labels sent back (aiaas feedback)")
+    slo_set.add_argument("--max-mean-abs-error", type=float, default=None,
+                         help="online mean absolute error from numeric labels sent back")
+    slo_set.add_argument("--min-labels", type=int, default=0, help="labels before quality is judged; 0 = default")
     slo_set.set_defaults(func=_guard(cmd_slo_set))
     slo_list = slo_sub.add_parser("list", parents=[common], help="list SLOs")
     slo_list.add_argument("--model", default="")
