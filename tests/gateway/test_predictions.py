@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from services.common.datatypes import array_to_raw
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from services.gateway.entities import Caller, Role
-from services.gateway.feedback import FeedbackDesk, join
+from services.gateway.feedback import FeedbackDesk, Label, join
 from services.gateway.predictions import (
     CLASS,
     MAX_ROWS,
@@ -65,12 +65,13 @@ def test_labels_join_the_prediction_they_fit_only() -> None:
     values = Prediction("m", 1, "production", "alice", "out", VALUE, (1.5, -1.0))
     result = join(values, [1.0, 2])  # an integer label of a numeric output is a number
     assert result.value_labels == 2 and result.abs_error_sum == 3.5 and result.squared_error_sum == 9.25
-    for prediction, labels, message in [
+    cases: list[tuple[Prediction, list[Label], str]] = [
         (classes, [2, 0], "has 3 row"),
         (classes, [2.0, 0.0, 1.0], "class_id labels"),
         (values, ["a", "b"], "numeric labels"),
         (Prediction("m", 1, "", "a", "out", TEXT, ("x",)), [1], "text labels"),
-    ]:
+    ]
+    for prediction, labels, message in cases:
         with pytest.raises(InvalidArgument, match=message):
             join(prediction, labels)
 

@@ -46,6 +46,7 @@ def _class_samples(clock: Clock, outcomes: list[bool], alias: str = "production"
 async def windows(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RequestWindows, Clock]]:
     clock = Clock()
     settings = MonitorSettings(registry_url=None)
+    store: MemoryWindowStore | RedisWindowStore
     if request.param == "memory":
         store = MemoryWindowStore(bucket_s=1.0, retention_s=3600)
     else:
