@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 DEFAULT_URL = "localhost:50053"
-TOP_COLUMNS = ("model", "version", "alias", "source", "rps", "err%", "p50_ms", "p99_ms", "queue_ms", "batch", "count",
-               "acc%")
+TOP_COLUMNS = ("model", "version", "alias", "source", "rps", "err%", "p50_ms", "p99_ms", "queue_ms", "batch", "acc%",
+               "count")
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -79,8 +79,8 @@ def top_rows(series: list[dict[str, Any]]) -> list[list[str]]:
             s["model"], str(s["version"]), s["alias"] or "-", s["source"],
             f"{s['rate_per_second']:.1f}", f"{100 * s['error_rate']:.2f}",
             f"{s['latency']['p50_ms']:.2f}", f"{s['latency']['p99_ms']:.2f}", f"{s['queue']['p50_ms']:.2f}",
-            f"{s['mean_batch_size']:.1f}", str(s["count"]),
-            f"{100 * s['accuracy']:.1f} ({s['class_labels']})" if int(s.get("class_labels", 0)) else "-",
+            f"{s['mean_batch_size']:.1f}", f"{100 * s['accuracy']:.1f}" if s["class_labels"] else "-",
+            str(s["count"]),
         ])
     return rows
 
