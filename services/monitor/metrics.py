@@ -148,8 +148,9 @@ class RequestWindows:
             if req.status == "OK" and req.version and key not in self._first_known:
                 first_ok[key] = min(req.time_ns, first_ok.get(key, req.time_ns))
         for sample in report.quality:
-            # Feedback reaches the monitor through the gateway: its figures join the gateway's series.
-            if not sample.model or not quality_sample_ok(sample):
+            # Feedback reaches the monitor through the gateway (the only reporter whose verified
+            # identity may send source "gateway"): its figures join the gateway's series.
+            if report.source != "gateway" or not sample.model or not quality_sample_ok(sample):
                 refused[BAD_QUALITY] += 1
                 continue
             sample.time_ns = sample.time_ns or now

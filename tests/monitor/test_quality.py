@@ -109,9 +109,11 @@ async def test_quality_joins_the_request_series_and_bad_samples_are_refused() ->
     ]
     await win.ingest(Report("gateway", requests, quality=[*bad, *_class_samples(clock, [True, False, True])]),
                      clock.now)
+    # Only the gateway joins labels to predictions: quality from another reporter is refused.
+    await win.ingest(Report("inference", [], quality=_class_samples(clock, [True] * 5)), clock.now)
     (m,) = await win.query(MetricsFilter(model="m", window_s=60))
     assert (m.count, m.class_labels, m.correct) == (8, 3, 2)
-    assert win.cap.refused[BAD_QUALITY] == len(bad)
+    assert win.cap.refused[BAD_QUALITY] == len(bad) + 5
 
 
 async def test_accuracy_slo_fires_with_enough_labels_and_resolves() -> None:
