@@ -4,7 +4,8 @@ is compared with, and where they wait (Redis, shared by every gateway replica, o
 On the serving path `PredictionLog.maybe_keep` costs one `random()` and, for a sampled request
 with an `id`, one `put_nowait` on a bounded queue (full: dropped and counted). One background
 task decodes the kept answers (off the event loop when large) and writes them with a TTL of
-`feedback_window_s`; nothing of it can delay or fail the response.
+`feedback_window_s` (up to 64 in one Redis round trip); nothing of it can delay or fail the
+response.
 
 A prediction keeps only the first output, per row: the argmax class of a row with several
 numbers, the class of an integer (or BOOL) row with one, the number of a floating-point row with
@@ -38,6 +39,8 @@ MAX_REQUEST_ID = 128
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 # Answers larger than this are decoded in a worker thread rather than on the event loop.
 _INLINE_BYTES = 64 * 1024
+# Kept predictions written to the store in one round trip, at most.
+_WRITE_BATCH = 64
 _INTEGER_TYPES = frozenset(("BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"))
 _FLOAT_TYPES = frozenset(("FP16", "FP32", "FP64"))
 
@@ -111,6 +114,10 @@ class PredictionStore(Protocol):
         """Keep `data` unless the id already holds one; False when it did."""
         ...
 
+    async def put_many(self, items: list[tuple[str, str, bytes]], ttl_s: float) -> list[bool]:
+        """`put` of each (model, request id, data), in one round trip where the store has them."""
+        ...
+
     async def get(self, model: str, request_id: str) -> bytes | None: ...
 
     async def claim(self, model: str, request_id: str, ttl_s: float) -> bool:
@@ -149,6 +156,9 @@ class MemoryPredictionStore:
         self._entries[key] = (self.clock() + ttl_s, data, False)
         return True
 
+    async def put_many(self, items: list[tuple[str, str, bytes]], ttl_s: float) -> list[bool]:
+        return [await self.put(model, request_id, data, ttl_s) for model, request_id, data in items]
+
     async def get(self, model: str, request_id: str) -> bytes | None:
         entry = self._live((model, request_id))
         return None if entry is None else entry[1]
@@ -174,7 +184,13 @@ class RedisPredictionStore:
         return f"{self.prefix}:{model}:{request_id}"
 
     async def put(self, model: str, request_id: str, data: bytes, ttl_s: float) -> bool:
-        return bool(await self.redis.set(self._key(model, request_id), data, nx=True, px=max(1, int(ttl_s * 1000))))
+        return (await self.put_many([(model, request_id, data)], ttl_s))[0]
+
+    async def put_many(self, items: list[tuple[str, str, bytes]], ttl_s: float) -> list[bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        for model, request_id, data in items:
+            pipe.set(self._key(model, request_id), data, nx=True, px=max(1, int(ttl_s * 1000)))
+        return [bool(done) for done in await pipe.execute()]
 
     async def get(self, model: str, request_id: str) -> bytes | None:
         from redis.exceptions import RedisError
@@ -238,25 +254,38 @@ class PredictionLog:
 
     async def _run(self, queue: asyncio.Queue[_Answer]) -> None:
         while True:
-            answer = await queue.get()
+            batch = [await queue.get()]
+            while len(batch) < _WRITE_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
-                await self._keep(answer)
-            except Exception:  # one bad answer or a store hiccup must not stop the writer
-                self.failed += 1
-                log.debug("prediction for feedback not kept", exc_info=True)
+                await self._keep(batch)
+            except Exception:  # a store hiccup must not stop the writer
+                self.failed += len(batch)
+                log.debug("predictions for feedback not kept", exc_info=True)
             finally:
-                queue.task_done()
+                for _ in batch:
+                    queue.task_done()
 
-    async def _keep(self, a: _Answer) -> None:
-        args = (a.raw, a.model, a.version, a.alias, a.key_id)
-        prediction = (reduce_response(*args) if len(a.raw) <= _INLINE_BYTES
-                      else await asyncio.to_thread(reduce_response, *args))
-        if prediction is None:
-            self.skipped += 1
-        elif await self.store.put(a.model, a.request_id, prediction.encode(), self.window_s):
-            self.kept += 1
-        else:
-            self.duplicates += 1
+    async def _keep(self, batch: list[_Answer]) -> None:
+        items: list[tuple[str, str, bytes]] = []
+        for a in batch:
+            args = (a.raw, a.model, a.version, a.alias, a.key_id)
+            try:
+                prediction = (reduce_response(*args) if len(a.raw) <= _INLINE_BYTES
+                              else await asyncio.to_thread(reduce_response, *args))
+            except Exception:  # a malformed answer: not kept
+                self.failed += 1
+                log.debug("answer to %s not decoded for feedback", a.model, exc_info=True)
+                continue
+            if prediction is None:
+                self.skipped += 1
+            else:
+                items.append((a.model, a.request_id, prediction.encode()))
+        if not items:
+            return
+        stored = await self.store.put_many(items, self.window_s)
+        self.kept += sum(stored)
+        self.duplicates += len(stored) - sum(stored)
 
     async def drain(self) -> None:
         """Wait until every queued answer has been handled (tests, shutdown)."""

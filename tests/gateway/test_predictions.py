@@ -128,4 +128,9 @@ async def test_the_queue_and_the_memory_store_are_bounded() -> None:
     assert await store.get("m", "q8") is not None and await store.get("m", "q0") is None
     log.maybe_keep("x" * 200, raw, "m", 1, "", "alice")  # an id longer than kept ids
     assert log.skipped == 1
+    # An answer that does not decode is counted and spares the others written with it.
+    log.maybe_keep("bad", b"\xff\xff\xff", "m", 1, "", "alice")
+    log.maybe_keep("q9", raw, "m", 1, "", "alice")
+    await log.drain()
+    assert log.failed == 1 and await store.get("m", "q9") is not None and await store.get("m", "bad") is None
     await log.close()
