@@ -187,13 +187,17 @@ def cmd_canary(args: argparse.Namespace) -> int:
         _print(args, status)
         return 0
     prod, canary = status.get("production", {}), status.get("canary", {})
+
+    def side(s: dict[str, Any]) -> str:
+        text = (f"{s.get('count', 0)} req, {100 * s.get('error_rate', 0):.2f}% errors, "
+                f"p99 {s.get('latency', {}).get('p99_ms', 0):.2f} ms")
+        if int(s.get("class_labels", 0)):
+            text += f", accuracy {100 * s.get('accuracy', 0):.1f}% of {s['class_labels']} labels"
+        return text
+
     _print(args, {
         "model": status["model"], "verdict": status["verdict"], "rolled_back": status["rolled_back"],
-        "reason": status["reason"],
-        "production": f"{prod.get('count', 0)} req, {100 * prod.get('error_rate', 0):.2f}% errors, "
-                      f"p99 {prod.get('latency', {}).get('p99_ms', 0):.2f} ms",
-        "canary": f"{canary.get('count', 0)} req, {100 * canary.get('error_rate', 0):.2f}% errors, "
-                  f"p99 {canary.get('latency', {}).get('p99_ms', 0):.2f} ms",
+        "reason": status["reason"], "production": side(prod), "canary": side(canary),
     })
     return 0
 
