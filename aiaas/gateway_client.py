@@ -1,4 +1,4 @@
-"""Python SDK for the gateway: API keys and routes (`GatewayAdmin`), and quick predictions.
+"""Python SDK for the gateway: API keys and routes (`GatewayAdmin`), quick predictions, and feedback.
 
     from aiaas import GatewayClient
 
@@ -6,7 +6,8 @@
         key, token = gw.create_key("ci", models=["fraud*"], roles=["infer"], rps=50, burst=100)
         gw.set_route("fraud", splits={"production": 90, "canary": 10}, sticky=True,
                      shadows={"shadow": 0.05})
-        prediction = gw.predict("fraud", {"input": np.zeros((1, 10), np.float32)})
+        prediction = gw.predict("fraud", {"input": np.zeros((1, 10), np.float32)}, request_id="tx-42")
+        gw.feedback("fraud", "tx-42", labels=[1])   # hours later: the truth for each row
 
 Inference itself is the standard KServe v2 protocol: any `tritonclient.grpc` client pointed at
 the gateway works, with `headers={"authorization": "Bearer <token>"}`.
@@ -95,6 +96,7 @@ class GatewayClient:
         self._channel = (grpc.secure_channel(url, channel_credentials, options=options) if channel_credentials
                          else grpc.insecure_channel(url, options=options))
         self.admin = gw_grpc.GatewayAdminStub(self._channel)
+        self.feedback_stub = gw_grpc.FeedbackStub(self._channel)
 
     def __enter__(self) -> Self:
         return self
@@ -165,8 +167,9 @@ class GatewayClient:
     # Inference ----------------------------------------------------------------------------
 
     def predict(self, model: str, inputs: Mapping[str, Any], *, version: str = "", alias: str = "",
-                routing_key: str = "") -> Prediction:
-        """One ModelInfer through the gateway with tritonclient: outputs by name, and the version."""
+                routing_key: str = "", request_id: str = "") -> Prediction:
+        """One ModelInfer through the gateway with tritonclient: outputs by name, and the version.
+        A `request_id` lets `feedback` label the prediction later (if the gateway sampled it)."""
         import numpy as np
         import tritonclient.grpc as tc
         from tritonclient.utils import np_to_triton_dtype
@@ -185,8 +188,39 @@ class GatewayClient:
                 tensor.set_data_from_numpy(array)
                 tensors.append(tensor)
             result = client.infer(model, tensors, model_version=version, headers=headers,
-                                  client_timeout=self.timeout)
+                                  client_timeout=self.timeout, request_id=request_id)
             response = result.get_response()
             return Prediction({o.name: result.as_numpy(o.name) for o in response.outputs}, response.model_version)
         finally:
             client.close()
+
+    # Feedback -----------------------------------------------------------------------------
+
+    def feedback(self, model: str, request_id: str, labels: Iterable[float | str] = (), *,
+                 score: float | None = None) -> gw.SendFeedbackResponse:
+        """Label an earlier request (one label per row of its prediction: an int is a class id, a float a
+        number, a str a text), or score it (0..1). NOT_FOUND when the gateway kept no prediction under
+        that id; ALREADY_EXISTS when it was labeled before."""
+        request = gw.SendFeedbackRequest(model=model, request_id=request_id, labels=[to_label(v) for v in labels])
+        if score is not None:
+            request.score = score
+        return self._call(self.feedback_stub.SendFeedback, request)
+
+
+def to_label(value: float | str) -> gw.Label:
+    if isinstance(value, bool):
+        return gw.Label(class_id=int(value))
+    if isinstance(value, int):
+        return gw.Label(class_id=value)
+    if isinstance(value, float):
+        return gw.Label(number=value)
+    if isinstance(value, str):
+        return gw.Label(text=value)
+    # numpy scalars and the like
+    import numbers
+
+    if isinstance(value, numbers.Integral):
+        return gw.Label(class_id=int(value))
+    if isinstance(value, numbers.Real):
+        return gw.Label(number=float(value))
+    raise TypeError(f"a label is an int (class id), a float (number) or a str (text), got {type(value).__name__}")

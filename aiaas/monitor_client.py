@@ -46,6 +46,8 @@ def series_to_dict(series: pb.SeriesMetrics) -> dict[str, Any]:
     data["version"] = series.version
     data["count"] = series.count
     data["errors"] = series.errors
+    for name in ("class_labels", "correct", "value_labels", "scores"):
+        data[name] = getattr(series, name)
     data["batch_sizes"] = {b.batch_size: b.count for b in series.batch_sizes}
     data["status_counts"] = {k: int(v) for k, v in series.status_counts.items()}
     return data
@@ -78,12 +80,15 @@ class MonitorClient:
 
     def set_slo(self, model: str, *, p99_latency_ms: float | None = None, max_error_rate: float | None = None,
                 window_s: float = 0.0, min_requests: int = 0, source: str = "", actor: str = "",
-                p99_ttft_ms: float | None = None, p99_inter_token_ms: float | None = None) -> dict[str, Any]:
-        slo = pb.SLO(model=model, window_seconds=window_s, min_requests=min_requests, source=source)
-        if p99_ttft_ms is not None:
-            slo.p99_ttft_ms = p99_ttft_ms
-        if p99_inter_token_ms is not None:
-            slo.p99_inter_token_ms = p99_inter_token_ms
+                p99_ttft_ms: float | None = None, p99_inter_token_ms: float | None = None,
+                min_accuracy: float | None = None, max_mean_abs_error: float | None = None,
+                min_labels: int = 0) -> dict[str, Any]:
+        """Latency / error-rate objectives judged on requests (p99 TTFT / inter-token latency on generative
+        ones); `min_accuracy` / `max_mean_abs_error` on labels sent back through the gateway's Feedback
+        (once the window holds `min_labels`)."""
+        slo = pb.SLO(model=model, window_seconds=window_s, min_requests=min_requests, source=source,
+                     min_accuracy=min_accuracy, max_mean_abs_error=max_mean_abs_error, min_labels=min_labels,
+                     p99_ttft_ms=p99_ttft_ms, p99_inter_token_ms=p99_inter_token_ms)
         if p99_latency_ms is not None:
             slo.p99_latency_ms = p99_latency_ms
         if max_error_rate is not None:

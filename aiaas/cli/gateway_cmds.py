@@ -9,7 +9,9 @@
     aiaas route set MODEL --split production=90,canary=10 [--sticky] [--shadow shadow=0.05] [--rps R]
     aiaas route show [MODEL]
     aiaas route delete MODEL
-    aiaas predict MODEL --input input='[[1,2,3]]' [--input other=@x.npy] [--alias A | --version N]
+    aiaas predict MODEL --input input='[[1,2,3]]' [--input other=@x.npy] [--alias A | --version N] [--id ID]
+    aiaas feedback MODEL REQUEST_ID --label 2 [--label 0 ...] [--score 0.8]   labels one per row:
+                                              an integer is a class id, a number a value, else a text
 
 The gateway is `--gateway`, else `AIAAS_GATEWAY_URL`, else localhost:8001; the key is `--api-key`,
 else `AIAAS_API_KEY`. A key creates only keys within its own models, roles and expiry.
@@ -259,7 +261,8 @@ def read_inputs(values: Sequence[str]) -> dict[str, Any]:
 def cmd_predict(args: argparse.Namespace) -> int:
     with _client(args) as client:
         prediction = client.predict(args.model, read_inputs(args.input), version=args.version or "",
-                                    alias=args.alias or "", routing_key=args.routing_key or "")
+                                    alias=args.alias or "", routing_key=args.routing_key or "",
+                                    request_id=args.id or "")
     data = {"model": args.model, "version": prediction.model_version,
             "outputs": {k: v.tolist() for k, v in prediction.outputs.items()}}
     if args.json:
@@ -268,6 +271,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{args.model} version {prediction.model_version}")
         for name, value in prediction.outputs.items():
             print(f"  {name} {list(value.shape)} {value.dtype}: {value.tolist()}")
+    return 0
+
+
+def parse_label(text: str) -> int | float | str:
+    """'3' -> class 3, '0.25' -> number 0.25, anything else -> text."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.feedback(args.model, args.request_id, [parse_label(v) for v in args.label or ()],
+                                score=args.score)
+    data = {"model": args.model, "request_id": args.request_id, "version": reply.version, "alias": reply.alias,
+            "predicted": list(reply.predicted), "class_labels": reply.class_labels, "correct": reply.correct,
+            "value_labels": reply.value_labels, "mean_abs_error": reply.mean_abs_error}
+    _print(args, data)
     return 0
 
 
@@ -340,4 +366,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     predict.add_argument("--version")
     predict.add_argument("--alias")
     predict.add_argument("--routing-key")
+    predict.add_argument("--id", help="request id, to send feedback for this prediction later")
     predict.set_defaults(func=_guard(cmd_predict))
+
+    feedback = common(subparsers.add_parser("feedback", help="label (or score) an earlier request by its id"))
+    feedback.add_argument("model")
+    feedback.add_argument("request_id")
+    feedback.add_argument("--label", action="append",
+                          help="the truth for one row (repeat per row): an integer class id, a number, or a text")
+    feedback.add_argument("--score", type=float, help="the prediction's score, 0 (bad) .. 1 (good)")
+    feedback.set_defaults(func=_guard(cmd_feedback))

@@ -1,7 +1,9 @@
 """`aiaas` commands for the monitor.
 
     aiaas top [--model M] [--window 60] [--interval 1] [--once]    live table of every model and version
-    aiaas slo set MODEL [--p99-ms 50] [--max-error-rate 0.01] [--p99-ttft-ms 500] [--p99-itl-ms 50] [--window 300]
+    aiaas slo set MODEL [--p99-ms 50] [--max-error-rate 0.01] [--window 300]
+                        [--p99-ttft-ms 500] [--p99-itl-ms 50]                       (generative models)
+                        [--min-accuracy 0.9 --min-labels 200] [--max-mean-abs-error 2.5]   (from feedback)
     aiaas slo list | aiaas slo delete MODEL
     aiaas alerts [--model M] [--active] [--watch]
     aiaas drift MODEL VERSION                                       PSI per feature against the baseline
@@ -23,7 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 DEFAULT_URL = "localhost:50053"
-TOP_COLUMNS = ("model", "version", "alias", "source", "rps", "err%", "p50_ms", "p99_ms", "queue_ms", "batch", "count")
+TOP_COLUMNS = ("model", "version", "alias", "source", "rps", "err%", "p50_ms", "p99_ms", "queue_ms", "batch", "acc%",
+               "count")
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -77,7 +80,8 @@ def top_rows(series: list[dict[str, Any]]) -> list[list[str]]:
             s["model"], str(s["version"]), s["alias"] or "-", s["source"],
             f"{s['rate_per_second']:.1f}", f"{100 * s['error_rate']:.2f}",
             f"{s['latency']['p50_ms']:.2f}", f"{s['latency']['p99_ms']:.2f}", f"{s['queue']['p50_ms']:.2f}",
-            f"{s['mean_batch_size']:.1f}", str(s["count"]),
+            f"{s['mean_batch_size']:.1f}", f"{100 * s['accuracy']:.1f}" if s["class_labels"] else "-",
+            str(s["count"]),
         ])
     return rows
 
@@ -101,14 +105,18 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_slo_set(args: argparse.Namespace) -> int:
-    if all(v is None for v in (args.p99_ms, args.max_error_rate, args.p99_ttft_ms, args.p99_itl_ms)):
-        print("error: give at least one of --p99-ms, --max-error-rate, --p99-ttft-ms, --p99-itl-ms", file=sys.stderr)
+    objectives = (args.p99_ms, args.max_error_rate, args.p99_ttft_ms, args.p99_itl_ms, args.min_accuracy,
+                  args.max_mean_abs_error)
+    if all(v is None for v in objectives):
+        print("error: give at least one of --p99-ms, --max-error-rate, --p99-ttft-ms, --p99-itl-ms, --min-accuracy, "
+              "--max-mean-abs-error", file=sys.stderr)
         return 2
     with _client(args) as client:
         slo = client.set_slo(args.model, p99_latency_ms=args.p99_ms, max_error_rate=args.max_error_rate,
                              p99_ttft_ms=args.p99_ttft_ms, p99_inter_token_ms=args.p99_itl_ms,
                              window_s=args.window, min_requests=args.min_requests, source=args.source,
-                             actor=os.environ.get("USER", ""))
+                             actor=os.environ.get("USER", ""), min_accuracy=args.min_accuracy,
+                             max_mean_abs_error=args.max_mean_abs_error, min_labels=args.min_labels)
     _print(args, slo)
     return 0
 
@@ -117,7 +125,7 @@ def cmd_slo_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         slos = client.list_slos(args.model)
     _print(args, slos, ["model", "p99_latency_ms", "max_error_rate", "p99_ttft_ms", "p99_inter_token_ms",
-                        "window_seconds", "min_requests", "source"])
+                        "min_accuracy", "max_mean_abs_error", "window_seconds", "min_requests", "min_labels", "source"])
     return 0
 
 
@@ -183,13 +191,17 @@ def cmd_canary(args: argparse.Namespace) -> int:
         _print(args, status)
         return 0
     prod, canary = status.get("production", {}), status.get("canary", {})
+
+    def side(s: dict[str, Any]) -> str:
+        text = (f"{s.get('count', 0)} req, {100 * s.get('error_rate', 0):.2f}% errors, "
+                f"p99 {s.get('latency', {}).get('p99_ms', 0):.2f} ms")
+        if int(s.get("class_labels", 0)):
+            text += f", accuracy {100 * s.get('accuracy', 0):.1f}% of {s['class_labels']} labels"
+        return text
+
     _print(args, {
         "model": status["model"], "verdict": status["verdict"], "rolled_back": status["rolled_back"],
-        "reason": status["reason"],
-        "production": f"{prod.get('count', 0)} req, {100 * prod.get('error_rate', 0):.2f}% errors, "
-                      f"p99 {prod.get('latency', {}).get('p99_ms', 0):.2f} ms",
-        "canary": f"{canary.get('count', 0)} req, {100 * canary.get('error_rate', 0):.2f}% errors, "
-                  f"p99 {canary.get('latency', {}).get('p99_ms', 0):.2f} ms",
+        "reason": status["reason"], "production": side(prod), "canary": side(canary),
     })
     return 0
 
@@ -221,6 +233,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     slo_set.add_argument("--window", type=float, default=0.0, help="seconds; 0 = the monitor's default")
     slo_set.add_argument("--min-requests", type=int, default=0)
     slo_set.add_argument("--source", default="", choices=["", "gateway", "inference"])
+    slo_set.add_argument("--min-accuracy", type=float, default=None,
+                         help="0..1, online accuracy from labels sent back (aiaas feedback)")
+    slo_set.add_argument("--max-mean-abs-error", type=float, default=None,
+                         help="online mean absolute error from numeric labels sent back")
+    slo_set.add_argument("--min-labels", type=int, default=0, help="labels before quality is judged; 0 = default")
     slo_set.set_defaults(func=_guard(cmd_slo_set))
     slo_list = slo_sub.add_parser("list", parents=[common], help="list SLOs")
     slo_list.add_argument("--model", default="")

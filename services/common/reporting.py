@@ -83,6 +83,29 @@ class GenerationStats:
             preemptions=self.preemptions, kv_cache_usage=self.kv_cache_usage, finish_reason=self.finish_reason)
 
 
+@dataclass(slots=True, frozen=True)
+class QualitySample:
+    """One Feedback call's labels joined to a sampled prediction (monitor.proto `QualitySample`)."""
+
+    model: str
+    version: int
+    alias: str
+    class_labels: int = 0
+    correct: int = 0
+    value_labels: int = 0
+    abs_error_sum: float = 0.0
+    squared_error_sum: float = 0.0
+    score: float | None = None
+
+    def to_pb(self, time_ns: int) -> Any:
+        from aiaas.monitor.v1 import monitor_pb2
+
+        return monitor_pb2.QualitySample(
+            model=self.model, version=self.version, alias=self.alias, class_labels=self.class_labels,
+            correct=self.correct, value_labels=self.value_labels, abs_error_sum=self.abs_error_sum,
+            squared_error_sum=self.squared_error_sum, score=self.score, time_ns=time_ns)
+
+
 class _TokenBucket:
     __slots__ = ("rate", "stamp", "tokens")
 
@@ -140,6 +163,7 @@ class TelemetryReporter:
         self._samples: list[Any] = []
         self._diffs: list[Any] = []
         self._loads: list[Any] = []
+        self._quality: list[Any] = []
         self._buckets: dict[str, _TokenBucket] = {}
         self._dropped_unreported = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -227,6 +251,15 @@ class TelemetryReporter:
             )
         except Exception:  # telemetry must never fail a request
             log.debug("load report skipped", exc_info=True)
+
+    def report_quality(self, sample: QualitySample) -> None:
+        """Send what a Feedback call said of a prediction (a no-op without a monitor)."""
+        if self.target is None or len(self._quality) >= _MAX_SIDE_BUFFER:
+            return
+        try:
+            self._quality.append(sample.to_pb(time.time_ns()))
+        except Exception:  # telemetry must never fail a request
+            log.debug("quality sample skipped", exc_info=True)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -327,7 +360,8 @@ class TelemetryReporter:
         samples, self._samples = self._samples, []
         diffs, self._diffs = self._diffs, []
         loads, self._loads = self._loads, []
-        if not (records or samples or diffs or loads):
+        quality, self._quality = self._quality, []
+        if not (records or samples or diffs or loads or quality):
             return
         if self._known_down():
             # Between reconnect attempts a call would fail at once: skip building it.
@@ -336,8 +370,8 @@ class TelemetryReporter:
             return
         for start in range(0, max(len(records), 1), self.max_batch):
             chunk = records[start:start + self.max_batch]
-            ok = await self._send(chunk, samples, diffs, loads)
-            samples, diffs, loads = [], [], []
+            ok = await self._send(chunk, samples, diffs, loads, quality)
+            samples, diffs, loads, quality = [], [], [], []
             if not ok:
                 # The monitor is down or slow: drop the rest of this flush rather than wait.
                 lost = len(records) - start - len(chunk)
@@ -354,7 +388,7 @@ class TelemetryReporter:
         return bool(channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE)
 
     async def _send(self, batch: list[RequestRecord], samples: list[Any], diffs: list[Any],
-                    loads: list[Any]) -> bool:
+                    loads: list[Any], quality: list[Any]) -> bool:
         import grpc
 
         from aiaas.monitor.v1 import monitor_pb2
@@ -369,7 +403,7 @@ class TelemetryReporter:
                      generation=None if r.generation is None else r.generation.to_pb())
                 for r in batch
             ],
-            samples=samples, shadow_diffs=diffs, loads=loads, dropped=self._dropped_unreported,
+            samples=samples, shadow_diffs=diffs, loads=loads, quality=quality, dropped=self._dropped_unreported,
         )
         try:
             await self._stub.Report(request, timeout=self.timeout_s)

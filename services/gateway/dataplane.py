@@ -36,6 +36,7 @@ from services.gateway.generation import GenerationMeter, int_parameter, stream_e
 from services.gateway.keys import KeyRing, authorize
 from services.gateway.kinds import ModelKinds
 from services.gateway.limits import RequestLimits, check_request
+from services.gateway.predictions import PredictionLog
 from services.gateway.quotas import Bucket, QuotaEnforcer
 from services.gateway.router import Catalog, Resolution
 from services.gateway.shadow import ShadowMirror
@@ -126,8 +127,8 @@ class DataPlane:
         limits: RequestLimits | None = None, signatures: SignatureCache | None = None,
         reporter: TelemetryReporter | None = None, default_timeout_s: float = 30.0,
         shadow_max_concurrency: int = 16, shadow_tolerance: float = 1e-4, stream_window: int = 64,
-        drift_sample_rate: float = 0.0, ready: Any = None, kinds: ModelKinds | None = None,
-        generation_timeout_s: float = 600.0,
+        drift_sample_rate: float = 0.0, ready: Any = None, predictions: PredictionLog | None = None,
+        kinds: ModelKinds | None = None, generation_timeout_s: float = 600.0,
     ) -> None:
         self.catalog = catalog
         self.ring = ring
@@ -147,6 +148,8 @@ class DataPlane:
                                     tolerance=shadow_tolerance, timeout_s=default_timeout_s)
         # Drift samples go nowhere without a reporter that has a monitor: then nothing is decoded.
         self.drift = DriftSampler(reporter, drift_sample_rate if reporter is not None and reporter.target else 0.0)
+        # Predictions of a share of answered requests with an id, kept for Feedback.
+        self.predictions = predictions
 
     def _timeout(self, call: CallInfo) -> float:
         return call.timeout if call.timeout is not None else self.default_timeout_s
@@ -233,6 +236,9 @@ class DataPlane:
                 self.shadows.mirror(raw, resolution, response)
             if not decoupled:
                 self.drift.maybe_sample(request, resolution.model, resolution.version)
+            if self.predictions is not None and request.id:
+                self.predictions.maybe_keep(request.id, response, resolution.model, resolution.version,
+                                            resolution.alias, caller.key_id)
             return response, resolution
         except AiaasError as exc:
             status = exc.code.name

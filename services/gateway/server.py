@@ -20,15 +20,23 @@ from services.gateway.balancer import Balancer
 from services.gateway.dataplane import DataPlane
 from services.gateway.entities import QuotaSpec, Route
 from services.gateway.feed import RegistryFeed
+from services.gateway.feedback import FeedbackDesk
 from services.gateway.keys import KeyRing
 from services.gateway.limits import RequestLimits, Signature
 from services.gateway.openai_door import OpenAIDoor, OpenAIServer
+from services.gateway.predictions import (
+    MemoryPredictionStore,
+    PredictionLog,
+    PredictionStore,
+    RedisPredictionStore,
+)
 from services.gateway.quotas import QuotaEnforcer
 from services.gateway.records import RegistryRecords
 from services.gateway.router import Catalog
 from services.gateway.servicer import (
     INFERENCE_SERVICE,
     BodyGate,
+    FeedbackServicer,
     GatewayAdminServicer,
     InferenceProxy,
     add_inference_proxy,
@@ -40,6 +48,7 @@ from services.gateway.upstream import InferenceUpstream
 log = logging.getLogger("aiaas.gateway")
 
 ADMIN_SERVICE = "aiaas.gateway.v1.GatewayAdmin"
+FEEDBACK_SERVICE = "aiaas.gateway.v1.Feedback"
 
 
 def encode_route(route: Route) -> bytes:
@@ -131,6 +140,8 @@ class GatewayService(Service[DataPlane]):
             await self.openai.stop()
         await self.feed.close()
         await self.plane.shadows.drain()
+        if self.plane.predictions is not None:
+            await self.plane.predictions.close()
         await self.reporter.close()
         await self.upstream.close()
         await self.registry_channel.close()
@@ -174,13 +185,17 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
 
     limits = RequestLimits(max_request_bytes=settings.max_request_bytes, max_inputs=settings.max_inputs,
                            max_rank=settings.max_rank, max_elements=settings.max_elements)
+    prediction_store: PredictionStore = (RedisPredictionStore(redis) if redis is not None
+                                         else MemoryPredictionStore(settings.feedback_max_entries))
+    predictions = PredictionLog(prediction_store, settings.feedback_sample_rate, settings.feedback_window_s,
+                                max_pending=settings.feedback_max_pending)
     service: GatewayService
     plane = DataPlane(
         catalog=catalog, ring=ring, quotas=quotas, upstream=upstream, limits=limits,
         signatures=SignatureCache(fetch_signature), reporter=reporter, default_timeout_s=settings.default_timeout_s,
         shadow_max_concurrency=settings.shadow_max_concurrency, shadow_tolerance=settings.shadow_tolerance,
         stream_window=settings.stream_window, drift_sample_rate=settings.drift_sample_rate,
-        ready=lambda: service.ready(), generation_timeout_s=settings.generation_timeout_s,
+        ready=lambda: service.ready(), predictions=predictions, generation_timeout_s=settings.generation_timeout_s,
     )
     admin = GatewayAdmin(RegistryRecords(registry_channel), ring, catalog, encode_route, decode_route)
     # Keys are checked before any request body is read (see servicer.BodyGate).
@@ -189,6 +204,8 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     gate = BodyGate(ring, settings.body_timeout_s)
     app.add_service(ADMIN_SERVICE, gate.adding(gw_grpc.add_GatewayAdminServicer_to_server),
                     GatewayAdminServicer(admin, ring))
+    app.add_service(FEEDBACK_SERVICE, gate.adding(gw_grpc.add_FeedbackServicer_to_server),
+                    FeedbackServicer(FeedbackDesk(prediction_store, reporter, settings.feedback_window_s), ring))
     openai = None
     if settings.openai_enabled:
         openai = OpenAIServer(

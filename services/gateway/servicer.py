@@ -30,6 +30,7 @@ from services.gateway import convert
 from services.gateway.admin import GatewayAdmin
 from services.gateway.dataplane import CallInfo, DataPlane
 from services.gateway.entities import Caller, Role
+from services.gateway.feedback import FeedbackDesk, Label
 from services.gateway.keys import KeyRing, authorize
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
@@ -310,3 +311,32 @@ class GatewayAdminServicer(gw_grpc.GatewayAdminServicer):
         caller = self._admin(context)
         await self.admin.delete_route(caller, request.model, request.reason)
         return gw.DeleteRouteResponse()
+
+
+def _label(label: gw.Label) -> Label:
+    kind = label.WhichOneof("value")
+    if kind == "class_id":
+        return int(label.class_id)
+    if kind == "number":
+        return float(label.number)
+    if kind == "text":
+        return str(label.text)
+    raise InvalidArgument("a label needs one of class_id, number or text")
+
+
+class FeedbackServicer(gw_grpc.FeedbackServicer):
+    def __init__(self, desk: FeedbackDesk, ring: KeyRing) -> None:
+        self.desk = desk
+        self.ring = ring
+
+    async def SendFeedback(self, request: gw.SendFeedbackRequest, context: Any) -> gw.SendFeedbackResponse:
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        caller = self.ring.authenticate(str(authorization) if authorization else None)
+        labels = [_label(label) for label in request.labels]
+        result = await self.desk.give(caller, request.model, request.request_id, labels,
+                                      request.score if request.HasField("score") else None)
+        return gw.SendFeedbackResponse(
+            version=result.prediction.version, alias=result.prediction.alias, class_labels=result.class_labels,
+            correct=result.correct, value_labels=result.value_labels, mean_abs_error=result.mean_abs_error,
+            predicted=[str(p) for p in result.prediction.rows],
+        )

@@ -124,6 +124,15 @@ class GatewaySettings(ServerSettings):
     # Share of successful ModelInfer requests whose inputs are sent to the monitor for drift (PSI);
     # the reporter also caps samples per model per second. 0 turns it off.
     drift_sample_rate: float = 0.01
+    # Share of successful ModelInfer requests carrying an `id` whose prediction is kept for Feedback
+    # (labels sent back later, joined to it for online accuracy); 0 turns it off.
+    feedback_sample_rate: float = 0.05
+    # How long a kept prediction waits for its label, in seconds (the Redis TTL).
+    feedback_window_s: float = 6 * 3600.0
+    # Kept predictions waiting to be written at once; beyond it they are dropped (counted).
+    feedback_max_pending: int = 256
+    # Predictions kept in this process when redis_url is unset (the oldest go first).
+    feedback_max_entries: int = 100_000
 
     # Largest request accepted, in bytes; also the gRPC receive limit (RESOURCE_EXHAUSTED above it).
     # grpcio buffers an oversized message once before refusing it, so the API key is checked
@@ -152,6 +161,12 @@ class GatewaySettings(ServerSettings):
             raise InvalidArgument(
                 "openai_max_connections must be >= 1, openai_keep_alive_s and generation_timeout_s > 0"
             )
+
+    def _validate_feedback(self) -> None:
+        if not 0.0 <= self.feedback_sample_rate <= 1.0:
+            raise InvalidArgument("feedback_sample_rate must be within [0, 1]")
+        if self.feedback_window_s <= 0 or self.feedback_max_pending < 1 or self.feedback_max_entries < 1:
+            raise InvalidArgument("feedback_window_s must be > 0, feedback_max_pending and feedback_max_entries >= 1")
 
     def validate(self) -> None:
         super().validate()
@@ -184,6 +199,7 @@ class GatewaySettings(ServerSettings):
                 raise InvalidArgument(f"{name} must be >= 0")
         if not 0.0 <= self.drift_sample_rate <= 1.0:
             raise InvalidArgument("drift_sample_rate must be within [0, 1]")
+        self._validate_feedback()
         if not 1024 <= self.max_request_bytes <= self.max_message_bytes:
             raise InvalidArgument(
                 f"max_request_bytes must be between 1 KiB and max_message_bytes ({self.max_message_bytes})"

@@ -6,7 +6,9 @@ plus a minimum absolute gap, judged like latency (a LATENCY_REGRESSION whose rea
 Errors: a one-sided two-proportion z-test (canary error rate greater than production's) at
 `alpha`, plus a minimum absolute increase so a tiny but "significant" difference on a huge
 sample does not roll anything back. Latency: the canary's p99 over production's past a ratio,
-plus a minimum absolute gap. Both need a minimum number of requests on each side.
+plus a minimum absolute gap. Both need a minimum number of requests on each side. Quality: once
+both sides have `min_labels` class labels from Feedback, the same one-sided test on wrong
+predictions, plus a least accuracy drop (`max_accuracy_drop`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class CanaryPolicy:
     min_p99_increase_ms: float = 5.0
     max_ttft_p99_ratio: float = 2.0
     min_ttft_increase_ms: float = 20.0
+    min_labels: int = 100
+    max_accuracy_drop: float = 0.05
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,10 +39,12 @@ class CanaryDecision:
     p99_ratio: float
     reason: str
     ttft_p99_ratio: float = 0.0
+    accuracy_p_value: float = 1.0
 
     @property
     def regressed(self) -> bool:
-        return self.verdict in (CanaryVerdict.ERROR_REGRESSION, CanaryVerdict.LATENCY_REGRESSION)
+        return self.verdict in (CanaryVerdict.ERROR_REGRESSION, CanaryVerdict.LATENCY_REGRESSION,
+                                CanaryVerdict.QUALITY_REGRESSION)
 
 
 def two_proportion_p_value(errors_a: int, n_a: int, errors_b: int, n_b: int) -> float:
@@ -88,5 +94,22 @@ def judge(production: SeriesMetrics, canary: SeriesMetrics, policy: CanaryPolicy
             return CanaryDecision(
                 CanaryVerdict.LATENCY_REGRESSION, p_value, ratio,
                 f"canary p99 time to first token {canary_ttft:.1f} ms is {ttft_ratio:.1f}x production's "
-                f"{prod_ttft:.1f} ms (limit {policy.max_ttft_p99_ratio:g}x)", ttft_ratio)
-    return CanaryDecision(CanaryVerdict.HEALTHY, p_value, ratio, "no significant regression", ttft_ratio)
+                f"{prod_ttft:.1f} ms (limit {policy.max_ttft_p99_ratio:g}x)", ttft_p99_ratio=ttft_ratio)
+    if canary.class_labels < policy.min_labels or production.class_labels < policy.min_labels:
+        return CanaryDecision(CanaryVerdict.HEALTHY, p_value, ratio,
+                              f"no significant regression (quality not judged: need {policy.min_labels} labels "
+                              f"on each side, canary {canary.class_labels}, production {production.class_labels})",
+                              ttft_p99_ratio=ttft_ratio)
+    wrong_p = two_proportion_p_value(canary.class_labels - canary.correct, canary.class_labels,
+                                     production.class_labels - production.correct, production.class_labels)
+    drop = production.accuracy - canary.accuracy
+    if wrong_p < policy.alpha and drop > policy.max_accuracy_drop:
+        return CanaryDecision(
+            CanaryVerdict.QUALITY_REGRESSION, p_value, ratio,
+            f"canary online accuracy {canary.accuracy:.1%} vs production {production.accuracy:.1%} over "
+            f"{canary.class_labels}/{production.class_labels} labels (drop {drop:.1%} > "
+            f"{policy.max_accuracy_drop:.1%}, p={wrong_p:.2g} < {policy.alpha})",
+            ttft_p99_ratio=ttft_ratio, accuracy_p_value=wrong_p,
+        )
+    return CanaryDecision(CanaryVerdict.HEALTHY, p_value, ratio, "no significant regression",
+                          ttft_p99_ratio=ttft_ratio, accuracy_p_value=wrong_p)

@@ -40,6 +40,7 @@ def policy_of(settings: MonitorSettings) -> CanaryPolicy:
         min_error_increase=settings.canary_min_error_increase, max_p99_ratio=settings.canary_max_p99_ratio,
         min_p99_increase_ms=settings.canary_min_p99_increase_ms,
         max_ttft_p99_ratio=settings.canary_max_ttft_p99_ratio, min_ttft_increase_ms=settings.canary_min_ttft_increase_ms,
+        min_labels=settings.canary_min_labels, max_accuracy_drop=settings.canary_max_accuracy_drop,
     )
 
 
@@ -101,7 +102,8 @@ class CanaryWatch:
         canary_version = max(per_version, key=lambda m: m.count).key.version if per_version else 0
         status = CanaryStatus(model=route.model, verdict=decision.verdict, production=prod, canary=canary,
                               error_p_value=decision.error_p_value, p99_ratio=decision.p99_ratio,
-                              ttft_p99_ratio=decision.ttft_p99_ratio, reason=decision.reason, time_ns=now)
+                              ttft_p99_ratio=decision.ttft_p99_ratio, reason=decision.reason, time_ns=now,
+                              accuracy_p_value=decision.accuracy_p_value)
         self.canaries[route.model] = status
         if not decision.regressed:
             return
@@ -115,15 +117,17 @@ class CanaryWatch:
 
     def _alert_regression(self, model: str, canary_version: int, decision: CanaryDecision, canary: SeriesMetrics,
                           rolled_back: bool) -> None:
-        errors = decision.verdict is CanaryVerdict.ERROR_REGRESSION
-        ttft = not errors and decision.ttft_p99_ratio > self.policy.max_ttft_p99_ratio
+        value, threshold = {
+            CanaryVerdict.ERROR_REGRESSION: (canary.error_rate, self.policy.min_error_increase),
+            CanaryVerdict.QUALITY_REGRESSION: (canary.accuracy, self.policy.max_accuracy_drop),
+        }.get(decision.verdict, (decision.p99_ratio, self.policy.max_p99_ratio))
+        if decision.verdict is CanaryVerdict.LATENCY_REGRESSION and decision.ttft_p99_ratio > self.policy.max_ttft_p99_ratio:
+            value, threshold = decision.ttft_p99_ratio, self.policy.max_ttft_p99_ratio
         action = "set the canary's weight to 0" if rolled_back else "rollback disabled: route left as is"
         self.alerts.fire(Alert(
             id=f"canary:{model}", kind=AlertKind.CANARY_ROLLBACK, state=AlertState.FIRING, model=model,
             version=canary_version, alias=self.settings.canary_alias, summary=f"{model}: {decision.reason}; {action}",
-            value=canary.error_rate if errors else decision.ttft_p99_ratio if ttft else decision.p99_ratio,
-            threshold=(self.policy.min_error_increase if errors
-                       else self.policy.max_ttft_p99_ratio if ttft else self.policy.max_p99_ratio),
+            value=value, threshold=threshold,
             details=(("verdict", decision.verdict.value), ("rolled_back", str(rolled_back).lower())),
         ))
 
@@ -163,6 +167,11 @@ class CanaryWatch:
             "production_error_rate": prod.error_rate if prod else 0.0,
             "production_p99_ms": prod.latency.p99_ms if prod else 0.0,
             "error_p_value": status.error_p_value, "p99_ratio": status.p99_ratio,
+            "canary_labels": canary.class_labels if canary else 0,
+            "canary_accuracy": canary.accuracy if canary else 0.0,
+            "production_labels": prod.class_labels if prod else 0,
+            "production_accuracy": prod.accuracy if prod else 0.0,
+            "accuracy_p_value": status.accuracy_p_value,
         }
         try:
             await self.control.append_audit("canary.rollback", route.model, canary_version, details, "monitor")

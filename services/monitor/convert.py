@@ -19,6 +19,7 @@ from services.monitor.entities import (
     InputSample,
     MetricsFilter,
     ModelLoad,
+    QualitySample,
     Report,
     Request,
     SeriesMetrics,
@@ -33,6 +34,8 @@ _ALERT_KIND = {
     AlertKind.SHADOW_MISMATCH: pb.ALERT_KIND_SHADOW_MISMATCH,
     AlertKind.SLO_TTFT: pb.ALERT_KIND_SLO_TTFT,
     AlertKind.SLO_INTER_TOKEN: pb.ALERT_KIND_SLO_INTER_TOKEN,
+    AlertKind.SLO_ACCURACY: pb.ALERT_KIND_SLO_ACCURACY,
+    AlertKind.SLO_QUALITY_ERROR: pb.ALERT_KIND_SLO_QUALITY_ERROR,
 }
 # What a reporter may put in the finish-reason label; anything else counts as "other".
 FINISH_REASONS = frozenset({"stop", "length", "cancelled", "timeout", "error"})
@@ -43,6 +46,7 @@ _VERDICT = {
     CanaryVerdict.HEALTHY: pb.CANARY_VERDICT_HEALTHY,
     CanaryVerdict.ERROR_REGRESSION: pb.CANARY_VERDICT_ERROR_REGRESSION,
     CanaryVerdict.LATENCY_REGRESSION: pb.CANARY_VERDICT_LATENCY_REGRESSION,
+    CanaryVerdict.QUALITY_REGRESSION: pb.CANARY_VERDICT_QUALITY_REGRESSION,
 }
 
 
@@ -63,6 +67,11 @@ def report_from_proto(msg: pb.ReportRequest) -> Report:
                       for d in msg.shadow_diffs],
         loads=[ModelLoad(model=m.model, version=m.version, load_us=m.load_us, time_ns=m.time_ns) for m in msg.loads],
         dropped=msg.dropped,
+        quality=[QualitySample(model=q.model, version=q.version, alias=q.alias, class_labels=q.class_labels,
+                               correct=q.correct, value_labels=q.value_labels, abs_error_sum=q.abs_error_sum,
+                               squared_error_sum=q.squared_error_sum,
+                               score=q.score if q.HasField("score") else None, time_ns=q.time_ns)
+                 for q in msg.quality],
     )
 
 
@@ -99,6 +108,8 @@ def series_to_proto(m: SeriesMetrics) -> pb.SeriesMetrics:
         queue=_distribution(m.queue), compute=_distribution(m.compute),
         batch_sizes=[pb.BatchSizeCount(batch_size=size, count=n) for size, n in m.batch_sizes.items()],
         mean_batch_size=m.mean_batch_size, first_response_ms=m.first_response_ms, load_ms=m.load_ms,
+        class_labels=m.class_labels, correct=m.correct, accuracy=m.accuracy, value_labels=m.value_labels,
+        mean_abs_error=m.mean_abs_error, rmse=m.rmse, scores=m.scores, mean_score=m.mean_score,
     )
 
 
@@ -110,11 +121,15 @@ def slo_from_proto(msg: pb.SLO) -> SLO:
         window_s=msg.window_seconds, min_requests=msg.min_requests, source=msg.source,
         p99_ttft_ms=msg.p99_ttft_ms if msg.HasField("p99_ttft_ms") else None,
         p99_inter_token_ms=msg.p99_inter_token_ms if msg.HasField("p99_inter_token_ms") else None,
+        min_accuracy=msg.min_accuracy if msg.HasField("min_accuracy") else None,
+        max_mean_abs_error=msg.max_mean_abs_error if msg.HasField("max_mean_abs_error") else None,
+        min_labels=msg.min_labels,
     )
 
 
 def slo_to_proto(slo: SLO) -> pb.SLO:
-    msg = pb.SLO(model=slo.model, window_seconds=slo.window_s, min_requests=slo.min_requests, source=slo.source)
+    msg = pb.SLO(model=slo.model, window_seconds=slo.window_s, min_requests=slo.min_requests, source=slo.source,
+                 min_labels=slo.min_labels, min_accuracy=slo.min_accuracy, max_mean_abs_error=slo.max_mean_abs_error)
     if slo.p99_latency_ms is not None:
         msg.p99_latency_ms = slo.p99_latency_ms
     if slo.max_error_rate is not None:
@@ -156,7 +171,8 @@ def drift_to_proto(features: list[FeatureDrift], threshold: float) -> pb.GetDrif
 
 def canary_to_proto(s: CanaryStatus) -> pb.CanaryStatus:
     msg = pb.CanaryStatus(model=s.model, verdict=_VERDICT[s.verdict], error_p_value=s.error_p_value,
-                          p99_ratio=s.p99_ratio, ttft_p99_ratio=s.ttft_p99_ratio, rolled_back=s.rolled_back, reason=s.reason, time_ns=s.time_ns)
+                          p99_ratio=s.p99_ratio, ttft_p99_ratio=s.ttft_p99_ratio, rolled_back=s.rolled_back,
+                          reason=s.reason, time_ns=s.time_ns, accuracy_p_value=s.accuracy_p_value)
     if s.production is not None:
         msg.production.CopyFrom(series_to_proto(s.production))
     if s.canary is not None:

@@ -95,6 +95,22 @@ class ModelLoad:
 
 
 @dataclasses.dataclass(slots=True)
+class QualitySample:
+    """Labels from one Feedback call joined to the prediction they label."""
+
+    model: str
+    version: int
+    alias: str
+    class_labels: int = 0
+    correct: int = 0
+    value_labels: int = 0
+    abs_error_sum: float = 0.0
+    squared_error_sum: float = 0.0
+    score: float | None = None
+    time_ns: int = 0
+
+
+@dataclasses.dataclass(slots=True)
 class Report:
     source: str
     requests: list[Request]
@@ -102,6 +118,7 @@ class Report:
     shadow_diffs: list[ShadowDiff] = dataclasses.field(default_factory=list)
     loads: list[ModelLoad] = dataclasses.field(default_factory=list)
     dropped: int = 0
+    quality: list[QualitySample] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -159,6 +176,15 @@ class SeriesMetrics:
     first_response_ms: float = 0.0
     load_ms: float = 0.0
     generation: GenerationMetrics | None = None
+    # Online quality, from labels sent back (Feedback) within the window.
+    class_labels: int = 0
+    correct: int = 0
+    accuracy: float = 0.0
+    value_labels: int = 0
+    mean_abs_error: float = 0.0
+    rmse: float = 0.0
+    scores: int = 0
+    mean_score: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -171,6 +197,9 @@ class SLO:
     source: str = ""
     p99_ttft_ms: float | None = None
     p99_inter_token_ms: float | None = None
+    min_accuracy: float | None = None
+    max_mean_abs_error: float | None = None
+    min_labels: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -210,6 +239,8 @@ class AlertKind(enum.Enum):
     SHADOW_MISMATCH = "shadow_mismatch"
     SLO_TTFT = "slo_ttft"
     SLO_INTER_TOKEN = "slo_inter_token"
+    SLO_ACCURACY = "slo_accuracy"
+    SLO_QUALITY_ERROR = "slo_quality_error"
 
 
 class AlertState(enum.Enum):
@@ -238,6 +269,7 @@ class CanaryVerdict(enum.Enum):
     HEALTHY = "healthy"
     ERROR_REGRESSION = "error_regression"
     LATENCY_REGRESSION = "latency_regression"
+    QUALITY_REGRESSION = "quality_regression"
 
 
 @dataclasses.dataclass(slots=True)
@@ -252,6 +284,7 @@ class CanaryStatus:
     rolled_back: bool = False
     reason: str = ""
     time_ns: int = 0
+    accuracy_p_value: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -18,7 +18,16 @@ from services.common.reporting import UNKNOWN_MODEL
 from services.monitor.entities import MetricsFilter, ModelLoad, Report, SeriesKey, SeriesMetrics
 from services.monitor.prom import PrometheusExport
 from services.monitor.settings import MonitorSettings
-from services.monitor.windows import NS_REQUESTS, WindowStore, add_request, bucket_of, summarize
+from services.monitor.windows import (
+    NS_REQUESTS,
+    QUALITY_COUNTS,
+    WindowStore,
+    add_quality,
+    add_request,
+    bucket_of,
+    quality_sample_ok,
+    summarize,
+)
 
 _NS = 1_000_000_000
 
@@ -36,6 +45,7 @@ def window_range(now_ns: int, bucket_s: float, window_s: float, since_ns: int = 
 OVER_MODEL_CAP = "model_cap"
 OVER_SERIES_CAP = "series_cap"
 BAD_NAME = "bad_name"
+BAD_QUALITY = "bad_quality"
 
 
 class SeriesCap:
@@ -137,6 +147,20 @@ class RequestWindows:
             key = (req.model, req.version)
             if req.status == "OK" and req.version and key not in self._first_known:
                 first_ok[key] = min(req.time_ns, first_ok.get(key, req.time_ns))
+        for sample in report.quality:
+            # Feedback reaches the monitor through the gateway (the only reporter whose verified
+            # identity may send source "gateway"): its figures join the gateway's series.
+            if report.source != "gateway" or not sample.model or not quality_sample_ok(sample):
+                refused[BAD_QUALITY] += 1
+                continue
+            sample.time_ns = sample.time_ns or now
+            series = SeriesKey(model=sample.model, version=sample.version, alias=sample.alias,
+                               source="gateway").encode()
+            reason = self.cap.admit(sample.model, "gateway", series, now)
+            if reason is not None:
+                refused[reason] += 1
+                continue
+            add_quality(increments, sample, bucket_s)
         await self.store.add(NS_REQUESTS, increments)
         if self.prom is not None:
             self.prom.add(increments)
@@ -199,7 +223,7 @@ class RequestWindows:
             out = [summarize(key, total, window_s, span(earliest))]
         else:
             out = [summarize(SeriesKey.decode(n), fields, window_s, span(fb))
-                   for n, (fields, fb) in sums.items() if fields.get("n")]
+                   for n, (fields, fb) in sums.items() if fields.get("n") or any(fields.get(f) for f in QUALITY_COUNTS)]
             out.sort(key=lambda m: m.key)
         await self._add_load_figures(out)
         return out

@@ -64,6 +64,10 @@ class _TotalsCollector:
         with self._lock:
             snapshot = {s: Counter(f) for s, f in self.totals.items()}
         requests = CounterMetricFamily("aiaas_model_requests", "Requests served, by status", labels=[*_LABELS, "status"])
+        labels_back = CounterMetricFamily("aiaas_model_feedback_labels", "Labels sent back through Feedback, by kind",
+                                          labels=[*_LABELS, "kind"])
+        correct = CounterMetricFamily("aiaas_model_feedback_correct",
+                                      "Class labels (Feedback) the prediction had right", labels=_LABELS)
         families = {name: HistogramMetricFamily(name, doc, labels=_LABELS) for name, doc, *_ in _HISTOGRAMS}
         batch = HistogramMetricFamily("aiaas_model_batch_size", "Size of the batch a request ran in", labels=_LABELS)
         counters = {name: CounterMetricFamily(name, doc, labels=_LABELS) for name, doc, _ in _GENERATION_COUNTERS}
@@ -73,6 +77,11 @@ class _TotalsCollector:
             for name, n in fields.items():
                 if name.startswith("s:"):
                     requests.add_metric([*labels, name[2:]], n)
+            for kind, field in (("class", "fk"), ("value", "fv"), ("score", "fq")):
+                if fields.get(field, 0):
+                    labels_back.add_metric([*labels, kind], fields[field])
+            if fields.get("fk", 0):
+                correct.add_metric(labels, fields.get("fc", 0))
             for family, _, prefix, total, count in _HISTOGRAMS:
                 if fields.get(count, 0):
                     buckets = self._buckets(fields, prefix, _LATENCY_BUCKETS_S, _bin_upper_s)
@@ -85,6 +94,8 @@ class _TotalsCollector:
                 buckets = self._buckets({f"b:{k}": v for k, v in sizes.items()}, "b:", _BATCH_BUCKETS, float)
                 batch.add_metric(labels, buckets, float(sum(k * v for k, v in sizes.items())))
         yield requests
+        yield labels_back
+        yield correct
         yield from families.values()
         yield batch
         yield from counters.values()
@@ -122,6 +133,12 @@ class PrometheusExport:
         self.window_kv_cache_usage = Gauge(
             "aiaas_model_window_kv_cache_usage", "Mean fraction of KV-cache blocks in use as generative requests "
             "finished, over the default window", _LABELS, registry=reg)
+        self.window_accuracy = Gauge("aiaas_model_window_accuracy",
+                                     "Online accuracy over the default window (class labels from Feedback)",
+                                     _LABELS, registry=reg)
+        self.window_mean_abs_error = Gauge("aiaas_model_window_mean_abs_error",
+                                           "Online mean absolute error over the default window (numeric labels "
+                                           "from Feedback)", _LABELS, registry=reg)
         self.drift_psi = Gauge("aiaas_model_drift_psi", "Population stability index of live inputs",
                                ("model", "version", "feature"), registry=reg)
         self.alerts_firing = Gauge("aiaas_alerts_firing", "Alerts firing", ("kind",), registry=reg)
@@ -148,3 +165,7 @@ class PrometheusExport:
             self.window_output_tokens.labels(*labels).set(gen.output_tokens_per_s)
             self.window_ttft_p99.labels(*labels).set(gen.ttft.p99_ms / 1000.0)
             self.window_kv_cache_usage.labels(*labels).set(gen.mean_kv_cache_usage)
+        if metrics.class_labels:
+            self.window_accuracy.labels(*labels).set(metrics.accuracy)
+        if metrics.value_labels:
+            self.window_mean_abs_error.labels(*labels).set(metrics.mean_abs_error)

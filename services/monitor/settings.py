@@ -35,6 +35,9 @@ class MonitorSettings(ServerSettings):
     # Requests an SLO's window needs before it is judged, when the SLO sets none; below it no alert
     # fires or resolves.
     slo_min_requests: int = 20
+    # Labels (Feedback) an SLO's window needs before its accuracy or error objective is judged, when
+    # the SLO sets none.
+    slo_min_labels: int = 100
 
     # Population stability index (PSI) above which an input feature counts as drifted and alerts.
     drift_threshold: float = 0.2
@@ -71,6 +74,12 @@ class MonitorSettings(ServerSettings):
     canary_max_ttft_p99_ratio: float = 2.0
     # Least rise of the canary's p99 time to first token over production's, in milliseconds.
     canary_min_ttft_increase_ms: float = 20.0
+    # Quality regression (labels from Feedback): class labels each side needs before accuracies are
+    # compared; fewer: quality is not judged (latency and errors still are).
+    canary_min_labels: int = 100
+    # Least drop of the canary's online accuracy under production's that counts as a regression
+    # (0.05 = 5 points), when also significant at canary_alpha.
+    canary_max_accuracy_drop: float = 0.05
     # False: analyse and alert, but leave the route alone.
     canary_rollback: bool = True
 
@@ -112,6 +121,10 @@ class MonitorSettings(ServerSettings):
             raise InvalidArgument("canary_max_p99_ratio must be > 1")
         if self.canary_max_ttft_p99_ratio <= 1:
             raise InvalidArgument("canary_max_ttft_p99_ratio must be > 1")
+        if self.slo_min_labels < 1 or self.canary_min_labels < 1:
+            raise InvalidArgument("slo_min_labels and canary_min_labels must be >= 1")
+        if not 0 <= self.canary_max_accuracy_drop < 1:
+            raise InvalidArgument("canary_max_accuracy_drop must be within [0, 1)")
         if self.drift_threshold <= 0:
             raise InvalidArgument("drift_threshold must be > 0")
         if not 2 <= self.drift_bins <= 100:

@@ -2,10 +2,14 @@
 
 `SLOWatch` owns the SLO snapshot (written through the control plane, kept current by its
 changes) and the `slo:<model>:latency` / `slo:<model>:error_rate` alerts, resolved when the SLO
-goes, whoever deleted it.
+goes, whoever deleted it. Quality objectives (`min_accuracy`, `max_mean_abs_error`) are judged on
+the labels clients sent back through the gateway's Feedback (`slo:<model>:accuracy`,
+`slo:<model>:quality_error`), once the window holds `min_labels` of them.
 """
 
 from __future__ import annotations
+
+import math
 
 from services.common.errors import InvalidArgument
 from services.monitor.alerts import AlertHub
@@ -21,14 +25,21 @@ def check_slo(slo: SLO, retention_s: float) -> None:
     """Raise InvalidArgument unless the SLO can be evaluated."""
     if not slo.model:
         raise InvalidArgument("an SLO needs a model")
-    objectives = (slo.p99_latency_ms, slo.max_error_rate, slo.p99_ttft_ms, slo.p99_inter_token_ms)
-    if all(value is None for value in objectives):
+    objectives = (slo.p99_latency_ms, slo.max_error_rate, slo.p99_ttft_ms, slo.p99_inter_token_ms,
+                  slo.min_accuracy, slo.max_mean_abs_error)
+    if all(o is None for o in objectives):
         raise InvalidArgument("an SLO needs at least one of p99_latency_ms, max_error_rate, p99_ttft_ms, "
-                              "p99_inter_token_ms")
+                              "p99_inter_token_ms, min_accuracy, max_mean_abs_error")
     for name in ("p99_latency_ms", "p99_ttft_ms", "p99_inter_token_ms"):
         value = getattr(slo, name)
         if value is not None and not value > 0:
             raise InvalidArgument(f"{name} must be > 0")
+    if slo.min_accuracy is not None and not 0 <= slo.min_accuracy <= 1:
+        raise InvalidArgument("min_accuracy must be between 0 and 1")
+    if slo.max_mean_abs_error is not None and not (slo.max_mean_abs_error >= 0 and math.isfinite(slo.max_mean_abs_error)):
+        raise InvalidArgument("max_mean_abs_error must be a finite number >= 0")
+    if slo.min_labels < 0:
+        raise InvalidArgument("min_labels must be >= 0")
     if slo.max_error_rate is not None and not 0 <= slo.max_error_rate <= 1:
         raise InvalidArgument("max_error_rate must be between 0 and 1")
     if slo.window_s < 0 or slo.window_s > retention_s:
@@ -64,7 +75,7 @@ class SLOWatch:
 
     def _forget(self, model: str) -> None:
         self.slos.pop(model, None)
-        for kind in ("latency", "error_rate", "ttft", "inter_token"):
+        for kind in ("latency", "error_rate", "ttft", "inter_token", "accuracy", "quality_error"):
             self.alerts.resolve(f"slo:{model}:{kind}", summary=f"SLO of {model} deleted")
 
     async def set(self, slo: SLO, actor: str) -> SLO:
@@ -82,6 +93,11 @@ class SLOWatch:
 
     async def evaluate(self, slo: SLO) -> None:
         window = slo.window_s or self.settings.slo_window_s
+        if slo.min_accuracy is not None or slo.max_mean_abs_error is not None:
+            await self._evaluate_quality(slo, window)
+        request_objectives = (slo.p99_latency_ms, slo.max_error_rate, slo.p99_ttft_ms, slo.p99_inter_token_ms)
+        if all(o is None for o in request_objectives):
+            return
         source = slo.source
         if not source:
             names = await self.windows.series_names(window)
@@ -126,4 +142,30 @@ class SLOWatch:
                          f"{'above' if breached else 'within'} the SLO of {objective:g} ms "
                          f"over {window:g}s ({gen.count} generative requests)"),
                 value=dist.p99_ms, threshold=objective, details=details,
+            ), breached)
+
+    async def _evaluate_quality(self, slo: SLO, window: float) -> None:
+        # Labels come back through the gateway: its series carry them, whatever source the SLO names.
+        (m,) = await self.windows.query(MetricsFilter(model=slo.model, source="gateway", window_s=window, merge=True))
+        need = slo.min_labels or self.settings.slo_min_labels
+        details = (("window_seconds", f"{window:g}"), ("min_labels", str(need)))
+        if slo.min_accuracy is not None and m.class_labels >= need:
+            breached = m.accuracy < slo.min_accuracy
+            self.alerts.set_condition(Alert(
+                id=f"slo:{slo.model}:accuracy", kind=AlertKind.SLO_ACCURACY,
+                state=AlertState.FIRING if breached else AlertState.RESOLVED, model=slo.model,
+                summary=(f"{slo.model}: online accuracy {m.accuracy:.2%} "
+                         f"{'below' if breached else 'within'} the SLO of {slo.min_accuracy:.2%} "
+                         f"over {window:g}s ({m.correct}/{m.class_labels} labels right)"),
+                value=m.accuracy, threshold=slo.min_accuracy, details=details,
+            ), breached)
+        if slo.max_mean_abs_error is not None and m.value_labels >= need:
+            breached = m.mean_abs_error > slo.max_mean_abs_error
+            self.alerts.set_condition(Alert(
+                id=f"slo:{slo.model}:quality_error", kind=AlertKind.SLO_QUALITY_ERROR,
+                state=AlertState.FIRING if breached else AlertState.RESOLVED, model=slo.model,
+                summary=(f"{slo.model}: online mean absolute error {m.mean_abs_error:.4g} "
+                         f"{'above' if breached else 'within'} the SLO of {slo.max_mean_abs_error:g} "
+                         f"over {window:g}s ({m.value_labels} labels)"),
+                value=m.mean_abs_error, threshold=slo.max_mean_abs_error, details=details,
             ), breached)

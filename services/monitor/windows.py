@@ -16,6 +16,11 @@ Generative requests (those that report token figures) add:
   in           requests with >= 2 tokens          i:<bin> is  their mean inter-token gap bins/sum
   pt ot        prompt / completion tokens         pe          preemptions
   kv           KV-cache use at finish, per mille, summed      f:<reason>  per finish reason
+Online quality (labels sent back through the gateway's Feedback, counted when they arrive):
+  fk fc        class labels / correct predictions
+  fv           numeric labels      fa  their absolute error sum (micro-units)
+  fs fsu       their squared error sum: whole units and the micro-unit remainder (exact, no overflow)
+  fq fqs       scores / score sum (micro-units)
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from services.monitor.entities import (
     SERVER_FAULT_STATUSES,
     Distribution,
     GenerationMetrics,
+    QualitySample,
     Request,
     SeriesKey,
     SeriesMetrics,
@@ -107,6 +113,46 @@ def add_request(increments: Increments, req: Request, bucket_s: float) -> None:
             fields["in"] += 1
 
 
+# Bounds on what one quality sample may add: rows per Feedback call, and each row's error.
+MAX_QUALITY_ROWS = 4096
+MAX_ABS_ERROR = 1e6
+_MICRO = 1_000_000
+# The fields that make a series worth listing without requests in the window.
+QUALITY_COUNTS = ("fk", "fv", "fq")
+
+
+def quality_sample_ok(sample: QualitySample) -> bool:
+    """Whether a reported sample is plausible: counts within bounds, sums finite and in range."""
+    counts = (sample.class_labels, sample.correct, sample.value_labels)
+    if any(c < 0 or c > MAX_QUALITY_ROWS for c in counts) or sample.correct > sample.class_labels:
+        return False
+    sums = (sample.abs_error_sum, sample.squared_error_sum)
+    if not all(math.isfinite(x) and x >= 0 for x in sums):
+        return False
+    if sample.score is not None and not (math.isfinite(sample.score) and 0.0 <= sample.score <= 1.0):
+        return False
+    return sample.class_labels + sample.value_labels > 0 or sample.score is not None
+
+
+def add_quality(increments: Increments, sample: QualitySample, bucket_s: float) -> None:
+    """Count a sample checked by `quality_sample_ok` into its series' bucket (integers only)."""
+    key = SeriesKey(model=sample.model, version=sample.version, alias=sample.alias, source="gateway").encode()
+    fields = increments.setdefault((key, bucket_of(sample.time_ns, bucket_s)), Counter())
+    if sample.class_labels:
+        fields["fk"] += sample.class_labels
+        fields["fc"] += sample.correct
+    if sample.value_labels:
+        fields["fv"] += sample.value_labels
+        fields["fa"] += round(min(sample.abs_error_sum, sample.value_labels * MAX_ABS_ERROR) * _MICRO)
+        squared = min(sample.squared_error_sum, sample.value_labels * MAX_ABS_ERROR**2)
+        whole = math.floor(squared)
+        fields["fs"] += whole
+        fields["fsu"] += round((squared - whole) * _MICRO)
+    if sample.score is not None:
+        fields["fq"] += 1
+        fields["fqs"] += round(sample.score * _MICRO)
+
+
 def _distribution(fields: Mapping[str, int], prefix: str, total_field: str, count: int) -> Distribution:
     if count <= 0:
         return Distribution()
@@ -151,6 +197,8 @@ def summarize(key: SeriesKey, fields: Mapping[str, int], window_s: float, span_s
             preemptions=int(fields.get("pe", 0)),
             finish_reasons={name[2:]: int(n) for name, n in fields.items() if name.startswith("f:") and n > 0},
         )
+    class_labels, value_labels, scores = (int(fields.get(f, 0)) for f in QUALITY_COUNTS)
+    squared = fields.get("fs", 0) + fields.get("fsu", 0) / _MICRO
     return SeriesMetrics(
         generation=generation,
         key=key,
@@ -165,6 +213,12 @@ def summarize(key: SeriesKey, fields: Mapping[str, int], window_s: float, span_s
         compute=_distribution(fields, "c:", "cs", queued),
         batch_sizes=dict(sorted(batch_sizes.items())),
         mean_batch_size=sum(size * n for size, n in batch_sizes.items()) / batched if batched else 0.0,
+        class_labels=class_labels, correct=int(fields.get("fc", 0)),
+        accuracy=fields.get("fc", 0) / class_labels if class_labels else 0.0,
+        value_labels=value_labels,
+        mean_abs_error=fields.get("fa", 0) / _MICRO / value_labels if value_labels else 0.0,
+        rmse=math.sqrt(squared / value_labels) if value_labels else 0.0,
+        scores=scores, mean_score=fields.get("fqs", 0) / _MICRO / scores if scores else 0.0,
     )
 
 

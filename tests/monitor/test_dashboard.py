@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from services.monitor.control import MemoryControlPlane
 from services.monitor.core import MonitorCore
-from services.monitor.entities import Generation, Report, Request
+from services.monitor.entities import Generation, QualitySample, Report, Request
 from services.monitor.prom import PrometheusExport
 from services.monitor.settings import MonitorSettings
 from services.monitor.windows import MemoryWindowStore
@@ -28,6 +28,7 @@ async def _exported_names() -> set[str]:
                                                    batch_size=2),
                                            Request("inference", "lm", 1, "", "OK", 200_000, generation=generation)],
                              dropped=3))
+    await core.ingest(Report("gateway", [], quality=[QualitySample("m", 1, "production", class_labels=2, correct=1)]))
     await core.evaluate()
     prom.drift_psi.labels("m", "1", "x").set(0.1)
     prom.canary_rollbacks.labels("m").inc()

@@ -23,6 +23,46 @@ ROLE_READ: Role
 ROLE_ADMIN: Role
 ROLE_PRIORITY: Role
 
+class Label(_message.Message):
+    __slots__ = ("class_id", "number", "text")
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    class_id: int
+    number: float
+    text: str
+    def __init__(self, class_id: _Optional[int] = ..., number: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class SendFeedbackRequest(_message.Message):
+    __slots__ = ("model", "request_id", "labels", "score")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    request_id: str
+    labels: _containers.RepeatedCompositeFieldContainer[Label]
+    score: float
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., score: _Optional[float] = ...) -> None: ...
+
+class SendFeedbackResponse(_message.Message):
+    __slots__ = ("version", "alias", "class_labels", "correct", "value_labels", "mean_abs_error", "predicted")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_LABELS_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    alias: str
+    class_labels: int
+    correct: int
+    value_labels: int
+    mean_abs_error: float
+    predicted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., alias: _Optional[str] = ..., class_labels: _Optional[int] = ..., correct: _Optional[int] = ..., value_labels: _Optional[int] = ..., mean_abs_error: _Optional[float] = ..., predicted: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Quota(_message.Message):
     __slots__ = ("requests_per_second", "burst", "tokens_per_minute")
     REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]

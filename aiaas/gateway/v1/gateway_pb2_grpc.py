@@ -407,3 +407,91 @@ class GatewayAdmin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FeedbackStub:
+    """Feedback takes labels for predictions the gateway served earlier: a share of successful
+    ModelInfer requests that carry an `id` (feedback_sample_rate) keep their prediction for
+    feedback_window_s; a label sent back for one is joined to it and counted by the monitor as
+    online accuracy / error of the version and alias that served it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SendFeedback = channel.unary_unary(
+                '/aiaas.gateway.v1.Feedback/SendFeedback',
+                request_serializer=aiaas_dot_gateway_dot_v1_dot_gateway__pb2.SendFeedbackRequest.SerializeToString,
+                response_deserializer=aiaas_dot_gateway_dot_v1_dot_gateway__pb2.SendFeedbackResponse.FromString,
+                _registered_method=True)
+
+
+class FeedbackServicer:
+    """Feedback takes labels for predictions the gateway served earlier: a share of successful
+    ModelInfer requests that carry an `id` (feedback_sample_rate) keep their prediction for
+    feedback_window_s; a label sent back for one is joined to it and counted by the monitor as
+    online accuracy / error of the version and alias that served it.
+    """
+
+    def SendFeedback(self, request, context):
+        """SendFeedback labels one earlier request. It needs a key that may infer on the model, and
+        the key that made the request. NOT_FOUND: no prediction kept under that id (not sampled,
+        or older than the window); ALREADY_EXISTS: the request was labeled before (the first
+        label counts); INVALID_ARGUMENT: labels that do not fit the prediction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FeedbackServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SendFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendFeedback,
+                    request_deserializer=aiaas_dot_gateway_dot_v1_dot_gateway__pb2.SendFeedbackRequest.FromString,
+                    response_serializer=aiaas_dot_gateway_dot_v1_dot_gateway__pb2.SendFeedbackResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'aiaas.gateway.v1.Feedback', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('aiaas.gateway.v1.Feedback', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Feedback:
+    """Feedback takes labels for predictions the gateway served earlier: a share of successful
+    ModelInfer requests that carry an `id` (feedback_sample_rate) keep their prediction for
+    feedback_window_s; a label sent back for one is joined to it and counted by the monitor as
+    online accuracy / error of the version and alias that served it.
+    """
+
+    @staticmethod
+    def SendFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aiaas.gateway.v1.Feedback/SendFeedback',
+            aiaas_dot_gateway_dot_v1_dot_gateway__pb2.SendFeedbackRequest.SerializeToString,
+            aiaas_dot_gateway_dot_v1_dot_gateway__pb2.SendFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

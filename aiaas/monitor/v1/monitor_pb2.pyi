@@ -14,6 +14,7 @@ class CanaryVerdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CANARY_VERDICT_HEALTHY: _ClassVar[CanaryVerdict]
     CANARY_VERDICT_ERROR_REGRESSION: _ClassVar[CanaryVerdict]
     CANARY_VERDICT_LATENCY_REGRESSION: _ClassVar[CanaryVerdict]
+    CANARY_VERDICT_QUALITY_REGRESSION: _ClassVar[CanaryVerdict]
 
 class AlertKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,6 +26,8 @@ class AlertKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALERT_KIND_SHADOW_MISMATCH: _ClassVar[AlertKind]
     ALERT_KIND_SLO_TTFT: _ClassVar[AlertKind]
     ALERT_KIND_SLO_INTER_TOKEN: _ClassVar[AlertKind]
+    ALERT_KIND_SLO_ACCURACY: _ClassVar[AlertKind]
+    ALERT_KIND_SLO_QUALITY_ERROR: _ClassVar[AlertKind]
 
 class AlertState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +39,7 @@ CANARY_VERDICT_INSUFFICIENT_DATA: CanaryVerdict
 CANARY_VERDICT_HEALTHY: CanaryVerdict
 CANARY_VERDICT_ERROR_REGRESSION: CanaryVerdict
 CANARY_VERDICT_LATENCY_REGRESSION: CanaryVerdict
+CANARY_VERDICT_QUALITY_REGRESSION: CanaryVerdict
 ALERT_KIND_UNSPECIFIED: AlertKind
 ALERT_KIND_SLO_LATENCY: AlertKind
 ALERT_KIND_SLO_ERROR_RATE: AlertKind
@@ -44,6 +48,8 @@ ALERT_KIND_CANARY_ROLLBACK: AlertKind
 ALERT_KIND_SHADOW_MISMATCH: AlertKind
 ALERT_KIND_SLO_TTFT: AlertKind
 ALERT_KIND_SLO_INTER_TOKEN: AlertKind
+ALERT_KIND_SLO_ACCURACY: AlertKind
+ALERT_KIND_SLO_QUALITY_ERROR: AlertKind
 ALERT_STATE_UNSPECIFIED: AlertState
 ALERT_STATE_FIRING: AlertState
 ALERT_STATE_RESOLVED: AlertState
@@ -145,20 +151,46 @@ class ModelLoad(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., load_us: _Optional[int] = ..., time_ns: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("source", "records", "samples", "shadow_diffs", "loads", "dropped")
+    __slots__ = ("source", "records", "samples", "shadow_diffs", "loads", "dropped", "quality")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SHADOW_DIFFS_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     source: str
     records: _containers.RepeatedCompositeFieldContainer[RequestRecord]
     samples: _containers.RepeatedCompositeFieldContainer[InputSample]
     shadow_diffs: _containers.RepeatedCompositeFieldContainer[ShadowDiff]
     loads: _containers.RepeatedCompositeFieldContainer[ModelLoad]
     dropped: int
-    def __init__(self, source: _Optional[str] = ..., records: _Optional[_Iterable[_Union[RequestRecord, _Mapping]]] = ..., samples: _Optional[_Iterable[_Union[InputSample, _Mapping]]] = ..., shadow_diffs: _Optional[_Iterable[_Union[ShadowDiff, _Mapping]]] = ..., loads: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., dropped: _Optional[int] = ...) -> None: ...
+    quality: _containers.RepeatedCompositeFieldContainer[QualitySample]
+    def __init__(self, source: _Optional[str] = ..., records: _Optional[_Iterable[_Union[RequestRecord, _Mapping]]] = ..., samples: _Optional[_Iterable[_Union[InputSample, _Mapping]]] = ..., shadow_diffs: _Optional[_Iterable[_Union[ShadowDiff, _Mapping]]] = ..., loads: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., dropped: _Optional[int] = ..., quality: _Optional[_Iterable[_Union[QualitySample, _Mapping]]] = ...) -> None: ...
+
+class QualitySample(_message.Message):
+    __slots__ = ("model", "version", "alias", "class_labels", "correct", "value_labels", "abs_error_sum", "squared_error_sum", "score", "time_ns")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_LABELS_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    ABS_ERROR_SUM_FIELD_NUMBER: _ClassVar[int]
+    SQUARED_ERROR_SUM_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    alias: str
+    class_labels: int
+    correct: int
+    value_labels: int
+    abs_error_sum: float
+    squared_error_sum: float
+    score: float
+    time_ns: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., class_labels: _Optional[int] = ..., correct: _Optional[int] = ..., value_labels: _Optional[int] = ..., abs_error_sum: _Optional[float] = ..., squared_error_sum: _Optional[float] = ..., score: _Optional[float] = ..., time_ns: _Optional[int] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("accepted",)
@@ -205,7 +237,7 @@ class BatchSizeCount(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class SeriesMetrics(_message.Message):
-    __slots__ = ("source", "model", "version", "alias", "window_seconds", "count", "rate_per_second", "errors", "error_rate", "status_counts", "latency", "queue", "compute", "batch_sizes", "mean_batch_size", "first_response_ms", "load_ms", "generation")
+    __slots__ = ("source", "model", "version", "alias", "window_seconds", "count", "rate_per_second", "errors", "error_rate", "status_counts", "latency", "queue", "compute", "batch_sizes", "mean_batch_size", "first_response_ms", "load_ms", "class_labels", "correct", "accuracy", "value_labels", "mean_abs_error", "rmse", "scores", "mean_score", "generation")
     class StatusCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +262,14 @@ class SeriesMetrics(_message.Message):
     MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     FIRST_RESPONSE_MS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    CLASS_LABELS_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    RMSE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     source: str
     model: str
@@ -248,8 +288,16 @@ class SeriesMetrics(_message.Message):
     mean_batch_size: float
     first_response_ms: float
     load_ms: float
+    class_labels: int
+    correct: int
+    accuracy: float
+    value_labels: int
+    mean_abs_error: float
+    rmse: float
+    scores: int
+    mean_score: float
     generation: GenerationMetrics
-    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., window_seconds: _Optional[float] = ..., count: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., status_counts: _Optional[_Mapping[str, int]] = ..., latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue: _Optional[_Union[LatencySummary, _Mapping]] = ..., compute: _Optional[_Union[LatencySummary, _Mapping]] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCount, _Mapping]]] = ..., mean_batch_size: _Optional[float] = ..., first_response_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., generation: _Optional[_Union[GenerationMetrics, _Mapping]] = ...) -> None: ...
+    def __init__(self, source: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., window_seconds: _Optional[float] = ..., count: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., status_counts: _Optional[_Mapping[str, int]] = ..., latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue: _Optional[_Union[LatencySummary, _Mapping]] = ..., compute: _Optional[_Union[LatencySummary, _Mapping]] = ..., batch_sizes: _Optional[_Iterable[_Union[BatchSizeCount, _Mapping]]] = ..., mean_batch_size: _Optional[float] = ..., first_response_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., class_labels: _Optional[int] = ..., correct: _Optional[int] = ..., accuracy: _Optional[float] = ..., value_labels: _Optional[int] = ..., mean_abs_error: _Optional[float] = ..., rmse: _Optional[float] = ..., scores: _Optional[int] = ..., mean_score: _Optional[float] = ..., generation: _Optional[_Union[GenerationMetrics, _Mapping]] = ...) -> None: ...
 
 class GenerationMetrics(_message.Message):
     __slots__ = ("count", "ttft", "inter_token", "prompt_tokens", "completion_tokens", "output_tokens_per_second", "mean_kv_cache_usage", "preemptions", "finish_reasons")
@@ -289,7 +337,7 @@ class QueryMetricsResponse(_message.Message):
     def __init__(self, series: _Optional[_Iterable[_Union[SeriesMetrics, _Mapping]]] = ..., time_ns: _Optional[int] = ...) -> None: ...
 
 class SLO(_message.Message):
-    __slots__ = ("model", "p99_latency_ms", "max_error_rate", "window_seconds", "min_requests", "source", "p99_ttft_ms", "p99_inter_token_ms")
+    __slots__ = ("model", "p99_latency_ms", "max_error_rate", "window_seconds", "min_requests", "source", "p99_ttft_ms", "p99_inter_token_ms", "min_accuracy", "max_mean_abs_error", "min_labels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     P99_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +346,9 @@ class SLO(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     P99_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     P99_INTER_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEAN_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MIN_LABELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     p99_latency_ms: float
     max_error_rate: float
@@ -306,7 +357,10 @@ class SLO(_message.Message):
     source: str
     p99_ttft_ms: float
     p99_inter_token_ms: float
-    def __init__(self, model: _Optional[str] = ..., p99_latency_ms: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., window_seconds: _Optional[float] = ..., min_requests: _Optional[int] = ..., source: _Optional[str] = ..., p99_ttft_ms: _Optional[float] = ..., p99_inter_token_ms: _Optional[float] = ...) -> None: ...
+    min_accuracy: float
+    max_mean_abs_error: float
+    min_labels: int
+    def __init__(self, model: _Optional[str] = ..., p99_latency_ms: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., window_seconds: _Optional[float] = ..., min_requests: _Optional[int] = ..., source: _Optional[str] = ..., p99_ttft_ms: _Optional[float] = ..., p99_inter_token_ms: _Optional[float] = ..., min_accuracy: _Optional[float] = ..., max_mean_abs_error: _Optional[float] = ..., min_labels: _Optional[int] = ...) -> None: ...
 
 class SetSLORequest(_message.Message):
     __slots__ = ("slo", "actor")
@@ -467,7 +521,7 @@ class GetCanaryStatusRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class CanaryStatus(_message.Message):
-    __slots__ = ("model", "verdict", "production", "canary", "error_p_value", "p99_ratio", "rolled_back", "reason", "time_ns", "ttft_p99_ratio")
+    __slots__ = ("model", "verdict", "production", "canary", "error_p_value", "p99_ratio", "rolled_back", "reason", "time_ns", "ttft_p99_ratio", "accuracy_p_value")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     PRODUCTION_FIELD_NUMBER: _ClassVar[int]
@@ -478,6 +532,7 @@ class CanaryStatus(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     TIME_NS_FIELD_NUMBER: _ClassVar[int]
     TTFT_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_P_VALUE_FIELD_NUMBER: _ClassVar[int]
     model: str
     verdict: CanaryVerdict
     production: SeriesMetrics
@@ -488,7 +543,8 @@ class CanaryStatus(_message.Message):
     reason: str
     time_ns: int
     ttft_p99_ratio: float
-    def __init__(self, model: _Optional[str] = ..., verdict: _Optional[_Union[CanaryVerdict, str]] = ..., production: _Optional[_Union[SeriesMetrics, _Mapping]] = ..., canary: _Optional[_Union[SeriesMetrics, _Mapping]] = ..., error_p_value: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., rolled_back: _Optional[bool] = ..., reason: _Optional[str] = ..., time_ns: _Optional[int] = ..., ttft_p99_ratio: _Optional[float] = ...) -> None: ...
+    accuracy_p_value: float
+    def __init__(self, model: _Optional[str] = ..., verdict: _Optional[_Union[CanaryVerdict, str]] = ..., production: _Optional[_Union[SeriesMetrics, _Mapping]] = ..., canary: _Optional[_Union[SeriesMetrics, _Mapping]] = ..., error_p_value: _Optional[float] = ..., p99_ratio: _Optional[float] = ..., rolled_back: _Optional[bool] = ..., reason: _Optional[str] = ..., time_ns: _Optional[int] = ..., ttft_p99_ratio: _Optional[float] = ..., accuracy_p_value: _Optional[float] = ...) -> None: ...
 
 class GetCanaryStatusResponse(_message.Message):
     __slots__ = ("status",)
