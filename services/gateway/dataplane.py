@@ -19,6 +19,7 @@ flagged final; its token usage is charged to the token quotas and reported with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -272,7 +273,8 @@ class DataPlane:
                                                generative_only=True)
         if isinstance(answer, bytes):
             raise Internal("a generation was answered as a tensor request")
-        return answer, resolution
+        # Read ahead of the caller, so a response's upstream read overlaps the writing of the last.
+        return ReadAhead(answer, self.stream_window), resolution
 
     async def _generate(self, caller: Caller, request: Any, raw: bytes, resolution: Resolution, call: CallInfo,
                         started: float, tokens: Sequence[Bucket]) -> AsyncIterator[tuple[bytes, Any]]:
@@ -488,3 +490,45 @@ class _Relay:
 
     def cancel(self) -> None:
         self._task.cancel()
+
+
+class ReadAhead:
+    """An async iterator read up to `window` items ahead by a task of its own; its errors come out
+    in order; `aclose` cancels the reading (and so the generation behind it)."""
+
+    _END = object()
+
+    def __init__(self, source: AsyncIterator[Any], window: int) -> None:
+        self._source = source
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(window)
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            async for item in self._source:
+                await self._queue.put(item)
+            await self._queue.put(self._END)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, in order
+            await self._queue.put(exc)
+        finally:
+            await self._source.aclose()  # type: ignore[attr-defined]
+
+    def __aiter__(self) -> ReadAhead:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._queue.get()
+        if item is self._END:
+            self._queue.put_nowait(item)  # stays ended
+            raise StopAsyncIteration
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
