@@ -197,8 +197,6 @@ class DataPlane:
         try:
             resolution = self._admit(caller, request, call)
             await self.quotas.check(caller, resolution.model, resolution.quota)
-            check_request(request, len(raw), self.limits, self.signatures.get(resolution.model, resolution.version))
-            check_bytes_inputs(request, resolution.model)
             forward = resolution.forward()
             # A cache hit after the first request to a version (its ModelConfig, asked once). A stream
             # must know (a generation is forwarded on a stream of its own); a unary call does not wait.
@@ -209,6 +207,8 @@ class DataPlane:
                     f"model {resolution.model!r} (version {resolution.version}) is not a generative model: it "
                     "takes tensors (call it with the KServe v2 / Triton gRPC API on the gateway's gRPC port)"
                 )
+            check_request(request, len(raw), self.limits, self.signatures.get(resolution.model, resolution.version))
+            check_bytes_inputs(request, resolution.model)
             tokens: list[Bucket] = []
             if decoupled:
                 tokens = self.quotas.token_buckets(caller, resolution.model, resolution.quota)
