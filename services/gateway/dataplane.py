@@ -454,42 +454,26 @@ class DataPlane:
 
 class _Relay:
     """One generation's responses on a client's stream: read from upstream as they come (up to
-    `window` ahead of the client), while earlier requests of the stream are still being written."""
+    `window` ahead of the client), while earlier requests of the stream are still being written;
+    an error ends it in-band (final), or as the stream's status with `grpc_error`."""
 
     def __init__(self, responses: AsyncIterator[tuple[bytes, Any]], request: Any, grpc_error: bool,
                  window: int) -> None:
-        self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(window)
-        self._responses = responses
+        self._ahead = ReadAhead(responses, window)
         self._request = request
         self._grpc_error = grpc_error
-        self._task = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            async for answer, _ in self._responses:
-                await self._queue.put(answer)
-            await self._queue.put(None)
-        except asyncio.CancelledError:
-            raise
-        except AiaasError as exc:
-            await self._queue.put(exc if self._grpc_error else stream_error(self._request, exc.message, final=True))
-            await self._queue.put(None)
-        except Exception as exc:  # noqa: BLE001 - handed to the writer to end the stream
-            await self._queue.put(exc)
-        finally:
-            await self._responses.aclose()  # type: ignore[attr-defined]
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        try:
+            async for answer, _ in self._ahead:
+                yield answer
+        except AiaasError as exc:
+            if self._grpc_error:
+                raise
+            yield stream_error(self._request, exc.message, final=True)
 
     def cancel(self) -> None:
-        self._task.cancel()
+        self._ahead.cancel()
 
 
 class ReadAhead:
@@ -526,6 +510,9 @@ class ReadAhead:
         if isinstance(item, Exception):
             raise item
         return item
+
+    def cancel(self) -> None:
+        self._task.cancel()
 
     async def aclose(self) -> None:
         if not self._task.done():
