@@ -112,6 +112,20 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a bar per shard it writes; `aiaas up` prints its own line instead."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def build_demo_lm(directory: Path, recipe: LMRecipe = LMRecipe(), *, corpus: Path = CORPUS,
                   max_seconds: float = 600.0, should_stop: Callable[[], bool] | None = None) -> BuiltLM:
     """Train the tokenizer and the model and save the checkpoint into `directory` (made here; must
@@ -164,8 +178,9 @@ def build_demo_lm(directory: Path, recipe: LMRecipe = LMRecipe(), *, corpus: Pat
                                                do_sample=True, temperature=0.8, top_k=40, max_new_tokens=64)
     train_seconds = time.monotonic() - started
     directory.mkdir(parents=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    with _no_progress_bars():
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
     return BuiltLM(directory, sum(p.numel() for p in model.parameters()), train_seconds, steps, loss_value, False)
 
 
