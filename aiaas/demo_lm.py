@@ -15,16 +15,21 @@ downloaded and the text it writes looks like (garbled) aiaas documentation.
 Deterministic: a fixed seed, a fixed number of steps and one torch thread while training give
 the same bytes on every run on one machine (float sums may differ on other CPUs).
 `cached_demo_lm` keeps the checkpoint under `$AIAAS_HOME/demo/`, named by everything it depends
-on, so a second `aiaas up` does not train again.
+on, so a second `aiaas up` does not train again. `aiaas up` runs it as a child process
+(`python -m aiaas.demo_lm --cache-root DIR`, one JSON line out), so the training neither
+competes with `up` for the GIL nor leaves transformers loaded in it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -207,3 +212,22 @@ def cached_demo_lm(cache_root: Path, recipe: LMRecipe = LMRecipe(), *, corpus: P
         "parameters": built.parameters, "train_seconds": round(built.train_seconds, 2), "steps": built.steps,
         "final_loss": round(built.final_loss, 4), "recipe": dataclasses.asdict(recipe)}))
     return dataclasses.replace(built, directory=directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aiaas.demo_lm",
+                                     description="build (or find cached) the demo LM; print it as one JSON line")
+    parser.add_argument("--cache-root", required=True, type=Path, help="where checkpoints are cached")
+    parser.add_argument("--steps", type=int, default=LMRecipe.steps, help="training steps")
+    args = parser.parse_args(argv)
+    if not 1 <= args.steps <= MAX_STEPS:
+        parser.error(f"--steps must be 1..{MAX_STEPS}")
+    # SIGTERM (`aiaas up` stopping) unwinds, so the half-built temporary folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    built = cached_demo_lm(args.cache_root, LMRecipe(steps=args.steps))
+    print(json.dumps({**dataclasses.asdict(built), "directory": str(built.directory)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -376,11 +376,13 @@ def ensure_demo_eval(registry: str, home: Path) -> DemoEval:
 
 class DemoLMBuilder(threading.Thread):
     """Registers the generative demo `demo-lm` in the background: from the registry when it is
-    there, else from the checkpoint cached under `home/demo/`, else trained now (tens of seconds)."""
+    there, else from the checkpoint cached under `home/demo/`, else trained now (tens of seconds)
+    by a child process (`python -m aiaas.demo_lm`, log in `logs/demo-lm.log`), stopped with `up`."""
 
-    def __init__(self, registry: str, home: Path, steps: int | None, stop: threading.Event) -> None:
+    def __init__(self, registry: str, home: Path, steps: int | None, stop: threading.Event,
+                 env: dict[str, str]) -> None:
         super().__init__(name="demo-lm", daemon=True)
-        self.registry, self.home, self.steps, self.stop = registry, home, steps, stop
+        self.registry, self.home, self.steps, self.stop, self.env = registry, home, steps, stop, env
 
     def run(self) -> None:
         from aiaas.demo_lm import BuildStopped
@@ -389,16 +391,14 @@ class DemoLMBuilder(threading.Thread):
             line = self.register()
         except BuildStopped:  # `up` is stopping
             return
-        except ImportError as exc:
-            line = f"demo-lm: skipped ({exc.name} is missing: pip install 'aiaas[llm]')"
         except Exception as exc:  # noqa: BLE001 - reported; the stack keeps serving without it
-            print(f"aiaas up: demo-lm not registered: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            print(f"aiaas up: demo-lm not registered: {exc}", file=sys.stderr, flush=True)
             return
         if not self.stop.is_set():
             _say("  " + line)
 
     def register(self) -> str:
-        from aiaas.demo_lm import DEMO_LM_MODEL, LMRecipe, cached_demo_lm
+        from aiaas.demo_lm import DEMO_LM_MODEL
         from aiaas.lm import deploy_lm
         from aiaas.pipeline.publish import Publisher
 
@@ -411,16 +411,47 @@ class DemoLMBuilder(threading.Thread):
             else:
                 if "production" in model.aliases:
                     return f"{DEMO_LM_MODEL}: reusing version {model.aliases['production']} (production)"
-        recipe = LMRecipe() if self.steps is None else LMRecipe(steps=self.steps)
-        built = cached_demo_lm(self.home / "demo", recipe, should_stop=self.stop.is_set)
-        version = deploy_lm(built.directory, name=DEMO_LM_MODEL, registry=self.registry, actor="aiaas-up",
+        built = self.build()
+        version = deploy_lm(built["directory"], name=DEMO_LM_MODEL, registry=self.registry, actor="aiaas-up",
                             metadata={"description": "tiny Llama trained on the project's docs (aiaas up)",
-                                      "parameters": built.parameters, "train_steps": built.steps,
-                                      "final_loss": round(built.final_loss, 4)})
-        how = (f"cached checkpoint {built.directory.name}" if built.cached else
-               f"trained {built.parameters / 1e6:.2f}M parameters for {built.train_seconds:.1f}s "
-               f"({built.steps} steps, loss {built.final_loss:.2f})")
+                                      "parameters": built["parameters"], "train_steps": built["steps"],
+                                      "final_loss": round(built["final_loss"], 4)})
+        how = (f"cached checkpoint {Path(built['directory']).name}" if built["cached"] else
+               f"trained {built['parameters'] / 1e6:.2f}M parameters for {built['train_seconds']:.1f}s "
+               f"({built['steps']} steps, loss {built['final_loss']:.2f})")
         return f"{DEMO_LM_MODEL}: {how}, registered version {version.version} (hf_causal_lm), production -> {version.version}"
+
+    def build(self) -> dict[str, Any]:
+        import json
+
+        from aiaas.demo_lm import BuildStopped
+
+        log_path = self.home / "logs" / "demo-lm.log"
+        steps = () if self.steps is None else ("--steps", str(self.steps))
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "aiaas.demo_lm", "--cache-root", str(self.home / "demo"), *steps],
+                cwd=log_path.parent, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=self.env,
+                start_new_session=True, preexec_fn=_die_with_parent if _PRCTL is not None else None,  # noqa: PLW1509
+            )
+            try:
+                while proc.poll() is None:
+                    if self.stop.wait(0.2):
+                        raise BuildStopped
+                out = proc.stdout.read() if proc.stdout is not None else b""
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()  # it removes its half-built folder
+                    try:
+                        proc.wait(CHILD_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+        if proc.returncode != 0:
+            raise RuntimeError(f"building it failed (exit code {proc.returncode}); see {log_path}")
+        return dict(json.loads(out.decode().strip().splitlines()[-1]))
 
 
 def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.Event,
@@ -565,7 +596,7 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
             from aiaas.demo_lm import DEMO_LM_MODEL
 
             _say(f"  {DEMO_LM_MODEL}: registering in the background (trained once, then cached under {state / 'demo'})")
-            DemoLMBuilder(registry, state, demo_lm_steps, stop).start()
+            DemoLMBuilder(registry, state, demo_lm_steps, stop, env).start()
         # After the bootstrap key's rotation, a key of the operator's own checks the demo.
         check_key = (os.environ.get("AIAAS_API_KEY") or auth.admin_key) if auth else None
         try:
