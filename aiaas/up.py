@@ -1,8 +1,12 @@
-"""`aiaas up`: registry, inference, monitor and gateway as local processes, plus a demo model.
+"""`aiaas up`: registry, inference, monitor and gateway as local processes, plus the demos.
+
+The demos: the classifier `demo` (aiaas/demo.py), its held-out data set `demo-test` and eval
+spec (written under `demo/`), and the generative `demo-lm` (aiaas/demo_lm.py), built by a
+child process in the background the first time and cached under `demo/`.
 
 State lives in `$AIAAS_HOME` (default `~/.aiaas`): the registry's SQLite file and artifacts, the
-inference model cache, and one log per service under `logs/`. A second `up` with the same home
-finds the demo already registered and reuses everything. Ctrl-C (or SIGTERM) stops the services
+inference model cache, the demos' files under `demo/`, and one log per service under `logs/`. A
+second `up` with the same home finds the demos already registered and reuses everything. Ctrl-C (or SIGTERM) stops the services
 in reverse order (SIGTERM, a grace period, then SIGKILL of the whole process group) and exits 0;
 a service that fails to start is reported with the end of its log, and the others are stopped.
 """
@@ -449,9 +453,10 @@ class DemoLMBuilder(threading.Thread):
                 proc.wait()
                 if proc.stdout is not None:
                     proc.stdout.close()
-        if proc.returncode != 0:
+        lines = out.decode(errors="replace").strip().splitlines()
+        if proc.returncode != 0 or not lines:
             raise RuntimeError(f"building it failed (exit code {proc.returncode}); see {log_path}")
-        return dict(json.loads(out.decode().strip().splitlines()[-1]))
+        return dict(json.loads(lines[-1]))
 
 
 def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.Event,

@@ -144,6 +144,13 @@ def test_a_gateway_exposed_without_keys_refuses_to_start(tmp_path: Path, capsys:
     assert not (tmp_path / "identity").exists()  # refused before anything was made or started
 
 
+def test_demo_lm_steps_out_of_range_are_refused_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_up(home=str(tmp_path), demo_lm_steps=0) == 2
+    assert "--demo-lm-steps must be 1..100000, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "identity").exists()
+
+
 def test_busy_port_and_second_up_on_one_home_are_refused(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
