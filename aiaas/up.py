@@ -637,6 +637,15 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
     gateway_flag = "" if ports["gateway"] == DEFAULT_PORTS["gateway"] else f" --gateway {gateway}"
     _say(f"    aiaas predict demo --input INPUT0='[[0.5, -1.2, 0.3, 0.9, -0.4, 1.1, 0.0, -0.7, 0.2, 0.8]]'{gateway_flag}")
     _say("")
+    if demo and demo_lm:
+        from aiaas.demo_lm import DEMO_LM_MODEL
+
+        bearer = "" if auth is None else ' -H "authorization: Bearer $AIAAS_API_KEY"'
+        _say(f"the generative {DEMO_LM_MODEL} (once registered) on the OpenAI-compatible API:")
+        _say(f"    curl -sN http://{local}:{ports['openai']}/v1/completions{bearer} -H 'content-type: application/json' "
+             f"-d '{{\"model\": \"{DEMO_LM_MODEL}\", \"prompt\": \"The gateway\", \"max_tokens\": 32, "
+             f"\"stream\": true}}'")
+        _say("")
     if demo_eval is not None and demo_eval.spec is not None:
         from aiaas.demo import DEMO_DATASET
 
