@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import openai
 import pytest
@@ -20,8 +21,9 @@ import tritonclient.grpc as grpcclient
 
 from aiaas.cli.main import main as cli_main
 from aiaas.gateway_client import GatewayClient
+from aiaas.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from aiaas.registry_client import RegistryClient
-from tests.gateway.stack import ADMIN_TOKEN, start_gateway
+from tests.gateway.stack import ADMIN_TOKEN, start_gateway, wait_until
 from tests.generative.models import build_llama, train_tokenizer
 from tests.inference.conftest import Registry, inference_args, start_inference, start_registry, wait_model
 from tests.support.procs import ServiceProcess
@@ -43,6 +45,7 @@ def write_chat_checkpoint(directory: Path) -> Path:
 @dataclasses.dataclass
 class LlmStack:
     gateway: ServiceProcess
+    monitor: ServiceProcess
     token: str
     # 40 prompt + completion tokens a minute.
     thrifty_token: str
@@ -67,7 +70,9 @@ def llm(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> 
                                                    follow="production,canary"))
         procs.append(inference)
         wait_model(inference, MODEL, timeout=180)
-        gateway = start_gateway(registry, [inference], redis_server)
+        monitor = ServiceProcess("monitor", ["--registry-url", ""]).start()
+        procs.append(monitor)
+        gateway = start_gateway(registry, [inference], redis_server, monitor=monitor.address)
         procs.append(gateway)
         with GatewayClient(gateway.address, api_key=ADMIN_TOKEN) as admin:
             _, token = admin.create_key("llm", models=[MODEL], roles=["infer", "read"])
@@ -79,7 +84,7 @@ def llm(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> 
                              "--json"]) == 0
         thrifty = json.loads(out.getvalue())
         assert thrifty["tokens_per_minute"] == 40
-        yield LlmStack(gateway, token, thrifty["token"])
+        yield LlmStack(gateway, monitor, token, thrifty["token"])
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -165,3 +170,20 @@ def test_tritonclient_streams_through_the_gateway(llm: LlmStack) -> None:
     whole = llm.openai().completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=12, temperature=0,
                                             extra_body={"ignore_eos": True})
     assert streamed.decode() == whole.choices[0].text
+
+
+def test_the_gateway_reports_generations_to_the_monitor(llm: LlmStack) -> None:
+    llm.openai().completions.create(model=f"{MODEL}:canary", prompt="import torch", max_tokens=9,
+                                    extra_body={"ignore_eos": True})
+
+    def canary() -> Any:
+        with grpc.insecure_channel(llm.monitor.address) as channel:
+            reply = monitor_pb2_grpc.MonitorStub(channel).QueryMetrics(monitor_pb2.QueryMetricsRequest(
+                model=MODEL, alias="canary", source="gateway", window_seconds=600), timeout=10)
+        found = [series for series in reply.series if series.generation.count]
+        return found[0] if found else None
+
+    wait_until(lambda: canary() is not None, timeout=30)
+    generation = canary().generation
+    assert generation.completion_tokens >= 9 and generation.prompt_tokens > 0
+    assert generation.ttft.p50_ms > 0 and generation.finish_reasons["length"] >= 1
