@@ -16,8 +16,8 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -34,6 +34,7 @@ from services.gateway.keys import authorize
 from services.gateway.openai_schema import Answer, OpenAIError, parse_request, sse
 
 log = logging.getLogger("aiaas.gateway.openai")
+T = TypeVar("T")
 
 _DONE = b"data: [DONE]\n\n"
 _TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
@@ -111,16 +112,19 @@ class OpenAIDoor:
             responses, _ = await self.plane.open_generation(caller, ask.to_request(answer.object_id), call, started)
             meter = GenerationMeter(started)
             try:
-                first = await anext(responses)
-            except StopAsyncIteration:
-                raise Internal("the model ended its responses before the first one") from None
-            except BaseException:
+                # Not streamed, the first response is the whole answer: a client gone meanwhile cancels it.
+                first = await _unless_gone(request, anext(responses))
+            except BaseException as exc:
                 await responses.aclose()  # type: ignore[attr-defined]
+                if isinstance(exc, StopAsyncIteration):
+                    raise Internal("the model ended its responses before the first one") from None
                 raise
         except AiaasError as exc:
             return _error_response(OpenAIError.of(exc))
         except OpenAIError as exc:
             return _error_response(exc)
+        except _ClientGone:
+            return Response(status_code=499)
         if ask.stream:
             return StreamingResponse(self._events(answer, meter, first, responses), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-request-id": answer.object_id})
@@ -139,21 +143,14 @@ class OpenAIDoor:
                 raise Internal("the model ended its responses without a final one")
             return "".join(parts)
 
-        collecting = asyncio.ensure_future(collect())
-        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({collecting, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not collecting.done():
-                collecting.cancel()
-                with contextlib.suppress(asyncio.CancelledError, AiaasError):
-                    await collecting
-                return Response(status_code=499)
-            text = collecting.result()
+            text = await _unless_gone(request, collect())
             _check_finish(meter)
         except AiaasError as exc:
             return _error_response(OpenAIError.of(exc))
+        except _ClientGone:
+            return Response(status_code=499)
         finally:
-            gone.cancel()
             await responses.aclose()  # type: ignore[attr-defined]
         return JSONResponse(answer.whole(text, meter.finish_reason, meter.prompt_tokens, meter.completion_tokens),
                             headers={"x-request-id": answer.object_id})
@@ -252,6 +249,29 @@ def _check_finish(meter: GenerationMeter) -> None:
     if meter.finish_reason == "timeout":
         raise Unavailable("Request timeout expired: the model's queue was full for too long; retry later")
     raise Internal(f"the generation ended with {meter.finish_reason!r}")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _unless_gone(request: Request, awaitable: Awaitable[T]) -> T:
+    """`awaitable`'s result; `_ClientGone` (and `awaitable` cancelled) when the client goes away first."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        raise _ClientGone
+    return work.result()
 
 
 async def _disconnected(request: Request) -> None:

@@ -230,3 +230,20 @@ async def test_answers_on_a_kept_alive_connection_do_not_wait_for_delayed_acks(d
     # A response is two writes (headers, body): without TCP_NODELAY the second waits for the
     # client's delayed ACK, 40 ms or more on Linux, every time.
     assert statistics.median(took) < 0.025
+
+
+async def test_a_client_going_away_before_a_whole_answer_cancels_its_generation(door: tuple[GenStack, str]) -> None:
+    stack, url = door
+    for replica in stack.replicas:
+        replica.token_delay_s = 0.05  # the whole answer of 200 tokens: 10 s
+    words = " ".join(f"w{i}" for i in range(200))
+    async with aiohttp.ClientSession(headers={"authorization": f"Bearer {stack.token}"}) as http:
+        with pytest.raises(TimeoutError):
+            async with http.post(f"{url}/completions", json={"model": "gen", "prompt": words, "max_tokens": 200},
+                                 timeout=aiohttp.ClientTimeout(total=0.5)) as answer:
+                await answer.read()
+    for _ in range(200):
+        if any(r.cancelled for r in stack.replicas):
+            break
+        await asyncio.sleep(0.02)
+    assert [r.cancelled for r in stack.replicas if r.generated] == [[sent(stack).id]]
