@@ -19,7 +19,6 @@ flagged final; its token usage is charged to the token quotas and reported with 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -39,6 +38,7 @@ from services.gateway.kinds import ModelKinds
 from services.gateway.limits import RequestLimits, check_request
 from services.gateway.predictions import PredictionLog
 from services.gateway.quotas import Bucket, QuotaEnforcer
+from services.gateway.relay import ReadAhead, StreamRelay
 from services.gateway.router import Catalog, Resolution
 from services.gateway.shadow import ShadowMirror
 from services.gateway.signatures import SignatureCache
@@ -342,9 +342,9 @@ class DataPlane:
         revoked or expired, the answers already under way are sent and the stream ends with
         UNAUTHENTICATED."""
         self._stream_caller(call)
-        pending: asyncio.Queue[asyncio.Task[bytes | _Relay] | BaseException | None] = asyncio.Queue(self.stream_window)
+        pending: asyncio.Queue[asyncio.Task[bytes | StreamRelay] | BaseException | None] = asyncio.Queue(self.stream_window)
         loop = asyncio.get_running_loop()
-        relay: _Relay | None = None
+        relay: StreamRelay | None = None
 
         async def read() -> None:
             try:
@@ -382,10 +382,10 @@ class DataPlane:
                 if isinstance(left, asyncio.Task):
                     left.cancel()
                     done = left.result() if left.done() and not left.cancelled() and not left.exception() else None
-                    if isinstance(done, _Relay):
+                    if isinstance(done, StreamRelay):
                         done.cancel()
 
-    async def _stream_one(self, caller: Caller, raw: bytes, call: CallInfo) -> bytes | _Relay:
+    async def _stream_one(self, caller: Caller, raw: bytes, call: CallInfo) -> bytes | StreamRelay:
         # Not the stream's deadline: a tensor request gets default_timeout_s, a generation generation_timeout_s.
         per_request = dataclasses.replace(call, timeout=None)
         request = pb.ModelInferRequest.FromString(raw)
@@ -397,7 +397,7 @@ class DataPlane:
             return stream_error(request, exc.message, final=False)
         if isinstance(answer, bytes):
             return wrap_stream_response(answer)
-        return _Relay(answer, request, call.grpc_error, self.stream_window)
+        return StreamRelay(answer, request, call.grpc_error, self.stream_window)
 
     # Model-scoped reads -------------------------------------------------------------------------
 
@@ -450,72 +450,3 @@ class DataPlane:
 
     def server_ready(self) -> bytes:
         return pb.ServerReadyResponse(ready=bool(self.ready())).SerializeToString()
-
-
-class _Relay:
-    """One generation's responses on a client's stream: read from upstream as they come (up to
-    `window` ahead of the client), while earlier requests of the stream are still being written;
-    an error ends it in-band (final), or as the stream's status with `grpc_error`."""
-
-    def __init__(self, responses: AsyncIterator[tuple[bytes, Any]], request: Any, grpc_error: bool,
-                 window: int) -> None:
-        self._ahead = ReadAhead(responses, window)
-        self._request = request
-        self._grpc_error = grpc_error
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for answer, _ in self._ahead:
-                yield answer
-        except AiaasError as exc:
-            if self._grpc_error:
-                raise
-            yield stream_error(self._request, exc.message, final=True)
-
-    def cancel(self) -> None:
-        self._ahead.cancel()
-
-
-class ReadAhead:
-    """An async iterator read up to `window` items ahead by a task of its own; its errors come out
-    in order; `aclose` cancels the reading (and so the generation behind it)."""
-
-    _END = object()
-
-    def __init__(self, source: AsyncIterator[Any], window: int) -> None:
-        self._source = source
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(window)
-        self._task = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            async for item in self._source:
-                await self._queue.put(item)
-            await self._queue.put(self._END)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - handed to the reader, in order
-            await self._queue.put(exc)
-        finally:
-            await self._source.aclose()  # type: ignore[attr-defined]
-
-    def __aiter__(self) -> ReadAhead:
-        return self
-
-    async def __anext__(self) -> Any:
-        item = await self._queue.get()
-        if item is self._END:
-            self._queue.put_nowait(item)  # stays ended
-            raise StopAsyncIteration
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def cancel(self) -> None:
-        self._task.cancel()
-
-    async def aclose(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
