@@ -209,7 +209,7 @@ def main() -> None:
     if config["format"] == "hf_causal_lm":
         # Nothing may be fetched from the Hugging Face hub: the checkpoint is the directory given.
         os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-                          TOKENIZERS_PARALLELISM="false")
+                          HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
         from services.inference import _generative_worker
 
         _generative_worker.serve(conn, config, report)

@@ -59,9 +59,11 @@ def answer_of(result: Any) -> Answer:
 
 
 def infer(client: triton.InferenceServerClient, model: str, prompt: str | None = None, *,
-          tensors: list[Any] | None = None, timeout_s: float | None = None, **params: Any) -> Answer:
+          tensors: list[Any] | None = None, timeout_s: float | None = None, queue_timeout_us: int | None = None,
+          **params: Any) -> Answer:
+    """ModelInfer; `timeout_s` is the call's deadline, `queue_timeout_us` Triton's `timeout` parameter."""
     result = client.infer(model, tensors if tensors is not None else inputs(prompt), parameters=params or None,
-                          client_timeout=timeout_s)
+                          client_timeout=timeout_s, timeout=queue_timeout_us)
     return answer_of(result)
 
 
