@@ -213,7 +213,10 @@ def main() -> None:
         from services.inference import _generative_worker
 
         _generative_worker.serve(conn, config, report)
-        return
+        # Every generation has ended and been answered: skip the interpreter's slow teardown of torch.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     worker_main(conn, config, report)
 
 

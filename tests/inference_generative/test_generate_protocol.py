@@ -5,6 +5,7 @@ name the bad parameter, and the decoupled model configuration (docs/generative.m
 from __future__ import annotations
 
 import concurrent.futures
+from typing import Any
 
 import grpc
 import pytest
@@ -139,7 +140,7 @@ def test_chat_messages_use_the_tokenizer_chat_template(stack: Stack) -> None:
     ("unknown-field", {}, "best_of"),
 ], ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(v))
 def test_bad_parameters_are_invalid_argument_naming_them(stack: Stack, tensors: str | None,
-                                                         params: dict[str, object], named: str) -> None:
+                                                         params: dict[str, Any], named: str) -> None:
     chosen = {
         None: inputs("The quick brown fox"),
         "no-text": inputs(stream=False),
