@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import numpy as np
@@ -91,7 +91,7 @@ class LoadedVersion:
         self._leave()
         return outcome
 
-    async def generate(self, message: dict[str, Any]) -> AsyncIterator[Any]:
+    async def generate(self, message: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """Run one generation on a generative version: its chunks (`generative_workers.Chunk`), the last finished.
 
         Counted in flight from before the first await to the end (a drain waits for it), recorded in

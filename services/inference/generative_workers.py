@@ -21,7 +21,7 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -330,7 +330,7 @@ class GenerativeWorkerPool:
             await self.close()
             raise errors[0]
 
-    async def generate(self, message: dict[str, Any]) -> AsyncIterator[Chunk]:
+    async def generate(self, message: dict[str, Any]) -> AsyncGenerator[Chunk, None]:
         """Run one generation on the least-loaded live instance; its chunks, the last one finished.
 
         A caller that stops early (or is cancelled) cancels the generation in the worker, which
@@ -449,7 +449,7 @@ class GenerativeExecutor:
     async def infer(self, inputs: dict[str, np.ndarray], *, priority: int, timeout_us: int | None) -> Any:
         raise FailedPrecondition(f"model '{self.spec.model}' is generative: it answers generate requests only")
 
-    def generate(self, message: dict[str, Any]) -> AsyncIterator[Chunk]:
+    def generate(self, message: dict[str, Any]) -> AsyncGenerator[Chunk, None]:
         return self.pool.generate(message)
 
     @property
