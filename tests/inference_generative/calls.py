@@ -70,10 +70,11 @@ def infer(client: triton.InferenceServerClient, model: str, prompt: str | None =
 class Stream:
     """One ModelStreamInfer call; answers (or errors) arrive in `events`."""
 
-    def __init__(self, client: triton.InferenceServerClient) -> None:
+    def __init__(self, client: triton.InferenceServerClient, *, grpc_errors: bool = False) -> None:
+        """`grpc_errors`: a failed request ends the stream with its status (Triton's `triton_grpc_error`)."""
         self.client = client
         self.events: queue.Queue[Answer | InferenceServerException] = queue.Queue()
-        client.start_stream(callback=self._on_event)
+        client.start_stream(callback=self._on_event, headers={"triton_grpc_error": "true"} if grpc_errors else None)
 
     def _on_event(self, result: Any, error: InferenceServerException | None) -> None:
         self.events.put(error if error is not None else answer_of(result))

@@ -94,7 +94,7 @@ def test_cancelling_a_stream_frees_its_place_for_the_next_request(stack: Stack) 
 def test_requests_spread_over_instances_and_a_killed_worker_fails_only_its_own(stack: Stack) -> None:
     workers = worker_processes(stack, "two-llm")
     assert len(workers) == 2
-    streams = [Stream(stack.client()), Stream(stack.client())]
+    streams = [Stream(stack.client(), grpc_errors=True), Stream(stack.client(), grpc_errors=True)]
     try:
         for i, stream in enumerate(streams):
             stream.send("two-llm", "x", request_id=f"r{i}", max_tokens=480, temperature=0, ignore_eos=True)
@@ -107,14 +107,14 @@ def test_requests_spread_over_instances_and_a_killed_worker_fails_only_its_own(s
             try:
                 outcomes.append(stream.until_final(120)[-1].params["finish_reason"])
             except InferenceServerException as exc:
-                outcomes.append(exc.message())
+                outcomes.append(f"{exc.status()} {exc.message()}")
     finally:
         for stream in streams:
             stream.close()
     # One generation per instance (least loaded): exactly one of them died with its worker.
     failed = [o for o in outcomes if o != "length"]
     assert len(failed) == 1, outcomes
-    assert "exited during the generation" in failed[0]
+    assert failed[0].startswith(str(grpc.StatusCode.UNAVAILABLE)) and "exited during the generation" in failed[0]
     # The worker comes back, and the version serves again on both instances.
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
