@@ -32,8 +32,9 @@ MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "tiny-llm": ({}, {"kv_cache_tokens": 4096, "max_num_seqs": 32}),
     # Two instances: requests go to the least loaded one.
     "two-llm": ({"seed": 1}, {"instance_count": 2, "kv_cache_tokens": 2048}),
-    # One sequence at a time: a second request waits until the first one leaves the batch.
-    "one-seq-llm": ({"seed": 2, "max_positions": 2048}, {"kv_cache_tokens": 2048, "max_num_seqs": 1}),
+    # One sequence at a time: a second request waits until the first one leaves the batch; two may wait.
+    "one-seq-llm": ({"seed": 2, "max_positions": 2048}, {"kv_cache_tokens": 2048, "max_num_seqs": 1,
+                                                         "max_queue_size": 2}),
 }
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}<s>assistant:"
 

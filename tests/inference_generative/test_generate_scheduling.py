@@ -91,6 +91,38 @@ def test_cancelling_a_stream_frees_its_place_for_the_next_request(stack: Stack) 
     assert waited < remaining_s / 2, f"waited {waited:.2f}s; the long request had {remaining_s:.2f}s to go"
 
 
+def test_a_full_queue_is_resource_exhausted_and_cancelled_streams_leave_it(stack: Stack) -> None:
+    long_stream, queued = Stream(stack.client()), Stream(stack.client())
+    client = stack.client()
+    try:
+        long_stream.send("one-seq-llm", "x", max_tokens=1900, temperature=0, ignore_eos=True)
+        first = long_stream.next()
+        assert isinstance(first, Answer) and not first.final
+        for i in range(2):  # the version's max_queue_size
+            queued.send("one-seq-llm", "hello", request_id=f"q{i}", max_tokens=4, temperature=0)
+        time.sleep(1.0)
+        with pytest.raises(InferenceServerException) as caught:
+            infer(client, "one-seq-llm", "hello", max_tokens=4, temperature=0)
+        assert caught.value.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "queue is full" in caught.value.message()
+    finally:
+        long_stream.close(cancel=True)
+        queued.close(cancel=True)
+    # The cancelled running and queued requests leave the worker (a cancel reaches it asynchronously,
+    # so the queue may still look full for a moment); then the next request runs.
+    deadline = time.monotonic() + 3.0
+    while True:
+        try:
+            answer = infer(client, "one-seq-llm", "hello", max_tokens=4, temperature=0, ignore_eos=True,
+                           queue_timeout_us=5_000_000)
+            break
+        except InferenceServerException as exc:
+            if exc.status() != str(grpc.StatusCode.RESOURCE_EXHAUSTED) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert answer.params["completion_tokens"] == 4
+
+
 def test_requests_spread_over_instances_and_a_killed_worker_fails_only_its_own(stack: Stack) -> None:
     workers = worker_processes(stack, "two-llm")
     assert len(workers) == 2
