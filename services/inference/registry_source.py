@@ -176,7 +176,13 @@ class ArtifactCache:
                 stale = final.with_name(f".{CHECKPOINT_DIR}.{os.getpid()}.stale")
                 os.replace(final, stale)
                 await asyncio.to_thread(shutil.rmtree, stale, True)
-            os.replace(staging, final)
+            try:
+                os.replace(staging, final)
+            except OSError:
+                # Another service sharing this cache put the same checkpoint in place first.
+                if not await asyncio.to_thread(_checkpoint_intact, final, spec.files):
+                    raise
+                await asyncio.to_thread(shutil.rmtree, staging, True)
         except BaseException:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, staging, True))
             raise
