@@ -7,6 +7,14 @@ Configured by a JSON or YAML file mapping the served model name to the remote on
 The signature and batching limits come from the remote's ModelMetadata / ModelConfig. Requests
 bypass the local DynamicBatcher: Triton batches them itself, so forwarding each one as it comes
 (with its priority and timeout) adds no extra queueing. Status codes from the remote pass through.
+
+A request with raw tensors (`raw_input_contents`, what every Triton client sends) is forwarded as
+it came (`forward`): its names, datatypes, shapes and byte sizes are checked against the model's
+metadata from the protobuf headers, then the message itself goes on with the remote model's name,
+its parameters, requested outputs and id untouched, and the caller's deadline as the remote call's
+deadline; the answer comes back with the local model name, its output sizes checked against their
+shapes. Nothing is decoded or copied into numpy. Requests with typed `contents` take the decoding
+path (`infer`). One long-lived channel per remote address serves every model delegated to it.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +35,7 @@ from tritonclient.utils import InferenceServerException
 from aiaas.formats import TRITON
 from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
-from services.common.datatypes import array_to_raw, raw_to_array
+from services.common.datatypes import KSERVE_TO_NUMPY, array_to_raw, check_raw_size, raw_to_array
 from services.common.errors import (
     AiaasError,
     Internal,
@@ -36,10 +44,43 @@ from services.common.errors import (
     Unavailable,
     error_from_rpc,
 )
+from services.inference.convert import check_raw_inputs, parse_parameters, parse_requested_outputs, plan_for
 from services.inference.core import LoadedVersion
 from services.inference.entities import Outcome, VersionSpec
 
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class _Channel:
+    """One long-lived channel to a remote address, shared by every model delegated to it."""
+
+    def __init__(self, url: str) -> None:
+        self.channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.model_infer = self.channel.unary_unary(
+            _MODEL_INFER, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=service_pb2.ModelInferResponse.FromString)
+        self.users = 0
+
+
+_CHANNELS: dict[str, _Channel] = {}
+
+
+def _acquire_channel(url: str) -> _Channel:
+    shared = _CHANNELS.get(url)
+    if shared is None:
+        shared = _CHANNELS[url] = _Channel(url)
+    shared.users += 1
+    return shared
+
+
+async def _release_channel(url: str, shared: _Channel) -> None:
+    shared.users -= 1
+    if shared.users <= 0:
+        if _CHANNELS.get(url) is shared:
+            del _CHANNELS[url]
+        await shared.channel.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,21 +179,66 @@ class TritonExecutor:
         self.config = config
         self.spec = spec
         self._lv = lv
-        self._channel = grpc.aio.insecure_channel(config.url, options=_CHANNEL_OPTIONS)
-        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._shared: _Channel | None = _acquire_channel(config.url)
+        self._stub = self._shared.stub
+        self._model_infer = self._shared.model_infer
         self._datatypes = {t.name: t.datatype for t in spec.inputs}
         self._batched = spec.serving.max_batch_size > 0
+        self._what = f"Triton model '{config.model_name}' at {config.url}"
 
     async def start(self) -> None:
         request = service_pb2.ModelReadyRequest(name=self.config.model_name, version=self.config.model_version)
         try:
             reply = await self._stub.ModelReady(request, timeout=30)
         except grpc.aio.AioRpcError as exc:
-            raise _error_from(exc, f"Triton model '{self.config.model_name}' at {self.config.url}") from None
+            raise _error_from(exc, self._what) from None
         if not reply.ready:
-            raise Unavailable(f"Triton model '{self.config.model_name}' at {self.config.url} is not ready")
+            raise Unavailable(f"{self._what} is not ready")
+
+    async def forward(self, request: service_pb2.ModelInferRequest,
+                      remaining_s: float | None) -> service_pb2.ModelInferResponse:
+        """Check a raw-tensor request from its headers and forward it whole; the remote's answer, renamed.
+
+        `remaining_s`: the caller's deadline, which bounds the remote call (DEADLINE_EXCEEDED).
+        A bad request is refused (INVALID_ARGUMENT) before anything is sent.
+        """
+        lv = self._lv
+        plan = lv.input_plan or plan_for(lv)
+        try:
+            if request.parameters:
+                parse_parameters(request.parameters)
+            if request.outputs:
+                parse_requested_outputs(request.outputs, plan)
+            rows = check_raw_inputs(request, plan)
+        except AiaasError as exc:
+            lv.record_rejected(exc)
+            raise
+        name, version = request.model_name, request.model_version
+        request.model_name = self.config.model_name
+        request.model_version = self.config.model_version
+        model_infer = self._model_infer
+
+        async def send() -> tuple[service_pb2.ModelInferResponse, int]:
+            started = time.perf_counter_ns()
+            try:
+                reply = await model_infer(request, timeout=remaining_s)
+            except grpc.aio.AioRpcError as exc:
+                raise _error_from(exc, self._what) from None
+            elapsed = time.perf_counter_ns() - started
+            _check_reply(reply, self._what)
+            lv.stats.record_execution(rows, 0, elapsed, 0)
+            return reply, elapsed
+
+        try:
+            reply = await lv.run_whole(send, rows, _RawInputs(request, plan))
+        finally:
+            request.model_name, request.model_version = name, version
+        reply.model_name = lv.model
+        reply.model_version = lv.version_str
+        return reply
 
     async def infer(self, inputs: dict[str, np.ndarray], *, priority: int, timeout_us: int | None) -> Outcome:
+        """The decoding path: for requests with typed `contents` (raw requests go through `forward`)."""
         request = service_pb2.ModelInferRequest(model_name=self.config.model_name,
                                                 model_version=self.config.model_version)
         rows = 1
@@ -168,10 +254,11 @@ class TritonExecutor:
             request.parameters["timeout"].int64_param = timeout_us
         started = time.perf_counter_ns()
         try:
-            reply = await self._stub.ModelInfer(request)
+            reply = await self._model_infer(request)
         except grpc.aio.AioRpcError as exc:
-            raise _error_from(exc, f"Triton model '{self.config.model_name}' at {self.config.url}") from None
+            raise _error_from(exc, self._what) from None
         elapsed = time.perf_counter_ns() - started
+        _check_reply(reply, self._what)
         outputs = {
             tensor.name: raw_to_array(raw, tensor.datatype, tuple(tensor.shape))
             for tensor, raw in zip(reply.outputs, reply.raw_output_contents, strict=False)
@@ -183,4 +270,43 @@ class TritonExecutor:
         """Nothing is queued here; the repository has already waited for in-flight requests."""
 
     async def close(self) -> None:
-        await self._channel.close()
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            await _release_channel(self.config.url, shared)
+
+
+def _check_reply(reply: service_pb2.ModelInferResponse, what: str) -> None:
+    """Each output's raw size against its declared shape (O(outputs)); a mismatch is INTERNAL."""
+    raws = reply.raw_output_contents
+    if len(raws) != len(reply.outputs):
+        raise Internal(f"{what} answered {len(reply.outputs)} outputs with {len(raws)} raw_output_contents entries")
+    for tensor, raw in zip(reply.outputs, raws, strict=True):
+        try:
+            check_raw_size(tensor.name, tensor.datatype, tensor.shape, len(raw))
+        except AiaasError as exc:
+            raise Internal(f"{what} answered a malformed output: {exc.message}") from None
+
+
+class _RawInputs(Mapping[str, np.ndarray]):
+    """A forwarded request's fixed-size inputs as zero-copy arrays, built only if telemetry reads them."""
+
+    def __init__(self, request: service_pb2.ModelInferRequest, plan: Any) -> None:
+        self._request = request
+        self._plan = plan
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {}
+        for tensor, raw in zip(self._request.inputs, self._request.raw_input_contents, strict=False):
+            dtype = None if tensor.datatype in ("BYTES", "BF16") else KSERVE_TO_NUMPY.get(tensor.datatype)
+            if dtype is not None:
+                arrays[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.shape))
+        return arrays
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._arrays()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays())
+
+    def __len__(self) -> int:
+        return len(self._arrays())
