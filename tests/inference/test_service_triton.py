@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -181,6 +183,37 @@ def test_bad_raw_requests_are_refused_before_anything_is_forwarded(stubs: Stubs)
     assert inference_counts(front_stub, "remote-mlp") == (front_before[0], front_before[1] + len(cases))
 
 
+def test_concurrent_raw_requests_merge_and_each_gets_its_own_answer(pair: Pair, stubs: Stubs) -> None:
+    """64 requests at once (1-3 rows each): while 2 calls run, the waiting ones go to the upstream merged;
+    each answer holds exactly its own rows and id."""
+    rng = np.random.default_rng(2)
+    inputs = [rng.standard_normal((1 + i % 3, 10)).astype(np.float32) for i in range(64)]
+
+    def executions(stub: Any, model: str) -> tuple[int, int]:
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10).model_stats[0]
+        return stats.inference_stats.success.count, stats.execution_count
+
+    async def send_all() -> list[pb.ModelInferResponse]:
+        async with grpc.aio.insecure_channel(pair.front.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            return list(await asyncio.gather(*(
+                stub.ModelInfer(raw_request("remote-mlp", x, id=f"r{i}"), timeout=30) for i, x in enumerate(inputs))))
+
+    before = executions(stubs.front, "remote-mlp")
+    answers = asyncio.run(send_all())
+    after = executions(stubs.front, "remote-mlp")
+    for i, (x, answer) in enumerate(zip(inputs, answers, strict=True)):
+        assert (answer.id, answer.model_name, list(answer.outputs[0].shape)) == (f"r{i}", "remote-mlp", [len(x), 10])
+        np.testing.assert_allclose(np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(len(x), 10),
+                                   pair.artifact.expected({"input": x})["output"], rtol=1e-4, atol=1e-5)
+    requests, calls = after[0] - before[0], after[1] - before[1]
+    assert requests == 64 and calls < requests  # executions are the calls made to the upstream
+    # A request with parameters is never merged, and still answered.
+    alone = raw_request("remote-mlp", inputs[0], id="alone")
+    alone.parameters["custom"].string_param = "kept"
+    assert stubs.front.ModelInfer(alone, timeout=30).id == "alone"
+
+
 def test_upstream_errors_pass_through(pair: Pair, stubs: Stubs) -> None:
     """Runs last: it unloads the upstream model, then loads it back."""
     request = raw_request("remote-mlp", np.ones((1, 10), np.float32))
@@ -193,3 +226,16 @@ def test_upstream_errors_pass_through(pair: Pair, stubs: Stubs) -> None:
     finally:
         stubs.upstream.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mlp"), timeout=60)
     assert stubs.front.ModelInfer(request, timeout=30).raw_output_contents
+
+
+def test_backend_file_checks_max_in_flight(tmp_path: Path) -> None:
+    from services.common.errors import InvalidArgument
+    from services.inference.triton_backend import load_backends
+
+    good = write_triton_backends(tmp_path / "good.json", {"m": {"url": "h:1", "max_in_flight": 0}})  # type: ignore[dict-item]
+    assert load_backends(good)["m"].max_in_flight == 0
+    assert load_backends(write_triton_backends(tmp_path / "default.json", {"m": {"url": "h:1"}}))["m"].max_in_flight == 2
+    for bad in (-1, 65, "2", True):
+        path = write_triton_backends(tmp_path / "bad.json", {"m": {"url": "h:1", "max_in_flight": bad}})  # type: ignore[dict-item]
+        with pytest.raises(InvalidArgument, match="max_in_flight must be an integer"):
+            load_backends(path)
