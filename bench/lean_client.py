@@ -85,7 +85,9 @@ def kserve_request(model: str, input_name: str, x: np.ndarray) -> bytes:
 def kserve_output(reply: bytes) -> np.ndarray:
     response = service_pb2.ModelInferResponse.FromString(reply)
     tensor = response.outputs[0]
-    return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(tensor.shape))
+    if response.raw_output_contents:
+        return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(tensor.shape))
+    return np.asarray(tensor.contents.fp32_contents, np.float32).reshape(tuple(tensor.shape))
 
 
 class Target:
