@@ -55,7 +55,7 @@ from bench.bench_inference import build_mlp, register
 
 MODELS = {"tiny": (10, 50, 10), "heavy": (256, 2048, 2048, 256)}
 CONCURRENCY = (1, 16, 64)
-FULL: dict[str, Any] = {"requests": (500, 3000, 6000), "reps": 3, "cap_s": 20.0, "warmup": 200}
+FULL: dict[str, Any] = {"requests": (300, 2000, 4000), "reps": 3, "cap_s": 10.0, "warmup": 100}
 SHORT: dict[str, Any] = {"requests": (150, 600, 1200), "reps": 1, "cap_s": 5.0, "warmup": 50}
 MAX_BATCH = 32
 QUEUE_DELAY_US = 2000
@@ -532,12 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", default=",".join(COLUMNS), help="any of " + ",".join(COLUMNS))
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    parser.add_argument("--reps", type=int, help="repetitions per point (default: 3, --short: 1)")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--cache-dir", default=os.environ.get("AIAAS_BENCH_CACHE",
                                                               str(Path.home() / ".cache" / "aiaas" / "bench-peers")))
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the table (markdown); a .json beside it")
     args = parser.parse_args(argv)
-    plan = SHORT if args.short else FULL
+    plan = dict(SHORT if args.short else FULL)
+    if args.reps:
+        plan["reps"] = max(1, args.reps)
     servers = [s for s in args.servers.split(",") if s]
     unknown = set(servers) - set(COLUMNS)
     if unknown:
