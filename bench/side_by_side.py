@@ -361,11 +361,12 @@ class Aiaas:
         self._started.append(service)
         return service.start(timeout=timeout)
 
-    def start_delegating(self, triton: str, models: list[str]) -> None:
+    def start_delegating(self, triton: str, models: list[str], max_in_flight: int) -> None:
         from tests.support.procs import ServiceProcess
 
         backends = self._work / "triton-backends.json"
-        backends.write_text(json.dumps({m: {"url": triton, "model_name": m} for m in models}))
+        backends.write_text(json.dumps({m: {"url": triton, "model_name": m, "max_in_flight": max_in_flight}
+                                          for m in models}))
         self.delegating = self._start(ServiceProcess("inference", args=[
             "--follow-aliases", "", "--registry-url", "", "--triton-backends", str(backends),
             "--model-cache-dir", str(self._work / "cache-delegating"), "--log-level", "warning"]), timeout=120)
@@ -534,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
     parser.add_argument("--reps", type=int, help="repetitions per point (default: 3, --short: 1)")
     parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--max-in-flight", type=int, default=2,
+                        help="the delegating replica's max_in_flight per model (0: no merging)")
     parser.add_argument("--cache-dir", default=os.environ.get("AIAAS_BENCH_CACHE",
                                                               str(Path.home() / ".cache" / "aiaas" / "bench-peers")))
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the table (markdown); a .json beside it")
@@ -580,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                                             (("authorization", f"Bearer {stack.token}"),))
             if "delegating" in servers:
                 if triton_address:
-                    stack.start_delegating(triton_address, models)
+                    stack.start_delegating(triton_address, models, args.max_in_flight)
                     targets["delegating"] = kserve("delegating", stack.delegating.address)
                 else:
                     unavailable["delegating"] = "needs the Triton peer, which is not available"
