@@ -497,14 +497,20 @@ def render(rows: list[dict[str, Any]], headings: dict[str, str], info: dict[str,
              f"{info['busy_runs']} of {info['runs']} runs started with the machine more than {BUSY_CORES} cores busy "
              f"(marked *; the busiest {info['max_busy']:.2f} cores): "
              + ("the machine was busy, read the figures as such." if info["busy_runs"] else "a quiet machine."),
-             "", "req/s (p50 ms), the same lean closed-loop gRPC client (`bench/lean_client.py`) for every server", "",
-             "| model | c | " + " | ".join(headings[label] for label in labels) + " |",
-             "|---|---|" + "---|" * len(labels)]
+             ""]
+    if rows:
+        lines += [("req/s (p50 ms), the same lean closed-loop gRPC client (`bench/lean_client.py`) for every "
+                   "server; * marks a point where a run started on a busy machine"), "",
+                  "| model | c | " + " | ".join(headings[label] for label in labels) + " |",
+                  "|---|---|" + "---|" * len(labels)]
+    else:
+        lines.append("No server could be measured in this run.")
     for model, level in points:
         lines.append(f"| {model} | {level} | " + " | ".join(fmt(cell.get((model, level, label))) for label in labels)
                      + " |")
-    lines += ["", ("| model | c | aiaas / TorchServe | gateway / aiaas (added p50 ms) | "
-                   "delegating / Triton (added p50 ms) |"), "|---|---|---|---|---|"]
+    if rows:
+        lines += ["", ("| model | c | aiaas / TorchServe | gateway / aiaas (added p50 ms) | "
+                       "delegating / Triton (added p50 ms) |"), "|---|---|---|---|---|"]
 
     def ratio(a: str, b: str, model: str, level: int, added: bool = False) -> str:
         x, y = cell.get((model, level, a)), cell.get((model, level, b))
@@ -589,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                     unavailable["delegating"] = "needs the Triton peer, which is not available"
         check_answers(targets, files, wrong)
         ordered = {label: targets[label] for label in COLUMNS if label in targets}
-        rows = measure(ordered, models, levels, plan)
+        rows = measure(ordered, models, levels, plan) if ordered else []
     finally:
         if stack is not None:
             stack.stop()
