@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -18,6 +18,8 @@ from services.common.errors import AiaasError, DeadlineExceeded, FailedPrecondit
 from services.common.reporting import GenerationStats
 from services.inference.entities import Executor, RequestObserver, RequestRecord, VersionSpec, VersionState
 from services.inference.statistics import VersionStatistics
+
+_R = TypeVar("_R")
 
 
 def status_of(exc: BaseException) -> str:
@@ -144,6 +146,32 @@ class LoadedVersion:
             self._observer(RequestRecord(self.model, self.version, status, total, queue_ns, total - queue_ns, 1,
                                          generation=generation))
         self._leave()
+
+    async def run_whole(self, send: Callable[[], Awaitable[tuple[_R, int]]], rows: int,
+                        inputs: Mapping[str, np.ndarray] | None = None) -> _R:
+        """Run one request that the executor forwards whole (the Triton-delegating raw path).
+
+        The same in-flight count, statistics and telemetry as `infer`, for a request whose tensors
+        are never decoded here: `send()` returns the answer and its compute time in ns; `inputs`
+        (read only if telemetry samples them) stands for the request's tensors.
+        """
+        self.in_flight += 1
+        started = time.perf_counter_ns()
+        try:
+            if self.executor is None:
+                raise Unavailable(f"model '{self.model}' version {self.version} is not ready")
+            answer, compute_ns = await send()
+        except BaseException as exc:
+            self._finish_failed(started, exc)
+            if isinstance(exc, (asyncio.CancelledError, AiaasError)):
+                raise
+            raise Internal(f"model '{self.model}' version {self.version} failed: {exc}") from exc
+        total = time.perf_counter_ns() - started
+        self.stats.record_success(rows, total, 0, 0, compute_ns, 0)
+        if self._observer is not None:
+            self._observer(RequestRecord(self.model, self.version, "OK", total, 0, compute_ns, rows, inputs))
+        self._leave()
+        return answer
 
     def record_rejected(self, exc: BaseException) -> None:
         """A request refused before it reached the executor (bad input) still counts as a failure."""

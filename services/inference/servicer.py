@@ -35,6 +35,7 @@ from services.inference import generate_protocol, metadata
 from services.inference.batcher import effective_timeout_us
 from services.inference.convert import InputPlan, ParsedRequest, build_response, parse_request, plan_for
 from services.inference.repository import IndexEntry, ModelRepository, parse_version
+from services.inference.triton_backend import TritonExecutor
 
 log = logging.getLogger("aiaas.inference.servicer")
 
@@ -122,6 +123,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             lv = self._repo.resolve(request.model_name, request.model_version)
         if lv.generative:
             return await self._generate_whole(request, lv, remaining_s)
+        if request.raw_input_contents and isinstance(lv.executor, TritonExecutor):
+            return await lv.executor.forward(request, remaining_s)  # delegated: forwarded undecoded
         plan = lv.input_plan or plan_for(lv)
         try:
             heavy = check_sizes(request, plan) > INLINE_CONVERT_ELEMENTS
