@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test chaos test-large venv deps protos check-protos lint bench clean
+.PHONY: run test chaos test-large venv deps protos check-protos lint bench bench-peers clean
 
 run: $(STAMP)
 	$(BIN)/aiaas up
@@ -58,6 +58,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
+
+# aiaas next to Triton (PyTriton), TorchServe and MLServer in one run; peers in cached venvs.
+bench-peers: $(STAMP)
+	$(BIN)/python -m bench.side_by_side $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
