@@ -202,6 +202,11 @@ class DataPlane:
             # must know (a generation is forwarded on a stream of its own); a unary call does not wait.
             decoupled = (await self.kinds.decoupled(resolution.model, resolution.version, forward) if streaming
                          else self.kinds.known(resolution.model, resolution.version, forward))
+            if generative_only and decoupled is None:
+                raise Unavailable(
+                    f"model {resolution.model!r} version {resolution.version} is not ready on any inference "
+                    "replica yet (its configuration could not be read); retry shortly"
+                )
             if generative_only and not decoupled:
                 raise InvalidArgument(
                     f"model {resolution.model!r} (version {resolution.version}) is not a generative model: it "

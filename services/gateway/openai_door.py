@@ -219,7 +219,7 @@ class OpenAIDoor:
             resolution = self.plane.catalog.resolve(name)
         except AiaasError:
             return False
-        return await self.plane.kinds.decoupled(resolution.model, resolution.version, resolution.forward())
+        return await self.plane.kinds.decoupled(resolution.model, resolution.version, resolution.forward()) is True
 
     @staticmethod
     def _model_card(name: str) -> dict[str, Any]:

@@ -247,3 +247,19 @@ async def test_a_client_going_away_before_a_whole_answer_cancels_its_generation(
             break
         await asyncio.sleep(0.02)
     assert [r.cancelled for r in stack.replicas if r.generated] == [[sent(stack).id]]
+
+
+async def test_a_model_no_replica_can_describe_yet_is_503_then_served(door: tuple[GenStack, str]) -> None:
+    stack, url = door
+    stack.plane.kinds.retry_s = 0.0
+    for replica in stack.replicas:  # not loaded yet: every replica refuses, ModelConfig included
+        replica.fail_with, replica.fail_as_application = grpc.StatusCode.UNAVAILABLE, True
+    with pytest.raises(openai.InternalServerError, match="not ready on any inference replica yet") as info:
+        await client(url, stack.token).completions.create(model="gen", prompt="a b")
+    assert info.value.status_code == 503
+    assert [m.id for m in (await client(url, stack.token).models.list()).data] == []
+    for replica in stack.replicas:  # loaded: the next request learns its kind and is served
+        replica.fail_with = None
+    done = await client(url, stack.token).completions.create(model="gen", prompt="a b")
+    assert done.choices[0].text == "a b"
+    assert [m.id for m in (await client(url, stack.token).models.list()).data] == ["gen"]

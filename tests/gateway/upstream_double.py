@@ -95,6 +95,8 @@ class EchoReplica:
 
     async def _config(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
         self.config_requests += 1
+        if self._fail(context):
+            await context.abort(self.fail_with, "replica says no")  # type: ignore[arg-type]
         model = request.name.partition(":")[0]
         answer = pb.ModelConfigResponse()
         answer.config.name = model
