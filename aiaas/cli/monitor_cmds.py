@@ -26,7 +26,7 @@ from typing import Any
 
 DEFAULT_URL = "localhost:50053"
 TOP_COLUMNS = ("model", "version", "alias", "source", "rps", "err%", "p50_ms", "p99_ms", "queue_ms", "batch", "acc%",
-               "count")
+               "ttft_ms", "tok/s", "count")
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -81,9 +81,17 @@ def top_rows(series: list[dict[str, Any]]) -> list[list[str]]:
             f"{s['rate_per_second']:.1f}", f"{100 * s['error_rate']:.2f}",
             f"{s['latency']['p50_ms']:.2f}", f"{s['latency']['p99_ms']:.2f}", f"{s['queue']['p50_ms']:.2f}",
             f"{s['mean_batch_size']:.1f}", f"{100 * s['accuracy']:.1f}" if s["class_labels"] else "-",
-            str(s["count"]),
+            *_generation_cells(s.get("generation")), str(s["count"]),
         ])
     return rows
+
+
+def _generation_cells(generation: dict[str, Any] | None) -> tuple[str, str]:
+    """Time to first token (p50) and tokens generated per second, for a series with generative requests."""
+    if not generation:
+        return "-", "-"
+    ttft = generation.get("ttft") or {}
+    return f"{ttft.get('p50_ms', 0.0):.1f}", f"{generation.get('output_tokens_per_second', 0.0):.1f}"
 
 
 def cmd_top(args: argparse.Namespace) -> int:

@@ -11,8 +11,10 @@ import grpc
 import numpy as np
 import pytest
 
+from aiaas.cli.monitor_cmds import TOP_COLUMNS, top_rows
 from aiaas.monitor.v1 import monitor_pb2 as pb
 from aiaas.monitor.v1 import monitor_pb2_grpc
+from aiaas.monitor_client import series_to_dict
 from services.common.reporting import GenerationStats, RequestRecord, TelemetryReporter
 from services.monitor.windows import GAMMA
 from tests.support.procs import ServiceProcess
@@ -122,6 +124,10 @@ async def test_generation_figures_reach_queries_and_prometheus(monitors: tuple[S
     exact = np.percentile(ttft, 99, method="inverted_cdf") / 1000
     assert abs(g.ttft.p99_ms - exact) / exact <= TOLERANCE
     assert g.inter_token.p50_ms == pytest.approx(15, rel=TOLERANCE) and g.output_tokens_per_second > 0
+    (row,) = top_rows([series_to_dict(series)])  # `aiaas top` shows TTFT and tokens/s for it
+    ttft_cell, tokens_cell = row[TOP_COLUMNS.index("ttft_ms")], row[TOP_COLUMNS.index("tok/s")]
+    assert float(ttft_cell) == pytest.approx(g.ttft.p50_ms, abs=0.05)
+    assert float(tokens_cell) == pytest.approx(g.output_tokens_per_second, abs=0.05)
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
     labels = 'alias="",model="gen-lm",source="inference",version="3"'
