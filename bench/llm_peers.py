@@ -141,7 +141,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def vllm_server(python: Path, checkpoint: Path, served_name: str = "tiny-llama", *, log: Path | None = None,
-                startup_timeout_s: float = 300, max_num_seqs: int = 256) -> Iterator[VllmServer]:
+                startup_timeout_s: float = 420, max_num_seqs: int = 256) -> Iterator[VllmServer]:
     """vLLM's OpenAI server on `checkpoint`, on a free loopback port, ready (GET /health is 200)."""
     port = free_port()
     log = log or default_cache_dir() / "vllm-server.log"
