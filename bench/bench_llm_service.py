@@ -155,7 +155,8 @@ class Plan:
     new: int
 
 
-def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, tmp: Path) -> list[dict[str, Any]]:
+def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, tmp: Path, threads: int
+               ) -> list[dict[str, Any]]:
     # Test support starts the services as real processes (python -m services.X) exactly as the tests do.
     from aiaas.gateway_client import GatewayClient
     from aiaas.lm import deploy_lm
@@ -170,7 +171,7 @@ def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, 
         serving = {"kv_cache_tokens": top * (128 + plan.new) + 1024, "max_num_seqs": top}
         deploy_lm(checkpoint, name=MODEL, registry=registry.address, serving_config=serving)
         started = time.perf_counter()
-        inference = start_inference(inference_args(registry, tmp / "cache", "--torch-threads", "2",
+        inference = start_inference(inference_args(registry, tmp / "cache", "--torch-threads", str(threads),
                                                    "--max-queue-size", str(4 * top)))
         procs.append(inference)
         wait_model(inference, MODEL, timeout=180)
@@ -262,7 +263,8 @@ def main() -> None:
     parser.add_argument("--no-aiaas", action="store_true", help="skip the three aiaas rows")
     parser.add_argument("--cache", type=Path, default=None, help="where vLLM's venv lives (default ~/.cache/aiaas/llm-bench)")
     parser.add_argument("--json", type=Path, default=Path("bench-llm-results.json"))
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process rows")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads of the in-process rows and of aiaas's model workers (vLLM binds both cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = args.cache or default_cache_dir()
@@ -272,7 +274,8 @@ def main() -> None:
     started = time.time()
     load_before = os.getloadavg()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; load average before: "
-          f"{' '.join(f'{x:.1f}' for x in load_before)} (cores: {os.cpu_count()})", flush=True)
+          f"{' '.join(f'{x:.1f}' for x in load_before)} (cores: {os.cpu_count()}, torch threads: {args.threads})",
+          flush=True)
     watch = CpuWatch()
     root = Path(tempfile.gettempdir())
     checkpoint = bf16_checkpoint(root)
@@ -286,7 +289,7 @@ def main() -> None:
     if not args.no_aiaas:
         work = Path(tempfile.mkdtemp(prefix="aiaas-llm-bench-"))
         try:
-            rows += aiaas_rows(checkpoint, texts, plan, watch, work)
+            rows += aiaas_rows(checkpoint, texts, plan, watch, work, args.threads)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if not args.no_vllm:
@@ -311,7 +314,7 @@ def main() -> None:
     print("machine: " + (f"BUSY during {', '.join(busy)} (other processes used > {BUSY_FOREIGN_CORES} of a core)"
                          if busy else "quiet (no row saw other processes above 0.3 of a core)"))
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": args.quick,
-              "model": str(checkpoint), "dtype": "bfloat16", "prompt_tokens": 128, "new_tokens": new,
+              "model": str(checkpoint), "dtype": "bfloat16", "threads": args.threads, "prompt_tokens": 128, "new_tokens": new,
               "cores": os.cpu_count(), "load_before": load_before, "load_after": load_after, "rows": rows,
               "ratios": found, "busy_rows": busy, "notes": notes}
     args.json.write_text(json.dumps(result, indent=1))
