@@ -155,8 +155,19 @@ class Plan:
     new: int
 
 
-def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, tmp: Path, threads: int
-               ) -> list[dict[str, Any]]:
+@dataclasses.dataclass
+class AiaasStack:
+    direct: str  # the inference service's gRPC address
+    gateway: str  # the gateway's gRPC door
+    openai_url: str  # the gateway's OpenAI door (base_url, .../v1)
+    token: str  # an API key that may infer MODEL
+    startup_s: float
+
+
+@contextlib.contextmanager
+def aiaas_stack(checkpoint: Path, tmp: Path, *, threads: int, max_num_seqs: int, kv_cache_tokens: int,
+                name: str = MODEL) -> Iterator[AiaasStack]:
+    """A registry, one inference service and a gateway as real processes, serving `checkpoint` as `name`."""
     # Test support starts the services as real processes (python -m services.X) exactly as the tests do.
     from aiaas.gateway_client import GatewayClient
     from aiaas.lm import deploy_lm
@@ -165,35 +176,42 @@ def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, 
 
     registry = Registry(start_registry(tmp / "registry"))
     procs = []
-    rows: list[dict[str, Any]] = []
     try:
-        top = max(plan.levels)
-        serving = {"kv_cache_tokens": top * (128 + plan.new) + 1024, "max_num_seqs": top}
-        deploy_lm(checkpoint, name=MODEL, registry=registry.address, serving_config=serving)
+        deploy_lm(checkpoint, name=name, registry=registry.address,
+                  serving_config={"kv_cache_tokens": kv_cache_tokens, "max_num_seqs": max_num_seqs})
         started = time.perf_counter()
         inference = start_inference(inference_args(registry, tmp / "cache", "--torch-threads", str(threads),
-                                                   "--max-queue-size", str(4 * top)))
+                                                   "--max-queue-size", str(4 * max_num_seqs)))
         procs.append(inference)
-        wait_model(inference, MODEL, timeout=180)
+        wait_model(inference, name, timeout=180)
         gateway = start_gateway(registry, [inference], None)
         procs.append(gateway)
         with GatewayClient(gateway.address, api_key=ADMIN_TOKEN) as admin:
-            _, token = admin.create_key("llm-bench", models=[MODEL], roles=["infer"])
-        print(f"  aiaas stack ready in {time.perf_counter() - started:.1f} s", flush=True)
-        direct, through, door = inference.address, gateway.address, gateway.openai_url
-        for c in plan.levels:
-            n = plan.requests[c]
-            rows.append(measured("aiaas grpc", watch, triton_stream(
-                direct, f"{MODEL}:production", texts, concurrency=c, requests=n, max_tokens=plan.new)))
-            rows.append(measured("gateway grpc", watch, triton_stream(
-                through, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new, api_key=token)))
-            rows.append(measured("gateway openai", watch, openai_stream(
-                door, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new, api_key=token)))
+            _, token = admin.create_key("llm-bench", models=[name], roles=["infer"])
+        yield AiaasStack(inference.address, gateway.address, gateway.openai_url, token,
+                         time.perf_counter() - started)
     finally:
         for proc in reversed(procs):
             proc.stop()
         registry.close()
         registry.proc.stop()
+
+
+def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, tmp: Path, threads: int
+               ) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    top = max(plan.levels)
+    with aiaas_stack(checkpoint, tmp, threads=threads, max_num_seqs=top,
+                     kv_cache_tokens=top * (128 + plan.new) + 1024) as stack:
+        print(f"  aiaas stack ready in {stack.startup_s:.1f} s", flush=True)
+        for c in plan.levels:
+            n = plan.requests[c]
+            rows.append(measured("aiaas grpc", watch, triton_stream(
+                stack.direct, f"{MODEL}:production", texts, concurrency=c, requests=n, max_tokens=plan.new)))
+            rows.append(measured("gateway grpc", watch, triton_stream(
+                stack.gateway, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new, api_key=stack.token)))
+            rows.append(measured("gateway openai", watch, openai_stream(
+                stack.openai_url, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new, api_key=stack.token)))
     return rows
 
 

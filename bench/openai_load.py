@@ -206,13 +206,28 @@ class _StreamWorker:
     async def __call__(self, i: int) -> Sample:
         if self._call is None:
             self._call = self._open(metadata=self._metadata)
+        call = self._call
+        try:
+            return await self._one(call, self._requests[i])
+        except BaseException as exc:
+            # The stream is unusable after a failure: the worker's next request opens a new one.
+            self._call = None
+            call.cancel()
+            if call.done() and not isinstance(exc, asyncio.CancelledError):
+                code = await call.code()
+                if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                    raise RuntimeError(f"{code.name}: {await call.details()}") from exc
+            raise
+
+    @staticmethod
+    async def _one(call: Any, request: bytes) -> Sample:
         started = last = time.perf_counter()
-        await self._call.write(self._requests[i])
+        await call.write(request)
         ttft: float | None = None
         gaps: list[float] = []
         seen = 0
         while True:
-            response = await asyncio.wait_for(self._call.read(), REQUEST_TIMEOUT_S)
+            response = await asyncio.wait_for(call.read(), REQUEST_TIMEOUT_S)
             now = time.perf_counter()
             if response is grpc.aio.EOF:
                 raise RuntimeError("stream closed before the final response")
