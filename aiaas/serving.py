@@ -19,6 +19,10 @@ DEVICE_RE = re.compile(r"cpu|cuda(:[0-9]{1,3})?")
 MAX_BATCH_SIZE = 65536
 MAX_QUEUE_DELAY_US = 60_000_000
 MAX_INSTANCES = 64
+# Generative engine sizing (format hf_causal_lm): bounds on what one version may ask of a worker.
+MAX_KV_CACHE_TOKENS = 1 << 24
+MAX_NUM_SEQS = 4096
+MAX_NUM_BATCHED_TOKENS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,11 @@ class ServingConfig:
     # Wait up to max_queue_delay_us for more requests even when an instance is idle and nothing
     # else is queued (Triton's behaviour). Off: such a batch goes at once ("idle dispatch").
     strict_queue_delay: bool = False
+    # Generative models only (0: the engine's default): each instance's KV-cache budget in token
+    # slots, the sequences of its running batch, and the tokens of one forward pass.
+    kv_cache_tokens: int = 0
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
 
     def normalized(self) -> ServingConfig:
         """This config checked against the registry's rules (InvalidArgument naming the field),
@@ -56,6 +65,11 @@ class ServingConfig:
             raise InvalidArgument(f"serving_config.device {self.device!r} is invalid: use 'cpu', 'cuda' or 'cuda:N'")
         if self.max_queue_size < 0 or self.default_timeout_us < 0:
             raise InvalidArgument("serving_config.max_queue_size and default_timeout_us must be >= 0")
+        for name, bound in (("kv_cache_tokens", MAX_KV_CACHE_TOKENS), ("max_num_seqs", MAX_NUM_SEQS),
+                            ("max_num_batched_tokens", MAX_NUM_BATCHED_TOKENS)):
+            if not 0 <= getattr(self, name) <= bound:
+                raise InvalidArgument(f"serving_config.{name} must be 0..{bound} (0: the engine's default), "
+                                      f"got {getattr(self, name)}")
         return dataclasses.replace(self, preferred_batch_sizes=tuple(sorted(set(self.preferred_batch_sizes))),
                                    instance_count=self.instance_count or 1, device=device)
 
@@ -69,7 +83,8 @@ def to_pb(config: ServingConfig) -> pb.ServingConfig:
         max_batch_size=config.max_batch_size, preferred_batch_sizes=list(config.preferred_batch_sizes),
         max_queue_delay_us=config.max_queue_delay_us, instance_count=config.instance_count, device=config.device,
         max_queue_size=config.max_queue_size, default_timeout_us=config.default_timeout_us,
-        strict_queue_delay=config.strict_queue_delay,
+        strict_queue_delay=config.strict_queue_delay, kv_cache_tokens=config.kv_cache_tokens,
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
     )
 
 
@@ -80,4 +95,6 @@ def from_pb(message: pb.ServingConfig) -> ServingConfig:
         max_queue_delay_us=message.max_queue_delay_us, instance_count=message.instance_count or 1,
         device=message.device or DEFAULT_DEVICE, max_queue_size=message.max_queue_size,
         default_timeout_us=message.default_timeout_us, strict_queue_delay=message.strict_queue_delay,
+        kv_cache_tokens=message.kv_cache_tokens, max_num_seqs=message.max_num_seqs,
+        max_num_batched_tokens=message.max_num_batched_tokens,
     )

@@ -1,8 +1,12 @@
-"""`aiaas up`: registry, inference, monitor and gateway as local processes, plus a demo model.
+"""`aiaas up`: registry, inference, monitor and gateway as local processes, plus the demos.
+
+The demos: the classifier `demo` (aiaas/demo.py), its held-out data set `demo-test` and eval
+spec (written under `demo/`), and the generative `demo-lm` (aiaas/demo_lm.py), built by a
+child process in the background the first time and cached under `demo/`.
 
 State lives in `$AIAAS_HOME` (default `~/.aiaas`): the registry's SQLite file and artifacts, the
-inference model cache, and one log per service under `logs/`. A second `up` with the same home
-finds the demo already registered and reuses everything. Ctrl-C (or SIGTERM) stops the services
+inference model cache, the demos' files under `demo/`, and one log per service under `logs/`. A
+second `up` with the same home finds the demos already registered and reuses everything. Ctrl-C (or SIGTERM) stops the services
 in reverse order (SIGTERM, a grace period, then SIGKILL of the whole process group) and exits 0;
 a service that fails to start is reported with the end of its log, and the others are stopped.
 """
@@ -346,6 +350,115 @@ def ensure_demo(registry: str, fmt: str | None = None) -> str:
             f"registered version {version.version} ({export_format.value}), production -> {version.version}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoEval:
+    line: str
+    spec: Path | None
+
+
+def ensure_demo_eval(registry: str, home: Path) -> DemoEval:
+    """Write the demo's held-out set and eval spec under `home/demo/` and register the set as
+    `demo-test` (identical bytes each time, so a later `up` finds it deduplicated)."""
+    from aiaas.demo import DEMO_DATASET, DEMO_LABEL, DEMO_MODEL, DEMO_TEST_ROWS, write_demo_eval
+    from aiaas.registry_client import RegistryClient, RegistryError
+
+    files = write_demo_eval(home / "demo")
+    try:
+        from aiaas.eval import registry_io
+    except ImportError as exc:  # the `eval` extra is missing
+        return DemoEval(f"{DEMO_DATASET}: not registered ({exc.name} is missing: pip install 'aiaas[eval]')", None)
+    with RegistryClient(registry, actor="aiaas-up") as client:
+        try:
+            _, deduplicated = registry_io.upload_dataset(
+                client, DEMO_DATASET, files.dataset, labels=[DEMO_LABEL], model=DEMO_MODEL,
+                description=f"held-out examples of the demo's task ({DEMO_TEST_ROWS} rows; aiaas up)")
+        except RegistryError as exc:
+            return DemoEval(f"{DEMO_DATASET}: not registered: {exc}", None)
+    what = "already registered" if deduplicated else f"registered ({DEMO_TEST_ROWS} held-out rows)"
+    return DemoEval(f"{DEMO_DATASET}: {what} from {files.dataset}; eval spec {files.spec}", files.spec)
+
+
+class DemoLMBuilder(threading.Thread):
+    """Registers the generative demo `demo-lm` in the background: from the registry when it is
+    there, else from the checkpoint cached under `home/demo/`, else trained now (tens of seconds)
+    by a child process (`python -m aiaas.demo_lm`, log in `logs/demo-lm.log`), stopped with `up`."""
+
+    def __init__(self, registry: str, home: Path, steps: int | None, stop: threading.Event,
+                 env: dict[str, str]) -> None:
+        super().__init__(name="demo-lm", daemon=True)
+        self.registry, self.home, self.steps, self.stop, self.env = registry, home, steps, stop, env
+
+    def run(self) -> None:
+        from aiaas.demo_lm import BuildStopped
+
+        try:
+            line = self.register()
+        except BuildStopped:  # `up` is stopping
+            return
+        except Exception as exc:  # noqa: BLE001 - reported; the stack keeps serving without it
+            print(f"aiaas up: demo-lm not registered: {exc}", file=sys.stderr, flush=True)
+            return
+        if not self.stop.is_set():
+            _say("  " + line)
+
+    def register(self) -> str:
+        from aiaas.demo_lm import DEMO_LM_MODEL
+        from aiaas.lm import deploy_lm
+        from aiaas.pipeline.publish import Publisher
+
+        with Publisher(self.registry, actor="aiaas-up") as publisher:
+            try:
+                model = publisher.get_model(DEMO_LM_MODEL)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    raise
+            else:
+                if "production" in model.aliases:
+                    return f"{DEMO_LM_MODEL}: reusing version {model.aliases['production']} (production)"
+        built = self.build()
+        version = deploy_lm(built["directory"], name=DEMO_LM_MODEL, registry=self.registry, actor="aiaas-up",
+                            metadata={"description": "tiny Llama trained on the project's docs (aiaas up)",
+                                      "parameters": built["parameters"], "train_steps": built["steps"],
+                                      "final_loss": round(built["final_loss"], 4)})
+        how = (f"cached checkpoint {Path(built['directory']).name}" if built["cached"] else
+               f"trained {built['parameters'] / 1e6:.2f}M parameters for {built['train_seconds']:.1f}s "
+               f"({built['steps']} steps, loss {built['final_loss']:.2f})")
+        return f"{DEMO_LM_MODEL}: {how}, registered version {version.version} (hf_causal_lm), production -> {version.version}"
+
+    def build(self) -> dict[str, Any]:
+        import json
+
+        from aiaas.demo_lm import BuildStopped
+
+        log_path = self.home / "logs" / "demo-lm.log"
+        steps = () if self.steps is None else ("--steps", str(self.steps))
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "aiaas.demo_lm", "--cache-root", str(self.home / "demo"), *steps],
+                cwd=log_path.parent, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=self.env,
+                start_new_session=True, preexec_fn=_die_with_parent if _PRCTL is not None else None,  # noqa: PLW1509
+            )
+            try:
+                while proc.poll() is None:
+                    if self.stop.wait(0.2):
+                        raise BuildStopped
+                out = proc.stdout.read() if proc.stdout is not None else b""
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()  # it removes its half-built folder
+                    try:
+                        proc.wait(CHILD_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+        lines = out.decode(errors="replace").strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"building it failed (exit code {proc.returncode}); see {log_path}")
+        return dict(json.loads(lines[-1]))
+
+
 def wait_model_ready(gateway: str, model: str, deadline: float, stop: threading.Event,
                      api_key: str | None = None) -> list[float]:
     """Poll the gateway until the model answers a real inference; returns that answer's first row.
@@ -405,11 +518,17 @@ def _stop_all(children: list[ChildService]) -> None:
 def run_up(
     *, home: str | None = None, base_port: int | None = None, host: str = "127.0.0.1", demo: bool = True,
     startup_timeout_s: float = 120.0, demo_format: str | None = None, gateway_auth_on: bool | None = None,
-    insecure: bool = False,
+    insecure: bool = False, demo_lm: bool = True, demo_lm_steps: int | None = None,
 ) -> int:
     """`gateway_auth_on`: API keys at the gateway (default: on unless `host` is loopback). A gateway
     exposed beyond loopback without keys refuses to start unless `insecure`."""
     auth_on = not is_loopback(host) if gateway_auth_on is None else gateway_auth_on
+    if demo_lm_steps is not None:
+        from aiaas.demo_lm import MAX_STEPS
+
+        if not 1 <= demo_lm_steps <= MAX_STEPS:
+            print(f"aiaas up: --demo-lm-steps must be 1..{MAX_STEPS}, not {demo_lm_steps}", file=sys.stderr)
+            return 2
     if not auth_on and not is_loopback(host) and not insecure:
         print(f"aiaas up: refusing to expose the gateway on {host} without API keys: anyone who can reach "
               "it could call and administer every model. Drop --no-auth, listen on 127.0.0.1, or pass "
@@ -425,7 +544,8 @@ def run_up(
     try:
         with home_lock(state):
             check_ports_free(host, ports)
-            return _run(state, host, ports, demo, startup_timeout_s, stop, children, demo_format, auth_on)
+            return _run(state, host, ports, demo, startup_timeout_s, stop, children, demo_format, auth_on,
+                        demo_lm, demo_lm_steps)
     except StartupFailed as exc:
         print(f"aiaas up: {exc}", file=sys.stderr)
         _stop_all(children)
@@ -445,7 +565,7 @@ def run_up(
 
 def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_timeout_s: float,
          stop: threading.Event, children: list[ChildService], demo_format: str | None = None,
-         auth_on: bool = False) -> int:
+         auth_on: bool = False, demo_lm: bool = True, demo_lm_steps: int | None = None) -> int:
     # The packages `up` itself was imported from, so a source checkout works without an install.
     package_root = str(Path(__file__).resolve().parent.parent)
     python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
@@ -471,8 +591,17 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
         _say(f"  {spec.name:<9} {child.address:<16} healthy   log: {child.log_path}")
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     gateway = f"{local}:{ports['gateway']}"
+    registry = f"127.0.0.1:{ports['registry']}"
+    demo_eval: DemoEval | None = None
     if demo:
-        _say("  " + ensure_demo(f"127.0.0.1:{ports['registry']}", demo_format))
+        _say("  " + ensure_demo(registry, demo_format))
+        demo_eval = ensure_demo_eval(registry, state)
+        _say("  " + demo_eval.line)
+        if demo_lm:
+            from aiaas.demo_lm import DEMO_LM_MODEL
+
+            _say(f"  {DEMO_LM_MODEL}: registering in the background (trained once, then cached under {state / 'demo'})")
+            DemoLMBuilder(registry, state, demo_lm_steps, stop, env).start()
         # After the bootstrap key's rotation, a key of the operator's own checks the demo.
         check_key = (os.environ.get("AIAAS_API_KEY") or auth.admin_key) if auth else None
         try:
@@ -505,6 +634,14 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
     gateway_flag = "" if ports["gateway"] == DEFAULT_PORTS["gateway"] else f" --gateway {gateway}"
     _say(f"    aiaas predict demo --input INPUT0='[[0.5, -1.2, 0.3, 0.9, -0.4, 1.1, 0.0, -0.7, 0.2, 0.8]]'{gateway_flag}")
     _say("")
+    if demo_eval is not None and demo_eval.spec is not None:
+        from aiaas.demo import DEMO_DATASET
+
+        flags = "" if ports["registry"] == DEFAULT_PORTS["registry"] else (
+            f" --registry {registry} --inference 127.0.0.1:{ports['inference']}")
+        _say("evaluate the demo on its held-out set (docs/evaluation.md):")
+        _say(f"    aiaas evaluate demo 1 --dataset {DEMO_DATASET} --spec {demo_eval.spec}{flags}")
+        _say("")
     _say("Ctrl-C stops everything.")
     while not stop.wait(0.5):
         for child in children:

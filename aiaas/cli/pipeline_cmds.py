@@ -91,7 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "unless --insecure)")
     up.add_argument("--insecure", action="store_true",
                     help="allow --no-auth with a --host beyond loopback (a network that is yours alone)")
-    up.add_argument("--no-demo", action="store_true", help="do not register the demo model")
+    up.add_argument("--no-demo", action="store_true", help="do not register the demo models")
+    up.add_argument("--no-demo-lm", action="store_true",
+                    help="do not register the generative demo `demo-lm` (a tiny Llama trained here the first time)")
+    up.add_argument("--demo-lm-steps", type=int, default=None, metavar="N",
+                    help="training steps of demo-lm the first time (default 400, about a minute on 2 busy "
+                         "cores; each step count is cached apart)")
     up.add_argument("--demo-format", choices=["torch_export", "torchscript", "onnx"], default=None,
                     help="artifact format the demo is registered in the first time (torch_export)")
     up.add_argument("--startup-timeout", type=float, default=120.0, help="seconds each service has to be healthy")
@@ -184,4 +189,5 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     return run_up(home=args.home, base_port=args.base_port, host=args.host, demo=not args.no_demo,
                   startup_timeout_s=args.startup_timeout, demo_format=args.demo_format,
-                  gateway_auth_on=False if args.no_auth else None, insecure=args.insecure)
+                  gateway_auth_on=False if args.no_auth else None, insecure=args.insecure,
+                  demo_lm=not args.no_demo_lm, demo_lm_steps=args.demo_lm_steps)

@@ -122,7 +122,8 @@ def _signature(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _serving_config(args: argparse.Namespace) -> dict[str, Any]:
     config: dict[str, Any] = {}
-    for key in ("max_batch_size", "max_queue_delay_us", "instance_count", "device"):
+    for key in ("max_batch_size", "max_queue_delay_us", "instance_count", "device", "kv_cache_tokens",
+                "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if args.preferred_batch_sizes:
@@ -273,6 +274,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     reg.add_argument("--max-queue-delay-us", type=int, dest="max_queue_delay_us")
     reg.add_argument("--instance-count", type=int, dest="instance_count")
     reg.add_argument("--device", help="cpu, cuda or cuda:N")
+    reg.add_argument("--kv-cache-tokens", type=int, dest="kv_cache_tokens",
+                     help="hf-causal-lm: each instance's KV-cache budget in tokens")
+    reg.add_argument("--max-num-seqs", type=int, dest="max_num_seqs",
+                     help="hf-causal-lm: sequences in one instance's running batch")
+    reg.add_argument("--max-num-batched-tokens", type=int, dest="max_num_batched_tokens",
+                     help="hf-causal-lm: tokens in one forward pass")
     reg.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     reg.add_argument("--parent-version", type=int, help="lineage: the version this one derives from")
     reg.add_argument("--parent-model", help="lineage: the parent's model when it is another one")

@@ -131,6 +131,19 @@ class RegistryClient:
         except grpc.RpcError as exc:
             raise self._error(exc, context) from None
 
+    async def download_files(self, model: str, version: int, *, path: str = "", offset: int = 0,
+                             chunk_size: int = 4 * 1024 * 1024,
+                             context: str = "") -> AsyncIterator[rpb.DownloadFilesResponse]:
+        """A multi-file version's DownloadFiles messages (version, then each file's start and chunks)."""
+        request = rpb.DownloadFilesRequest(model=model, version=version, chunk_size=chunk_size, path=path,
+                                           offset=offset)
+        try:
+            async for message in self.stub.DownloadFiles(request):
+                self.outage.recovered()
+                yield message
+        except grpc.RpcError as exc:
+            raise self._error(exc, context) from None
+
     # Records and the audit log ------------------------------------------------------------
 
     async def get_record(self, kind: str, name: str, *, context: str = "") -> rpb.Record:

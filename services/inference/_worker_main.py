@@ -11,6 +11,9 @@ place from the input slab, outputs are written to the output slab, and only smal
 cross the pipe. Slabs arrive as descriptors (see `shm`); when outputs do not fit, the worker asks
 the service for a bigger output slab and waits for it.
 
+A generative model (format hf_causal_lm) is served by `_generative_worker` instead, with several
+requests in flight and JSON chunks back.
+
 Messages in (pickled by the service):
               ("run", in_slab, out_slab, input_metas, fresh_slab_names) + their descriptors
               ("out", name) + its descriptor | ("refuse", message)     answers ("grow", nbytes)
@@ -54,6 +57,8 @@ class WorkerConfig:
     device: str
     threads: int
     sandbox: sandbox.SandboxPolicy = dataclasses.field(default_factory=sandbox.SandboxPolicy)
+    # A generative model's `EngineConfig` fields (format hf_causal_lm; see `_generative_worker`).
+    engine: dict[str, Any] | None = None
 
     def message(self) -> dict[str, Any]:
         """Builtins only: the worker reads it before it may import numpy or the loaders."""
@@ -65,6 +70,7 @@ class WorkerConfig:
             "device": self.device,
             "threads": self.threads,
             "sandbox": dataclasses.asdict(self.sandbox),
+            "engine": dict(self.engine) if self.engine is not None else None,
         }
 
 
@@ -200,6 +206,17 @@ def main() -> None:
         scratch = "/tmp" if os.path.isdir("/tmp") else "/"
         tempfile.tempdir = scratch
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
+    if config["format"] == "hf_causal_lm":
+        # Nothing may be fetched from the Hugging Face hub: the checkpoint is the directory given.
+        os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+                          HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
+        from services.inference import _generative_worker
+
+        _generative_worker.serve(conn, config, report)
+        # Every generation has ended and been answered: skip the interpreter's slow teardown of torch.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     worker_main(conn, config, report)
 
 

@@ -9,14 +9,20 @@ on input.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import numpy as np
 from tritonclient.grpc import service_pb2
 
 from aiaas.tensors import TensorSpec
-from services.common.datatypes import KSERVE_TO_NUMPY, deserialize_bytes_tensor, serialize_bytes_tensor
+from services.common.datatypes import (
+    KSERVE_TO_NUMPY,
+    BytesBudget,
+    check_raw_size,
+    deserialize_bytes_tensor,
+    serialize_bytes_tensor,
+)
 from services.common.errors import InvalidArgument
 from services.inference.core import LoadedVersion
 
@@ -98,48 +104,87 @@ def parse_request(request: service_pb2.ModelInferRequest, plan: InputPlan) -> Pa
 def parse_inputs(request: service_pb2.ModelInferRequest, plan: InputPlan) -> tuple[dict[str, np.ndarray], int]:
     tensors = request.inputs
     model = plan.model
-    if len(tensors) != plan.count:
-        got = ", ".join(f"'{t.name}'" for t in tensors) or "none"
-        raise InvalidArgument(
-            f"expected {plan.count} inputs but got {len(tensors)} inputs for model '{model}': "
-            f"expected {plan.expected}, got {got}")
     raws = request.raw_input_contents
-    use_raw = len(raws) > 0
-    if use_raw and len(raws) != len(tensors):
-        raise InvalidArgument(f"model '{model}': {len(tensors)} inputs but {len(raws)} raw_input_contents entries")
+    use_raw = _check_counts(tensors, raws, plan)
     out: dict[str, np.ndarray] = {}
     rows = 0
     for index, tensor in enumerate(tensors):
+        spec, shape, rows = _check_header(tensor, index, rows, out, plan, use_raw)
         name = tensor.name
-        spec = plan.inputs.get(name)
-        if spec is None:
-            raise InvalidArgument(f"unexpected inference input '{name}' for model '{model}': expected {plan.expected}")
-        if name in out:
-            raise InvalidArgument(f"input '{name}' for model '{model}' is given more than once")
-        if tensor.datatype != spec.datatype:
-            raise InvalidArgument(
-                f"inference input '{name}' data-type is '{tensor.datatype}', but model '{model}' expects "
-                f"'{spec.datatype}'")
-        shape = tuple(tensor.shape)
-        _check_shape(name, shape, spec, plan)
-        if plan.batching:
-            if index == 0:
-                rows = shape[0]
-            elif shape[0] != rows:
-                raise InvalidArgument(
-                    f"input '{name}' for model '{model}' has batch size {shape[0]}, but other inputs have {rows}: "
-                    "all inputs must agree on the batch dimension")
         if use_raw:
-            if tensor.HasField("contents"):
-                raise InvalidArgument(
-                    f"contents field must not be specified when using raw_input_contents for '{name}' "
-                    f"for model '{model}'")
             out[name] = _from_raw(raws[index], name, shape, spec, model)
         elif tensor.HasField("contents"):
             out[name] = _from_contents(tensor.contents, name, shape, spec, model)
         else:
             raise InvalidArgument(f"unable to find data for input tensor '{name}' for model '{model}'")
     return out, (rows if plan.batching else 1)
+
+
+def check_raw_inputs(request: service_pb2.ModelInferRequest, plan: InputPlan) -> int:
+    """Check a raw-bytes request against the model's inputs without reading its tensors; returns its rows.
+
+    The same checks (and messages) as `parse_inputs`: input count, names, datatypes, shapes, the
+    batch dimension, and each raw buffer's size against its declared shape (BYTES: within the
+    per-request bounds); O(inputs), nothing decoded or copied. For a request that is forwarded
+    whole (the Triton-delegating backend), so that a bad one is refused here and never sent on.
+    """
+    tensors = request.inputs
+    raws = request.raw_input_contents
+    if not _check_counts(tensors, raws, plan):
+        raise InvalidArgument(f"model '{plan.model}': inputs must be sent in raw_input_contents here")
+    seen: set[str] = set()
+    budget: BytesBudget | None = None
+    rows = 0
+    for index, tensor in enumerate(tensors):
+        spec, shape, rows = _check_header(tensor, index, rows, seen, plan, True)
+        seen.add(tensor.name)
+        if spec.dtype is None:
+            budget = budget or BytesBudget()
+        check_raw_size(tensor.name, spec.datatype, shape, len(raws[index]), budget, plan.model)
+    return rows if plan.batching else 1
+
+
+def _check_counts(tensors: Any, raws: Any, plan: InputPlan) -> bool:
+    """The number of inputs (and raw buffers); True when the data is in raw_input_contents."""
+    if len(tensors) != plan.count:
+        got = ", ".join(f"'{t.name}'" for t in tensors) or "none"
+        raise InvalidArgument(
+            f"expected {plan.count} inputs but got {len(tensors)} inputs for model '{plan.model}': "
+            f"expected {plan.expected}, got {got}")
+    if raws and len(raws) != len(tensors):
+        raise InvalidArgument(
+            f"model '{plan.model}': {len(tensors)} inputs but {len(raws)} raw_input_contents entries")
+    return len(raws) > 0
+
+
+def _check_header(tensor: Any, index: int, rows: int, seen: Container[str], plan: InputPlan,
+                  use_raw: bool) -> tuple[TensorPlan, tuple[int, ...], int]:
+    """One input's name, datatype and shape against the plan; returns its plan, shape and the batch rows."""
+    name = tensor.name
+    model = plan.model
+    spec = plan.inputs.get(name)
+    if spec is None:
+        raise InvalidArgument(f"unexpected inference input '{name}' for model '{model}': expected {plan.expected}")
+    if name in seen:
+        raise InvalidArgument(f"input '{name}' for model '{model}' is given more than once")
+    if tensor.datatype != spec.datatype:
+        raise InvalidArgument(
+            f"inference input '{name}' data-type is '{tensor.datatype}', but model '{model}' expects "
+            f"'{spec.datatype}'")
+    shape = tuple(tensor.shape)
+    _check_shape(name, shape, spec, plan)
+    if plan.batching:
+        if index == 0:
+            rows = shape[0]
+        elif shape[0] != rows:
+            raise InvalidArgument(
+                f"input '{name}' for model '{model}' has batch size {shape[0]}, but other inputs have {rows}: "
+                "all inputs must agree on the batch dimension")
+    if use_raw and tensor.HasField("contents"):
+        raise InvalidArgument(
+            f"contents field must not be specified when using raw_input_contents for '{name}' "
+            f"for model '{model}'")
+    return spec, shape, rows
 
 
 def _check_shape(name: str, shape: tuple[int, ...], spec: TensorPlan, plan: InputPlan) -> None:

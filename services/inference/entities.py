@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from aiaas.formats import platform_of
+from aiaas.formats import ArtifactFormat, platform_of
+from aiaas.manifest import ManifestFile
 from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
 from services.common.reporting import GenerationStats
@@ -31,6 +32,13 @@ class VersionSpec:
     size: int = 0
     # Platform reported by a remote Triton server; derived from the format otherwise.
     remote_platform: str = ""
+    # The files of a multi-file version (a checkpoint directory), sorted by path; () for one file.
+    files: tuple[ManifestFile, ...] = ()
+
+    @property
+    def generative(self) -> bool:
+        """A causal LM served by the generative engine (decoupled: one request, many responses)."""
+        return self.format == ArtifactFormat.HF_CAUSAL_LM.value
 
     @property
     def platform(self) -> str:

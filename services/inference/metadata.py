@@ -69,7 +69,12 @@ def model_config(lv: LoadedVersion, priority_levels: int = 1,
     for tensor in spec.outputs:
         config.output.add(name=tensor.name, data_type=data_type(tensor.datatype),
                           dims=list(tensor.shape[1:] if batched else tensor.shape))
-    if spec.format != "triton":
+    if spec.generative:
+        # Decoupled (Triton's term): one request, a response per chunk of tokens, the last one flagged.
+        config.model_transaction_policy.decoupled = True
+        config.max_batch_size = 0
+        _instance_group(config, lv)
+    elif spec.format != "triton":
         batching = config.dynamic_batching
         batching.preferred_batch_size.extend(serving.preferred_batch_sizes)
         batching.max_queue_delay_microseconds = max(0, serving.max_queue_delay_us)
@@ -79,13 +84,18 @@ def model_config(lv: LoadedVersion, priority_levels: int = 1,
         if priority_levels > 1:
             batching.priority_levels = priority_levels
             batching.default_priority_level = default_priority_level
-        device = serving.device or "cpu"
-        kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if device.startswith("cuda") \
-            else model_config_pb2.ModelInstanceGroup.KIND_CPU
-        group = config.instance_group.add(name=lv.model, kind=kind, count=max(1, serving.instance_count))
-        if device.startswith("cuda:"):
-            group.gpus.append(int(device.split(":", 1)[1] or 0))
+        _instance_group(config, lv)
     return config
+
+
+def _instance_group(config: model_config_pb2.ModelConfig, lv: LoadedVersion) -> None:
+    serving = lv.spec.serving
+    device = serving.device or "cpu"
+    kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if device.startswith("cuda") \
+        else model_config_pb2.ModelInstanceGroup.KIND_CPU
+    group = config.instance_group.add(name=lv.model, kind=kind, count=max(1, serving.instance_count))
+    if device.startswith("cuda:"):
+        group.gpus.append(int(device.split(":", 1)[1] or 0))
 
 
 def _duration(target: service_pb2.StatisticDuration, count: int, ns: int) -> None:

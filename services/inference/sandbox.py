@@ -69,7 +69,7 @@ class SandboxPolicy:
     gid: int = 65534
     open_files: int = 256
     address_space_bytes: int = DEFAULT_ADDRESS_SPACE_MB * 2**20  # 0: no cap
-    readable: tuple[str, ...] = ()  # besides the runtime: the worker's artifact, read-only
+    readable: tuple[str, ...] = ()  # besides the runtime: the worker's artifact (file or directory), read-only
     device: str = "cpu"
 
 
@@ -449,7 +449,8 @@ def _rule_paths(policy: SandboxPolicy) -> dict[str, int]:
         for path in ("/proc/driver", "/sys"):
             rules[path] = rules.get(path, 0) | _READ
     for path in policy.readable:
-        rules[path] = landlock.READ_FILE  # the artifact: read, never execute or write
+        # The artifact (a file, or a checkpoint directory and what is in it): read, never execute or write.
+        rules[path] = _READ if os.path.isdir(path) else landlock.READ_FILE
     return rules
 
 

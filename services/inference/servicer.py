@@ -11,6 +11,7 @@ is parsed and answered in a thread, so small requests on the event loop are not 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,11 +23,19 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from aiaas import __version__
 from services.common.datatypes import BytesBudget, check_raw_size, element_count
-from services.common.errors import AiaasError, InvalidArgument, NotFound, Unavailable, Unimplemented
-from services.inference import metadata
+from services.common.errors import (
+    AiaasError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+)
+from services.inference import generate_protocol, metadata
 from services.inference.batcher import effective_timeout_us
 from services.inference.convert import InputPlan, ParsedRequest, build_response, parse_request, plan_for
 from services.inference.repository import IndexEntry, ModelRepository, parse_version
+from services.inference.triton_backend import TritonExecutor
 
 log = logging.getLogger("aiaas.inference.servicer")
 
@@ -108,9 +117,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
-    async def _infer(self, request: service_pb2.ModelInferRequest,
-                     remaining_s: float | None) -> service_pb2.ModelInferResponse:
-        lv = self._repo.resolve(request.model_name, request.model_version)
+    async def _infer(self, request: service_pb2.ModelInferRequest, remaining_s: float | None,
+                     lv: Any = None) -> service_pb2.ModelInferResponse:
+        if lv is None:
+            lv = self._repo.resolve(request.model_name, request.model_version)
+        if lv.generative:
+            return await self._generate_whole(request, lv, remaining_s)
+        if request.raw_input_contents and isinstance(lv.executor, TritonExecutor):
+            return await lv.executor.forward(request, remaining_s)  # delegated: forwarded undecoded
         plan = lv.input_plan or plan_for(lv)
         try:
             heavy = check_sizes(request, plan) > INLINE_CONVERT_ELEMENTS
@@ -145,6 +159,62 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 self._converters_pool().submit(_let_go, parsed, outputs)
                 del parsed, outputs
 
+    # ---- generative models (docs/generative.md, "Serving protocol") ------------------------------
+
+    @staticmethod
+    def _parse_generate(request: service_pb2.ModelInferRequest, lv: Any) -> generate_protocol.GenerateCall:
+        try:
+            return generate_protocol.parse_generate(request)
+        except AiaasError as exc:
+            lv.record_rejected(exc)
+            raise
+
+    async def _generate_whole(self, request: service_pb2.ModelInferRequest, lv: Any,
+                              remaining_s: float | None) -> service_pb2.ModelInferResponse:
+        """The whole completion in one response (ModelInfer, or a stream request with stream false)."""
+        call = self._parse_generate(request, lv)
+        parts = [call.prompt_prefix]
+        tokens = 0
+        last = None
+        try:
+            async with asyncio.timeout(remaining_s), contextlib.aclosing(lv.generate(call.message)) as chunks:
+                async for chunk in chunks:
+                    parts.append(chunk.text)
+                    tokens += chunk.tokens
+                    if chunk.finished:
+                        last = chunk
+        except TimeoutError:
+            raise DeadlineExceeded(f"the generation on model '{lv.model}' did not finish before the deadline; "
+                                   "it was cancelled") from None
+        if last is None:
+            raise Unavailable(f"the generation on model '{lv.model}' ended without a result; retry")
+        if last.error is not None:
+            raise last.error
+        return generate_protocol.response(request, lv.version_str, "".join(parts), tokens, last)
+
+    async def _generate_stream(self, request: service_pb2.ModelInferRequest, lv: Any,
+                               send: Callable[[service_pb2.ModelInferResponse, bool], None]) -> None:
+        """One response per chunk with text, then the final one (flagged); an error ends it in-band."""
+        call = self._parse_generate(request, lv)
+        if not call.stream:
+            send(await self._generate_whole(request, lv, None), True)
+            return
+        prefix = call.prompt_prefix
+        tokens = 0
+        async with contextlib.aclosing(lv.generate(call.message)) as chunks:
+            async for chunk in chunks:
+                tokens += chunk.tokens
+                if chunk.finished:
+                    if chunk.error is not None:
+                        raise chunk.error
+                    send(generate_protocol.response(request, lv.version_str, prefix + chunk.text, tokens, chunk),
+                         True)
+                    return
+                if chunk.text:
+                    send(generate_protocol.response(request, lv.version_str, prefix + chunk.text, tokens), False)
+                    prefix = ""
+        raise Unavailable(f"the generation on model '{lv.model}' ended without a result; retry")
+
     async def _convert(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._converters_pool(), function, *args)
 
@@ -157,26 +227,39 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         """Requests run concurrently; each answer is written when ready; ends when the client half-closes.
 
+        A generative model's request with `stream` true answers one response per chunk of text and
+        then the final one; a stream the client cancels cancels its generations (their KV blocks
+        are freed in the worker before its next step).
+
         A request's error is answered in-band (`error_message`), unless the caller opened the stream
         with the `triton_grpc_error: true` header: then the first error ends the stream with its status.
         """
         loop = asyncio.get_running_loop()
-        answers: asyncio.Queue[service_pb2.ModelStreamInferResponse | AiaasError | None] = asyncio.Queue()
+        # (answer, whether it is the request's last) | a status error | the end.
+        answers: asyncio.Queue[tuple[service_pb2.ModelStreamInferResponse, bool] | AiaasError | None] = \
+            asyncio.Queue()
         slots = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
         running: set[asyncio.Task[None]] = set()
         metadata = dict(context.invocation_metadata() or ())
         grpc_errors = str(metadata.get("triton_grpc_error", "")).lower() == "true"
 
+        def send(response: service_pb2.ModelInferResponse, last: bool) -> None:
+            answers.put_nowait((service_pb2.ModelStreamInferResponse(infer_response=response), last))
+
         async def answer(request: service_pb2.ModelInferRequest) -> None:
             try:
-                response = await self._infer(request, None)
+                lv = self._repo.resolve(request.model_name, request.model_version)
+                if lv.generative:  # decoupled: many responses, the last one flagged
+                    await self._generate_stream(request, lv, send)
+                    return
+                response = await self._infer(request, None, lv)
                 response.parameters["triton_final_response"].bool_param = True
-                answers.put_nowait(service_pb2.ModelStreamInferResponse(infer_response=response))
+                send(response, True)
             except AiaasError as exc:
-                answers.put_nowait(exc if grpc_errors else _stream_error(request, exc.message))
+                answers.put_nowait(exc if grpc_errors else (_stream_error(request, exc.message), True))
             except Exception:
                 log.exception("stream request for model '%s' failed", request.model_name)
-                answers.put_nowait(_stream_error(request, "internal error; see the server log"))
+                answers.put_nowait((_stream_error(request, "internal error; see the server log"), True))
 
         async def read() -> None:
             try:
@@ -195,8 +278,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             while (message := await answers.get()) is not None:
                 if isinstance(message, AiaasError):
                     raise message
-                yield message
-                slots.release()
+                yield message[0]
+                if message[1]:
+                    slots.release()
         finally:
             reader.cancel()
             for task in list(running):

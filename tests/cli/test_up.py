@@ -1,7 +1,9 @@
 """`aiaas up` as a real process: four services, the demo through the gateway with tritonclient,
-a module deployed with `aiaas.deploy` and rolled out (int8 canary, production, rollback) through
-the gateway, SIGINT, a clean exit with no process left behind; a second `up` reuses the state;
-a service that cannot start is reported with its log and the others are stopped.
+the demo's held-out set and spec evaluated out of the box, the generative demo registered as
+`hf_causal_lm`, a module deployed with `aiaas.deploy` and rolled out (int8 canary, production,
+rollback) through the gateway, SIGINT, a clean exit with no process left behind; a second `up`
+reuses the state (no training); a service that cannot start is reported with its log and the
+others are stopped.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from tritonclient.utils import InferenceServerException
 import aiaas
 from aiaas import RegistryClient
 from aiaas.cli.main import main as cli
+from aiaas.eval import registry_io
+from aiaas.lm import load_causal_lm
 from aiaas.up import (
     StartupFailed,
     check_ports_free,
@@ -45,6 +49,9 @@ from tests.pipeline.models import mlp
 from tests.support.procs import REPO_ROOT
 
 STARTUP_S = 180.0
+# demo-lm trained for a few steps only: what is checked here is that it is built and registered
+# (tests/cli/test_demos.py checks the builder itself).
+DEMO_LM_STEPS = "20"
 
 
 def _free_base_port() -> int:
@@ -137,6 +144,13 @@ def test_a_gateway_exposed_without_keys_refuses_to_start(tmp_path: Path, capsys:
     assert not (tmp_path / "identity").exists()  # refused before anything was made or started
 
 
+def test_demo_lm_steps_out_of_range_are_refused_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_up(home=str(tmp_path), demo_lm_steps=0) == 2
+    assert "--demo-lm-steps must be 1..100000, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "identity").exists()
+
+
 def test_busy_port_and_second_up_on_one_home_are_refused(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -157,7 +171,8 @@ class UpProcess:
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aiaas.cli.main", "up", "--home", str(home), "--base-port", str(base_port)],
+            [sys.executable, "-m", "aiaas.cli.main", "up", "--home", str(home), "--base-port", str(base_port),
+             "--demo-lm-steps", DEMO_LM_STEPS],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
         )
@@ -181,6 +196,13 @@ class UpProcess:
             if text in line:
                 return line
         raise AssertionError(f"{text!r} not printed; output so far:\n" + "\n".join(self.seen))
+
+    def wait_seen(self, text: str, timeout: float = STARTUP_S) -> str:
+        """As wait_for, but a line already read counts too (for lines printed in the background)."""
+        for line in self.seen:
+            if text in line:
+                return line
+        return self.wait_for(text, timeout)
 
     def output(self) -> str:
         while not self.lines.empty():
@@ -221,6 +243,10 @@ class Stack:
     @property
     def registry(self) -> str:
         return f"127.0.0.1:{self.base + 1}"
+
+    @property
+    def inference(self) -> str:
+        return f"127.0.0.1:{self.base + 2}"
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +306,44 @@ def test_demo_answers_through_the_gateway_with_tritonclient(stack: Stack) -> Non
     assert scores.shape == (3, 10) and scores.dtype == np.float32
 
 
+def test_the_demo_evaluates_out_of_the_box_on_its_held_out_set(stack: Stack) -> None:
+    spec = stack.home / "demo" / "eval-spec.yaml"
+    output = stack.up.output()
+    assert f"demo-test: registered (2000 held-out rows) from {stack.home / 'demo' / 'demo-test.npz'}" in output
+    # The command `up` prints is the one run here.
+    command = (f"aiaas evaluate demo 1 --dataset demo-test --spec {spec} --registry {stack.registry} "
+               f"--inference {stack.inference}")
+    assert command in output
+    assert cli([*command.split()[1:], "--quiet"]) == 0
+    with RegistryClient(stack.registry) as client:
+        result = registry_io.get_evaluation(client, "demo", 1, "holdout")
+    assert result.passed and result.dataset == "demo-test" and result.path == "serving"
+    slices = {s.slice: s for s in result.slices}
+    assert set(slices) == {"overall", "difficulty=easy", "difficulty=medium", "difficulty=hard"}
+    assert slices["overall"].example_count == 2000
+    assert slices["overall"].metrics["accuracy"] > 0.9  # ten classes: chance is 0.1
+    assert slices["difficulty=hard"].metrics["accuracy"] < slices["difficulty=easy"].metrics["accuracy"]
+
+
+def test_the_generative_demo_is_registered_as_a_checkpoint_that_loads_and_generates(stack: Stack,
+                                                                                     tmp_path: Path) -> None:
+    line = stack.up.wait_seen("demo-lm: trained")
+    assert f"({DEMO_LM_STEPS} steps" in line and "registered version 1 (hf_causal_lm), production -> 1" in line
+    with RegistryClient(stack.registry) as client:
+        version = client.get_version("demo-lm", "production")
+        assert version.version == 1 and {f.path for f in version.files} >= {"config.json", "model.safetensors",
+                                                                              "tokenizer.json"}
+        client.download_files("demo-lm", "production", tmp_path / "demo-lm")
+    lm = load_causal_lm(tmp_path / "demo-lm")
+    prompt = lm.tokenizer("The gateway", return_tensors="pt")
+    out = lm.model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 5)
+    # The checkpoint cached under the home is what was registered.
+    cached = [p for p in (stack.home / "demo").iterdir() if p.is_dir() and p.name.startswith("lm-")]
+    assert len(cached) == 1
+    assert (cached[0] / "model.safetensors").read_bytes() == (tmp_path / "demo-lm" / "model.safetensors").read_bytes()
+
+
 def test_deploy_a_module_and_roll_it_out_through_the_gateway(stack: Stack) -> None:
     module = mlp(seed=3)
     deployment = aiaas.deploy(module, torch.randn(4, 10), name="served-mlp", registry=stack.registry)
@@ -311,7 +375,9 @@ def test_sigint_stops_everything_and_a_second_up_reuses_state(stack: Stack) -> N
     again = UpProcess(stack.home, stack.base)
     try:
         assert "reusing version 1" in again.wait_for("demo: ")
+        assert "demo-test: already registered" in again.wait_for("demo-test: ")
         again.wait_for("Ctrl-C stops everything")
+        assert "demo-lm: reusing version 1 (production)" in again.wait_seen("demo-lm: reusing")
         np.testing.assert_allclose(_infer(stack.gateway, "demo", X), scores, rtol=1e-5, atol=1e-5)
         _stop_with_sigint(again)
     finally:

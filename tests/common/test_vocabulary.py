@@ -124,7 +124,8 @@ def test_serving_config_fields_match_the_proto_message() -> None:
 
 def test_serving_config_round_trips_and_unset_fields_take_the_defaults() -> None:
     config = serving.ServingConfig(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=500,
-                                   instance_count=2, device="cuda:1", max_queue_size=7, default_timeout_us=9)
+                                   instance_count=2, device="cuda:1", max_queue_size=7, default_timeout_us=9,
+                                   kv_cache_tokens=4096, max_num_seqs=8, max_num_batched_tokens=256)
     assert serving.from_pb(serving.to_pb(config)) == config
     assert serving.from_pb(pb.ServingConfig()) == serving.ServingConfig()
     assert serving.ServingConfig().device == "cpu" and serving.ServingConfig().instance_count == 1
@@ -138,6 +139,10 @@ def test_serving_config_rules() -> None:
         serving.ServingConfig(device="tpu").validate()
     with pytest.raises(errors.InvalidArgument, match="4 is not between 1 and max_batch_size"):
         serving.ServingConfig(preferred_batch_sizes=(4,)).validate()
+    with pytest.raises(errors.InvalidArgument, match="kv_cache_tokens must be 0"):
+        serving.ServingConfig(kv_cache_tokens=-1).validate()
+    with pytest.raises(errors.InvalidArgument, match="max_num_seqs must be 0"):
+        serving.ServingConfig(max_num_seqs=serving.MAX_NUM_SEQS + 1).validate()
 
 
 # Record kinds --------------------------------------------------------------------------------
