@@ -18,7 +18,7 @@ the checkpoint with `aiaas.lm.deploy_lm`; the three doors are measured one after
 concurrency (1, 16, 64) so they see the same machine. The stack is stopped before vLLM starts: one
 server at a time. Every row records the CPU time that processes outside this run used meanwhile
 ("foreign" cores); a row with more than 0.3 of a core of it is marked busy, and so are the ratios
-built on it. Results go to a JSON file as well as the table.
+built on it. Results go to a JSON file (--json; default bench/results/llm_service.json) as well as the table.
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def main() -> None:
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM row (no install, no server)")
     parser.add_argument("--no-aiaas", action="store_true", help="skip the three aiaas rows")
     parser.add_argument("--cache", type=Path, default=None, help="where vLLM's venv lives (default ~/.cache/aiaas/llm-bench)")
-    parser.add_argument("--json", type=Path, default=Path("bench-llm-results.json"))
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "llm_service.json")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads of the in-process rows and of aiaas's model workers (vLLM binds both cores)")
     args = parser.parse_args()
