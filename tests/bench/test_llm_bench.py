@@ -26,12 +26,12 @@ async def test_closed_loop_keeps_concurrency_counts_requests_and_errors() -> Non
             nonlocal in_flight, peak
             in_flight += 1
             peak = max(peak, in_flight)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
             in_flight -= 1
             seen.append(i)
             if len(seen) == 8:  # the 5th measured request fails
                 raise RuntimeError("boom")
-            return Sample(ttft=0.002, gaps=[0.001] * 3, completion_tokens=4, prompt_tokens=7, e2e=0.01)
+            return Sample(ttft=0.002, gaps=[0.001] * 3, completion_tokens=4, prompt_tokens=7, e2e=0.05)
 
         return request
 
@@ -42,7 +42,7 @@ async def test_closed_loop_keeps_concurrency_counts_requests_and_errors() -> Non
     assert result.requests == 9 and result.errors == 1 and "boom" in result.error_samples[0]
     assert result.out_tokens == 36 and result.ttft_p50_ms == 2.0 and result.itl_p50_ms == 1.0
     assert result.prompt_tokens_p50 == 7 and result.burst_requests == 0
-    assert result.out_tok_s == pytest.approx(36 / result.wall_s, rel=0.01)
+    assert result.out_tok_s == pytest.approx(36 / result.wall_s, rel=0.02)  # wall_s is rounded to 1 ms
 
 
 def test_prompts_retokenize_to_exactly_their_length() -> None:
