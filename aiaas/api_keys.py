@@ -53,10 +53,17 @@ class QuotaSpec:
 
     rps: float = 0.0
     burst: int = 0
+    # Prompt + completion tokens of generative requests per minute; 0 means unlimited.
+    tokens_per_minute: float = 0.0
 
     @property
     def unlimited(self) -> bool:
+        """No limit on requests (tokens are `tokens_unlimited`)."""
         return self.rps <= 0
+
+    @property
+    def tokens_unlimited(self) -> bool:
+        return self.tokens_per_minute <= 0
 
     @property
     def capacity(self) -> float:
@@ -197,11 +204,13 @@ def quota_from_pb(message: object, field: str = "quota") -> QuotaSpec | None:
     quota = getattr(message, field)
     if quota.requests_per_second < 0:
         raise InvalidArgument("quota requests_per_second must be >= 0")
-    return QuotaSpec(rps=quota.requests_per_second, burst=quota.burst)
+    if quota.tokens_per_minute < 0:
+        raise InvalidArgument("quota tokens_per_minute must be >= 0")
+    return QuotaSpec(rps=quota.requests_per_second, burst=quota.burst, tokens_per_minute=quota.tokens_per_minute)
 
 
 def quota_to_pb(quota: QuotaSpec) -> gw.Quota:
-    return gw.Quota(requests_per_second=quota.rps, burst=quota.burst)
+    return gw.Quota(requests_per_second=quota.rps, burst=quota.burst, tokens_per_minute=quota.tokens_per_minute)
 
 
 def roles_from_pb(roles: Iterable[int]) -> frozenset[Role]:

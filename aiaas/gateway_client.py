@@ -39,15 +39,16 @@ def _target(name: str) -> dict[str, Any]:
 
 
 def build_route(model: str, splits: Mapping[str, int] | None = None, *, sticky: bool = False,
-                shadows: Mapping[str, float] | None = None, rps: float = 0.0, burst: int = 0) -> gw.Route:
+                shadows: Mapping[str, float] | None = None, rps: float = 0.0, burst: int = 0,
+                tokens_per_minute: float = 0.0) -> gw.Route:
     """A Route from plain values: split and shadow targets are alias names, or version numbers as text."""
     route = gw.Route(
         model=model, sticky=sticky,
         splits=[gw.RouteSplit(weight=int(w), **_target(t)) for t, w in (splits or {}).items()],
         shadows=[gw.ShadowTarget(sample_rate=float(r), **_target(t)) for t, r in (shadows or {}).items()],
     )
-    if rps:
-        route.quota.CopyFrom(gw.Quota(requests_per_second=rps, burst=burst))
+    if rps or tokens_per_minute:
+        route.quota.CopyFrom(gw.Quota(requests_per_second=rps, burst=burst, tokens_per_minute=tokens_per_minute))
     return route
 
 
@@ -57,6 +58,7 @@ def key_to_dict(key: gw.ApiKey) -> dict[str, Any]:
         "roles": [ROLE_NAMES.get(r, str(r)) for r in key.roles],
         "rps": key.quota.requests_per_second if key.HasField("quota") else 0.0,
         "burst": key.quota.burst if key.HasField("quota") else 0,
+        "tokens_per_minute": key.quota.tokens_per_minute if key.HasField("quota") else 0.0,
         "created": key.create_time.ToJsonString() if key.HasField("create_time") else "",
         "expires": key.expire_time.ToJsonString() if key.HasField("expire_time") else "",
         "revoked": key.revoked, "created_by": key.created_by,
@@ -73,6 +75,7 @@ def route_to_dict(route: gw.Route) -> dict[str, Any]:
         "shadows": {name(s): s.sample_rate for s in route.shadows},
         "rps": route.quota.requests_per_second if route.HasField("quota") else 0.0,
         "burst": route.quota.burst if route.HasField("quota") else 0,
+        "tokens_per_minute": route.quota.tokens_per_minute if route.HasField("quota") else 0.0,
     }
 
 
@@ -114,12 +117,14 @@ class GatewayClient:
     # API keys -----------------------------------------------------------------------------
 
     def create_key(self, name: str = "", *, models: Iterable[str] = (), roles: Iterable[str] = ("infer", "read"),
-                   rps: float = 0.0, burst: int = 0, expires_in_s: float | None = None) -> tuple[gw.ApiKey, str]:
+                   rps: float = 0.0, burst: int = 0, expires_in_s: float | None = None,
+                   tokens_per_minute: float = 0.0) -> tuple[gw.ApiKey, str]:
         """Returns (key, token); the token is shown this once and never again. No models: those of the
         key that creates it; no expiry: its expiry. A key never grants more than it holds."""
         request = gw.CreateApiKeyRequest(name=name, models=list(models), roles=[ROLE_BY_NAME[r] for r in roles])
-        if rps:
-            request.quota.CopyFrom(gw.Quota(requests_per_second=rps, burst=burst))
+        if rps or tokens_per_minute:
+            request.quota.CopyFrom(gw.Quota(requests_per_second=rps, burst=burst,
+                                            tokens_per_minute=tokens_per_minute))
         if expires_in_s is not None:
             request.expire_time.FromNanoseconds(int((time.time() + expires_in_s) * 1e9))
         reply = self._call(self.admin.CreateApiKey, request)
@@ -143,8 +148,9 @@ class GatewayClient:
 
     def set_route(self, model: str, splits: Mapping[str, int] | None = None, *, sticky: bool = False,
                   shadows: Mapping[str, float] | None = None, rps: float = 0.0, burst: int = 0,
-                  expected_revision: int = 0, reason: str = "") -> tuple[gw.Route, int]:
-        route = build_route(model, splits, sticky=sticky, shadows=shadows, rps=rps, burst=burst)
+                  expected_revision: int = 0, reason: str = "", tokens_per_minute: float = 0.0) -> tuple[gw.Route, int]:
+        route = build_route(model, splits, sticky=sticky, shadows=shadows, rps=rps, burst=burst,
+                            tokens_per_minute=tokens_per_minute)
         reply = self._call(self.admin.SetRoute, gw.SetRouteRequest(
             route=route, expected_revision=expected_revision, reason=reason))
         return reply.route, reply.revision

@@ -32,9 +32,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aiaas.identity import HOME_IDENTITY_DIR, default_home
 
-DEFAULT_PORTS = {"gateway": 8001, "registry": 50051, "inference": 50052, "monitor": 50053, "metrics": 9464}
-# With --base-port B: gateway B, registry B+1, inference B+2, monitor B+3, Prometheus B+4.
-_BASE_OFFSETS = {"gateway": 0, "registry": 1, "inference": 2, "monitor": 3, "metrics": 4}
+DEFAULT_PORTS = {"gateway": 8001, "registry": 50051, "inference": 50052, "monitor": 50053, "metrics": 9464,
+                 "openai": 8000}
+# With --base-port B: gateway B, registry B+1, inference B+2, monitor B+3, Prometheus B+4, the
+# gateway's OpenAI-compatible HTTP API B+5.
+_BASE_OFFSETS = {"gateway": 0, "registry": 1, "inference": 2, "monitor": 3, "metrics": 4, "openai": 5}
 CHILD_GRACE_S = 5.0
 IDENTITY_DIR = HOME_IDENTITY_DIR
 STOP_TIMEOUT_S = 15.0
@@ -176,7 +178,7 @@ def service_plan(home: Path, host: str, ports: dict[str, int], auth: GatewayAuth
         )),
         ServiceSpec("gateway", ports["gateway"], (
             "--host", host, "--grace-period-s", str(CHILD_GRACE_S),
-            "--port", str(ports["gateway"]), "--registry-url", registry,
+            "--port", str(ports["gateway"]), "--openai-port", str(ports["openai"]), "--registry-url", registry,
             "--inference-targets", f"{local}:{ports['inference']}", "--monitor-url", monitor,
             *(("--no-auth-enabled",) if auth is None else ()),
         ), env=() if auth is None else (
@@ -625,7 +627,8 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
         _say(f"  rotate the bootstrap key (it stays revoked across restarts): aiaas keys rotate {bootstrap_id} "
              f"--gateway {gateway} --api-key <admin_key>")
     _say("")
-    _say(f"ready: gateway {gateway} (KServe v2 / Triton gRPC), Prometheus metrics on :{ports['metrics']}")
+    _say(f"ready: gateway {gateway} (KServe v2 / Triton gRPC), OpenAI-compatible API "
+         f"http://{local}:{ports['openai']}/v1, Prometheus metrics on :{ports['metrics']}")
     _say("")
     _say("call the demo with tritonclient:")
     _say(client_snippet(gateway))
@@ -634,6 +637,15 @@ def _run(state: Path, host: str, ports: dict[str, int], demo: bool, startup_time
     gateway_flag = "" if ports["gateway"] == DEFAULT_PORTS["gateway"] else f" --gateway {gateway}"
     _say(f"    aiaas predict demo --input INPUT0='[[0.5, -1.2, 0.3, 0.9, -0.4, 1.1, 0.0, -0.7, 0.2, 0.8]]'{gateway_flag}")
     _say("")
+    if demo and demo_lm:
+        from aiaas.demo_lm import DEMO_LM_MODEL
+
+        bearer = "" if auth is None else ' -H "authorization: Bearer $AIAAS_API_KEY"'
+        _say(f"the generative {DEMO_LM_MODEL} (once registered) on the OpenAI-compatible API:")
+        _say(f"    curl -sN http://{local}:{ports['openai']}/v1/completions{bearer} -H 'content-type: application/json' "
+             f"-d '{{\"model\": \"{DEMO_LM_MODEL}\", \"prompt\": \"The gateway\", \"max_tokens\": 32, "
+             f"\"stream\": true}}'")
+        _say("")
     if demo_eval is not None and demo_eval.spec is not None:
         from aiaas.demo import DEMO_DATASET
 

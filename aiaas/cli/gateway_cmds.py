@@ -1,6 +1,6 @@
 """`aiaas keys ...`, `aiaas route ...` and `aiaas predict ...`: the gateway from the shell.
 
-    aiaas keys create [--name N] [--models 'fraud*,resnet'] [--roles infer,read] [--rps R --burst B]
+    aiaas keys create [--name N] [--models 'fraud*,resnet'] [--roles infer,read] [--rps R --burst B] [--tokens-per-minute T]
                       [--expires-in 30d] [--registry URL]     the token is printed once
     aiaas keys list [--all]
     aiaas keys revoke KEY_ID [--reason TEXT]
@@ -106,7 +106,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     else:
         with _client(args) as client:
             key, token = client.create_key(args.name, models=models, roles=roles, rps=args.rps, burst=args.burst,
-                                           expires_in_s=expires)
+                                           expires_in_s=expires, tokens_per_minute=args.tokens_per_minute)
     data = {**key_to_dict(key), "token": token}
     _print(args, data)
     if not args.json:
@@ -131,7 +131,8 @@ def _create_in_registry(args: argparse.Namespace, models: list[str], roles: list
         pepper.encode(), name=args.name, models=tuple(models) or ("*",),
         roles=frozenset(ROLE_NAMES[r] for r in roles), created_by="cli",
         expire_time=time.time() + expires if expires else None,
-        quota=QuotaSpec(args.rps, args.burst) if args.rps else None,
+        quota=(QuotaSpec(args.rps, args.burst, args.tokens_per_minute)
+               if args.rps or args.tokens_per_minute else None),
     )
     from aiaas.identity import ClientIdentity
 
@@ -177,6 +178,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         new, token = client.create_key(
             old.name, models=list(old.models), roles=[ROLE_NAMES[r] for r in old.roles],
             rps=old.quota.requests_per_second, burst=old.quota.burst, expires_in_s=expires,
+            tokens_per_minute=old.quota.tokens_per_minute,
         )
         data = {**key_to_dict(new), "token": token, "replaces": old.key_id}
         try:
@@ -209,7 +211,7 @@ def cmd_route_set(args: argparse.Namespace) -> int:
         route, revision = client.set_route(
             args.model, parse_pairs(args.split or "", int), sticky=args.sticky,
             shadows=parse_pairs(args.shadow or "", float), rps=args.rps, burst=args.burst,
-            expected_revision=args.expected_revision, reason=args.reason,
+            tokens_per_minute=args.tokens_per_minute, expected_revision=args.expected_revision, reason=args.reason,
         )
     _print(args, {**route_to_dict(route), "revision": revision})
     return 0
@@ -316,6 +318,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     create.add_argument("--expires-in", help="e.g. 12h, 30d; default: when the key creating it expires")
     create.add_argument("--rps", type=float, default=0.0, help="requests per second (0: gateway default)")
     create.add_argument("--burst", type=int, default=0)
+    create.add_argument("--tokens-per-minute", type=float, default=0.0,
+                        help="prompt + completion tokens of generative requests per minute (0: gateway default)")
     create.add_argument("--registry", help="write to this registry directly (bootstrap); needs the pepper")
     create.set_defaults(func=_guard(cmd_keys_create))
     listing = common(keys.add_parser("list", help="list keys"))
@@ -343,6 +347,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     set_route.add_argument("--shadow", help="alias=sample_rate,... mirrored off the response path")
     set_route.add_argument("--rps", type=float, default=0.0, help="model quota, requests per second")
     set_route.add_argument("--burst", type=int, default=0)
+    set_route.add_argument("--tokens-per-minute", type=float, default=0.0,
+                           help="model quota, generated + prompt tokens per minute across keys")
     set_route.add_argument("--expected-revision", type=int, default=0, help="compare-and-set (0: no check)")
     set_route.add_argument("--reason", default="")
     set_route.set_defaults(func=_guard(cmd_route_set))

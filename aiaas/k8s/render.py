@@ -21,6 +21,8 @@ PART_OF = {"app.kubernetes.io/part-of": "aiaas"}
 # Default ports of the services (docs/CONVENTIONS.md): the manifests must agree.
 SERVICE_PORTS = {"gateway": 8001, "registry": 50051, "inference": 50052, "monitor": 50053}
 METRICS_PORT = 9464
+# The gateway's OpenAI-compatible HTTP port, beside its gRPC one.
+OPENAI_PORT = 8000
 KUBECTL_ENV = "AIAAS_KUBECTL"
 KUSTOMIZE_TIMEOUT_S = 120.0
 NO_KUBECTL = (

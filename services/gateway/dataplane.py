@@ -10,6 +10,10 @@ forwards the caller's own bytes with the chosen `model_version` appended, so ten
 never re-serialized. Declared shapes are checked against the raw bytes before forwarding
 (BYTES included: a 4-byte length prefix per element at least), without decoding a tensor.
 No grpc API here: the servicer hands in what it read from the call.
+
+A request to a decoupled (generative) model on ModelStreamInfer gets a ModelStreamInfer call of
+its own upstream (`InferenceUpstream.stream`), and every response of it is relayed until the one
+flagged final; its token usage is charged to the token quotas and reported with the request.
 """
 
 from __future__ import annotations
@@ -18,20 +22,23 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from tritonclient.grpc import service_pb2 as pb
 
 from services.common.datatypes import BytesBudget, check_raw_size
-from services.common.errors import AiaasError, PermissionDenied, Unavailable
-from services.common.reporting import UNKNOWN_MODEL, RequestRecord, TelemetryReporter
+from services.common.errors import AiaasError, Internal, InvalidArgument, PermissionDenied, Unavailable
+from services.common.reporting import UNKNOWN_MODEL, GenerationStats, RequestRecord, TelemetryReporter
 from services.gateway.drift_sampler import DriftSampler
 from services.gateway.entities import Caller, Role
+from services.gateway.generation import GenerationMeter, int_parameter, stream_error
 from services.gateway.keys import KeyRing, authorize
+from services.gateway.kinds import ModelKinds
 from services.gateway.limits import RequestLimits, check_request
 from services.gateway.predictions import PredictionLog
-from services.gateway.quotas import QuotaEnforcer
+from services.gateway.quotas import Bucket, QuotaEnforcer
+from services.gateway.relay import ReadAhead, StreamRelay
 from services.gateway.router import Catalog, Resolution
 from services.gateway.shadow import ShadowMirror
 from services.gateway.signatures import SignatureCache
@@ -45,6 +52,8 @@ ALIAS_PARAMETER = "alias"
 ROUTING_KEY_PARAMETER = "routing_key"
 # The KServe / Triton request parameter choosing a priority level (0: the model's default level).
 PRIORITY_PARAMETER = "priority"
+# Asks inference for errors of a forwarded generation as statuses (retried, mapped) rather than in-band.
+_GRPC_ERRORS = ("triton_grpc_error", "true")
 
 
 class Upstream(Protocol):
@@ -53,6 +62,9 @@ class Upstream(Protocol):
 
     async def call_each(self, method: str, request: bytes, *, timeout: float,
                         metadata: tuple[tuple[str, str], ...] = ()) -> list[bytes]: ...
+
+    def stream(self, request: bytes, *, timeout: float, metadata: Sequence[tuple[str, str]] = (),
+               retry_not_found: bool = False) -> AsyncIterator[bytes]: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -71,8 +83,12 @@ class CallInfo:
 
 
 def _string_parameter(request: Any, name: str) -> str:
-    if name in request.parameters:
-        return str(request.parameters[name].string_param)
+    return _string_parameter_of(request.parameters, name)
+
+
+def _string_parameter_of(parameters: Any, name: str) -> str:
+    if name in parameters:
+        return str(parameters[name].string_param)
     return ""
 
 
@@ -113,6 +129,7 @@ class DataPlane:
         reporter: TelemetryReporter | None = None, default_timeout_s: float = 30.0,
         shadow_max_concurrency: int = 16, shadow_tolerance: float = 1e-4, stream_window: int = 64,
         drift_sample_rate: float = 0.0, ready: Any = None, predictions: PredictionLog | None = None,
+        kinds: ModelKinds | None = None, generation_timeout_s: float = 600.0,
     ) -> None:
         self.catalog = catalog
         self.ring = ring
@@ -123,6 +140,9 @@ class DataPlane:
         self.reporter = reporter
         self.default_timeout_s = default_timeout_s
         self.stream_window = stream_window
+        # Deadline of a generation whose caller sets none (it lasts as long as its tokens take).
+        self.generation_timeout_s = generation_timeout_s
+        self.kinds = kinds if kinds is not None else ModelKinds(self._fetch_config)
         # A callable saying whether the gateway is ready (registry synced, replicas known).
         self.ready = ready or (lambda: True)
         self.shadows = ShadowMirror(upstream.call, reporter, max_concurrency=shadow_max_concurrency,
@@ -148,31 +168,80 @@ class DataPlane:
 
     async def infer_as(self, caller: Caller, raw: bytes, call: CallInfo,
                        started: float | None = None) -> tuple[bytes, Resolution]:
+        request = pb.ModelInferRequest.FromString(raw)
+        answer, resolution = await self._infer(caller, request, raw, call, started, streaming=False)
+        return answer, resolution  # type: ignore[return-value]  # bytes: not streaming
+
+    def _admit(self, caller: Caller, request: Any, call: CallInfo) -> Resolution:
+        """Who may call what, and where it goes (no I/O)."""
+        name = request.model_name
+        authorize(caller, Role.INFER, name.partition(":")[0])
+        resolution = self.catalog.resolve(
+            name, request.model_version, call.alias or _string_parameter(request, ALIAS_PARAMETER),
+            call.routing_key or _string_parameter(request, ROUTING_KEY_PARAMETER),
+        )
+        check_priority(caller, request)
+        return resolution
+
+    async def _infer(self, caller: Caller, request: Any, raw: bytes, call: CallInfo, started: float | None, *,
+                     streaming: bool, generative_only: bool = False,
+                     ) -> tuple[bytes | AsyncIterator[tuple[bytes, Any]], Resolution]:
+        """Forward one request. With `streaming`, a request to a decoupled model answers the
+        iterator of its responses (see `_generate`, which reports it), anything else its one answer;
+        with `generative_only`, a request to any other model is refused."""
         started = time.perf_counter() if started is None else started
         resolution: Resolution | None = None
         status = "OK"
-        request = pb.ModelInferRequest.FromString(raw)
-        name = request.model_name
+        generation: GenerationStats | None = None
+        handed_off = False
         try:
-            authorize(caller, Role.INFER, name.partition(":")[0])
-            resolution = self.catalog.resolve(
-                name, request.model_version, call.alias or _string_parameter(request, ALIAS_PARAMETER),
-                call.routing_key or _string_parameter(request, ROUTING_KEY_PARAMETER),
-            )
-            check_priority(caller, request)
+            resolution = self._admit(caller, request, call)
             await self.quotas.check(caller, resolution.model, resolution.quota)
+            forward = resolution.forward()
+            # A cache hit after the first request to a version (its ModelConfig, asked once). A stream
+            # must know (a generation is forwarded on a stream of its own); a unary call does not wait.
+            decoupled = (await self.kinds.decoupled(resolution.model, resolution.version, forward) if streaming
+                         else self.kinds.known(resolution.model, resolution.version, forward))
+            if generative_only and decoupled is None:
+                raise Unavailable(
+                    f"model {resolution.model!r} version {resolution.version} is not ready on any inference "
+                    "replica yet (its configuration could not be read); retry shortly"
+                )
+            if generative_only and not decoupled:
+                raise InvalidArgument(
+                    f"model {resolution.model!r} (version {resolution.version}) is not a generative model: it "
+                    "takes tensors (call it with the KServe v2 / Triton gRPC API on the gateway's gRPC port)"
+                )
             check_request(request, len(raw), self.limits, self.signatures.get(resolution.model, resolution.version))
             check_bytes_inputs(request, resolution.model)
+            tokens: list[Bucket] = []
+            if decoupled:
+                tokens = self.quotas.token_buckets(caller, resolution.model, resolution.quota)
+                await self.quotas.check_tokens(tokens)
+            if streaming and decoupled:
+                handed_off = True
+                return self._generate(caller, request, raw, resolution, call, started, tokens), resolution
             response = await self.upstream.call(
-                "ModelInfer", retarget(raw, *resolution.forward()), timeout=self._timeout(call),
+                "ModelInfer", retarget(raw, *forward), timeout=self._timeout(call),
                 metadata=call.forward, retry_not_found=True,
             )
             served = response_version(response)
             if served.isdigit() and int(served) != resolution.version:
                 resolution = dataclasses.replace(resolution, version=int(served))
+            if decoupled is None:  # not known yet: a generative model's answer says so itself
+                parameters = pb.ModelInferResponse.FromString(response).parameters
+                decoupled = "completion_tokens" in parameters
+                tokens = self.quotas.token_buckets(caller, resolution.model, resolution.quota) if decoupled else []
+            if decoupled:
+                parameters = pb.ModelInferResponse.FromString(response).parameters
+                generation = GenerationStats(prompt_tokens=int_parameter(parameters, "prompt_tokens"),
+                                             completion_tokens=int_parameter(parameters, "completion_tokens"),
+                                             finish_reason=_string_parameter_of(parameters, "finish_reason"))
+                await self._charge(tokens, generation.prompt_tokens + generation.completion_tokens)
             if resolution.shadows:
                 self.shadows.mirror(raw, resolution, response)
-            self.drift.maybe_sample(request, resolution.model, resolution.version)
+            if not decoupled:
+                self.drift.maybe_sample(request, resolution.model, resolution.version)
             if self.predictions is not None and request.id:
                 self.predictions.maybe_keep(request.id, response, resolution.model, resolution.version,
                                             resolution.alias, caller.key_id)
@@ -184,9 +253,72 @@ class DataPlane:
             status = "INTERNAL"
             raise
         finally:
-            self._report(resolution, caller, status, started)
+            if not handed_off:
+                self._report(resolution, caller, status, started, generation)
 
-    def _report(self, resolution: Resolution | None, caller: Caller | None, status: str, started: float) -> None:
+    async def _fetch_config(self, model: str, version: str) -> bytes:
+        request = pb.ModelConfigRequest(name=model, version=version).SerializeToString()
+        return await self.upstream.call("ModelConfig", request, timeout=min(5.0, self.default_timeout_s),
+                                        retry_not_found=True)
+
+    async def _charge(self, tokens: Sequence[Bucket], used: int) -> None:
+        try:
+            await self.quotas.charge_tokens(tokens, used)
+        except AiaasError as exc:  # the request is done: a store that cannot take the charge costs the quota only
+            log.warning("token usage of %d not charged: %s", used, exc.message)
+
+    # Generations --------------------------------------------------------------------------------
+
+    async def open_generation(self, caller: Caller, request: Any, call: CallInfo,
+                              started: float | None = None) -> tuple[AsyncIterator[tuple[bytes, Any]], Resolution]:
+        """A request to a generative model (the OpenAI door): admitted, quota-checked and forwarded
+        like any stream request; InvalidArgument when the model it resolves to is not generative."""
+        raw = request.SerializeToString()
+        answer, resolution = await self._infer(caller, request, raw, call, started, streaming=True,
+                                               generative_only=True)
+        if isinstance(answer, bytes):
+            raise Internal("a generation was answered as a tensor request")
+        # Read ahead of the caller, so a response's upstream read overlaps the writing of the last.
+        return ReadAhead(answer, self.stream_window), resolution
+
+    async def _generate(self, caller: Caller, request: Any, raw: bytes, resolution: Resolution, call: CallInfo,
+                        started: float, tokens: Sequence[Bucket]) -> AsyncIterator[tuple[bytes, Any]]:
+        """The responses of one generation, raw and parsed, until the final one; then its usage is
+        charged and the request reported. Closing it early cancels the generation upstream."""
+        meter = GenerationMeter(started)
+        status = "OK"
+        final = False
+        timeout = call.timeout if call.timeout is not None else self.generation_timeout_s
+        responses = self.upstream.stream(retarget(raw, *resolution.forward()), timeout=timeout,
+                                         metadata=(*call.forward, _GRPC_ERRORS), retry_not_found=True)
+        try:
+            async for answer in responses:
+                message = pb.ModelStreamInferResponse.FromString(answer)
+                if message.error_message:
+                    raise Internal(f"model {resolution.model!r}: {message.error_message}")
+                final = meter.observe(message.infer_response)
+                yield answer, message
+                if final:
+                    return
+            raise Internal(f"model {resolution.model!r} ended its responses without a final one")
+        except AiaasError as exc:
+            status = exc.code.name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            if not final:  # closed after its final response is a finished generation
+                status = "CANCELLED"
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            await responses.aclose()  # type: ignore[attr-defined]
+            await self._charge(tokens, meter.total_tokens)
+            self._report(resolution, caller, status, started,
+                         meter.stats("" if final else "cancelled" if status == "CANCELLED" else "error"))
+
+    def _report(self, resolution: Resolution | None, caller: Caller | None, status: str, started: float,
+                generation: GenerationStats | None = None) -> None:
         # The one call per finished request to the monitor (a no-op without one). A model name the
         # caller chose is never a label: refused and unknown models all count as UNKNOWN_MODEL.
         if self.reporter is None:
@@ -195,7 +327,7 @@ class DataPlane:
             source="gateway", model=resolution.model if resolution else UNKNOWN_MODEL,
             version=resolution.version if resolution else 0, alias=resolution.alias if resolution else "",
             status=status, latency_us=int((time.perf_counter() - started) * 1e6),
-            key_id=caller.key_id if caller else "",
+            key_id=caller.key_id if caller else "", generation=generation,
         ))
 
     # ModelStreamInfer ---------------------------------------------------------------------------
@@ -215,8 +347,9 @@ class DataPlane:
         revoked or expired, the answers already under way are sent and the stream ends with
         UNAUTHENTICATED."""
         self._stream_caller(call)
-        pending: asyncio.Queue[asyncio.Task[bytes] | BaseException | None] = asyncio.Queue(self.stream_window)
+        pending: asyncio.Queue[asyncio.Task[bytes | StreamRelay] | BaseException | None] = asyncio.Queue(self.stream_window)
         loop = asyncio.get_running_loop()
+        relay: StreamRelay | None = None
 
         async def read() -> None:
             try:
@@ -237,26 +370,39 @@ class DataPlane:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield await item
+                answer = await item
+                if isinstance(answer, bytes):
+                    yield answer
+                    continue
+                relay = answer
+                async for response in relay:
+                    yield response
+                relay = None
         finally:
             reader.cancel()
+            if relay is not None:
+                relay.cancel()
             while not pending.empty():
                 left = pending.get_nowait()
                 if isinstance(left, asyncio.Task):
                     left.cancel()
+                    done = left.result() if left.done() and not left.cancelled() and not left.exception() else None
+                    if isinstance(done, StreamRelay):
+                        done.cancel()
 
-    async def _stream_one(self, caller: Caller, raw: bytes, call: CallInfo) -> bytes:
-        per_request = dataclasses.replace(call, timeout=self.default_timeout_s)
+    async def _stream_one(self, caller: Caller, raw: bytes, call: CallInfo) -> bytes | StreamRelay:
+        # Not the stream's deadline: a tensor request gets default_timeout_s, a generation generation_timeout_s.
+        per_request = dataclasses.replace(call, timeout=None)
+        request = pb.ModelInferRequest.FromString(raw)
         try:
-            response, _ = await self.infer_as(caller, raw, per_request)
-            return wrap_stream_response(response)
+            answer, _ = await self._infer(caller, request, raw, per_request, None, streaming=True)
         except AiaasError as exc:
             if call.grpc_error:
                 raise
-            request = pb.ModelInferRequest.FromString(raw)
-            return pb.ModelStreamInferResponse(error_message=exc.message, infer_response=pb.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id,
-            )).SerializeToString()
+            return stream_error(request, exc.message, final=False)
+        if isinstance(answer, bytes):
+            return wrap_stream_response(answer)
+        return StreamRelay(answer, request, call.grpc_error, self.stream_window)
 
     # Model-scoped reads -------------------------------------------------------------------------
 

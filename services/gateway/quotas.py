@@ -1,5 +1,9 @@
 """Quotas: token buckets per API key and per model, shared by every gateway replica through Redis.
 
+Two kinds: requests (each request takes one token) and, for generative models, tokens per minute
+(a request is admitted while its buckets hold a token, then charged its prompt + completion
+tokens when it ends; see TOKEN_USAGE_LUA).
+
 One Lua script takes a token from every bucket that applies, atomically, or from none of them,
 and answers how long to wait when any is empty. Without Redis the same buckets live in-process.
 When a Redis call times out or fails, and for the retry-after window after it, the configured
@@ -68,6 +72,56 @@ return wait
 """
 
 
+# Token quotas: one bucket of `tokens_per_minute` tokens per key and per model, refilled over a
+# minute. A request is admitted while every bucket holds at least one token (nothing is taken then)
+# and charged its prompt + completion tokens when it ends; a bucket may go below zero (the request
+# was longer than what was left), and the next request waits until it is back above one.
+# KEYS: bucket keys; ARGV: amount (0: only check), then rate_per_s_1, capacity_1, ...
+# Returns the wait in ms before every bucket holds one token again (0: admitted, or charged).
+TOKEN_USAGE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local amount = tonumber(ARGV[1])
+local wait = 0
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[2 * i])
+  local cap = tonumber(ARGV[2 * i + 1])
+  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local tokens = tonumber(v[1])
+  local ts = tonumber(v[2])
+  if tokens == nil or ts == nil then
+    tokens = cap
+  else
+    tokens = math.min(cap, tokens + math.max(0, now - ts) * rate / 1000)
+  end
+  if amount > 0 then
+    tokens = tokens - amount
+    redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ts', tostring(now))
+    redis.call('PEXPIRE', KEYS[i], math.ceil((cap - tokens) * 1000 / rate) + 1000)
+  elseif tokens < 1 then
+    local w = math.ceil((1 - tokens) * 1000 / rate)
+    if w > wait then wait = w end
+  end
+end
+return wait
+"""
+
+
+def token_buckets_for(caller: Caller, model: str, model_quota: QuotaSpec | None,
+                      default_key_tpm: float, default_model_tpm: float) -> list[Bucket]:
+    """The token buckets of a generative request: its key's and its model's tokens per minute, when limited."""
+    found: list[Bucket] = []
+    key_tpm = caller.quota.tokens_per_minute if caller.quota is not None and not caller.quota.tokens_unlimited \
+        else default_key_tpm
+    if key_tpm > 0:
+        found.append((f"aiaas:tokens:key:{caller.key_id}", QuotaSpec(key_tpm / 60.0, math.ceil(key_tpm))))
+    model_tpm = model_quota.tokens_per_minute if model_quota is not None and not model_quota.tokens_unlimited \
+        else default_model_tpm
+    if model_tpm > 0:
+        found.append((f"aiaas:tokens:model:{model}", QuotaSpec(model_tpm / 60.0, math.ceil(model_tpm))))
+    return found
+
+
 def buckets_for(caller: Caller, model: str, model_quota: QuotaSpec | None,
                 default_key: QuotaSpec, default_model: QuotaSpec) -> list[Bucket]:
     """The buckets a request must take a token from: its key's and its model's, when limited."""
@@ -100,6 +154,34 @@ class LocalBuckets:
         for (name, _), tokens in zip(buckets, levels, strict=True):
             self._state[name] = (tokens - 1 if wait == 0 else tokens, now)
         return math.ceil(wait * 1000 - 1e-6)
+
+
+class LocalTokenBuckets:
+    """Token quotas in-process: `TOKEN_USAGE_LUA`'s algorithm (check, then charge the usage)."""
+
+    def __init__(self, max_buckets: int = 100_000) -> None:
+        self.max_buckets = max_buckets
+        self._state: dict[str, tuple[float, float]] = {}
+
+    def _level(self, name: str, spec: QuotaSpec, now: float) -> float:
+        tokens, ts = self._state.get(name, (spec.capacity, now))
+        return min(spec.capacity, tokens + max(0.0, now - ts) * spec.rps)
+
+    def wait_ms(self, buckets: Sequence[Bucket], now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        wait = 0.0
+        for name, spec in buckets:
+            tokens = self._level(name, spec, now)
+            if tokens < 1:
+                wait = max(wait, (1 - tokens) / spec.rps)
+        return math.ceil(wait * 1000 - 1e-6)
+
+    def charge(self, buckets: Sequence[Bucket], amount: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if len(self._state) >= self.max_buckets:
+            self._state.clear()  # full buckets are what a cleared entry starts from: forgiving, bounded
+        for name, spec in buckets:
+            self._state[name] = (self._level(name, spec, now) - amount, now)
 
 
 def local_share(buckets: Sequence[Bucket], replicas: int) -> list[Bucket]:
@@ -135,6 +217,10 @@ class QuotaEnforcer:
         self.default_key = default_key
         self.default_model = default_model
         self.local = LocalBuckets()
+        self.local_tokens = LocalTokenBuckets()
+        # Token buckets of this replica's share, used only while Redis is slow or down (mode "local").
+        self.fallback_tokens = LocalTokenBuckets()
+        self._token_script = redis.register_script(TOKEN_USAGE_LUA) if redis is not None else None
         # Buckets of this replica's share, used only while Redis is slow or down (mode "local").
         self.fallback = LocalBuckets()
         self._script = redis.register_script(TOKEN_BUCKET_LUA) if redis is not None else None
@@ -178,11 +264,44 @@ class QuotaEnforcer:
                 metadata={"retry-after-ms": str(wait_ms)},
             )
 
-    async def _take_shared(self, script: Any, buckets: Sequence[Bucket]) -> int | None:
+    def token_buckets(self, caller: Caller, model: str, model_quota: QuotaSpec | None) -> list[Bucket]:
+        return token_buckets_for(caller, model, model_quota, self.default_key.tokens_per_minute,
+                                 self.default_model.tokens_per_minute)
+
+    async def check_tokens(self, buckets: Sequence[Bucket]) -> None:
+        """ResourceExhausted while a token bucket of the request is empty (nothing is taken)."""
+        if not buckets:
+            return
+        if self._token_script is None:
+            wait_ms = self.local_tokens.wait_ms(buckets)
+        else:
+            shared = await self._take_shared(self._token_script, buckets, first=(0,))
+            if shared is None:
+                return
+            wait_ms = shared if shared >= 0 else self.fallback_tokens.wait_ms(local_share(buckets, self.replicas))
+        if wait_ms > 0:
+            which = " and ".join(name.split(":", 2)[2] for name, _ in buckets)
+            raise ResourceExhausted(
+                f"token quota exceeded ({which}: tokens per minute used up); retry after {wait_ms} ms",
+                metadata={"retry-after-ms": str(wait_ms)},
+            )
+
+    async def charge_tokens(self, buckets: Sequence[Bucket], tokens: int) -> None:
+        """Take a finished request's prompt + completion tokens from its token buckets."""
+        if not buckets or tokens <= 0:
+            return
+        if self._token_script is None:
+            self.local_tokens.charge(buckets, tokens)
+            return
+        shared = await self._take_shared(self._token_script, buckets, first=(tokens,))
+        if shared is not None and shared < 0:
+            self.fallback_tokens.charge(local_share(buckets, self.replicas), tokens)
+
+    async def _take_shared(self, script: Any, buckets: Sequence[Bucket], first: Sequence[float] = ()) -> int | None:
         """Wait in ms from Redis; None when the store is away and the mode is "open", -1 when "local"."""
         if time.monotonic() < self._store_down_until:
             return self._store_unavailable(None)
-        args: list[float] = []
+        args: list[float] = list(first)
         for _, spec in buckets:
             args += [spec.rps, spec.capacity]
         try:

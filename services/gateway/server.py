@@ -23,6 +23,7 @@ from services.gateway.feed import RegistryFeed
 from services.gateway.feedback import FeedbackDesk
 from services.gateway.keys import KeyRing
 from services.gateway.limits import RequestLimits, Signature
+from services.gateway.openai_door import OpenAIDoor, OpenAIServer
 from services.gateway.predictions import (
     MemoryPredictionStore,
     PredictionLog,
@@ -91,6 +92,8 @@ class GatewayService(Service[DataPlane]):
     admin: GatewayAdmin | None = None
     # How long `prepare` waits for the registry's first snapshot; None: until it comes (or a signal).
     wait_for_registry_s: float | None = None
+    # The OpenAI-compatible HTTP door (None: off); it opens with the gRPC port and drains beside it.
+    openai: OpenAIServer | None = None
 
     def __post_init__(self) -> None:
         super().__init__(self.app, self.plane)
@@ -121,7 +124,20 @@ class GatewayService(Service[DataPlane]):
         if self.admin is not None and self.settings.auth_enabled and self.settings.bootstrap_admin_key:
             await self.admin.ensure_bootstrap_key(self.settings.bootstrap_admin_key)
 
+    async def start(self) -> int:
+        port = await super().start()
+        if self.openai is not None:
+            await self.openai.start()
+        return port
+
+    async def stop(self) -> None:
+        if self.openai is not None:
+            self.openai.begin_stop()  # drains beside the gRPC calls; `close` waits for it
+        await super().stop()
+
     async def close(self) -> None:
+        if self.openai is not None:
+            await self.openai.stop()
         await self.feed.close()
         await self.plane.shadows.drain()
         if self.plane.predictions is not None:
@@ -148,8 +164,10 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
         redis=redis, failure_mode=settings.redis_failure_mode, timeout_s=settings.redis_timeout_ms / 1000.0,
         retry_after_s=settings.redis_retry_after_s, replicas=settings.gateway_replicas,
         address=url_address(settings.redis_url, 6379) if settings.redis_url else "",
-        default_key=QuotaSpec(settings.default_key_rps, settings.default_key_burst),
-        default_model=QuotaSpec(settings.default_model_rps, settings.default_model_burst),
+        default_key=QuotaSpec(settings.default_key_rps, settings.default_key_burst,
+                              settings.default_key_tokens_per_minute),
+        default_model=QuotaSpec(settings.default_model_rps, settings.default_model_burst,
+                                settings.default_model_tokens_per_minute),
     )
     balancer = Balancer(eject_after=settings.eject_after_failures, eject_base_s=settings.eject_base_s,
                         eject_max_s=settings.eject_max_s, panic_threshold=settings.eject_panic_threshold)
@@ -177,7 +195,7 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
         signatures=SignatureCache(fetch_signature), reporter=reporter, default_timeout_s=settings.default_timeout_s,
         shadow_max_concurrency=settings.shadow_max_concurrency, shadow_tolerance=settings.shadow_tolerance,
         stream_window=settings.stream_window, drift_sample_rate=settings.drift_sample_rate,
-        ready=lambda: service.ready(), predictions=predictions,
+        ready=lambda: service.ready(), predictions=predictions, generation_timeout_s=settings.generation_timeout_s,
     )
     admin = GatewayAdmin(RegistryRecords(registry_channel), ring, catalog, encode_route, decode_route)
     # Keys are checked before any request body is read (see servicer.BodyGate).
@@ -188,7 +206,15 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
                     GatewayAdminServicer(admin, ring))
     app.add_service(FEEDBACK_SERVICE, gate.adding(gw_grpc.add_FeedbackServicer_to_server),
                     FeedbackServicer(FeedbackDesk(prediction_store, reporter, settings.feedback_window_s), ring))
+    openai = None
+    if settings.openai_enabled:
+        openai = OpenAIServer(
+            OpenAIDoor(plane, max_body_bytes=min(settings.openai_max_body_bytes, settings.max_request_bytes)), host=settings.host,
+            port=settings.openai_port, max_connections=settings.openai_max_connections,
+            keep_alive_s=settings.openai_keep_alive_s, grace_period_s=settings.grace_period_s,
+            tls_cert=settings.tls_cert, tls_key=settings.tls_key,
+        )
     service = GatewayService(settings, app, plane, catalog=catalog, ring=ring, feed=feed, upstream=upstream,
                              quotas=quotas, reporter=reporter, registry_channel=registry_channel, redis=redis,
-                             admin=admin)
+                             admin=admin, openai=openai)
     return service

@@ -17,6 +17,19 @@ class GatewaySettings(ServerSettings):
     """The public door: auth, quotas, alias routing, canary, shadow traffic, retries."""
 
     port: int = 8001
+    # The OpenAI-compatible HTTP door (/v1/models, /v1/completions, /v1/chat/completions) on this
+    # port, same host; 0 picks a free one. --no-openai-enabled serves gRPC only.
+    openai_port: int = 8000
+    openai_enabled: bool = True
+    # Largest request body the OpenAI door reads, in bytes (and no more than max_request_bytes);
+    # larger ones get 413.
+    openai_max_body_bytes: int = 4 * 1024 * 1024
+    # Connections and requests the OpenAI door holds at once; beyond it, new ones get 503.
+    openai_max_connections: int = 1024
+    # How long the OpenAI door keeps an idle keep-alive connection, in seconds.
+    openai_keep_alive_s: float = 5.0
+    # Deadline in seconds of a generation (a request to a decoupled model) whose caller sets none.
+    generation_timeout_s: float = 600.0
     # The public door: one client connection gets at most this many open calls.
     max_concurrent_streams: int = 256
     # Registry address (host:port): the model snapshot and change feed (aliases, routes, keys), and
@@ -51,6 +64,12 @@ class GatewaySettings(ServerSettings):
     default_model_rps: float = 0.0
     # Burst (token bucket size, in requests) of that default model quota; 0 means max(1, default_model_rps).
     default_model_burst: int = 0
+    # Prompt + completion tokens per minute of generative requests for a key without its own token
+    # quota; 0 means unlimited.
+    default_key_tokens_per_minute: float = 0.0
+    # Tokens per minute, across all keys and replicas, for a generative model whose route sets none;
+    # 0 means unlimited.
+    default_model_tokens_per_minute: float = 0.0
     # While Redis is slow or down (a timeout or error, then the retry-after window): "local" decides
     # in this process with token buckets at 1/gateway_replicas of each limit; "open" admits requests
     # without a check; "closed" refuses them with UNAVAILABLE and a retry-after hint.
@@ -133,6 +152,16 @@ class GatewaySettings(ServerSettings):
         return TryTimeouts.parse(self.per_try_timeout, floor_s=self.per_try_timeout_floor_s,
                                  p99_factor=self.per_try_timeout_p99_factor)
 
+    def _validate_openai(self) -> None:
+        if not 0 <= self.openai_port <= 65535 or (self.openai_enabled and self.openai_port == self.port != 0):
+            raise InvalidArgument("openai_port must be a port (0-65535) other than the gRPC port")
+        if self.openai_max_body_bytes < 1024:
+            raise InvalidArgument("openai_max_body_bytes must be at least 1 KiB")
+        if self.openai_max_connections < 1 or self.openai_keep_alive_s <= 0 or self.generation_timeout_s <= 0:
+            raise InvalidArgument(
+                "openai_max_connections must be >= 1, openai_keep_alive_s and generation_timeout_s > 0"
+            )
+
     def _validate_feedback(self) -> None:
         if not 0.0 <= self.feedback_sample_rate <= 1.0:
             raise InvalidArgument("feedback_sample_rate must be within [0, 1]")
@@ -163,7 +192,9 @@ class GatewaySettings(ServerSettings):
         if self.health_check_interval_s < 0 or self.health_check_timeout_s <= 0:
             raise InvalidArgument("health_check_interval_s must be >= 0 and health_check_timeout_s > 0")
         self.try_timeouts()
-        for name in ("default_key_rps", "default_model_rps", "redis_timeout_ms", "default_timeout_s"):
+        self._validate_openai()
+        for name in ("default_key_rps", "default_model_rps", "redis_timeout_ms", "default_timeout_s",
+                     "default_key_tokens_per_minute", "default_model_tokens_per_minute"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0")
         if not 0.0 <= self.drift_sample_rate <= 1.0:

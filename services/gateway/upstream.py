@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -68,6 +68,13 @@ class _Transport:
         call = self._methods.get(method)
         if call is None:
             call = self.channel.unary_unary(f"/{SERVICE}/{method}")
+            self._methods[method] = call
+        return call
+
+    def stream(self, method: str) -> Any:
+        call = self._methods.get(method)
+        if call is None:
+            call = self.channel.stream_stream(f"/{SERVICE}/{method}")
             self._methods[method] = call
         return call
 
@@ -213,22 +220,94 @@ class InferenceUpstream:
         try:
             response: bytes = await call
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            # The replica's status, passed on to the caller with its message.
-            error = errors.error_from_rpc(exc)
-            if answered_by_application(exc):
-                self.balancer.succeeded(replica)  # it answered: its transport works
-                if code in _RETRY_ELSEWHERE:
-                    raise Refused(error) from None
-                raise error from None
-            if code == grpc.StatusCode.UNAVAILABLE:
-                self.balancer.failed(replica, unreachable=replica.transport.unreachable())
-                raise ReplicaFailed(error) from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                self.balancer.failed(replica, stalled=True)  # no answer within the deadline
-            raise error from None
+            raise self._failure(replica, exc) from None
         self.balancer.succeeded(replica)
         return response
+
+    def _failure(self, replica: Replica, exc: grpc.aio.AioRpcError) -> Exception:
+        """What a failed call to `replica` means (`ReplicaFailed`, `Refused` or the replica's own
+        error), told to the balancer."""
+        code = exc.code()
+        # The replica's status, passed on to the caller with its message.
+        error = errors.error_from_rpc(exc)
+        if answered_by_application(exc):
+            self.balancer.succeeded(replica)  # it answered: its transport works
+            return Refused(error) if code in _RETRY_ELSEWHERE else error
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.balancer.failed(replica, unreachable=replica.transport.unreachable())
+            return ReplicaFailed(error)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.balancer.failed(replica, stalled=True)  # no answer within the deadline
+        return error
+
+    async def stream(self, request: bytes, *, timeout: float, metadata: Sequence[tuple[str, str]] = (),
+                     retry_not_found: bool = False) -> AsyncIterator[bytes]:
+        """One request to a decoupled model: a `ModelStreamInfer` call of its own on one replica,
+        yielding each raw `ModelStreamInferResponse` until the replica ends the call.
+
+        Until the first response, a replica failure or an application UNAVAILABLE /
+        RESOURCE_EXHAUSTED (and, with `retry_not_found`, NOT_FOUND) moves the request to another
+        replica not tried yet, within `timeout` and `max_attempts`; after it, an error ends the
+        generation (tokens already sent cannot be taken back). No hedging: a generation is never
+        run twice. Closing the iterator cancels the upstream call, which frees the generation's
+        KV cache on the replica. Send `triton_grpc_error: true` in `metadata` for errors as statuses.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        tried: set[str] = set()
+        last: errors.AiaasError | None = None
+        answer: errors.AiaasError | None = None
+        for _ in range(self.max_attempts):
+            remaining = deadline - loop.time()
+            replica = self.balancer.pick(tried) if remaining > 0 else None
+            if replica is None:
+                if not tried and remaining > 0:
+                    raise errors.Unavailable("no inference replica is known")
+                break
+            tried.add(replica.address)
+            call = replica.transport.stream("ModelStreamInfer")(timeout=remaining, metadata=metadata)
+            replica.outstanding += 1
+            try:
+                try:
+                    await call.write(request)
+                    await call.done_writing()
+                    first = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    failure = self._failure(replica, exc)
+                    if isinstance(failure, ReplicaFailed):
+                        last = failure.error
+                        continue
+                    if isinstance(failure, Refused):
+                        answer = failure.error
+                        continue
+                    if retry_not_found and isinstance(failure, errors.NotFound):
+                        last = failure
+                        continue
+                    raise failure from None
+                self.balancer.succeeded(replica)
+                if first is grpc.aio.EOF:
+                    return
+                yield first
+                while True:
+                    try:
+                        response = await call.read()
+                    except grpc.aio.AioRpcError as exc:
+                        failure = self._failure(replica, exc)
+                        raise (failure.error if isinstance(failure, ReplicaFailed | Refused) else failure) from None
+                    if response is grpc.aio.EOF:
+                        return
+                    yield response
+            finally:
+                replica.outstanding -= 1
+                if not call.done():
+                    call.cancel()
+        if answer is not None:
+            raise answer
+        if isinstance(last, errors.NotFound):
+            raise last
+        if last is not None:
+            raise errors.Unavailable(f"no inference replica could serve the request: {last.message}")
+        raise errors.DeadlineExceeded("deadline exceeded before an inference replica answered")
 
     async def call_each(self, method: str, request: bytes, *, timeout: float,
                         metadata: Sequence[tuple[str, str]] = ()) -> list[bytes]:

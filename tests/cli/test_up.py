@@ -96,9 +96,9 @@ def test_service_flags_match_each_services_settings(tmp_path: Path) -> None:
 
 def test_default_ports_and_base_port() -> None:
     assert stack_ports(None) == {"gateway": 8001, "registry": 50051, "inference": 50052, "monitor": 50053,
-                                 "metrics": 9464}
+                                 "metrics": 9464, "openai": 8000}
     assert stack_ports(9000) == {"gateway": 9000, "registry": 9001, "inference": 9002, "monitor": 9003,
-                                 "metrics": 9004}
+                                 "metrics": 9004, "openai": 9005}
 
 
 def test_auth_stays_on_off_loopback_with_a_kept_secret(tmp_path: Path) -> None:

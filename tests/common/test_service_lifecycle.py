@@ -8,6 +8,7 @@ and it exits 0, through `python -m services.<name>` -> `serve_main` -> `create_s
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from pathlib import Path
@@ -66,9 +67,13 @@ async def test_each_root_builds_a_service_that_starts_serves_and_stops(tmp_path:
             started.append(runnable)
         gateway = create_gateway(GatewaySettings(
             **common, registry_url=registry_url, inference_targets=(f"127.0.0.1:{inference.port}",),
-            key_pepper="lifecycle-pepper"), configure_process=False)
+            key_pepper="lifecycle-pepper", openai_port=0), configure_process=False)
         assert await gateway.start() == gateway.port > 0
         started.append(gateway)
+        # Its OpenAI-compatible door opened beside it (port 0: a free one).
+        assert gateway.openai is not None and gateway.openai.port > 0
+        _, writer = await asyncio.open_connection("127.0.0.1", gateway.openai.port)
+        writer.close()
 
         assert isinstance(registry.core, RegistryCore)
         assert isinstance(inference.core, ModelRepository)
@@ -81,6 +86,8 @@ async def test_each_root_builds_a_service_that_starts_serves_and_stops(tmp_path:
             await service.stop()
     for service in started:
         assert await _health(service.port) == "UNAVAILABLE", service.app.name
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", gateway.openai.port)
 
 
 def _wait_for_log(proc: ServiceProcess, line: str, timeout: float = 30.0) -> None:

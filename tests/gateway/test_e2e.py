@@ -452,3 +452,21 @@ def test_redis_stopped_mid_test_serving_goes_on(stack: Stack) -> None:
             client.infer(MODEL, inputs, headers=stack.headers(token))
         assert time.monotonic() - started < 10.0
     assert f"quota store (Redis) at 127.0.0.1:{stack.redis.port} unreachable: " in stack.gateways[1].log()
+
+
+def test_the_openai_door_of_a_gateway_process(stack: Stack) -> None:
+    """The door listens beside gRPC with the same keys; tensor models are not offered on it."""
+    import openai
+
+    api = openai.OpenAI(base_url=stack.gateways[0].openai_url, api_key=stack.token, max_retries=0, timeout=30)
+    try:
+        assert api.models.list().data == []  # `tiny` takes tensors
+        with pytest.raises(openai.BadRequestError, match="'tiny' .* is not a generative model"):
+            api.completions.create(model=MODEL, prompt="hello")
+        with pytest.raises(openai.PermissionDeniedError, match="may not use model 'other'"):
+            api.completions.create(model="other", prompt="hello")
+    finally:
+        api.close()
+    with openai.OpenAI(base_url=stack.gateways[1].openai_url, api_key="aiaas_abcd1234_wrong", max_retries=0) as bad, \
+            pytest.raises(openai.AuthenticationError):
+        bad.models.list()

@@ -67,7 +67,7 @@ async def door(registry: ServiceProcess) -> AsyncIterator[Door]:
     settings = GatewaySettings(
         host="127.0.0.1", port=0, registry_url=registry.address, inference_targets=(replica.address,),
         key_pepper=PEPPER, max_concurrent_rpcs=MAX_RPCS, body_timeout_s=BODY_TIMEOUT_S,
-        max_request_bytes=1 << 20, grace_period_s=0.5,
+        max_request_bytes=1 << 20, grace_period_s=0.5, openai_port=0,
     )
     gateway = create_service(settings, configure_process=False)
     gateway.wait_for_registry_s = 30

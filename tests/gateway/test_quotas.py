@@ -17,7 +17,13 @@ from redis.retry import Retry
 
 from services.common.errors import ResourceExhausted, Unavailable
 from services.gateway.entities import Caller, QuotaSpec, Role
-from services.gateway.quotas import LocalBuckets, QuotaEnforcer, buckets_for
+from services.gateway.quotas import (
+    LocalBuckets,
+    LocalTokenBuckets,
+    QuotaEnforcer,
+    buckets_for,
+    token_buckets_for,
+)
 from tests.support.servers import RedisServer, free_port
 
 
@@ -246,3 +252,64 @@ async def test_redis_back_makes_decisions_shared_again() -> None:
 def test_failure_mode_is_checked() -> None:
     with pytest.raises(ValueError, match="failure_mode"):
         QuotaEnforcer(failure_mode="ajar")
+
+
+# Token quotas (generative requests): checked before, charged after --------------------------
+
+def token_caller(tokens_per_minute: float) -> Caller:
+    return Caller(key_id=uuid.uuid4().hex[:12], models=("*",), roles=frozenset({Role.INFER}),
+                  quota=QuotaSpec(tokens_per_minute=tokens_per_minute))
+
+
+def test_token_buckets_come_from_key_model_and_defaults() -> None:
+    c = token_caller(600)
+    assert token_buckets_for(c, "m", None, 0, 0) == [(f"aiaas:tokens:key:{c.key_id}", QuotaSpec(10.0, 600))]
+    assert token_buckets_for(caller(), "m", QuotaSpec(tokens_per_minute=60), 0, 0) == [
+        ("aiaas:tokens:model:m", QuotaSpec(1.0, 60))]
+    plain = caller()
+    assert token_buckets_for(plain, "m", None, 120, 0) == [(f"aiaas:tokens:key:{plain.key_id}", QuotaSpec(2.0, 120))]
+    assert token_buckets_for(caller(rps=5), "m", None, 0, 0) == []  # a request quota is no token quota
+
+
+def test_local_token_bucket_admits_until_used_up_then_refills() -> None:
+    buckets = LocalTokenBuckets()
+    spec = [("k", QuotaSpec(rps=1.0, burst=60))]  # 60 tokens a minute
+    assert buckets.wait_ms(spec, now=0.0) == 0
+    buckets.charge(spec, 50, now=0.0)
+    assert buckets.wait_ms(spec, now=0.0) == 0  # 10 left
+    buckets.charge(spec, 30, now=0.0)  # a long answer: 20 below zero
+    assert buckets.wait_ms(spec, now=0.0) == 21_000
+    assert buckets.wait_ms(spec, now=21.0) == 0
+
+
+async def test_token_quota_is_shared_through_redis_and_charged_by_usage(redis_server: RedisServer) -> None:
+    one, two = client(redis_server.url), client(redis_server.url)
+    try:
+        first, second = QuotaEnforcer(redis=one), QuotaEnforcer(redis=two)
+        c = token_caller(120)  # 2 tokens a second
+        buckets = first.token_buckets(c, "m", None)
+        await first.check_tokens(buckets)
+        await first.charge_tokens(buckets, 100)
+        await second.check_tokens(buckets)  # 20 left
+        await second.charge_tokens(buckets, 30)  # 10 below zero
+        with pytest.raises(ResourceExhausted, match="token quota exceeded") as info:
+            await first.check_tokens(buckets)
+        assert 5000 < int(info.value.metadata["retry-after-ms"]) <= 5500
+        assert first.store_failures == second.store_failures == 0
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_token_quota_falls_back_to_local_buckets_while_redis_is_away() -> None:
+    redis = client(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        quotas = QuotaEnforcer(redis=redis, failure_mode="local", replicas=2, retry_after_s=5.0)
+        buckets = quotas.token_buckets(token_caller(120), "m", None)  # 60 a minute for this replica
+        await quotas.check_tokens(buckets)
+        await quotas.charge_tokens(buckets, 61)
+        with pytest.raises(ResourceExhausted, match="token quota exceeded"):
+            await quotas.check_tokens(buckets)
+        assert quotas.store_failures == 3
+    finally:
+        await redis.aclose()

@@ -18,7 +18,7 @@ from aiaas.k8s.checks import (
     workloads,
 )
 from aiaas.k8s.manifest import Manifest, split_image
-from aiaas.k8s.render import METRICS_PORT, OVERLAYS, SERVICE_PORTS, render
+from aiaas.k8s.render import METRICS_PORT, OPENAI_PORT, OVERLAYS, SERVICE_PORTS, render
 from aiaas.k8s.rollout import missing_secrets
 from tests.k8s.specs import spec_of
 
@@ -124,7 +124,8 @@ def test_aiaas_services_expose_grpc_and_metrics_and_ask_to_be_scraped(
                                   "prometheus.io/path": "/metrics"}
     for service, port in SERVICE_PORTS.items():
         ports = {p["name"]: p["containerPort"] for p in container(objects, service)["ports"]}
-        assert ports == {"grpc": port, "metrics": METRICS_PORT}, service
+        openai = {"openai": OPENAI_PORT} if service == "gateway" else {}
+        assert ports == {"grpc": port, "metrics": METRICS_PORT, **openai}, service
         workload = next(w for w in workloads(objects) if w["metadata"]["name"] == service)
         assert workload["spec"]["template"]["metadata"]["annotations"] == SCRAPE_ANNOTATIONS, service
 
@@ -173,8 +174,9 @@ def test_every_service_selects_a_pod_template_and_its_ports(overlay: tuple[str, 
     # Only the monitor's Service carries its metrics port; Prometheus scrapes the other pods
     # directly, and the gateway's (a LoadBalancer in prod) must not publish 9464.
     assert {p["port"] for p in services["monitor"]["spec"]["ports"]} == {50053, 9464}
-    for name in ("gateway", "registry", "inference", "inference-headless"):
+    for name in ("registry", "inference", "inference-headless"):
         assert {p["port"] for p in services[name]["spec"]["ports"]} == {SERVICE_PORTS[name.split("-")[0]]}, name
+    assert {p["port"] for p in services["gateway"]["spec"]["ports"]} == {SERVICE_PORTS["gateway"], OPENAI_PORT}
 
 
 def test_a_service_that_selects_nothing_is_reported() -> None:

@@ -14,7 +14,7 @@ import yaml
 
 from aiaas.k8s.checks import audit, workloads
 from aiaas.k8s.manifest import Manifest
-from aiaas.k8s.render import OVERLAYS, SERVICE_PORTS, manifests_root, render
+from aiaas.k8s.render import OPENAI_PORT, OVERLAYS, SERVICE_PORTS, manifests_root, render
 from aiaas.k8s.tls import env_values, secret_file
 from tests.k8s.specs import spec_of
 
@@ -77,10 +77,12 @@ def test_prod_gateway_service_carries_tls_from_a_public_certificate(name: str) -
     objects = render(name)
     service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "gateway")
     assert service["spec"]["type"] == "LoadBalancer"
-    [port] = service["spec"]["ports"]
-    target = next(p for p in container(objects, "gateway")["ports"] if p["name"] == port["targetPort"])
-    assert target["containerPort"] == SERVICE_PORTS["gateway"]
-    # What listens there serves gateway-tls, which cert-manager gets from the public issuer.
+    grpc_port, openai_port = service["spec"]["ports"]
+    for port, expected in ((grpc_port, SERVICE_PORTS["gateway"]), (openai_port, OPENAI_PORT)):
+        target = next(p for p in container(objects, "gateway")["ports"] if p["name"] == port["targetPort"])
+        assert target["containerPort"] == expected
+    # What listens there (gRPC and the OpenAI door alike) serves gateway-tls, which cert-manager
+    # gets from the public issuer.
     assert mounted(objects, "gateway", "AIAAS_TLS_CERT") == ("gateway-tls", "tls.crt")
     certificate = next(o for o in objects if o["kind"] == "Certificate" and o["spec"]["secretName"] == "gateway-tls")
     assert certificate["spec"]["issuerRef"]["kind"] == "ClusterIssuer"

@@ -73,6 +73,11 @@ class ServiceProcess:
         self.name = name
         self.port = port or free_port()
         self.args = list(args)
+        # A gateway's OpenAI door gets a free port of its own too (its default, 8000, is shared).
+        self.openai_port: int | None = None
+        if name == "gateway" and not any(a.startswith("--openai-port") for a in self.args):
+            self.openai_port = free_port()
+            self.args += ["--openai-port", str(self.openai_port)]
         self.env = {**os.environ, "AIAAS_LOG_JSON": "false", **(env or {})}
         if "AIAAS_IDENTITY_TOKEN_FILE" not in (env or {}) and session_installed():
             # Each service presents its own identity (the policy applies to what it calls).
@@ -87,6 +92,11 @@ class ServiceProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def openai_url(self) -> str:
+        """A gateway's OpenAI-compatible API (`base_url` of the openai client)."""
+        return f"http://127.0.0.1:{self.openai_port}/v1"
 
     def start(self, wait: bool = True, timeout: float = 90.0) -> ServiceProcess:
         _STARTED.append(self)

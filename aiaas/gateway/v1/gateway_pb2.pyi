@@ -64,12 +64,14 @@ class SendFeedbackResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., alias: _Optional[str] = ..., class_labels: _Optional[int] = ..., correct: _Optional[int] = ..., value_labels: _Optional[int] = ..., mean_abs_error: _Optional[float] = ..., predicted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Quota(_message.Message):
-    __slots__ = ("requests_per_second", "burst")
+    __slots__ = ("requests_per_second", "burst", "tokens_per_minute")
     REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     BURST_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     requests_per_second: float
     burst: int
-    def __init__(self, requests_per_second: _Optional[float] = ..., burst: _Optional[int] = ...) -> None: ...
+    tokens_per_minute: float
+    def __init__(self, requests_per_second: _Optional[float] = ..., burst: _Optional[int] = ..., tokens_per_minute: _Optional[float] = ...) -> None: ...
 
 class ApiKey(_message.Message):
     __slots__ = ("key_id", "name", "models", "roles", "quota", "create_time", "expire_time", "revoked", "revoke_time", "created_by")
