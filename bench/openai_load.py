@@ -21,11 +21,12 @@ counts them) / wall time of the measured part.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -193,7 +194,11 @@ def stream_request(model: str, prompt: str, max_tokens: int, request_id: str = "
 
 
 class _StreamWorker:
-    """One worker's bidi stream; its requests go one after another on it."""
+    """One worker's bidi stream; its requests go one after another on it.
+
+    Requests reach the stream through a queue that grpc's own request iterator drains, so a stream
+    the server ends (a bad key, say) fails the read with the server's status, not a local write error.
+    """
 
     def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...],
                  requests: Sequence[bytes]) -> None:
@@ -202,27 +207,37 @@ class _StreamWorker:
         self._metadata = metadata
         self._requests = requests
         self._call: Any = None
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    @staticmethod
+    async def _drain(outbox: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+        while (request := await outbox.get()) is not None:
+            yield request
 
     async def __call__(self, i: int) -> Sample:
         if self._call is None:
-            self._call = self._open(metadata=self._metadata)
+            self._outbox = asyncio.Queue()
+            self._call = self._open(self._drain(self._outbox), metadata=self._metadata)
         call = self._call
         try:
-            return await self._one(call, self._requests[i])
+            return await self._one(call, self._outbox, self._requests[i])
         except BaseException as exc:
             # The stream is unusable after a failure: the worker's next request opens a new one.
             self._call = None
+            self._outbox.put_nowait(None)
+            code = None
+            if not isinstance(exc, asyncio.CancelledError):
+                with contextlib.suppress(asyncio.TimeoutError):  # the status the server ended it with
+                    code = await asyncio.wait_for(call.code(), 2.0)
             call.cancel()
-            if call.done() and not isinstance(exc, asyncio.CancelledError):
-                code = await call.code()
-                if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
-                    raise RuntimeError(f"{code.name}: {await call.details()}") from exc
+            if code not in (None, grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                raise RuntimeError(f"{code.name}: {await call.details()}") from exc
             raise
 
     @staticmethod
-    async def _one(call: Any, request: bytes) -> Sample:
+    async def _one(call: Any, outbox: asyncio.Queue[bytes | None], request: bytes) -> Sample:
         started = last = time.perf_counter()
-        await call.write(request)
+        outbox.put_nowait(request)
         ttft: float | None = None
         gaps: list[float] = []
         seen = 0
@@ -248,7 +263,7 @@ class _StreamWorker:
 
     async def close(self) -> None:
         if self._call is not None:
-            await self._call.done_writing()
+            self._outbox.put_nowait(None)  # ends the request iterator: the client half-closes
             self._call.cancel()
 
 
