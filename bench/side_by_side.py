@@ -417,10 +417,12 @@ def start_peers(servers: list[str], cache: Path, files: dict[str, Path], work: P
 def reference(files: dict[str, Path], x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import torch
 
+    from aiaas.artifact_gate import load_torchscript
+
     out = {}
     with torch.inference_mode():
         for name, path in files.items():
-            out[name] = torch.jit.load(str(path)).eval()(torch.from_numpy(x[name])).numpy()
+            out[name] = load_torchscript(str(path)).eval()(torch.from_numpy(x[name])).numpy()
     return out
 
 

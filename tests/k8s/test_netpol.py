@@ -39,7 +39,8 @@ def expected_paths(pods: set[str], extra: set[tuple[str, str, int]]) -> set[tupl
     # The gateway is public, to every source but our own pods, whose egress is limited to what
     # they call; a neighbour in the namespace (Prometheus) may scrape each aiaas service's metrics
     # port, nobody outside it may, and the data stores have none. Every pod resolves names.
-    public = {(source, "gateway", 8001) for source in (OUTSIDE, NEIGHBOUR)}
+    # Both doors: gRPC on 8001 and the OpenAI-compatible HTTP API on 8000.
+    public = {(source, "gateway", port) for source in (OUTSIDE, NEIGHBOUR) for port in (8001, 8000)}
     scrape = {(NEIGHBOUR, service, METRICS_PORT) for service in SERVICE_PORTS}
     dns = {(pod, KUBE_DNS, DNS_PORT) for pod in pods}
     return SERVICE_PATHS | extra | public | scrape | dns
@@ -63,7 +64,7 @@ def test_no_pod_reaches_outside_the_namespace_but_the_cluster_dns(overlay: str) 
 
 def test_only_the_gateway_is_reachable_from_outside() -> None:
     paths = allowed_paths(render("prod"))
-    assert {(dst, port) for src, dst, port in paths if src == OUTSIDE} == {("gateway", 8001)}
+    assert {(dst, port) for src, dst, port in paths if src == OUTSIDE} == {("gateway", 8001), ("gateway", 8000)}
 
 
 def test_metrics_ports_are_scrapable_only_from_the_namespace() -> None:

@@ -190,6 +190,10 @@ _DANGEROUS = re.compile(r"pickle\.loads?\(|torch\.load\(|weights_only\s*=\s*Fals
 _GATED = {
     # torch.jit.load runs after check_artifact has scanned the archive's code (see load_torchscript).
     ("aiaas/artifact_gate.py", "torch.jit.load("),
+    # The peer servers of `make bench-peers` (Triton, MLServer) load the TorchScript files the benchmark
+    # built itself, in their own throwaway venvs where aiaas is not installed; no uploaded bytes.
+    ("bench/peers/mlserver_runtime.py", "torch.jit.load("),
+    ("bench/peers/pytriton_server.py", "torch.jit.load("),
 }
 
 
