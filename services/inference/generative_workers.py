@@ -34,7 +34,7 @@ from services.inference._worker_main import WorkerConfig
 from services.inference.entities import VersionSpec
 from services.inference.sandbox import SandboxReport
 from services.inference.settings import InferenceSettings
-from services.inference.workers import _ERRORS, _worker_env
+from services.inference.workers import _ERRORS, _worker_env, end_process
 
 log = logging.getLogger("aiaas.inference.generative")
 
@@ -269,22 +269,11 @@ class _GenWorker:
             self._ready.set_exception(Unavailable(f"model worker for {self.pool.name} exited; retry"))
 
     async def _reap(self, timeout_s: float = 5.0, *, kill: bool = False) -> int | None:
-        process = self.process
+        process, conn = self.process, self.conn
         if process is None:
             return None
-        loop = asyncio.get_running_loop()
-        if self.conn is not None:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(self.conn.fileno())
-            self.conn.close()
-            self.conn = None
-        if kill:
-            process.kill()
-        try:
-            code: int | None = await loop.run_in_executor(None, process.wait, timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = await loop.run_in_executor(None, process.wait)
+        self.conn = None
+        code = await end_process(process, conn, timeout_s, kill=kill)
         self.process = None
         return code
 

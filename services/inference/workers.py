@@ -105,6 +105,25 @@ def _worker_env(scrub: bool) -> dict[str, str]:
     return env
 
 
+async def end_process(process: Any, conn: Connection | None, timeout_s: float = 5.0, *,
+                      kill: bool = False) -> int | None:
+    """Stop reading a worker's pipe and close it, then wait for the process to exit (SIGKILL when it
+    has not after `timeout_s`, or at once with `kill`); its exit code."""
+    loop = asyncio.get_running_loop()
+    if conn is not None:
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(conn.fileno())
+        conn.close()
+    if kill:
+        process.kill()
+    try:
+        code: int | None = await loop.run_in_executor(None, process.wait, timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = await loop.run_in_executor(None, process.wait)
+    return code
+
+
 def _error(code: str, message: str) -> AiaasError:
     return _ERRORS.get(code, Internal)(message)
 
@@ -290,22 +309,11 @@ class _Worker:
     async def _reap(self, timeout_s: float = 5.0, *, kill: bool = False) -> int | None:
         """Wait for the process to exit (kill it if it will not) and return its exit code."""
         self._disarm()
-        process = self.process
+        process, conn = self.process, self.conn
         if process is None:
             return None
-        loop = asyncio.get_running_loop()
-        if self.conn is not None:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(self.conn.fileno())
-            self.conn.close()
-            self.conn = None
-        if kill:
-            process.kill()
-        try:
-            code: int | None = await loop.run_in_executor(None, process.wait, timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = await loop.run_in_executor(None, process.wait)
+        self.conn = None
+        code = await end_process(process, conn, timeout_s, kill=kill)
         self.process = None
         return code
 

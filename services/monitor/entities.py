@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+# A generative request's tokens and timings, as reported (monitor.proto GenerationStats): the reporters' type.
+from services.common.reporting import GenerationStats as Generation
+
 # Status names that mean the server failed (OpenTelemetry's rule, as in the interceptor);
 # the caller's own mistakes (INVALID_ARGUMENT, NOT_FOUND, quota...) are not the model's errors.
 SERVER_FAULT_STATUSES = frozenset(
@@ -28,21 +31,6 @@ class SeriesKey:
     def decode(text: str) -> SeriesKey:
         source, model, version, alias = text.split("|", 3)
         return SeriesKey(model=model, version=int(version), alias=alias, source=source)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Generation:
-    """A generative request's tokens and timings, as reported (monitor.proto GenerationStats)."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_us: int = 0
-    itl_mean_us: int = 0
-    itl_max_us: int = 0
-    generation_us: int = 0
-    preemptions: int = 0
-    kv_cache_usage: float = 0.0
-    finish_reason: str = ""
 
 
 @dataclasses.dataclass(slots=True)
