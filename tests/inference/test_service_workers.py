@@ -96,8 +96,9 @@ def test_worker_killed_mid_batch(server: ServiceProcess) -> None:
     assert len(new) == 2 and busy not in new and set(pids) - {busy} <= set(new)
 
 
-def _wait_busy(pids: list[int], timeout: float = 20.0) -> int:
-    """The worker that starts burning CPU, i.e. the one running the long batch."""
+def _wait_busy(pids: list[int], timeout: float = 20.0, answers: queue.Queue[tuple[Any, Any]] | None = None) -> int:
+    """The worker that starts burning CPU, i.e. the one running the long batch (0.1 s of CPU: idle
+    workers spend next to none); with `answers`, a request that already ended says how."""
     processes = [psutil.Process(pid) for pid in pids]
 
     def used(process: psutil.Process) -> float:
@@ -111,8 +112,10 @@ def _wait_busy(pids: list[int], timeout: float = 20.0) -> int:
     while time.monotonic() < deadline:
         time.sleep(0.1)
         for process in processes:
-            if used(process) - before[process.pid] > 0.3:
+            if used(process) - before[process.pid] > 0.1:
                 return process.pid
+        if answers is not None and not answers.empty():
+            raise AssertionError(f"the long batch ended before a worker was seen running it: {answers.get()}")
     raise AssertionError("no worker started the batch")
 
 
@@ -144,7 +147,7 @@ def test_sigterm_drains_and_stops_every_worker(server: ServiceProcess) -> None:
         answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
         client.async_infer("spin", spin_inputs(40_000, np.ones((1, 4), np.float32)),
                            callback=lambda result, error: answers.put((result, error)))
-        _wait_busy(pids)
+        _wait_busy(pids, answers=answers)
         assert server.stop() == 0  # SIGTERM: the in-flight request finishes first
         result, error = answers.get(timeout=10)
         assert error is None and result.as_numpy("y").shape == (1, 4)
