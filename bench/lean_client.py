@@ -20,27 +20,15 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from services.gateway.wire import length_delimited
+
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
 TORCHSERVE_PREDICT = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
 DISTINCT_REQUESTS = 64
 MAX_MESSAGE = 64 << 20
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+_field = length_delimited  # the gateway's own protobuf field writer
 
 
 def torchserve_request(model: str, data: bytes) -> bytes:
