@@ -165,8 +165,8 @@ class AiaasStack:
 
 
 @contextlib.contextmanager
-def aiaas_stack(checkpoint: Path, tmp: Path, *, threads: int, max_num_seqs: int, kv_cache_tokens: int,
-                name: str = MODEL) -> Iterator[AiaasStack]:
+def aiaas_stack(checkpoint: Path, tmp: Path, *, threads: int | None, max_num_seqs: int, kv_cache_tokens: int,
+                name: str = MODEL, instances: int = 1) -> Iterator[AiaasStack]:
     """A registry, one inference service and a gateway as real processes, serving `checkpoint` as `name`."""
     # Test support starts the services as real processes (python -m services.X) exactly as the tests do.
     from aiaas.gateway_client import GatewayClient
@@ -178,9 +178,11 @@ def aiaas_stack(checkpoint: Path, tmp: Path, *, threads: int, max_num_seqs: int,
     procs = []
     try:
         deploy_lm(checkpoint, name=name, registry=registry.address,
-                  serving_config={"kv_cache_tokens": kv_cache_tokens, "max_num_seqs": max_num_seqs})
+                  serving_config={"kv_cache_tokens": kv_cache_tokens, "max_num_seqs": max_num_seqs,
+                                  "instance_count": instances})
         started = time.perf_counter()
-        inference = start_inference(inference_args(registry, tmp / "cache", "--torch-threads", str(threads),
+        threads_args = ("--torch-threads", str(threads)) if threads else ()  # none: the service's default
+        inference = start_inference(inference_args(registry, tmp / "cache", *threads_args,
                                                    "--max-queue-size", str(4 * max_num_seqs)))
         procs.append(inference)
         wait_model(inference, name, timeout=180)
@@ -197,21 +199,28 @@ def aiaas_stack(checkpoint: Path, tmp: Path, *, threads: int, max_num_seqs: int,
         registry.proc.stop()
 
 
-def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, tmp: Path, threads: int
-               ) -> list[dict[str, Any]]:
+DOORS = ("aiaas grpc", "gateway grpc", "gateway openai")
+
+
+def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, tmp: Path, threads: int | None,
+               doors: tuple[str, ...] = DOORS, instances: int = 1) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     top = max(plan.levels)
     with aiaas_stack(checkpoint, tmp, threads=threads, max_num_seqs=top,
-                     kv_cache_tokens=top * (128 + plan.new) + 1024) as stack:
+                     kv_cache_tokens=top * (128 + plan.new) + 1024, instances=instances) as stack:
         print(f"  aiaas stack ready in {stack.startup_s:.1f} s", flush=True)
         for c in plan.levels:
             n = plan.requests[c]
-            rows.append(measured("aiaas grpc", watch, triton_stream(
-                stack.direct, f"{MODEL}:production", texts, concurrency=c, requests=n, max_tokens=plan.new)))
-            rows.append(measured("gateway grpc", watch, triton_stream(
-                stack.gateway, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new, api_key=stack.token)))
-            rows.append(measured("gateway openai", watch, openai_stream(
-                stack.openai_url, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new, api_key=stack.token)))
+            if "aiaas grpc" in doors:
+                rows.append(measured("aiaas grpc", watch, triton_stream(
+                    stack.direct, f"{MODEL}:production", texts, concurrency=c, requests=n, max_tokens=plan.new)))
+            if "gateway grpc" in doors:
+                rows.append(measured("gateway grpc", watch, triton_stream(
+                    stack.gateway, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new, api_key=stack.token)))
+            if "gateway openai" in doors:
+                rows.append(measured("gateway openai", watch, openai_stream(
+                    stack.openai_url, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new,
+                    api_key=stack.token)))
     return rows
 
 
@@ -279,10 +288,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests per row (about half the time)")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM row (no install, no server)")
     parser.add_argument("--no-aiaas", action="store_true", help="skip the three aiaas rows")
+    parser.add_argument("--doors", default=",".join(DOORS),
+                        help=f"which aiaas rows, comma-separated (default: all of {', '.join(DOORS)})")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the naive and static rows")
     parser.add_argument("--cache", type=Path, default=None, help="where vLLM's venv lives (default ~/.cache/aiaas/llm-bench)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "llm_service.json")
     parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads of the in-process rows and of aiaas's model workers (vLLM binds both cores)")
+                        help="torch threads of the in-process rows (default 2: every core, as vLLM binds both)")
+    parser.add_argument("--instances", type=int, default=2,
+                        help="aiaas's instances of the model (one engine process each; default 2: on 2 cores two "
+                             "single-threaded engines make more tokens than one with 2 threads)")
+    parser.add_argument("--aiaas-threads", type=int, default=0,
+                        help="torch threads of aiaas's model workers (default 0: the service's own default, "
+                             "the cores less one for the frontend)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = args.cache or default_cache_dir()
@@ -300,14 +318,19 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     texts, ids = text_prompts(tokenizer, 256, 128)
 
-    rows = in_process_rows(checkpoint, ids, new, args.quick, watch)
+    doors = tuple(d.strip() for d in args.doors.split(",") if d.strip())
+    unknown = set(doors) - set(DOORS)
+    if unknown:
+        parser.error(f"--doors: unknown {', '.join(sorted(unknown))} (known: {', '.join(DOORS)})")
+    rows = [] if args.no_in_process else in_process_rows(checkpoint, ids, new, args.quick, watch)
     for r in rows:
         print(f"    {r['row']:<15} {r['out_tok_s']:8.0f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms", flush=True)
     notes: dict[str, Any] = {}
     if not args.no_aiaas:
         work = Path(tempfile.mkdtemp(prefix="aiaas-llm-bench-"))
         try:
-            rows += aiaas_rows(checkpoint, texts, plan, watch, work, args.threads)
+            rows += aiaas_rows(checkpoint, texts, plan, watch, work, args.aiaas_threads or None, doors,
+                               args.instances)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if not args.no_vllm:
@@ -332,7 +355,9 @@ def main() -> None:
     print("machine: " + (f"BUSY during {', '.join(busy)} (other processes used > {BUSY_FOREIGN_CORES} of a core)"
                          if busy else "quiet (no row saw other processes above 0.3 of a core)"))
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": args.quick,
-              "model": str(checkpoint), "dtype": "bfloat16", "threads": args.threads, "prompt_tokens": 128, "new_tokens": new,
+              "model": str(checkpoint), "dtype": "bfloat16", "threads": args.threads,
+              "aiaas_threads": args.aiaas_threads or "service default",
+              "aiaas_instances": args.instances, "prompt_tokens": 128, "new_tokens": new,
               "cores": os.cpu_count(), "load_before": load_before, "load_after": load_after, "rows": rows,
               "ratios": found, "busy_rows": busy, "notes": notes}
     args.json.write_text(json.dumps(result, indent=1))

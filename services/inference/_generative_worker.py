@@ -11,7 +11,8 @@ Messages in (pickled by the service):
               ("stop", grace_s)
 Messages out (JSON, one list each; the service checks every field, see `generative_workers`):
               ["ready", pid, sandbox_report] | ["error", code, message]      after loading
-              ["chunk", {...}]                  one per engine chunk (see `_wire_chunk`)
+              ["chunks", [{...}, ...]]          the engine chunks of one step, in order (see `_wire_chunk`);
+                                                several messages when they would not fit in one
               ["refused", request_id, code, message]     the engine refused it at submit
 """
 
@@ -28,6 +29,9 @@ from services.inference import sandbox
 # Bounds a worker keeps itself to, so that its messages stay under the service's reply limit.
 MAX_TEXT_CHARS = 64 * 1024
 MAX_ERROR_CHARS = 2000
+# A "chunks" message is cut before it passes this many bytes (the service reads at most 1 MiB); one
+# chunk alone stays far below it (64 Ki characters, at most 6 bytes each in ASCII-escaped JSON).
+MAX_BATCH_BYTES = 768 * 1024
 
 
 class _Sender:
@@ -39,7 +43,9 @@ class _Sender:
         self.broken = False
 
     def send(self, *fields: Any) -> None:
-        data = json.dumps(fields).encode()
+        self.send_bytes(json.dumps(fields).encode())
+
+    def send_bytes(self, data: bytes) -> None:
         with self._lock:
             if self.broken:
                 return
@@ -49,15 +55,42 @@ class _Sender:
                 self.broken = True  # the service is gone; the reader sees EOF and stops
 
 
+class _ChunkBatch:
+    """The chunks of one engine step, sent as one message (or a few) when the engine says the round is over.
+
+    One message per step instead of one per sequence: at 16-64 sequences per step that is 16-64
+    times fewer writes here and wake-ups in the service. Engine thread only.
+    """
+
+    def __init__(self, sender: _Sender) -> None:
+        self._sender = sender
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, wire: dict[str, Any]) -> None:
+        part = json.dumps(wire).encode()
+        if self._parts and self._size + len(part) + 16 > MAX_BATCH_BYTES:
+            self.flush()
+        self._parts.append(part)
+        self._size += len(part) + 1
+
+    def flush(self) -> None:
+        if not self._parts:
+            return
+        parts, self._parts, self._size = self._parts, [], 0
+        self._sender.send_bytes(b'["chunks",[' + b",".join(parts) + b"]]")
+
+
 def serve(conn: Connection, config: dict[str, Any], report: sandbox.SandboxReport) -> None:
     """Load the checkpoint and answer the service until it says stop or goes away."""
     from aiaas.errors import AiaasError
 
     sender = _Sender(conn)
+    batch = _ChunkBatch(sender)
     artifact = config["artifact_path"]
     path = report.paths.get(artifact, artifact)
     try:
-        engine = _load(path, config)
+        engine = _load(path, config, batch.flush)
     except AiaasError as exc:
         sender.send("error", exc.code.value, exc.message.replace(path, artifact)[:MAX_ERROR_CHARS])
         return
@@ -69,12 +102,12 @@ def serve(conn: Connection, config: dict[str, Any], report: sandbox.SandboxRepor
     sender.send("ready", os.getpid(), report.as_dict())
     grace_s = 0.0
     try:
-        grace_s = _read_loop(conn, engine, sender)
+        grace_s = _read_loop(conn, engine, sender, batch)
     finally:
         engine.close(grace_s)
 
 
-def _load(path: str, config: dict[str, Any]) -> Any:
+def _load(path: str, config: dict[str, Any], after_deliver: Any) -> Any:
     import torch
 
     from aiaas.lm import load_causal_lm
@@ -87,10 +120,10 @@ def _load(path: str, config: dict[str, Any]) -> Any:
         pass
     loaded = load_causal_lm(path, device=config["device"])
     engine_config = EngineConfig(**(config.get("engine") or {}))
-    return GenerativeEngine(loaded.model, loaded.tokenizer, engine_config)
+    return GenerativeEngine(loaded.model, loaded.tokenizer, engine_config, after_deliver=after_deliver)
 
 
-def _read_loop(conn: Connection, engine: Any, sender: _Sender) -> float:
+def _read_loop(conn: Connection, engine: Any, sender: _Sender, batch: _ChunkBatch) -> float:
     """Submit, cancel, stop; returns the grace period of the stop (0 when the service went away)."""
     from aiaas.errors import AiaasError, InvalidArgument
     from services.inference.generative import GenerationRequest
@@ -115,7 +148,7 @@ def _read_loop(conn: Connection, engine: Any, sender: _Sender) -> float:
                 fields["prompt"] = _chat_prompt(engine.tokenizer, body["messages"], tokenizer_lock)
                 fields["add_special_tokens"] = False  # the template writes its own special tokens
             request = GenerationRequest.from_message(fields)
-            engine.submit(request, sink=lambda chunk, e=engine: sender.send("chunk", _wire_chunk(chunk, e)))
+            engine.submit(request, sink=lambda chunk, e=engine: batch.add(_wire_chunk(chunk, e)))
         except AiaasError as exc:
             sender.send("refused", request_id, exc.code.value, exc.message[:MAX_ERROR_CHARS])
         except (TypeError, ValueError, KeyError) as exc:

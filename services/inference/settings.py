@@ -54,7 +54,8 @@ class InferenceSettings(ServerSettings):
     # "process": one worker process per model instance; "thread": a thread pool in this process.
     worker_mode: str = "process"
     # Intra-op threads (torch, ONNX Runtime) per model instance; 0 means 1, except torch in thread
-    # mode, which keeps its own default.
+    # mode, which keeps its own default, and generative models, whose instances share the cores
+    # available to the service less one (affinity and cgroup quota; at least 1 each).
     torch_threads: int = 0
     # Confinement of model worker processes (docs/isolation.md): "auto" applies what this host
     # allows and logs the rest, "require" refuses to start a worker that lacks an essential measure,

@@ -46,7 +46,9 @@ class GenerativeEngine:
     """One causal LM and its tokenizer, a KV cache within the budget, a scheduler, and the step loop."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any, config: EngineConfig | None = None, *,
-                 step_observer: StepObserver | None = None) -> None:
+                 step_observer: StepObserver | None = None, after_deliver: Callable[[], None] | None = None) -> None:
+        """`after_deliver` (engine thread) runs once after each round of chunks handed to sinks: at the
+        end of every step and after a request ends outside one, so a sink may buffer and send in batches."""
         self.config = config = config or EngineConfig()
         text_config = model.config.get_text_config()
         kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
@@ -58,7 +60,8 @@ class GenerativeEngine:
         self.pool = BlockPool(num_blocks, config.block_size)
         self.cache = PagedKVCache(num_layers=layers, num_blocks=num_blocks, block_size=config.block_size,
                                   kv_heads=kv_heads, head_dim=head_dim, dtype=model.dtype, device=model.device)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, pack_weights=config.pack_weights,
+                                  batch_hint=min(64, config.max_num_seqs))
         self.scheduler = Scheduler(self.pool, config)
         self.tokenizer = tokenizer
         embeddings: torch.nn.Embedding = model.get_input_embeddings()  # type: ignore[assignment]
@@ -69,6 +72,7 @@ class GenerativeEngine:
         self.eos_ids = frozenset(_token_ids(model.generation_config.eos_token_id)
                                  or _token_ids(getattr(tokenizer, "eos_token_id", None)))
         self._step_observer = step_observer
+        self._after_deliver = after_deliver
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # guards the counts and ids below, and the step history
@@ -253,6 +257,11 @@ class GenerativeEngine:
         wakes, self._deferred_wakes = self._deferred_wakes, []
         for wake in wakes:
             wake()
+        if self._after_deliver is not None:
+            try:
+                self._after_deliver()
+            except Exception:
+                log.exception("the engine's after-deliver hook failed")
 
     def _settle_queue(self, out: SchedulerOutput) -> None:
         """Requests admitted for the first time leave the queue count."""

@@ -20,13 +20,16 @@ from services.inference.generative.attention import (
     StepLayout,
 )
 from services.inference.generative.kv_cache import PagedKVCache
+from services.inference.generative.packing import pack_linears
 from services.inference.generative.scheduler import ScheduledSeq
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, cache: PagedKVCache) -> None:
+    def __init__(self, model: PreTrainedModel, cache: PagedKVCache, *, pack_weights: bool = False,
+                 batch_hint: int = 16) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model.eval()
+        self.packed_linears = pack_linears(model, batch_hint=batch_hint) if pack_weights else 0
         self.cache = cache
         self.block_size = cache.block_size
         self._arange = torch.arange(0)
