@@ -172,11 +172,18 @@ class ClientIdentity:
             return grpc.intercept_channel(channel, _SyncMetadata(self.metadata()))
         return channel
 
-    def aio_channel(self, target: str, options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
-        """An asyncio channel to `target` presenting this identity."""
+    def aio_channel(self, target: str, options: list[tuple[str, Any]] | None = None, *,
+                    token_interceptors: bool = True) -> grpc.aio.Channel:
+        """An asyncio channel to `target` presenting this identity.
+
+        With `token_interceptors=False` the channel carries the TLS identity only, and the caller
+        adds `metadata()` to each call itself: grpc.aio routes every message of an intercepted
+        streaming call through extra Python (an async generator per direction), which a hot path
+        such as the gateway's token relay should not pay.
+        """
         opts = [*(options or ()), *self.options()]
         credentials = self.credentials()
-        interceptors = list(aio_metadata_interceptors(self.metadata())) if self.token else None
+        interceptors = list(aio_metadata_interceptors(self.metadata())) if self.token and token_interceptors else None
         if credentials is not None:
             return grpc.aio.secure_channel(target, credentials, options=opts, interceptors=interceptors)
         return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)

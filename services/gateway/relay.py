@@ -38,33 +38,57 @@ class StreamRelay:
 
 
 class ReadAhead:
-    """An async iterator read up to `window` items ahead by a task of its own; its errors come out
-    in order; `aclose` cancels the reading (and so the generation behind it)."""
+    """An async iterator read up to `window` items ahead by a task of its own until its reader
+    starts; its errors come out in order; `aclose` cancels the reading (and so the generation behind it).
+
+    The reading task exists so that a generation queued behind another on a client's stream runs
+    (and buffers) while the one before it is written. Once its own reader asks for an item, the
+    task hands over after the item it is reading: the reader drains what was buffered, then reads
+    the source itself, so the tokens of the generation being written pay no task switch each.
+    """
 
     _END = object()
+    _HANDOVER = object()
 
     def __init__(self, source: AsyncIterator[Any], window: int) -> None:
         self._source = source
         self._queue: asyncio.Queue[Any] = asyncio.Queue(window)
+        self._reader_waiting = False  # the reader has started: the task stops after its current item
+        self._handed_over = False  # the task stopped for the reader, which now reads the source itself
+        self._direct = False
+        self._closing: asyncio.Task[None] | None = None
         self._task = asyncio.get_running_loop().create_task(self._pump())
 
     async def _pump(self) -> None:
         try:
-            async for item in self._source:
+            while not self._reader_waiting:
+                try:
+                    item = await self._source.__anext__()
+                except StopAsyncIteration:
+                    await self._queue.put(self._END)
+                    return
                 await self._queue.put(item)
-            await self._queue.put(self._END)
+            self._handed_over = True
+            await self._queue.put(self._HANDOVER)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the reader, in order
             await self._queue.put(exc)
         finally:
-            await self._source.aclose()  # type: ignore[attr-defined]
+            if not self._handed_over:
+                await self._source.aclose()  # type: ignore[attr-defined]
 
     def __aiter__(self) -> ReadAhead:
         return self
 
     async def __anext__(self) -> Any:
+        if self._direct:
+            return await self._source.__anext__()
+        self._reader_waiting = True
         item = await self._queue.get()
+        if item is self._HANDOVER:
+            self._direct = True
+            return await self._source.__anext__()
         if item is self._END:
             self._queue.put_nowait(item)  # stays ended
             raise StopAsyncIteration
@@ -73,9 +97,21 @@ class ReadAhead:
         return item
 
     def cancel(self) -> None:
+        if self._direct:
+            if self._closing is None:  # the source is ours now: close it (cancels the generation upstream)
+                self._closing = asyncio.get_running_loop().create_task(self._close_source())
+            return
         self._task.cancel()
 
+    async def _close_source(self) -> None:
+        await self._source.aclose()  # type: ignore[attr-defined]
+
     async def aclose(self) -> None:
+        if self._direct:
+            if self._closing is None:
+                self._closing = asyncio.get_running_loop().create_task(self._close_source())
+            await asyncio.shield(self._closing)
+            return
         if not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

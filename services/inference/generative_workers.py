@@ -440,6 +440,7 @@ def engine_config(spec: VersionSpec, settings: InferenceSettings) -> dict[str, A
     fields: dict[str, Any] = {
         "max_queue_size": serving.max_queue_size or settings.max_queue_size,
         "default_timeout_s": max(0, serving.default_timeout_us) / 1e6,
+        "pack_weights": settings.pack_weights,
     }
     for name in ("kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
         value = getattr(serving, name)

@@ -57,6 +57,10 @@ class InferenceSettings(ServerSettings):
     # mode, which keeps its own default, and generative models, whose instances share the cores
     # available to the service less one (affinity and cgroup quota; at least 1 each).
     torch_threads: int = 0
+    # Generative models on CPU (bf16/fp32): reorder linear weights once for oneDNN (2-4x faster
+    # decode steps, same outputs) at the cost of a private copy per instance instead of the
+    # checkpoint's shared memory-mapped pages (docs/generative.md, "Packed weights").
+    pack_weights: bool = True
     # Confinement of model worker processes (docs/isolation.md): "auto" applies what this host
     # allows and logs the rest, "require" refuses to start a worker that lacks an essential measure,
     # "off" runs workers with the service's own rights.
