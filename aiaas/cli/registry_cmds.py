@@ -123,7 +123,7 @@ def _signature(args: argparse.Namespace) -> dict[str, Any] | None:
 def _serving_config(args: argparse.Namespace) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for key in ("max_batch_size", "max_queue_delay_us", "instance_count", "device", "kv_cache_tokens",
-                "max_num_seqs", "max_num_batched_tokens"):
+                "max_num_seqs", "max_num_batched_tokens", "engine"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     if args.preferred_batch_sizes:
@@ -280,6 +280,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                      help="hf-causal-lm: sequences in one instance's running batch")
     reg.add_argument("--max-num-batched-tokens", type=int, dest="max_num_batched_tokens",
                      help="hf-causal-lm: tokens in one forward pass")
+    reg.add_argument("--engine", choices=("builtin", "vllm"),
+                     help="hf-causal-lm: the generative engine (default builtin; vllm where the inference service has it)")
     reg.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     reg.add_argument("--parent-version", type=int, help="lineage: the version this one derives from")
     reg.add_argument("--parent-model", help="lineage: the parent's model when it is another one")

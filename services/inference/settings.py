@@ -61,6 +61,9 @@ class InferenceSettings(ServerSettings):
     # decode steps, same outputs) at the cost of a private copy per instance instead of the
     # checkpoint's shared memory-mapped pages (docs/generative.md, "Packed weights").
     pack_weights: bool = True
+    # The interpreter that runs generative versions with `engine: vllm` (one that can import vllm);
+    # empty: this service's own. vLLM workers are not confined by worker_sandbox (docs/generative.md).
+    vllm_python: str = ""
     # Confinement of model worker processes (docs/isolation.md): "auto" applies what this host
     # allows and logs the rest, "require" refuses to start a worker that lacks an essential measure,
     # "off" runs workers with the service's own rights.

@@ -125,7 +125,7 @@ def test_serving_config_fields_match_the_proto_message() -> None:
 def test_serving_config_round_trips_and_unset_fields_take_the_defaults() -> None:
     config = serving.ServingConfig(max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=500,
                                    instance_count=2, device="cuda:1", max_queue_size=7, default_timeout_us=9,
-                                   kv_cache_tokens=4096, max_num_seqs=8, max_num_batched_tokens=256)
+                                   kv_cache_tokens=4096, max_num_seqs=8, max_num_batched_tokens=256, engine="vllm")
     assert serving.from_pb(serving.to_pb(config)) == config
     assert serving.from_pb(pb.ServingConfig()) == serving.ServingConfig()
     assert serving.ServingConfig().device == "cpu" and serving.ServingConfig().instance_count == 1

@@ -6,6 +6,8 @@ cancelled and counted; thread mode is refused with a clear message."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -96,4 +98,33 @@ def test_thread_mode_and_bad_engine_sizes_are_refused_before_loading(checkpoint:
         engine_config(spec_for(checkpoint, kv_cache_tokens=8), InferenceSettings())
     fields = engine_config(spec_for(checkpoint, kv_cache_tokens=2048, max_num_seqs=3, max_queue_size=7,
                                     default_timeout_us=1_500_000), InferenceSettings())
-    assert fields == {"kv_cache_tokens": 2048, "max_num_seqs": 3, "max_queue_size": 7, "default_timeout_s": 1.5}
+    assert fields == {"kv_cache_tokens": 2048, "max_num_seqs": 3, "max_queue_size": 7, "default_timeout_s": 1.5,
+                      "pack_weights": True}
+    assert engine_config(spec_for(checkpoint), InferenceSettings(pack_weights=False))["pack_weights"] is False
+
+
+def test_engine_vllm_is_refused_with_a_reason_where_it_cannot_run(checkpoint: Path, tmp_path: Path) -> None:
+    """Without vLLM here, with a vllm_python that is not there, under worker_sandbox=require, with an
+    interpreter that cannot import vllm (a real worker process says so), with a pickle in the checkpoint."""
+    spec = spec_for(checkpoint, engine="vllm")
+    with pytest.raises(FailedPrecondition, match="has no vllm: install it .* vllm_python"):
+        GenerativeExecutor(spec, checkpoint, InferenceSettings())
+    with pytest.raises(FailedPrecondition, match="is not an executable file"):
+        GenerativeExecutor(spec, checkpoint, InferenceSettings(vllm_python=str(tmp_path / "nope")))
+    with pytest.raises(FailedPrecondition, match="worker_sandbox=require"):
+        GenerativeExecutor(spec, checkpoint, InferenceSettings(worker_sandbox="require", vllm_python=sys.executable))
+
+    async def start(path: Path) -> None:
+        executor = GenerativeExecutor(spec, path, InferenceSettings(vllm_python=sys.executable))
+        try:
+            await executor.start()
+        finally:
+            await executor.close()
+
+    with pytest.raises(FailedPrecondition, match=r"cannot import vllm .*pip install 'aiaas\[vllm\]'"):
+        asyncio.run(start(checkpoint))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(checkpoint, pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(FailedPrecondition, match="checkpoint is refused"):
+        asyncio.run(start(pickled))

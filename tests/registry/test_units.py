@@ -59,6 +59,7 @@ def test_signature_rules() -> None:
     (ServingConfig(max_queue_delay_us=10**9), "max_queue_delay_us"),
     (ServingConfig(instance_count=1000), "instance_count"),
     (ServingConfig(device="tpu"), "'tpu' is invalid"),
+    (ServingConfig(engine="tgi"), "engine must be one of '', 'builtin', 'vllm', got 'tgi'"),
 ])
 def test_serving_config_rules(config: ServingConfig, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):

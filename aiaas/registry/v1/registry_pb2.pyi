@@ -117,7 +117,7 @@ class Signature(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
-    __slots__ = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instance_count", "device", "max_queue_size", "default_timeout_us", "strict_queue_delay", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens")
+    __slots__ = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instance_count", "device", "max_queue_size", "default_timeout_us", "strict_queue_delay", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "engine")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class ServingConfig(_message.Message):
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     max_queue_delay_us: int
@@ -140,7 +141,8 @@ class ServingConfig(_message.Message):
     kv_cache_tokens: int
     max_num_seqs: int
     max_num_batched_tokens: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., instance_count: _Optional[int] = ..., device: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., strict_queue_delay: _Optional[bool] = ..., kv_cache_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
+    engine: str
+    def __init__(self, max_batch_size: _Optional[int] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ..., max_queue_delay_us: _Optional[int] = ..., instance_count: _Optional[int] = ..., device: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., strict_queue_delay: _Optional[bool] = ..., kv_cache_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class Lineage(_message.Message):
     __slots__ = ("parent_version", "transformation", "parent_model")
