@@ -126,9 +126,59 @@ async def compare(direct: str, bare: str, gateway: str, token: str, concurrency:
           f"req/s {rate['mtls']:.0f} vs {rate['gateway']:.0f} (x{rate['mtls'] / rate['gateway']:.2f})")
 
 
+def profile(gateway: ServiceProcess, token: str, out: Path, seconds: float, concurrency: int) -> None:
+    """A py-spy flame graph (SVG) and the top frames (text) of the gateway under load at `concurrency`."""
+    payload = request_bytes("tiny")
+    auth = (("authorization", f"Bearer {token}"),)
+    raw = out.with_suffix(".txt")
+    assert gateway.proc is not None, "the gateway is not running"
+    commands = {out: ["--format", "flamegraph"], raw: ["--format", "raw"]}
+    for path, fmt in commands.items():
+        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(gateway.proc.pid),
+                                "--duration", str(int(seconds)), "--rate", "500", "--nonblocking", *fmt,
+                                "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = asyncio.run(_load_until(time.monotonic() + seconds + 2, gateway.address, payload, auth, concurrency))
+        _, err = spy.communicate(timeout=60)
+        if spy.returncode != 0:
+            raise SystemExit(f"py-spy failed ({spy.returncode}): {err.decode(errors='replace')[-500:]}")
+        print(f"profile: {path} ({done} requests at concurrency {concurrency} while sampling)")
+    print(top_frames(raw))
+
+
+async def _load_until(deadline: float, address: str, payload: bytes, auth: tuple[tuple[str, str], ...],
+                      concurrency: int) -> int:
+    count = 0
+    while time.monotonic() < deadline:
+        count += len(await measure(address, payload, auth, concurrency, 50))
+    return count
+
+
+def top_frames(raw: Path, limit: int = 25) -> str:
+    """Self time by innermost Python frame from py-spy's raw output, idle waits left out."""
+    own: dict[str, int] = {}
+    busy = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        leaf = frames[-1]
+        if "select" in leaf and "selectors.py" in leaf or leaf.startswith("Thread.run"):
+            continue  # the event loop waiting, grpc's poller thread waiting
+        n = int(count)
+        busy += n
+        key = leaf.split(" (")[0] + " " + leaf.rsplit("/", 1)[-1].rstrip(")")
+        own[key] = own.get(key, 0) + n
+    rows = sorted(own.items(), key=lambda kv: -kv[1])[:limit]
+    lines = [f"  {100 * n / max(1, busy):5.1f}%  {k}" for k, n in rows]
+    return f"self time of the busy samples ({busy}):\n" + "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--profile", type=Path, metavar="SVG",
+                        help="only profile the gateway with py-spy under load (concurrency 16) and write a flame "
+                             "graph there (and the raw samples beside it, .txt)")
+    parser.add_argument("--profile-seconds", type=float, default=15.0)
     parser.add_argument("--bare-proxy", nargs=2, metavar=("PORT", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_proxy:
@@ -165,6 +215,9 @@ def main() -> None:
                 _, token = admin.create_key("bench", models=["tiny"], roles=["infer"])
             with GatewayClient(tls_gateway.address, api_key=ADMIN_TOKEN) as admin:
                 _, tls_token = admin.create_key("bench", models=["tiny"], roles=["infer"])
+            if args.profile:
+                profile(gateway, token, args.profile, args.profile_seconds, 16)
+                return
             print("gateway latency benchmark: small MLP (4-8-3), batch 1, raw gRPC client, one run\n")
             bare_address = f"127.0.0.1:{bare_port}"
             for concurrency, requests in ((1, 4000), (64, 25600)):
