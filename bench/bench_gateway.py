@@ -143,6 +143,7 @@ def profile(gateway: ServiceProcess, token: str, out: Path, seconds: float, conc
             raise SystemExit(f"py-spy failed ({spy.returncode}): {err.decode(errors='replace')[-500:]}")
         print(f"profile: {path} ({done} requests at concurrency {concurrency} while sampling)")
     print(top_frames(raw))
+    raw.unlink()  # the flame graph keeps what matters; the raw samples run to hundreds of KB
 
 
 async def _load_until(deadline: float, address: str, payload: bytes, auth: tuple[tuple[str, str], ...],
@@ -176,8 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--profile", type=Path, metavar="SVG",
-                        help="only profile the gateway with py-spy under load (concurrency 16) and write a flame "
-                             "graph there (and the raw samples beside it, .txt)")
+                        help="only profile the gateway with py-spy under load (concurrency 16): a flame graph "
+                             "there, and the top frames printed")
     parser.add_argument("--profile-seconds", type=float, default=15.0)
     parser.add_argument("--bare-proxy", nargs=2, metavar=("PORT", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
