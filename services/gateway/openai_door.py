@@ -163,12 +163,17 @@ class OpenAIDoor:
             if answer.ask.chat:
                 yield sse(answer.chunk(None, role=True))
             final = False
-            async for _, message in _chain(first, responses):
+            message = first[1]
+            while True:
                 final = meter.observe(message.infer_response)
                 text = text_output(message.infer_response)
                 if text:
-                    yield sse(answer.chunk(text))
+                    yield answer.text_event(text)
                 if final:
+                    break
+                try:
+                    _, message = await anext(responses)
+                except StopAsyncIteration:
                     break
             if not final:
                 raise Internal("the model ended its responses without a final one")
@@ -233,13 +238,6 @@ class OpenAIDoor:
     async def _not_allowed(self, request: Request, exc: Exception) -> Response:
         return _error_response(OpenAIError(405, f"{request.method} is not allowed on {request.url.path}",
                                            code="method_not_allowed"))
-
-
-async def _chain(first: tuple[bytes, Any], responses: AsyncIterator[tuple[bytes, Any]]
-                 ) -> AsyncIterator[tuple[bytes, Any]]:
-    yield first
-    async for item in responses:
-        yield item
 
 
 def _check_finish(meter: GenerationMeter) -> None:

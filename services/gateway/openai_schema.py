@@ -287,6 +287,7 @@ class Answer:
     ask: GenerationAsk
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    _text_template: tuple[bytes, bytes] | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def object_id(self) -> str:
@@ -325,9 +326,22 @@ class Answer:
             chunk["usage"] = None
         return chunk
 
+    def text_event(self, text: str) -> bytes:
+        """`sse(self.chunk(text))` for a chunk of text, from a template made once per answer: only the
+        text is encoded per token (the whole chunk object's encoding cost 4x more in the token relay)."""
+        template = self._text_template
+        if template is None:
+            marker = json.dumps(_MARK, ensure_ascii=False).encode()
+            prefix, _, suffix = sse(self.chunk(_MARK)).partition(marker)
+            template = self._text_template = (prefix, suffix)
+        return template[0] + json.dumps(text, ensure_ascii=False).encode() + template[1]
+
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.ask.chat else "text_completion"
         return {**self._head(kind), "choices": [], "usage": self.usage(prompt_tokens, completion_tokens)}
+
+
+_MARK = "\ue000aiaas-text\ue000"  # private-use characters: never produced by the encoding of anything else
 
 
 def sse(data: Mapping[str, Any] | str) -> bytes:
