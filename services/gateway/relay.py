@@ -97,19 +97,17 @@ class ReadAhead:
         return item
 
     def cancel(self) -> None:
-        if self._direct:
-            if self._closing is None:  # the source is ours now: close it (cancels the generation upstream)
-                self._closing = asyncio.get_running_loop().create_task(self._close_source())
-            return
-        self._task.cancel()
+        self._task.cancel()  # a no-op once the task ended
+        if self._handed_over and self._closing is None:  # the source is the reader's: close it here
+            self._closing = asyncio.get_running_loop().create_task(self._close_source())
 
     async def _close_source(self) -> None:
         await self._source.aclose()  # type: ignore[attr-defined]
 
     async def aclose(self) -> None:
-        if self._direct:
-            if self._closing is None:
-                self._closing = asyncio.get_running_loop().create_task(self._close_source())
+        if self._handed_over:
+            self.cancel()
+            assert self._closing is not None
             await asyncio.shield(self._closing)
             return
         if not self._task.done():

@@ -99,3 +99,28 @@ async def test_cancel_or_close_ends_the_source_before_and_after_the_handover() -
             await ahead.aclose()
         await asyncio.wait_for(source.closed.wait(), 5)
         assert len(source.readers) < 10
+
+
+async def test_a_reader_cancelled_at_the_handover_still_gets_the_source_closed() -> None:
+    """The task handed over for a reader that was then cancelled: nobody reads the source; cancel closes it."""
+    source = Source(10)
+    source.ahead = 1
+    ahead = ReadAhead(source.items(), window=8)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    reader = asyncio.ensure_future(ahead.__anext__())
+    await asyncio.sleep(0)
+    assert reader.done() and reader.result() == 0  # the buffered item
+    reader = asyncio.ensure_future(ahead.__anext__())  # waits: the source has nothing yet
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not reader.done()
+    reader.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    source.gate.set()  # the task reads the next item, sees a reader came, and hands over to nobody
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not source.closed.is_set()
+    ahead.cancel()  # what the stream's writer does in its finally
+    await asyncio.wait_for(source.closed.wait(), 5)
