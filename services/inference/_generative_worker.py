@@ -30,7 +30,7 @@ from services.inference import sandbox
 MAX_TEXT_CHARS = 64 * 1024
 MAX_ERROR_CHARS = 2000
 # A "chunks" message is cut before it passes this many bytes (the service reads at most 1 MiB); one
-# chunk alone stays below it and the limit (64 Ki characters, at most 12 bytes each in ASCII-escaped JSON).
+# chunk alone stays within it (64 Ki characters, at most 12 bytes each in ASCII-escaped JSON).
 MAX_BATCH_BYTES = 768 * 1024
 
 
