@@ -18,75 +18,21 @@ Messages out (JSON, one list each; the service checks every field, see `generati
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
 from services.inference import sandbox
-
-# Bounds a worker keeps itself to, so that its messages stay under the service's reply limit.
-MAX_TEXT_CHARS = 64 * 1024
-MAX_ERROR_CHARS = 2000
-# A "chunks" message is cut before it passes this many bytes (the service reads at most 1 MiB); one
-# chunk alone stays within it (64 Ki characters, at most 12 bytes each in ASCII-escaped JSON).
-MAX_BATCH_BYTES = 768 * 1024
-
-
-class _Sender:
-    """Replies from two threads (the reader refusing a submit, the engine sending chunks), one at a time."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self._lock = threading.Lock()
-        self.broken = False
-
-    def send(self, *fields: Any) -> None:
-        self.send_bytes(json.dumps(fields).encode())
-
-    def send_bytes(self, data: bytes) -> None:
-        with self._lock:
-            if self.broken:
-                return
-            try:
-                self._conn.send_bytes(data)
-            except OSError:
-                self.broken = True  # the service is gone; the reader sees EOF and stops
-
-
-class _ChunkBatch:
-    """The chunks of one engine step, sent as one message (or a few) when the engine says the round is over.
-
-    One message per step instead of one per sequence: at 16-64 sequences per step that is 16-64
-    times fewer writes here and wake-ups in the service. Engine thread only.
-    """
-
-    def __init__(self, sender: _Sender) -> None:
-        self._sender = sender
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def add(self, wire: dict[str, Any]) -> None:
-        part = json.dumps(wire).encode()
-        if self._parts and self._size + len(part) + 16 > MAX_BATCH_BYTES:
-            self.flush()
-        self._parts.append(part)
-        self._size += len(part) + 1
-
-    def flush(self) -> None:
-        if not self._parts:
-            return
-        parts, self._parts, self._size = self._parts, [], 0
-        self._sender.send_bytes(b'["chunks",[' + b",".join(parts) + b"]]")
+from services.inference._worker_replies import MAX_ERROR_CHARS, MAX_TEXT_CHARS, ChunkBatch, Sender, us
 
 
 def serve(conn: Connection, config: dict[str, Any], report: sandbox.SandboxReport) -> None:
     """Load the checkpoint and answer the service until it says stop or goes away."""
     from aiaas.errors import AiaasError
 
-    sender = _Sender(conn)
-    batch = _ChunkBatch(sender)
+    sender = Sender(conn)
+    batch = ChunkBatch(sender)
     artifact = config["artifact_path"]
     path = report.paths.get(artifact, artifact)
     try:
@@ -123,7 +69,7 @@ def _load(path: str, config: dict[str, Any], after_deliver: Any) -> Any:
     return GenerativeEngine(loaded.model, loaded.tokenizer, engine_config, after_deliver=after_deliver)
 
 
-def _read_loop(conn: Connection, engine: Any, sender: _Sender, batch: _ChunkBatch) -> float:
+def _read_loop(conn: Connection, engine: Any, sender: Sender, batch: ChunkBatch) -> float:
     """Submit, cancel, stop; returns the grace period of the stop (0 when the service went away)."""
     from aiaas.errors import AiaasError, InvalidArgument
     from services.inference.generative import GenerationRequest
@@ -184,17 +130,14 @@ def _wire_chunk(chunk: Any, engine: Any) -> dict[str, Any]:
         "completion_tokens": chunk.usage.completion_tokens if chunk.usage is not None else 0,
         "error_code": chunk.error_code.value if chunk.error_code is not None else None,
         "error": chunk.error_message[:MAX_ERROR_CHARS],
-        "queue_us": _us(metrics.queue_s if metrics is not None else 0.0),
-        "ttft_us": _us(metrics.ttft_s if metrics is not None and metrics.ttft_s is not None else 0.0),
-        "itl_mean_us": _us(sum(gaps) / len(gaps) if gaps else 0.0),
-        "itl_max_us": _us(max(gaps) if gaps else 0.0),
-        "e2e_us": _us(metrics.e2e_s if metrics is not None else 0.0),
+        "queue_us": us(metrics.queue_s if metrics is not None else 0.0),
+        "ttft_us": us(metrics.ttft_s if metrics is not None and metrics.ttft_s is not None else 0.0),
+        "itl_mean_us": us(sum(gaps) / len(gaps) if gaps else 0.0),
+        "itl_max_us": us(max(gaps) if gaps else 0.0),
+        "e2e_us": us(metrics.e2e_s if metrics is not None else 0.0),
         "preemptions": metrics.preemptions if metrics is not None else 0,
         "kv_used": pool.num_used,
         "kv_total": pool.num_blocks,
     })
     return wire
 
-
-def _us(seconds: float) -> int:
-    return max(0, int(seconds * 1e6))

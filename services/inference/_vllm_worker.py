@@ -6,7 +6,8 @@ report] or ["error", code, message] after loading, ["chunks", [...]] (every chun
 output loop produced in one turn of the event loop) and ["refused", id, code, message].
 
 It runs under an interpreter that has vLLM (the inference setting `vllm_python`, or the service's
-own) and imports nothing of aiaas or its dependencies: only the standard library and vLLM. It is
+own) and imports nothing of aiaas's dependencies: only the standard library, vLLM and the
+stdlib-only `_worker_replies` it shares with the builtin engine's worker. It is
 not confined by aiaas's sandbox (vLLM starts its own engine-core process and compiles kernels
 under its cache directory); the service refuses it under `worker_sandbox: require`, has run the
 artifact gate over the checkpoint before starting it, and vLLM loads it with
@@ -28,9 +29,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-MAX_TEXT_CHARS = 64 * 1024
-MAX_ERROR_CHARS = 2000
-MAX_BATCH_BYTES = 768 * 1024
+from services.inference._worker_replies import MAX_ERROR_CHARS, MAX_TEXT_CHARS, ChunkBatch, Sender, us
+
 FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 # GenerationRequest message fields -> vLLM SamplingParams (same meaning).
 _SAMPLING = ("max_tokens", "min_tokens", "ignore_eos", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
@@ -38,40 +38,25 @@ _SAMPLING = ("max_tokens", "min_tokens", "ignore_eos", "temperature", "top_p", "
 
 
 class _Out:
-    """Replies to the service: one thread writes at a time; chunks of one loop turn go as one message."""
+    """Replies to the service; the chunks of one turn of the event loop go as one message."""
 
     def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.lock = threading.Lock()
-        self.parts: list[bytes] = []
-        self.size = 0
+        self.sender = Sender(conn)
+        self.batch = ChunkBatch(self.sender)
         self.scheduled = False
 
     def send(self, *fields: Any) -> None:
-        self._write(json.dumps(fields).encode())
-
-    def _write(self, data: bytes) -> None:
-        with self.lock:
-            try:
-                self.conn.send_bytes(data)
-            except OSError:
-                pass  # the service is gone; the reader sees EOF and stops
+        self.sender.send(*fields)
 
     def chunk(self, loop: asyncio.AbstractEventLoop, wire: dict[str, Any]) -> None:
-        part = json.dumps(wire).encode()
-        if self.parts and self.size + len(part) + 16 > MAX_BATCH_BYTES:
-            self.flush()
-        self.parts.append(part)
-        self.size += len(part) + 1
+        self.batch.add(wire)
         if not self.scheduled:
             self.scheduled = True
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.scheduled = False
-        if self.parts:
-            parts, self.parts, self.size = self.parts, [], 0
-            self._write(b'["chunks",[' + b",".join(parts) + b"]]")
+        self.batch.flush()
 
 
 def _kv_cache_gib(path: Path, tokens: int) -> int:
@@ -204,15 +189,11 @@ class _Worker:
             wire.update({
                 "finish": finish, "stop": stop, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "error_code": error_code, "error": error[:MAX_ERROR_CHARS], "queue_us": 0,
-                "ttft_us": _us(first - arrival) if first else 0, "itl_mean_us": _us(sum(gaps) / len(gaps)) if gaps else 0,
-                "itl_max_us": _us(max(gaps)) if gaps else 0, "e2e_us": _us(time.monotonic() - arrival),
+                "ttft_us": us(first - arrival) if first else 0, "itl_mean_us": us(sum(gaps) / len(gaps)) if gaps else 0,
+                "itl_max_us": us(max(gaps)) if gaps else 0, "e2e_us": us(time.monotonic() - arrival),
                 "preemptions": 0, "kv_used": 0, "kv_total": 0,
             })
         self.out.chunk(self.loop, wire)
-
-
-def _us(seconds: float) -> int:
-    return max(0, int(seconds * 1e6))
 
 
 async def _serve(conn: Connection, config: dict[str, Any], out: _Out) -> None:

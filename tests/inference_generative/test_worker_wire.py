@@ -15,7 +15,7 @@ import pytest
 
 from services.common.cpus import cgroup_quota_cores
 from services.common.errors import Unavailable
-from services.inference import _generative_worker as worker_side
+from services.inference import _worker_replies as worker_side
 from services.inference import generative_workers as service_side
 from services.inference.generative import EngineConfig, GenerationRequest, GenerativeEngine, SamplingParams
 from services.inference.settings import InferenceSettings
@@ -42,7 +42,7 @@ def _wire(request_id: str, text: str, **last: Any) -> dict[str, Any]:
 
 def test_a_step_of_chunks_is_one_message_and_the_service_reads_every_chunk() -> None:
     sink = _Collect()
-    batch = worker_side._ChunkBatch(sink)  # type: ignore[arg-type]
+    batch = worker_side.ChunkBatch(sink)  # type: ignore[arg-type]
     for i in range(16):
         batch.add(_wire(f"g{i}", f" tok{i}"))
     batch.add(_wire("g16", "!", finish="length", completion_tokens=64))
@@ -62,8 +62,8 @@ def test_a_step_of_chunks_is_one_message_and_the_service_reads_every_chunk() -> 
 
 def test_a_batch_that_would_pass_the_reply_limit_is_cut_into_several_messages() -> None:
     sink = _Collect()
-    batch = worker_side._ChunkBatch(sink)  # type: ignore[arg-type]
-    big = "\u00e9" * worker_side.MAX_TEXT_CHARS  # 6 bytes each once JSON-escaped: the worst case
+    batch = worker_side.ChunkBatch(sink)  # type: ignore[arg-type]
+    big = "\u00e9" * worker_side.MAX_TEXT_CHARS  # 6 bytes each once JSON-escaped
     for i in range(8):
         batch.add(_wire(f"g{i}", big))
     batch.flush()
