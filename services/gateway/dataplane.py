@@ -184,7 +184,7 @@ class DataPlane:
         return resolution
 
     async def _infer(self, caller: Caller, request: Any, raw: bytes, call: CallInfo, started: float | None, *,
-                     streaming: bool, generative_only: bool = False,
+                     streaming: bool, generative_only: bool = False, meter: GenerationMeter | None = None,
                      ) -> tuple[bytes | AsyncIterator[tuple[bytes, Any]], Resolution]:
         """Forward one request. With `streaming`, a request to a decoupled model answers the
         iterator of its responses (see `_generate`, which reports it), anything else its one answer;
@@ -220,7 +220,7 @@ class DataPlane:
                 await self.quotas.check_tokens(tokens)
             if streaming and decoupled:
                 handed_off = True
-                return self._generate(caller, request, raw, resolution, call, started, tokens), resolution
+                return self._generate(caller, request, raw, resolution, call, started, tokens, meter), resolution
             response = await self.upstream.call(
                 "ModelInfer", retarget(raw, *forward), timeout=self._timeout(call),
                 metadata=call.forward, retry_not_found=True,
@@ -269,23 +269,27 @@ class DataPlane:
 
     # Generations --------------------------------------------------------------------------------
 
-    async def open_generation(self, caller: Caller, request: Any, call: CallInfo,
-                              started: float | None = None) -> tuple[AsyncIterator[tuple[bytes, Any]], Resolution]:
+    async def open_generation(self, caller: Caller, request: Any, call: CallInfo, started: float | None = None,
+                              meter: GenerationMeter | None = None,
+                              ) -> tuple[AsyncIterator[tuple[bytes, Any]], Resolution]:
         """A request to a generative model (the OpenAI door): admitted, quota-checked and forwarded
-        like any stream request; InvalidArgument when the model it resolves to is not generative."""
+        like any stream request; InvalidArgument when the model it resolves to is not generative.
+        `meter` (the caller's) has observed each response by the time it is yielded."""
         raw = request.SerializeToString()
         answer, resolution = await self._infer(caller, request, raw, call, started, streaming=True,
-                                               generative_only=True)
+                                               generative_only=True, meter=meter)
         if isinstance(answer, bytes):
             raise Internal("a generation was answered as a tensor request")
         # Read ahead of the caller, so a response's upstream read overlaps the writing of the last.
         return ReadAhead(answer, self.stream_window), resolution
 
     async def _generate(self, caller: Caller, request: Any, raw: bytes, resolution: Resolution, call: CallInfo,
-                        started: float, tokens: Sequence[Bucket]) -> AsyncIterator[tuple[bytes, Any]]:
+                        started: float, tokens: Sequence[Bucket], meter: GenerationMeter | None = None,
+                        ) -> AsyncIterator[tuple[bytes, Any]]:
         """The responses of one generation, raw and parsed, until the final one; then its usage is
         charged and the request reported. Closing it early cancels the generation upstream."""
-        meter = GenerationMeter(started)
+        if meter is None:
+            meter = GenerationMeter(started)
         status = "OK"
         final = False
         timeout = call.timeout if call.timeout is not None else self.generation_timeout_s

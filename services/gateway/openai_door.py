@@ -29,7 +29,7 @@ from services.common.context import request_id_var
 from services.common.errors import AiaasError, Internal, Unavailable
 from services.gateway.dataplane import CallInfo, DataPlane
 from services.gateway.entities import Caller, Role
-from services.gateway.generation import GenerationMeter, text_output
+from services.gateway.generation import GenerationMeter, is_final, text_output
 from services.gateway.keys import authorize
 from services.gateway.openai_schema import Answer, OpenAIError, parse_request, sse
 
@@ -109,8 +109,10 @@ class OpenAIDoor:
             ask = parse_request(await self._body(request), chat=chat)
             answer = Answer(ask)
             call = self._call_info(request)
-            responses, _ = await self.plane.open_generation(caller, ask.to_request(answer.object_id), call, started)
+            # The data plane's meter: it has counted each response before the door sees it.
             meter = GenerationMeter(started)
+            responses, _ = await self.plane.open_generation(caller, ask.to_request(answer.object_id), call, started,
+                                                            meter)
             try:
                 # Not streamed, the first response is the whole answer: a client gone meanwhile cancels it.
                 first = await _unless_gone(request, anext(responses))
@@ -135,10 +137,10 @@ class OpenAIDoor:
         """The non-streamed answer; a client that disconnects first cancels the generation."""
         async def collect() -> str:
             parts = [text_output(first[1].infer_response)]
-            final = meter.observe(first[1].infer_response)
+            final = is_final(first[1].infer_response)
             async for _, message in responses:
                 parts.append(text_output(message.infer_response))
-                final = meter.observe(message.infer_response)
+                final = is_final(message.infer_response)
             if not final:
                 raise Internal("the model ended its responses without a final one")
             return "".join(parts)
@@ -165,7 +167,7 @@ class OpenAIDoor:
             final = False
             message = first[1]
             while True:
-                final = meter.observe(message.infer_response)
+                final = is_final(message.infer_response)
                 text = text_output(message.infer_response)
                 if text:
                     yield answer.text_event(text)
