@@ -81,6 +81,10 @@ def test_ratios_judge_goals_and_carry_busy() -> None:
     assert found["gateway openai c=1 TTFT p50 / bare generate first token"]["met"]  # 1.2x
     assert found["gateway openai / aiaas grpc c=1, out tok/s"]["value"] == 0.93
     assert not any("vLLM" in name for name in found)  # no vLLM row, no vLLM ratio
+    rows += [{"row": "gateway openai", "concurrency": 16, "out_tok_s": 800.0, "busy": False},
+             {"row": "vllm openai", "concurrency": 16, "out_tok_s": 1000.0, "busy": False}]
+    with_vllm = [r["ratio"] for r in ratios(rows) if "vLLM" in r["ratio"]]
+    assert with_vllm == ["gateway openai c=16 / vLLM c=16, out tok/s"]  # the same client only
 
 
 def test_vllm_server_that_cannot_start_raises_and_leaves_nothing(tmp_path: Path) -> None:
