@@ -96,6 +96,19 @@ def checked_deserializer(deserialize: Deserializer | None, method: str) -> Deser
     return parse
 
 
+_RPC_DURATION: dict[str, Any] = {}
+
+
+def rpc_duration_histogram(service: str) -> Any:
+    """The service's one `rpc.server.duration` histogram, shared by every server of the process
+    (the public one, the internal one its frontends call, the frontends' fast link)."""
+    histogram = _RPC_DURATION.get(service)
+    if histogram is None:
+        histogram = _RPC_DURATION[service] = metrics.get_meter("aiaas." + service).create_histogram(
+            "rpc.server.duration", unit="ms", description="Duration of inbound RPCs")
+    return histogram
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str, *, tracing: bool, guard: Guard | None = None) -> None:
         self.service = service
@@ -104,11 +117,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         # which authenticates API keys itself).
         self.guard = guard
         self.tracer = trace.get_tracer("aiaas." + service)
-        meter = metrics.get_meter("aiaas." + service)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-        self.rpc_duration = meter.create_histogram(
-            "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
-        )
+        self.rpc_duration = rpc_duration_histogram(service)
 
     async def intercept_service(
         self,

@@ -43,8 +43,11 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def server_options(settings: ServerSettings, max_receive_bytes: int) -> list[tuple[str, Any]]:
-    """Options bounding what one caller or connection can hold.
+def server_options(settings: ServerSettings, max_receive_bytes: int, *,
+                   reuse_port: bool = False) -> list[tuple[str, Any]]:
+    """Options bounding what one caller or connection can hold. `reuse_port`: several processes
+    accept on the port (SO_REUSEPORT, the inference service's frontends); otherwise a second
+    server on a taken port fails to bind instead of silently sharing it.
 
     grpc-core refuses a message over `max_receive_bytes` with RESOURCE_EXHAUSTED, but (grpcio 1.81,
     grpc/grpc#43012) only once the whole message has arrived: an oversized message is buffered once
@@ -53,7 +56,7 @@ def server_options(settings: ServerSettings, max_receive_bytes: int) -> list[tup
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_receive_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         # Count open HTTP/2 streams against the cap, so clients queue calls past it. grpc's default
         # also counts calls that ended but are not yet freed and refuses new ones meanwhile
@@ -110,6 +113,7 @@ class ServiceApp:
         configure_process: bool = True,
         max_receive_bytes: int | None = None,
         public: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         """`max_receive_bytes`: the service's real per-message cap when it is smaller than
         `settings.max_message_bytes` (the gateway's largest request, the registry's chunk).
@@ -127,15 +131,17 @@ class ServiceApp:
             )
         # The service interceptor wraps handlers at registration (see `add_service`), not per call.
         self.guard = None if public else build_guard(name, settings)
+        self.tracing = tracing
         self.interceptor = ServiceInterceptor(name, tracing=tracing, guard=self.guard)
         self.server = grpc.aio.server(
             interceptors=list(extra_interceptors) or None,
-            options=server_options(settings, self.max_receive_bytes),
+            options=server_options(settings, self.max_receive_bytes, reuse_port=reuse_port),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self._registrations: list[tuple[Callable[[Any, Any], None], Any]] = []
         self._shutdown_hooks: list[ShutdownHook] = []
         self._stopping: asyncio.Event | None = None
         self.port = 0
@@ -145,6 +151,27 @@ class ServiceApp:
         generic handlers); every handler it adds is wrapped by the service interceptor."""
         add_to_server(servicer, _InterceptedRegistrar(self.server, self.interceptor))
         self._service_names.append(full_name)
+        self._registrations.append((add_to_server, servicer))
+
+    def internal_server(self, address: str, guard: Guard) -> grpc.aio.Server:
+        """A second server over the same servicers and health, for this service's own frontend
+        processes (a Unix socket only they can reach): its interceptor authorizes each call as the
+        caller the frontend verified (`guard`), and it counts the calls in the same RPC metrics.
+        Not started; bound to `address`."""
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", self.max_receive_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.http.overload_protection", 0),
+        ], maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs)
+        interceptor = ServiceInterceptor(self.name, tracing=self.tracing, guard=guard)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for add_to_server, servicer in self._registrations:
+            add_to_server(servicer, _InterceptedRegistrar(server, interceptor))
+        reflection.enable_server_reflection(self._service_names, server)
+        if server.add_insecure_port(address) == 0:
+            raise RuntimeError(f"could not bind {address}")
+        return server
 
     def on_shutdown(self, hook: ShutdownHook) -> None:
         """Run `hook` after in-flight calls have drained (close stores, stop workers...)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
@@ -22,6 +23,7 @@ from services.common.reporting import TelemetryReporter
 from services.common.server import Service, ServiceApp, channel_options
 from services.inference.entities import RequestObserver, RequestRecord
 from services.inference.follower import AliasFollower
+from services.inference.frontends import FrontendPool
 from services.inference.registry_source import RegistryLoader
 from services.inference.repository import ModelRepository, VersionLoader, parse_version
 from services.inference.servicer import InferenceServicer
@@ -58,6 +60,7 @@ class InferenceService(Service[ModelRepository]):
     triton_loaders: dict[str, TritonLoader]
     follower: AliasFollower | None
     reporter: TelemetryReporter
+    frontends: FrontendPool
 
     def __post_init__(self) -> None:
         super().__init__(self.app, self.repository)
@@ -107,7 +110,21 @@ class InferenceService(Service[ModelRepository]):
             await asyncio.sleep(delay)
             delay = min(self.settings.reconnect_max_s, delay * 2)
 
+    async def start(self) -> int:
+        """Prepare, listen, then start the frontends on the bound port (docs/inference.md, "Frontends")."""
+        if self.frontends.count > 1 and self.settings.port:
+            ensure_port_free(self.settings.host, self.settings.port)
+        port = await super().start()
+        await self.frontends.start(port)
+        return port
+
+    async def stop(self) -> None:
+        """The frontends drain alongside the core; the core closes its models once they are gone."""
+        self.frontends.begin_drain()
+        await super().stop()
+
     async def close(self) -> None:
+        await self.frontends.close()
         self.servicer.ready = False
         if self.follower is not None:
             await self.follower.close()
@@ -132,9 +149,21 @@ def _reporting_to(reporter: TelemetryReporter) -> RequestObserver:
     return report
 
 
+def ensure_port_free(host: str, port: int) -> None:
+    """Several processes share the port (SO_REUSEPORT): refuse one some other server already holds,
+    instead of splitting its connections with it."""
+    try:
+        with socket.create_server((host.strip("[]"), port),
+                                  family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as exc:
+        raise Unavailable(f"inference cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def create_service(settings: InferenceSettings, *, configure_process: bool = True) -> InferenceService:
     """Wire the inference service; call inside the running event loop."""
-    app = ServiceApp("inference", settings, configure_process=configure_process)
+    frontend_count = settings.frontend_count
+    app = ServiceApp("inference", settings, configure_process=configure_process, reuse_port=frontend_count > 1)
     identity = settings.client_identity()
     registry_channel = identity.aio_channel(settings.registry_url, channel_options(settings.max_message_bytes))
     loader = RegistryLoader(settings, registry_channel)
@@ -159,4 +188,5 @@ def create_service(settings: InferenceSettings, *, configure_process: bool = Tru
                                  default_priority_level=settings.default_priority_level)
     app.add_service(SERVICE_NAME, service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer)
     return InferenceService(settings, app, repository, servicer=servicer, registry_channel=registry_channel,
-                            loader=loader, triton_loaders=triton_loaders, follower=follower, reporter=reporter)
+                            loader=loader, triton_loaders=triton_loaders, follower=follower, reporter=reporter,
+                            frontends=FrontendPool(app, settings, servicer, frontend_count))

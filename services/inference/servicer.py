@@ -117,6 +117,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
         return await self._infer(request, context.time_remaining())
 
+    async def infer_request(self, request: service_pb2.ModelInferRequest,
+                            remaining_s: float | None) -> service_pb2.ModelInferResponse:
+        """ModelInfer without a gRPC call around it (a frontend's call over the link)."""
+        return await self._infer(request, remaining_s)
+
     async def _infer(self, request: service_pb2.ModelInferRequest, remaining_s: float | None,
                      lv: Any = None) -> service_pb2.ModelInferResponse:
         if lv is None:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from services.common.cpus import available_cores
 from services.common.errors import InvalidArgument
 from services.common.settings import ServerSettings
 from services.inference.sandbox import DEFAULT_ADDRESS_SPACE_MB, resolve_user
@@ -14,6 +15,7 @@ from services.inference.sandbox import MODES as SANDBOX_MODES
 # Triton's own limit: real tensors (images, embeddings) must fit in one message.
 INFERENCE_MAX_MESSAGE_BYTES = 2**31 - 1
 WORKER_MODES = ("process", "thread")
+MAX_FRONTENDS = 64
 
 
 def default_cache_dir() -> str:
@@ -41,6 +43,11 @@ class InferenceSettings(ServerSettings):
     # Artifact cache, one directory per artifact (<sha256>/artifact); empty means
     # $XDG_CACHE_HOME/aiaas/models (~/.cache/aiaas/models).
     model_cache_dir: str = ""
+    # Processes accepting gRPC on the port (SO_REUSEPORT): this one (the core: models, batchers,
+    # workers, statistics) and frontends that terminate gRPC for their share of the connections and
+    # hand calls to the core (docs/inference.md, "Frontends"). 0: the cores available to the
+    # service (affinity and cgroup quota); 1: the core alone.
+    frontends: int = 0
     # Requests one version's batcher may hold queued before it refuses more (RESOURCE_EXHAUSTED);
     # used when the version's ServingConfig leaves max_queue_size 0.
     max_queue_size: int = 1024
@@ -93,6 +100,11 @@ class InferenceSettings(ServerSettings):
     reconnect_max_s: float = 10.0
 
     @property
+    def frontend_count(self) -> int:
+        """Processes that accept on the port, the core included."""
+        return self.frontends or min(MAX_FRONTENDS, available_cores())
+
+    @property
     def cache_dir(self) -> Path:
         return Path(self.model_cache_dir or default_cache_dir())
 
@@ -106,6 +118,8 @@ class InferenceSettings(ServerSettings):
             raise InvalidArgument("priority_levels must be >= 1 and default_priority_level in [0, priority_levels]")
         if self.torch_threads < 0:
             raise InvalidArgument("torch_threads must be >= 0")
+        if not 0 <= self.frontends <= MAX_FRONTENDS:
+            raise InvalidArgument(f"frontends must be between 0 (one per available core) and {MAX_FRONTENDS}")
         if self.follow_aliases and not self.registry_url:
             raise InvalidArgument("follow_aliases needs registry_url")
         if self.drain_timeout_s <= 0 or self.startup_timeout_s <= 0:
