@@ -143,18 +143,23 @@ async def check(target: Target, x: np.ndarray) -> np.ndarray:
     return target.output(reply, x.shape[0])
 
 
-async def run(target: Target, concurrency: int, n: int, *, warmup: int = 200, cap_s: float = 20.0) -> dict[str, Any]:
-    """`n` single-row requests from `concurrency` closed-loop callers (after `warmup` unmeasured ones)."""
+async def run(target: Target, concurrency: int, n: int, *, warmup: int = 200, cap_s: float = 20.0,
+              connections: int = 1) -> dict[str, Any]:
+    """`n` single-row requests from `concurrency` closed-loop callers (after `warmup` unmeasured ones),
+    spread in turn over `connections` TCP connections (a fleet of clients opens many; a server that
+    accepts on several cores gets each connection on one of them)."""
     rng = np.random.default_rng(0)
     payloads = [target.request(rng.standard_normal((1, target.features), dtype=np.float32))
                 for _ in range(DISTINCT_REQUESTS)]
-    async with grpc.aio.insecure_channel(target.address, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE)]) as channel:
-        method = channel.unary_unary(target.method)
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(target.address, options=options) for _ in range(max(1, connections))]
+    try:
+        methods = [channel.unary_unary(target.method) for channel in channels]
         metadata = target.metadata
+        count = len(methods)
 
         async def call(index: int) -> None:
-            reply = await method(payloads[index % DISTINCT_REQUESTS], timeout=30, metadata=metadata)
+            reply = await methods[index % count](payloads[index % DISTINCT_REQUESTS], timeout=30, metadata=metadata)
             if not reply:
                 raise RuntimeError("empty answer")
 
@@ -162,6 +167,9 @@ async def run(target: Target, concurrency: int, n: int, *, warmup: int = 200, ca
         cpu0, started = cpu_seconds(), time.perf_counter()
         latencies, errors = await _closed_loop(call, n, concurrency, started + cap_s)
         wall, cpu1 = time.perf_counter() - started, cpu_seconds()
+    finally:
+        for channel in channels:
+            await channel.close()
     ok = sorted(x for x in latencies if x is not None)
 
     def pct(q: float) -> float:
@@ -169,4 +177,4 @@ async def run(target: Target, concurrency: int, n: int, *, warmup: int = 200, ca
 
     return {"label": target.label, "model": target.model, "concurrency": concurrency, "ok": len(ok),
             "rps": len(ok) / wall, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "errors": len(latencies) - len(ok),
-            "error_samples": errors, "client_cores": (cpu1 - cpu0) / wall}
+            "error_samples": errors, "client_cores": (cpu1 - cpu0) / wall, "connections": count}

@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:
 
 from bench import lean_client
 from bench.bench_inference import build_mlp, register
+from services.common.cpus import available_cores
 
 MODELS = {"tiny": (10, 50, 10), "heavy": (256, 2048, 2048, 256)}
 CONCURRENCY = (1, 16, 64)
@@ -66,6 +67,7 @@ DEFAULT_OUT = HERE / "results" / "side_by_side.md"
 # Columns, in table order: label -> heading.
 COLUMNS = {
     "aiaas": "aiaas inference",
+    "single": "aiaas inference, 1 process",
     "gateway": "aiaas via gateway",
     "delegating": "aiaas -> Triton (delegating)",
     "triton": "Triton (PyTriton {v})",
@@ -331,7 +333,7 @@ def start_mlserver(python: Path, files: dict[str, Path], work: Path, threads: in
 class Aiaas:
     """Registry, inference and gateway as bench/ starts them; a delegating replica once Triton is up."""
 
-    def __init__(self, files: dict[str, Path], work: Path, threads: int) -> None:
+    def __init__(self, files: dict[str, Path], work: Path, threads: int, frontends: int = 0) -> None:
         from tests.gateway.stack import ADMIN_TOKEN, PEPPER
         from tests.support.procs import ServiceProcess
 
@@ -343,9 +345,11 @@ class Aiaas:
             register(self.registry.address, name, path, MODELS[name], MAX_BATCH, QUEUE_DELAY_US)
         self.inference = self._start(ServiceProcess("inference", args=[
             "--registry-url", self.registry.address, "--model-cache-dir", str(work / "cache"),
-            "--torch-threads", str(threads), "--log-level", "warning"]), timeout=300)
+            "--torch-threads", str(threads), "--frontends", str(frontends), "--log-level", "warning"]), timeout=300)
         for name in files:
             self.inference.wait_ready(name, timeout=300)
+        self.single: Any = None
+        self._threads = threads
         self.gateway = self._start(ServiceProcess("gateway", args=[
             "--registry-url", self.registry.address, "--inference-targets", self.inference.address,
             "--key-pepper", PEPPER, "--bootstrap-admin-key", ADMIN_TOKEN, "--grace-period-s", "2",
@@ -360,6 +364,16 @@ class Aiaas:
     def _start(self, service: Any, timeout: float = 90.0) -> Any:
         self._started.append(service)
         return service.start(timeout=timeout)
+
+    def start_single(self, models: list[str]) -> None:
+        """A second inference replica of the same versions that accepts in one process (`--frontends 1`)."""
+        from tests.support.procs import ServiceProcess
+
+        self.single = self._start(ServiceProcess("inference", args=[
+            "--registry-url", self.registry.address, "--model-cache-dir", str(self._work / "cache-single"),
+            "--torch-threads", str(self._threads), "--frontends", "1", "--log-level", "warning"]), timeout=300)
+        for name in models:
+            self.single.wait_ready(name, timeout=300)
 
     def start_delegating(self, triton: str, models: list[str], max_in_flight: int) -> None:
         from tests.support.procs import ServiceProcess
@@ -444,7 +458,7 @@ def check_answers(targets: dict[str, dict[str, lean_client.Target]], files: dict
 
 
 def measure(targets: dict[str, dict[str, lean_client.Target]], models: list[str], levels: list[int],
-            plan: dict[str, Any]) -> list[dict[str, Any]]:
+            plan: dict[str, Any], connections: int = 1) -> list[dict[str, Any]]:
     rows = []
     labels = list(targets)
     for name in models:
@@ -456,7 +470,8 @@ def measure(targets: dict[str, dict[str, lean_client.Target]], models: list[str]
                     before = busy_cores()
                     load0 = os.getloadavg()[0]
                     result = asyncio.run(lean_client.run(targets[label][name], level, requests,
-                                                         warmup=plan["warmup"], cap_s=plan["cap_s"]))
+                                                         warmup=plan["warmup"], cap_s=plan["cap_s"],
+                                                         connections=min(connections, level)))
                     result.update(busy_before=before, load_before=load0, load_after=os.getloadavg()[0],
                                   rep=rep + 1, label=label)
                     runs[label].append(result)
@@ -501,8 +516,10 @@ def render(rows: list[dict[str, Any]], headings: dict[str, str], info: dict[str,
              + ("the machine was busy, read the figures as such." if info["busy_runs"] else "a quiet machine."),
              ""]
     if rows:
-        lines += [("req/s (p50 ms), the same lean closed-loop gRPC client (`bench/lean_client.py`) for every "
-                   "server; * marks a point where a run started on a busy machine"), "",
+        lines += [("req/s (p50 ms), the same lean closed-loop gRPC client (`bench/lean_client.py`, callers spread "
+                   f"over up to {info['connections']} connections) for every server; aiaas inference with "
+                   f"{info['frontends']} processes on its port; * marks a point where a run started on a busy machine"),
+                  "",
                   "| model | c | " + " | ".join(headings[label] for label in labels) + " |",
                   "|---|---|" + "---|" * len(labels)]
     else:
@@ -511,8 +528,8 @@ def render(rows: list[dict[str, Any]], headings: dict[str, str], info: dict[str,
         lines.append(f"| {model} | {level} | " + " | ".join(fmt(cell.get((model, level, label))) for label in labels)
                      + " |")
     if rows:
-        lines += ["", ("| model | c | aiaas / TorchServe | gateway / aiaas (added p50 ms) | "
-                       "delegating / Triton (added p50 ms) |"), "|---|---|---|---|---|"]
+        lines += ["", ("| model | c | aiaas / TorchServe | aiaas / aiaas in 1 process | gateway / aiaas (added p50 ms) | "
+                       "delegating / Triton (added p50 ms) |"), "|---|---|---|---|---|---|"]
 
     def ratio(a: str, b: str, model: str, level: int, added: bool = False) -> str:
         x, y = cell.get((model, level, a)), cell.get((model, level, b))
@@ -523,7 +540,7 @@ def render(rows: list[dict[str, Any]], headings: dict[str, str], info: dict[str,
 
     for model, level in points:
         lines.append(f"| {model} | {level} | {ratio('aiaas', 'torchserve', model, level)} | "
-                     f"{ratio('gateway', 'aiaas', model, level, True)} | "
+                     f"{ratio('aiaas', 'single', model, level)} | {ratio('gateway', 'aiaas', model, level, True)} | "
                      f"{ratio('delegating', 'triton', model, level, True)} |")
     if info["unavailable"]:
         lines += ["", "Not in this run:"]
@@ -547,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the delegating replica's max_in_flight per model (0: no merging)")
     parser.add_argument("--cache-dir", default=os.environ.get("AIAAS_BENCH_CACHE",
                                                               str(Path.home() / ".cache" / "aiaas" / "bench-peers")))
+    parser.add_argument("--connections", type=int, default=8,
+                        help="TCP connections the client spreads its callers over (at most one per caller)")
+    parser.add_argument("--frontends", type=int, default=0,
+                        help="aiaas inference's processes on its port (0: one per available core)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the table (markdown); a .json beside it")
     args = parser.parse_args(argv)
     plan = dict(SHORT if args.short else FULL)
@@ -581,11 +602,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         triton_address = start_peers(servers, cache, files, work, args.torch_threads, processes, targets, versions,
                                      unavailable)
-        if {"aiaas", "gateway", "delegating"} & set(servers):
+        if {"aiaas", "single", "gateway", "delegating"} & set(servers):
             log("starting aiaas (registry, inference, gateway)")
-            stack = Aiaas(files, work, args.torch_threads)
+            stack = Aiaas(files, work, args.torch_threads, args.frontends)
             if "aiaas" in servers:
                 targets["aiaas"] = kserve("aiaas", stack.inference.address)
+            if "single" in servers:
+                stack.start_single(models)
+                targets["single"] = kserve("single", stack.single.address)
             if "gateway" in servers:
                 targets["gateway"] = kserve("gateway", stack.gateway.address,
                                             (("authorization", f"Bearer {stack.token}"),))
@@ -597,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                     unavailable["delegating"] = "needs the Triton peer, which is not available"
         check_answers(targets, files, wrong)
         ordered = {label: targets[label] for label in COLUMNS if label in targets}
-        rows = measure(ordered, models, levels, plan) if ordered else []
+        rows = measure(ordered, models, levels, plan, args.connections) if ordered else []
     finally:
         if stack is not None:
             stack.stop()
@@ -615,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": ", ".join(f"{v:.2f}" for v in os.getloadavg()),
         "busy_runs": sum(r["busy_runs"] for r in rows), "runs": sum(r["runs"] for r in rows),
         "max_busy": max((r["max_busy_before"] for r in rows), default=0.0), "unavailable": unavailable,
-        "wrong": wrong, "versions": versions,
+        "wrong": wrong, "versions": versions, "connections": args.connections,
+        "frontends": args.frontends or available_cores(),
         "command": "python -m bench.side_by_side" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
     }
     table = render(rows, headings, info)

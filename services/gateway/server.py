@@ -175,7 +175,7 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
         settings.inference_targets, balancer, max_message_bytes=settings.max_message_bytes,
         max_attempts=settings.max_attempts, dns_refresh_s=settings.dns_refresh_s, identity=identity,
         health_check_interval_s=settings.health_check_interval_s, health_check_timeout_s=settings.health_check_timeout_s,
-        try_timeouts=settings.try_timeouts(),
+        try_timeouts=settings.try_timeouts(), connections=settings.upstream_connections,
     )
     reporter = TelemetryReporter(settings.monitor_url, source="gateway", identity=identity)
     registry = RegistryClient(registry_channel, timeout_s=5.0)

@@ -89,6 +89,9 @@ class GatewaySettings(ServerSettings):
     # Replicas tried for one request: one that answers UNAVAILABLE (or has not loaded the target yet)
     # hands the request to another, within the caller's deadline. 1 means no retry.
     max_attempts: int = 3
+    # HTTP/2 connections to each inference replica, used in turn: an inference replica runs several
+    # processes on its port (its frontends) and each connection lands on one of them.
+    upstream_connections: int = 8
     # Replica failures in a row (transport failures: refused, reset, GOAWAY; deadlines with no answer)
     # after which a replica is ejected (skipped for a while). Application answers (model loading,
     # queue full or timed out) never count; a replica whose channel cannot connect is ejected at once.
@@ -185,8 +188,8 @@ class GatewaySettings(ServerSettings):
                 raise InvalidArgument("bootstrap_admin_key must be a token `aiaas_<key id>_<secret>`") from None
         if self.gateway_replicas < 1:
             raise InvalidArgument("gateway_replicas must be >= 1")
-        if self.max_attempts < 1:
-            raise InvalidArgument("max_attempts must be >= 1")
+        if self.max_attempts < 1 or not 1 <= self.upstream_connections <= 64:
+            raise InvalidArgument("max_attempts must be >= 1 and upstream_connections between 1 and 64")
         if not 0.0 <= self.eject_panic_threshold <= 1.0:
             raise InvalidArgument("eject_panic_threshold must be between 0 and 1")
         if self.health_check_interval_s < 0 or self.health_check_timeout_s <= 0:

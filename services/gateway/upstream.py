@@ -6,9 +6,10 @@ rules of a call's tries are in forwarding.py, the per-try timeout in try_timeout
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -52,36 +53,44 @@ def answered_by_application(exc: grpc.aio.AioRpcError) -> bool:
     return any(key == APP_STATUS_KEY for key, _ in exc.trailing_metadata() or ())
 
 
-def _close_soon(channel: grpc.aio.Channel) -> None:
-    asyncio.ensure_future(channel.close())
+def _close_soon(transport: _Transport) -> None:
+    asyncio.ensure_future(transport.close())
 
 
 class _Transport:
-    """One replica's channel and its cached method callables (raw bytes in and out).
+    """One replica's channels and their cached method callables (raw bytes in and out).
+
+    `connections` channels, each its own TCP connection (a local subchannel pool), taken in turn:
+    a replica whose processes share its port (the inference service's frontends, SO_REUSEPORT)
+    gets the gateway's calls spread over them, where one connection would land on one process.
 
     The identity token (development mode) goes into each call's metadata here rather than through
     a channel interceptor, which would route every streamed token through extra Python.
     """
 
-    def __init__(self, address: str, options: list[tuple[str, Any]], identity: ClientIdentity) -> None:
-        self.channel = identity.aio_channel(address, options, token_interceptors=False)
+    def __init__(self, address: str, options: list[tuple[str, Any]], identity: ClientIdentity,
+                 connections: int = 1) -> None:
+        own = [*options, ("grpc.use_local_subchannel_pool", 1)] if connections > 1 else options
+        self.channels = [identity.aio_channel(address, own, token_interceptors=False)
+                         for _ in range(max(1, connections))]
+        self.channel = self.channels[0]
         self._auth = identity.metadata()
-        self._methods: dict[str, Any] = {}
+        self._methods: dict[str, Iterator[Any]] = {}
         self.health_check = health_check_callable(self.channel)  # open to every caller: no token
 
     def unary(self, method: str) -> Any:
-        call = self._methods.get(method)
-        if call is None:
-            call = self._authenticated(self.channel.unary_unary(f"/{SERVICE}/{method}"))
-            self._methods[method] = call
-        return call
+        calls = self._methods.get(method)
+        if calls is None:
+            calls = self._methods[method] = itertools.cycle(
+                [self._authenticated(c.unary_unary(f"/{SERVICE}/{method}")) for c in self.channels])
+        return next(calls)
 
     def stream(self, method: str) -> Any:
-        call = self._methods.get(method)
-        if call is None:
-            call = self._authenticated(self.channel.stream_stream(f"/{SERVICE}/{method}"))
-            self._methods[method] = call
-        return call
+        calls = self._methods.get(method)
+        if calls is None:
+            calls = self._methods[method] = itertools.cycle(
+                [self._authenticated(c.stream_stream(f"/{SERVICE}/{method}")) for c in self.channels])
+        return next(calls)
 
     def _authenticated(self, multicallable: Any) -> Any:
         auth = self._auth
@@ -97,6 +106,10 @@ class _Transport:
         """The channel cannot connect now (refused, or in its reconnect backoff)."""
         return self.channel.get_state() in _UNREACHABLE_STATES
 
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
 
 class InferenceUpstream:
     """Forwards calls to a pool of inference replicas (static list or a DNS name)."""
@@ -105,11 +118,12 @@ class InferenceUpstream:
         self, targets: Sequence[str], balancer: Balancer, *, max_message_bytes: int, max_attempts: int = 3,
         dns_refresh_s: float = 5.0, identity: ClientIdentity | None = None,
         health_check_interval_s: float = 0.0, health_check_timeout_s: float = 1.0,
-        try_timeouts: TryTimeouts | None = None,
+        try_timeouts: TryTimeouts | None = None, connections: int = 1,
     ) -> None:
         # What the gateway presents to inference replicas (mTLS certificate or development token).
         self.identity = identity or ClientIdentity()
         self.targets = tuple(targets)
+        self.connections = connections
         self.balancer = balancer
         self.max_attempts = max_attempts
         self.dns_refresh_s = dns_refresh_s
@@ -145,12 +159,12 @@ class InferenceUpstream:
             await self.health.close()
         for replica in self.balancer.replicas:
             if replica.transport is not None:
-                await replica.transport.channel.close()
+                await replica.transport.close()
 
     def _apply(self, addresses: list[str]) -> None:
         added, removed = self.balancer.set_addresses(addresses)
         for replica in added:
-            replica.transport = _Transport(replica.address, self._options, self.identity)
+            replica.transport = _Transport(replica.address, self._options, self.identity, self.connections)
             if self.health is not None:
                 self.health.watch(replica)
         loop = asyncio.get_running_loop()
@@ -158,7 +172,7 @@ class InferenceUpstream:
             if self.health is not None:
                 self.health.forget(replica)
             # In-flight calls keep their channel; close it once they are surely done.
-            loop.call_later(60.0, _close_soon, replica.transport.channel)
+            loop.call_later(60.0, _close_soon, replica.transport)
         if added or removed:
             log.info("inference replicas: %s", ", ".join(r.address for r in self.balancer.replicas) or "none")
 

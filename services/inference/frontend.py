@@ -27,9 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2
-from tritonclient.grpc import service_pb2
 
 from services.common.context import caller_var, request_id_var
 from services.common.interceptors import ServiceInterceptor
@@ -49,19 +46,27 @@ LINK_SOCKET = "link.sock"
 CORE_SOCKET = "core.sock"
 SETTINGS_FILE = "settings.json"
 READY_LINE = "frontend-ready"
+_MAX_METHODS = 256
 # Metadata grpc sets itself on the proxied call, or that only the frontend may set.
 _DROPPED = frozenset({"user-agent", "content-type", "te", "authority", CALLER_KEY})
 
 
-def _method_shapes() -> dict[str, tuple[bool, bool]]:
-    """Every RPC the core serves: method path -> (client streaming, server streaming)."""
-    shapes: dict[str, tuple[bool, bool]] = {}
-    for descriptor in (service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
-                       health_pb2.DESCRIPTOR.services_by_name["Health"],
-                       reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]):
-        for method in descriptor.methods:
-            shapes[f"/{descriptor.full_name}/{method.name}"] = (method.client_streaming, method.server_streaming)
-    return shapes
+# The RPCs the core serves whose calls stream (client streaming, server streaming); every other
+# method of these services is unary. Spelled out rather than read from tritonclient's descriptors,
+# which would import numpy into every frontend.
+_STREAMING = {
+    f"/{SERVICE}/ModelStreamInfer": (True, True),
+    "/grpc.health.v1.Health/Watch": (False, True),
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": (True, True),
+}
+_PROXIED_PREFIXES = (f"/{SERVICE}/", "/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
+
+
+def method_shape(method: str) -> tuple[bool, bool] | None:
+    """(client streaming, server streaming) of a method the core serves; None for any other path."""
+    if not method.startswith(_PROXIED_PREFIXES) or method.count("/") != 2:
+        return None
+    return _STREAMING.get(method, (False, False))
 
 
 def forwarded_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
@@ -83,14 +88,18 @@ class Proxy(grpc.GenericRpcHandler):
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._channel = channel
-        self._shapes = _method_shapes()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method: str = handler_call_details.method
         handler = self._handlers.get(method)
-        if handler is None and method in self._shapes:
-            handler = self._handlers[method] = self._handler(method, *self._shapes[method])
+        if handler is None:
+            shape = method_shape(method)
+            if shape is None:
+                return None
+            if len(self._handlers) >= _MAX_METHODS:
+                return self._handler(method, *shape)  # a caller inventing method names: not cached
+            handler = self._handlers[method] = self._handler(method, *shape)
         return handler
 
     def _handler(self, method: str, client_streaming: bool, server_streaming: bool) -> grpc.RpcMethodHandler:

@@ -214,3 +214,14 @@ def test_sigterm_drains_calls_in_flight_on_every_process(
         for client in clients:
             client.close()
         proc.stop()
+
+
+def test_the_frontend_proxies_only_the_core_s_methods_with_their_streaming_shapes() -> None:
+    from services.inference.frontend import method_shape
+
+    assert method_shape("/inference.GRPCInferenceService/ModelMetadata") == (False, False)
+    assert method_shape("/inference.GRPCInferenceService/ModelStreamInfer") == (True, True)
+    assert method_shape("/grpc.health.v1.Health/Watch") == (False, True)
+    assert method_shape("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo") == (True, True)
+    assert method_shape("/aiaas.registry.v1.ModelRegistry/PutRecord") is None  # not the core's
+    assert method_shape("/inference.GRPCInferenceService/a/b") is None
