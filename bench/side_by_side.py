@@ -566,8 +566,9 @@ def main(argv: list[str] | None = None) -> int:
                                                               str(Path.home() / ".cache" / "aiaas" / "bench-peers")))
     parser.add_argument("--connections", type=int, default=8,
                         help="TCP connections the client spreads its callers over (at most one per caller)")
-    parser.add_argument("--frontends", type=int, default=0,
-                        help="aiaas inference's processes on its port (0: one per available core)")
+    parser.add_argument("--frontends", type=int, default=available_cores(),
+                        help="processes on the port of the `aiaas` column (default: one per available core; "
+                             "the `single` column always has one)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the table (markdown); a .json beside it")
     args = parser.parse_args(argv)
     plan = dict(SHORT if args.short else FULL)
@@ -640,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         "busy_runs": sum(r["busy_runs"] for r in rows), "runs": sum(r["runs"] for r in rows),
         "max_busy": max((r["max_busy_before"] for r in rows), default=0.0), "unavailable": unavailable,
         "wrong": wrong, "versions": versions, "connections": args.connections,
-        "frontends": args.frontends or available_cores(),
+        "frontends": args.frontends,
         "command": "python -m bench.side_by_side" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
     }
     table = render(rows, headings, info)

@@ -16,6 +16,8 @@ from services.inference.sandbox import MODES as SANDBOX_MODES
 INFERENCE_MAX_MESSAGE_BYTES = 2**31 - 1
 WORKER_MODES = ("process", "thread")
 MAX_FRONTENDS = 64
+# `frontends: 0` starts one process per core from this many cores up (docs/inference.md, "Frontends").
+AUTO_FRONTENDS_FROM_CORES = 4
 
 
 def default_cache_dir() -> str:
@@ -45,8 +47,9 @@ class InferenceSettings(ServerSettings):
     model_cache_dir: str = ""
     # Processes accepting gRPC on the port (SO_REUSEPORT): this one (the core: models, batchers,
     # workers, statistics) and frontends that terminate gRPC for their share of the connections and
-    # hand calls to the core (docs/inference.md, "Frontends"). 0: the cores available to the
-    # service (affinity and cgroup quota); 1: the core alone.
+    # hand calls to the core (docs/inference.md, "Frontends"). 0: one per core available to the
+    # service (affinity and cgroup quota) from 4 cores up, else 1 (measured on 2 cores, a second
+    # process costs more than it gives); 1: the core alone.
     frontends: int = 0
     # Requests one version's batcher may hold queued before it refuses more (RESOURCE_EXHAUSTED);
     # used when the version's ServingConfig leaves max_queue_size 0.
@@ -102,7 +105,10 @@ class InferenceSettings(ServerSettings):
     @property
     def frontend_count(self) -> int:
         """Processes that accept on the port, the core included."""
-        return self.frontends or min(MAX_FRONTENDS, available_cores())
+        if self.frontends:
+            return self.frontends
+        cores = available_cores()
+        return min(MAX_FRONTENDS, cores) if cores >= AUTO_FRONTENDS_FROM_CORES else 1
 
     @property
     def cache_dir(self) -> Path:

@@ -225,3 +225,13 @@ def test_the_frontend_proxies_only_the_core_s_methods_with_their_streaming_shape
     assert method_shape("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo") == (True, True)
     assert method_shape("/aiaas.registry.v1.ModelRegistry/PutRecord") is None  # not the core's
     assert method_shape("/inference.GRPCInferenceService/a/b") is None
+
+
+@pytest.mark.parametrize(("cores", "setting", "processes"), [(1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 0, 4), (16, 0, 16),
+                                                            (2, 3, 3), (64, 1, 1)])
+def test_frontends_default_to_one_per_core_from_four_cores(monkeypatch: pytest.MonkeyPatch, cores: int,
+                                                           setting: int, processes: int) -> None:
+    from services.inference import settings as inference_settings
+
+    monkeypatch.setattr(inference_settings, "available_cores", lambda: cores)
+    assert inference_settings.InferenceSettings(frontends=setting).frontend_count == processes

@@ -131,7 +131,7 @@ class Outcome:
 
 
 async def drive(address: str, model: str, *, requests: int = 0, seconds: float = 0.0, rows: int = 1,
-                shift: float = 0.0, concurrency: int = 4, seed: int = 0) -> Outcome:
+                shift: float = 0.0, concurrency: int = 4, seed: int = 0, timeout_s: float = 30.0) -> Outcome:
     """Send inference requests through the gateway with tritonclient; count what came back."""
     client = tca.InferenceServerClient(address)
     rng = np.random.default_rng(seed)
@@ -148,7 +148,7 @@ async def drive(address: str, model: str, *, requests: int = 0, seconds: float =
             tensor.set_data_from_numpy(x)
             started = time.perf_counter()
             try:
-                result = await client.infer(model, [tensor], client_timeout=30)
+                result = await client.infer(model, [tensor], client_timeout=timeout_s)
             except Exception as exc:  # noqa: BLE001 - counted, and kept for the assertion message
                 out.failed += 1
                 out.errors.append(str(exc)[:200])
@@ -271,8 +271,12 @@ async def test_broken_canary_is_rolled_back_while_production_serves(stack: Stack
     assert status.rolled_back and status.verdict == pb.CANARY_VERDICT_ERROR_REGRESSION
 
     # Production keeps serving: once the gateway has the new route, nothing fails.
-    await asyncio.sleep(1.0)
-    after = await drive(stack.gateway.address, "fraud", requests=80, rows=1, seed=4)
+    async def production_only() -> bool:
+        probe = await drive(stack.gateway.address, "fraud", requests=8, rows=1, seed=5, timeout_s=10)
+        return probe.failed == 0 and set(probe.versions) == {"1"}
+
+    await poll(production_only, 60, "fraud served by production alone")
+    after = await drive(stack.gateway.address, "fraud", requests=80, rows=1, seed=4, timeout_s=10)
     assert (after.ok, after.failed) == (80, 0), after.errors[:3]
     assert set(after.versions) == {"1"}
 
