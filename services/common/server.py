@@ -181,7 +181,9 @@ class ServiceApp:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(service, status)
 
-    async def start(self) -> int:
+    async def start(self, before_start: Callable[[int], Awaitable[None]] | None = None) -> int:
+        """Bind, then serve. `before_start(port)` runs once the port is bound and before calls are
+        taken (the inference service starts its frontends on the port there)."""
         reflection.enable_server_reflection(self._service_names, self.server)
         address = f"{self.settings.host}:{self.settings.port}"
         credentials = server_credentials(self.settings)
@@ -191,6 +193,8 @@ class ServiceApp:
             self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise RuntimeError(f"could not bind {address}")
+        if before_start is not None:
+            await before_start(self.port)
         await self.server.start()
         for name in self._service_names:
             if name not in (health.SERVICE_NAME, reflection.SERVICE_NAME):

@@ -116,30 +116,20 @@ class Proxy(grpc.GenericRpcHandler):
                     raise
 
             return grpc.unary_unary_rpc_method_handler(unary_unary)
-        if not client_streaming:
-            unary_call = channel.unary_stream(method)
+        # Both streaming shapes take one request argument (a message or an iterator) and yield.
+        streaming = channel.stream_stream(method) if client_streaming else channel.unary_stream(method)
 
-            async def unary_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-                try:
-                    async for response in unary_call(request, timeout=context.time_remaining(),
-                                                     metadata=forwarded_metadata(context)):
-                        yield response
-                except grpc.aio.AioRpcError as error:
-                    await _abort_from(context, error)
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream)
-        stream_call = channel.stream_stream(method)
-
-        async def stream_stream(requests: AsyncIterator[bytes],
-                                context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def relay(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             try:
-                async for response in stream_call(requests, timeout=context.time_remaining(),
-                                                  metadata=forwarded_metadata(context)):
+                async for response in streaming(request, timeout=context.time_remaining(),
+                                                metadata=forwarded_metadata(context)):
                     yield response
             except grpc.aio.AioRpcError as error:
                 await _abort_from(context, error)
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream)
+        if not client_streaming:
+            return grpc.unary_stream_rpc_method_handler(relay)
+        return grpc.stream_stream_rpc_method_handler(relay)
 
 
 def model_infer_handler(link: LinkClient) -> grpc.RpcMethodHandler:

@@ -91,22 +91,14 @@ def error_from_payload(payload: bytes) -> AiaasError:
         return Internal("the inference core sent an unreadable error")
 
 
-class LinkClient(asyncio.Protocol):
-    """A frontend's end: `call(request bytes)` -> response bytes, or the core's error raised."""
+class _FramedProtocol(asyncio.Protocol):
+    """One end of a link: frames in through `_on_frame`; a malformed stream closes the link."""
 
-    def __init__(self, max_frame: int, on_lost: Callable[[], None] | None = None) -> None:
+    _side = "link"
+
+    def __init__(self, max_frame: int) -> None:
         self._reader = FrameReader(max_frame, self._on_frame)
-        self._pending: dict[int, asyncio.Future[bytes]] = {}
-        self._ids = itertools.count(1)
         self._transport: asyncio.Transport | None = None
-        self._on_lost = on_lost
-        self._max = max_frame
-
-    @classmethod
-    async def connect(cls, path: str, max_frame: int, on_lost: Callable[[], None] | None = None) -> LinkClient:
-        loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_unix_connection(lambda: cls(max_frame, on_lost), path)
-        return protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -116,9 +108,31 @@ class LinkClient(asyncio.Protocol):
         try:
             self._reader.feed(data)
         except ValueError as exc:
-            log.error("inference core link broken: %s", exc)
+            log.error("%s broken: %s", self._side, exc)
             if self._transport is not None:
                 self._transport.close()
+
+    def _on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+
+class LinkClient(_FramedProtocol):
+    """A frontend's end: `call(request bytes)` -> response bytes, or the core's error raised."""
+
+    _side = "inference core link"
+
+    def __init__(self, max_frame: int, on_lost: Callable[[], None] | None = None) -> None:
+        super().__init__(max_frame)
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._ids = itertools.count(1)
+        self._on_lost = on_lost
+        self._max = max_frame
+
+    @classmethod
+    async def connect(cls, path: str, max_frame: int, on_lost: Callable[[], None] | None = None) -> LinkClient:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_unix_connection(lambda: cls(max_frame, on_lost), path)
+        return protocol
 
     def _on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
         future = self._pending.pop(call_id, None)
@@ -168,27 +182,16 @@ class LinkClient(asyncio.Protocol):
 Handler = Callable[[bytes, "float | None", str], Any]
 
 
-class LinkServerProtocol(asyncio.Protocol):
+class LinkServerProtocol(_FramedProtocol):
     """The core's end of one frontend's link: a task per CALL, cancelled by CANCEL or a lost link."""
 
+    _side = "frontend link"
+
     def __init__(self, handler: Handler, max_frame: int, max_calls: int) -> None:
+        super().__init__(max_frame)
         self._handler = handler
-        self._reader = FrameReader(max_frame, self._on_frame)
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._transport: asyncio.Transport | None = None
         self._max_calls = max_calls
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._reader.feed(data)
-        except ValueError as exc:
-            log.error("frontend link broken: %s", exc)
-            if self._transport is not None:
-                self._transport.close()
 
     def _on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
         if kind == CANCEL:

@@ -111,12 +111,12 @@ class InferenceService(Service[ModelRepository]):
             delay = min(self.settings.reconnect_max_s, delay * 2)
 
     async def start(self) -> int:
-        """Prepare, listen, then start the frontends on the bound port (docs/inference.md, "Frontends")."""
+        """Prepare, bind, start the frontends on the bound port, then serve: once health answers,
+        every process accepts (docs/inference.md, "Frontends")."""
         if self.frontends.count > 1 and self.settings.port:
             ensure_port_free(self.settings.host, self.settings.port)
-        port = await super().start()
-        await self.frontends.start(port)
-        return port
+        await self.prepare()
+        return await self.app.start(before_start=self.frontends.start)
 
     async def stop(self) -> None:
         """The frontends drain alongside the core; the core closes its models once they are gone."""

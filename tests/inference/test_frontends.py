@@ -3,11 +3,13 @@ with `--frontends 3` (the core and two frontend processes), driven over many con
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -135,6 +137,28 @@ def test_every_process_answers_every_rpc_and_errors_keep_their_status(server: Se
                 client.infer("nope", [tc.InferInput("input", [1, 10], "FP32").set_data_from_numpy(
                     np.zeros((1, 10), np.float32))])
             assert missing.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")
+
+
+def test_streams_cross_every_process(server: ServiceProcess, mlp: models.Artifact) -> None:
+    x = np.arange(10, dtype=np.float32).reshape(1, 10)
+    expected = mlp.expected({"input": x})["output"]
+    for _ in range(8):  # eight connections: streams accepted by the core and by frontends
+        answers: queue.Queue[Any] = queue.Queue()
+        with tc.InferenceServerClient(server.address, channel_args=OWN_CONNECTION) as client:
+            client.start_stream(callback=lambda result, error, answers=answers: answers.put(error or result))
+            for request_id in ("a", "b", "c"):
+                tensor = tc.InferInput("input", [1, 10], "FP32").set_data_from_numpy(x)
+                client.async_stream_infer("mlp", [tensor], request_id=request_id)
+            bad = tc.InferInput("input", [1, 3], "FP32").set_data_from_numpy(np.zeros((1, 3), np.float32))
+            client.async_stream_infer("mlp", [bad], request_id="bad")
+            got = [answers.get(timeout=30) for _ in range(4)]
+            client.stop_stream()
+        results = [g for g in got if not isinstance(g, InferenceServerException)]
+        errors = [g for g in got if isinstance(g, InferenceServerException)]
+        assert sorted(r.get_response().id for r in results) == ["a", "b", "c"]
+        for result in results:
+            np.testing.assert_allclose(result.as_numpy("output"), expected, rtol=1e-5, atol=1e-6)
+        assert len(errors) == 1 and "input" in errors[0].message()  # in-band, the stream went on
 
 
 def test_a_killed_frontend_is_replaced_and_the_port_keeps_answering(server: ServiceProcess) -> None:
