@@ -43,3 +43,18 @@ def available_cores() -> int:
     if quota is not None and quota > 0:
         cores = min(cores, math.ceil(quota))
     return max(1, cores)
+
+
+# A service that may run several processes on its port (the inference service's frontends, the
+# gateway's processes) starts one per available core from this many cores up when asked for 0
+# ("auto"): measured on 2 cores, a second process cost more in protocol and scheduling than it gave.
+AUTO_PROCESSES_FROM_CORES = 4
+MAX_PROCESSES = 64
+
+
+def auto_process_count(requested: int) -> int:
+    """`requested` processes, or for 0 one per available core from AUTO_PROCESSES_FROM_CORES cores up (else 1)."""
+    if requested:
+        return requested
+    cores = available_cores()
+    return min(MAX_PROCESSES, cores) if cores >= AUTO_PROCESSES_FROM_CORES else 1

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -24,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.authz import Authenticator, Guard, Policy, TokenVerifier
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings
@@ -99,6 +100,17 @@ def build_guard(name: str, settings: ServerSettings) -> Guard:
     authenticator = Authenticator(mtls=mtls, tokens=tokens, trust_domain=settings.trust_domain) \
         if (mtls or tokens is not None) else None
     return Guard(name, authenticator, Policy.load(settings.authz_policy), required=settings.require_identity)
+
+
+def ensure_port_free(service: str, host: str, port: int) -> None:
+    """Before several processes share a port (SO_REUSEPORT): refuse one some other server already
+    holds, instead of splitting its connections with it."""
+    try:
+        with socket.create_server((host.strip("[]"), port),
+                                  family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as exc:
+        raise Unavailable(f"{service} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 class ServiceApp:

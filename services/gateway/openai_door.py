@@ -295,8 +295,10 @@ class OpenAIServer:
 
     def __init__(self, door: OpenAIDoor, *, host: str, port: int, max_connections: int = 1024,
                  keep_alive_s: float = 5.0, grace_period_s: float = 10.0, tls_cert: str | None = None,
-                 tls_key: str | None = None) -> None:
+                 tls_key: str | None = None, reuse_port: bool = False) -> None:
+        """`reuse_port`: the gateway's processes accept on the same port (SO_REUSEPORT)."""
         self.door = door
+        self.reuse_port = reuse_port
         self.host = host
         self.requested_port = port
         self.port = 0
@@ -311,11 +313,15 @@ class OpenAIServer:
         self._main: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
 
-    async def start(self) -> int:
-        """Bind (OSError when the port is taken) and serve; returns the bound port."""
+    def bind(self) -> int:
+        """Bind the port (OSError when it is taken) without accepting yet; returns it."""
+        if self._socket is not None:
+            return self.port
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # Inherited by accepted connections: without it each answer's second write (a response is
         # headers, then body or chunks) waits out the client's delayed ACK, ~40 ms.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -324,10 +330,17 @@ class OpenAIServer:
         except OSError:
             sock.close()
             raise
-        sock.listen(2048)
-        sock.setblocking(False)
         self._socket = sock
         self.port = sock.getsockname()[1]
+        return self.port
+
+    async def start(self) -> int:
+        """Bind unless `bind` did, and serve; returns the bound port."""
+        self.bind()
+        sock = self._socket
+        assert sock is not None
+        sock.listen(2048)
+        sock.setblocking(False)
         if not self.config.loaded:
             self.config.load()
         self.server.lifespan = self.config.lifespan_class(self.config)
@@ -346,6 +359,8 @@ class OpenAIServer:
         self.begin_stop()
         if self._stopping is not None:
             await self._stopping
+        elif self._socket is not None:  # bound, never served
+            self._socket.close()
 
     async def _stop(self) -> None:
         self.server.should_exit = True

@@ -3,17 +3,22 @@ and servicers on a `ServiceApp`."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import logging
+import sys
+from typing import Any
 
 import grpc
 
 from aiaas.gateway.v1 import gateway_pb2 as gw
 from aiaas.gateway.v1 import gateway_pb2_grpc as gw_grpc
 from services.common.outages import url_address
+from services.common.processes import ProcessKeeper, child_environment
 from services.common.registry_client import RegistryClient
 from services.common.reporting import TelemetryReporter
-from services.common.server import Service, ServiceApp
+from services.common.server import Service, ServiceApp, ensure_port_free
 from services.gateway import convert
 from services.gateway.admin import GatewayAdmin
 from services.gateway.balancer import Balancer
@@ -48,6 +53,8 @@ from services.gateway.upstream import InferenceUpstream
 log = logging.getLogger("aiaas.gateway")
 
 ADMIN_SERVICE = "aiaas.gateway.v1.GatewayAdmin"
+# What `services.gateway.process` prints once it accepts on both ports.
+PROCESS_READY_LINE = "gateway-process-ready"
 FEEDBACK_SERVICE = "aiaas.gateway.v1.Feedback"
 
 
@@ -94,6 +101,9 @@ class GatewayService(Service[DataPlane]):
     wait_for_registry_s: float | None = None
     # The OpenAI-compatible HTTP door (None: off); it opens with the gRPC port and drains beside it.
     openai: OpenAIServer | None = None
+    # The gateway's other processes on the same ports (None: this is the only one, or one of them).
+    siblings: ProcessKeeper | None = None
+    _sibling_settings: GatewaySettings | None = dataclasses.field(default=None, init=False)
 
     def __post_init__(self) -> None:
         super().__init__(self.app, self.plane)
@@ -125,17 +135,54 @@ class GatewayService(Service[DataPlane]):
             await self.admin.ensure_bootstrap_key(self.settings.bootstrap_admin_key)
 
     async def start(self) -> int:
-        port = await super().start()
+        """Prepare, bind both ports, start the other processes on them, then serve: once health
+        answers, every process accepts (docs/gateway.md, "Processes")."""
+        if self.siblings is not None and self.settings.port:
+            ensure_port_free("gateway", self.settings.host, self.settings.port)
+        if self.siblings is not None and self.openai is not None and self.settings.openai_port:
+            ensure_port_free("gateway", self.settings.host, self.settings.openai_port)
+        await self.prepare()
+        if self.openai is not None:
+            self.openai.bind()
+        port = await self.app.start(before_start=self._start_siblings)
         if self.openai is not None:
             await self.openai.start()
         return port
 
+    async def _start_siblings(self, port: int) -> None:
+        if self.siblings is None:
+            return
+        openai_port = self.openai.port if self.openai is not None else self.settings.openai_port
+        self._sibling_settings = dataclasses.replace(self.settings, port=port, openai_port=openai_port)
+        ready = await self.siblings.start()
+        log.info("gateway serves port %d from %d processes (%d of %d others ready)", port, 1 + ready, ready,
+                 self.siblings.count)
+
+    async def _spawn_sibling(self, index: int) -> asyncio.subprocess.Process:
+        """Process `index` (1..processes-1): its settings, secrets included, go down its stdin, which
+        stays open as its lifeline (it stops when this process is gone)."""
+        assert self._sibling_settings is not None
+        settings = dataclasses.replace(
+            self._sibling_settings, bootstrap_admin_key=None,  # stored once, by this process
+            metrics_port=self.settings.metrics_port + index if self.settings.metrics_port else 0)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.gateway.process", str(index), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env=child_environment())
+        assert process.stdin is not None
+        process.stdin.write(settings_to_json(settings).encode() + b"\n")
+        return process
+
     async def stop(self) -> None:
+        """The other processes drain alongside this one."""
+        if self.siblings is not None:
+            self.siblings.begin_drain()
         if self.openai is not None:
             self.openai.begin_stop()  # drains beside the gRPC calls; `close` waits for it
         await super().stop()
 
     async def close(self) -> None:
+        if self.siblings is not None:
+            await self.siblings.close()
         if self.openai is not None:
             await self.openai.stop()
         await self.feed.close()
@@ -149,11 +196,16 @@ class GatewayService(Service[DataPlane]):
             await self.redis.aclose()  # type: ignore[attr-defined]
 
 
-def create_service(settings: GatewaySettings, *, configure_process: bool = True) -> GatewayService:
-    """Wire the gateway; call inside the running event loop."""
+def create_service(settings: GatewaySettings, *, configure_process: bool = True,
+                   process_index: int = 0) -> GatewayService:
+    """Wire the gateway; call inside the running event loop. `process_index` 0 is the gateway as
+    started, which starts `settings.process_count - 1` others (`services.gateway.process`), each
+    created with its index."""
+    processes = settings.process_count
+    shared = processes > 1 or process_index > 0
     # No request is larger than max_request_bytes: grpc refuses one before reading it.
     app = ServiceApp("gateway", settings, configure_process=configure_process,
-                     max_receive_bytes=settings.max_request_bytes, public=True)
+                     max_receive_bytes=settings.max_request_bytes, public=True, reuse_port=shared)
     identity = settings.client_identity()
     ring = KeyRing(settings.key_pepper.encode(), enabled=settings.auth_enabled)
     catalog = Catalog(settings.default_alias)
@@ -162,7 +214,7 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
     redis = make_redis(settings)
     quotas = QuotaEnforcer(
         redis=redis, failure_mode=settings.redis_failure_mode, timeout_s=settings.redis_timeout_ms / 1000.0,
-        retry_after_s=settings.redis_retry_after_s, replicas=settings.gateway_replicas,
+        retry_after_s=settings.redis_retry_after_s, replicas=settings.gateway_replicas * processes,
         address=url_address(settings.redis_url, 6379) if settings.redis_url else "",
         default_key=QuotaSpec(settings.default_key_rps, settings.default_key_burst,
                               settings.default_key_tokens_per_minute),
@@ -212,9 +264,22 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True)
             OpenAIDoor(plane, max_body_bytes=min(settings.openai_max_body_bytes, settings.max_request_bytes)), host=settings.host,
             port=settings.openai_port, max_connections=settings.openai_max_connections,
             keep_alive_s=settings.openai_keep_alive_s, grace_period_s=settings.grace_period_s,
-            tls_cert=settings.tls_cert, tls_key=settings.tls_key,
+            tls_cert=settings.tls_cert, tls_key=settings.tls_key, reuse_port=shared,
         )
     service = GatewayService(settings, app, plane, catalog=catalog, ring=ring, feed=feed, upstream=upstream,
                              quotas=quotas, reporter=reporter, registry_channel=registry_channel, redis=redis,
                              admin=admin, openai=openai)
+    if process_index == 0 and processes > 1:
+        service.siblings = ProcessKeeper("gateway process", processes - 1, lambda i: service._spawn_sibling(i + 1),
+                                         ready_line=PROCESS_READY_LINE, grace_period_s=settings.grace_period_s)
     return service
+
+
+def settings_to_json(settings: GatewaySettings) -> str:
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def settings_from_json(text: str) -> GatewaySettings:
+    """The inverse of `settings_to_json` (tuples come back as JSON lists)."""
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()}
+    return GatewaySettings(**fields)

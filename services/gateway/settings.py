@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from aiaas.api_keys import parse_token
+from services.common.cpus import MAX_PROCESSES, auto_process_count
 from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.settings import ServerSettings
 from services.gateway.try_timeout import TryTimeouts
@@ -30,6 +31,11 @@ class GatewaySettings(ServerSettings):
     openai_keep_alive_s: float = 5.0
     # Deadline in seconds of a generation (a request to a decoupled model) whose caller sets none.
     generation_timeout_s: float = 600.0
+    # Processes serving the gRPC and OpenAI ports (SO_REUSEPORT: the kernel spreads connections over
+    # them), each a whole gateway with its own registry feed and upstream channels; they share quotas
+    # and kept predictions through Redis, so more than 1 needs redis_url. 0: one per available core
+    # from 4 cores up when redis_url is set, else 1 (docs/gateway.md, "Processes").
+    processes: int = 0
     # The public door: one client connection gets at most this many open calls.
     max_concurrent_streams: int = 256
     # Registry address (host:port): the model snapshot and change feed (aliases, routes, keys), and
@@ -151,6 +157,11 @@ class GatewaySettings(ServerSettings):
     # Elements one input may hold (the product of its shape); more is refused with INVALID_ARGUMENT.
     max_elements: int = 64 * 1024 * 1024
 
+    @property
+    def process_count(self) -> int:
+        """Processes that serve the ports, this one included."""
+        return auto_process_count(self.processes) if self.redis_url else 1
+
     def try_timeouts(self) -> TryTimeouts:
         return TryTimeouts.parse(self.per_try_timeout, floor_s=self.per_try_timeout_floor_s,
                                  p99_factor=self.per_try_timeout_p99_factor)
@@ -171,6 +182,14 @@ class GatewaySettings(ServerSettings):
         if self.feedback_window_s <= 0 or self.feedback_max_pending < 1 or self.feedback_max_entries < 1:
             raise InvalidArgument("feedback_window_s must be > 0, feedback_max_pending and feedback_max_entries >= 1")
 
+    def _validate_processes(self) -> None:
+        if not 0 <= self.processes <= MAX_PROCESSES:
+            raise InvalidArgument(f"processes must be between 0 (one per available core) and {MAX_PROCESSES}")
+        if self.processes > 1 and not self.redis_url:
+            raise InvalidArgument(
+                "processes > 1 share quotas and kept predictions through Redis: set redis_url, or run one process"
+            )
+
     def validate(self) -> None:
         super().validate()
         if self.redis_failure_mode not in REDIS_FAILURE_MODES:
@@ -186,6 +205,7 @@ class GatewaySettings(ServerSettings):
                 parse_token(self.bootstrap_admin_key)
             except Unauthenticated:
                 raise InvalidArgument("bootstrap_admin_key must be a token `aiaas_<key id>_<secret>`") from None
+        self._validate_processes()
         if self.gateway_replicas < 1:
             raise InvalidArgument("gateway_replicas must be >= 1")
         if self.max_attempts < 1 or not 1 <= self.upstream_connections <= 64:

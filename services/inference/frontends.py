@@ -14,13 +14,10 @@ shutdown drains them alongside the core before the core lets go of its models.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -36,6 +33,7 @@ from services.common.authz import ANYONE, IDENTITY_NAME_MAX, Authenticator, Guar
 from services.common.context import method_var, request_id_var
 from services.common.errors import AiaasError, InvalidArgument
 from services.common.interceptors import rpc_duration_histogram
+from services.common.processes import ProcessKeeper, child_environment
 from services.common.server import ServiceApp, build_guard
 from services.inference.frontend import (
     CALLER_KEY,
@@ -50,9 +48,6 @@ from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("aiaas.inference.frontends")
 
-READY_TIMEOUT_S = 60.0
-RESTART_MIN_S = 0.5
-RESTART_MAX_S = 30.0
 # Room on the link for a call's own header and request id next to the largest request.
 _LINK_OVERHEAD = 4096
 
@@ -118,21 +113,25 @@ class FrontendPool:
         self.count = count
         self._servicer = servicer
         self._dir: Path | None = None
+        self._port = 0
         self._link_server: asyncio.AbstractServer | None = None
         self._internal: grpc.aio.Server | None = None
-        self._processes: dict[int, asyncio.subprocess.Process] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
-        self.restarts = 0
+        self._keeper = ProcessKeeper("inference frontend", count - 1, self._spawn, ready_line=READY_LINE,
+                                     grace_period_s=settings.grace_period_s)
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self._processes.values() if p.returncode is None]
+        return self._keeper.pids
+
+    @property
+    def restarts(self) -> int:
+        return self._keeper.restarts
 
     async def start(self, port: int) -> None:
         """Open the link and the internal server, start the frontends, wait until they accept."""
         if self.count <= 1:
             return
+        self._port = port
         self._dir = Path(tempfile.mkdtemp(prefix="aiaas-inference-"))  # mode 0700: this user only
         fields = dataclasses.asdict(self.settings)
         (self._dir / SETTINGS_FILE).write_text(json.dumps(fields, default=list))
@@ -144,75 +143,23 @@ class FrontendPool:
             str(self._dir / LINK_SOCKET))
         self._internal = self.app.internal_server(f"unix:{self._dir / CORE_SOCKET}", frontend_guard(self.settings))
         await self._internal.start()
-        ready = [loop.create_future() for _ in range(self.count - 1)]
-        self._tasks = [loop.create_task(self._keep(i, port, ready[i]), name=f"inference-frontend-{i}")
-                       for i in range(self.count - 1)]
-        done, _ = await asyncio.wait(ready, timeout=READY_TIMEOUT_S)
-        log.info("inference serves port %d from %d processes (%d frontends ready)", port,
-                 1 + len(done), len(done))
+        ready = await self._keeper.start()
+        log.info("inference serves port %d from %d processes (%d frontends ready)", port, 1 + ready, ready)
 
-    async def _spawn(self, port: int) -> asyncio.subprocess.Process:
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         assert self._dir is not None
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.inference.frontend", str(self._dir), "--port", str(port),
+            sys.executable, "-m", "services.inference.frontend", str(self._dir), "--port", str(self._port),
             "--max-receive-bytes", str(self.app.max_receive_bytes), stdout=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL, env=env)
-
-    async def _keep(self, index: int, port: int, ready: asyncio.Future[None]) -> None:
-        delay = RESTART_MIN_S
-        while not self._stopping:
-            started = time.monotonic()
-            try:
-                process = await self._spawn(port)
-            except OSError as exc:
-                log.error("could not start inference frontend %d: %s", index, exc)
-            else:
-                self._processes[index] = process
-                assert process.stdout is not None
-                line = await process.stdout.readline()
-                if line.strip() == READY_LINE.encode():
-                    if not ready.done():
-                        ready.set_result(None)
-                    log.info("inference frontend %d (pid %d) accepting", index, process.pid)
-                await process.stdout.read()  # to EOF: it prints nothing else
-                code = await process.wait()
-                if self._stopping:
-                    return
-                log.warning("inference frontend %d (pid %d) exited with %s; restarting", index, process.pid, code)
-                self.restarts += 1
-            if time.monotonic() - started > RESTART_MAX_S:
-                delay = RESTART_MIN_S
-            await asyncio.sleep(delay)
-            delay = min(RESTART_MAX_S, delay * 2)
+            stdin=asyncio.subprocess.DEVNULL, env=child_environment())
 
     def begin_drain(self) -> None:
         """SIGTERM every frontend: each stops accepting and drains its calls (the core still answers them)."""
-        self._stopping = True
-        for process in self._processes.values():
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
+        self._keeper.begin_drain()
 
     async def close(self) -> None:
         """Drain and end the frontends (SIGKILL past the grace period), then close the link."""
-        self.begin_drain()
-        waiting = [asyncio.create_task(p.wait()) for p in self._processes.values() if p.returncode is None]
-        if waiting:
-            _, late = await asyncio.wait(waiting, timeout=self.settings.grace_period_s + 5.0)
-            if late:
-                for process in self._processes.values():
-                    if process.returncode is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            process.kill()
-                await asyncio.wait(late, timeout=5.0)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._keeper.close()
         if self._link_server is not None:
             self._link_server.close()
         if self._internal is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import socket
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
@@ -20,7 +19,7 @@ from tritonclient.grpc import service_pb2_grpc
 from services.common.errors import AiaasError, InvalidArgument, Unavailable
 from services.common.reporting import RequestRecord as Report
 from services.common.reporting import TelemetryReporter
-from services.common.server import Service, ServiceApp, channel_options
+from services.common.server import Service, ServiceApp, channel_options, ensure_port_free
 from services.inference.entities import RequestObserver, RequestRecord
 from services.inference.follower import AliasFollower
 from services.inference.frontends import FrontendPool
@@ -114,7 +113,7 @@ class InferenceService(Service[ModelRepository]):
         """Prepare, bind, start the frontends on the bound port, then serve: once health answers,
         every process accepts (docs/inference.md, "Frontends")."""
         if self.frontends.count > 1 and self.settings.port:
-            ensure_port_free(self.settings.host, self.settings.port)
+            ensure_port_free("inference", self.settings.host, self.settings.port)
         await self.prepare()
         return await self.app.start(before_start=self.frontends.start)
 
@@ -147,17 +146,6 @@ def _reporting_to(reporter: TelemetryReporter) -> RequestObserver:
             reporter.sample_inputs(record.model, record.version, record.inputs)  # type: ignore[arg-type]
 
     return report
-
-
-def ensure_port_free(host: str, port: int) -> None:
-    """Several processes share the port (SO_REUSEPORT): refuse one some other server already holds,
-    instead of splitting its connections with it."""
-    try:
-        with socket.create_server((host.strip("[]"), port),
-                                  family=socket.AF_INET6 if ":" in host else socket.AF_INET):
-            pass
-    except OSError as exc:
-        raise Unavailable(f"inference cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def create_service(settings: InferenceSettings, *, configure_process: bool = True) -> InferenceService:

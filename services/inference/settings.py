@@ -6,7 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from services.common.cpus import available_cores
+from services.common.cpus import MAX_PROCESSES, auto_process_count
 from services.common.errors import InvalidArgument
 from services.common.settings import ServerSettings
 from services.inference.sandbox import DEFAULT_ADDRESS_SPACE_MB, resolve_user
@@ -15,9 +15,6 @@ from services.inference.sandbox import MODES as SANDBOX_MODES
 # Triton's own limit: real tensors (images, embeddings) must fit in one message.
 INFERENCE_MAX_MESSAGE_BYTES = 2**31 - 1
 WORKER_MODES = ("process", "thread")
-MAX_FRONTENDS = 64
-# `frontends: 0` starts one process per core from this many cores up (docs/inference.md, "Frontends").
-AUTO_FRONTENDS_FROM_CORES = 4
 
 
 def default_cache_dir() -> str:
@@ -105,10 +102,7 @@ class InferenceSettings(ServerSettings):
     @property
     def frontend_count(self) -> int:
         """Processes that accept on the port, the core included."""
-        if self.frontends:
-            return self.frontends
-        cores = available_cores()
-        return min(MAX_FRONTENDS, cores) if cores >= AUTO_FRONTENDS_FROM_CORES else 1
+        return auto_process_count(self.frontends)
 
     @property
     def cache_dir(self) -> Path:
@@ -124,8 +118,8 @@ class InferenceSettings(ServerSettings):
             raise InvalidArgument("priority_levels must be >= 1 and default_priority_level in [0, priority_levels]")
         if self.torch_threads < 0:
             raise InvalidArgument("torch_threads must be >= 0")
-        if not 0 <= self.frontends <= MAX_FRONTENDS:
-            raise InvalidArgument(f"frontends must be between 0 (one per available core) and {MAX_FRONTENDS}")
+        if not 0 <= self.frontends <= MAX_PROCESSES:
+            raise InvalidArgument(f"frontends must be between 0 (one per available core) and {MAX_PROCESSES}")
         if self.follow_aliases and not self.registry_url:
             raise InvalidArgument("follow_aliases needs registry_url")
         if self.drain_timeout_s <= 0 or self.startup_timeout_s <= 0:

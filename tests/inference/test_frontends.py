@@ -255,7 +255,8 @@ def test_the_frontend_proxies_only_the_core_s_methods_with_their_streaming_shape
                                                             (2, 3, 3), (64, 1, 1)])
 def test_frontends_default_to_one_per_core_from_four_cores(monkeypatch: pytest.MonkeyPatch, cores: int,
                                                            setting: int, processes: int) -> None:
-    from services.inference import settings as inference_settings
+    from services.common import cpus
+    from services.inference.settings import InferenceSettings
 
-    monkeypatch.setattr(inference_settings, "available_cores", lambda: cores)
-    assert inference_settings.InferenceSettings(frontends=setting).frontend_count == processes
+    monkeypatch.setattr(cpus, "available_cores", lambda: cores)
+    assert InferenceSettings(frontends=setting).frontend_count == processes
