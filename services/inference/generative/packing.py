@@ -20,12 +20,20 @@ import torch
 
 log = logging.getLogger("aiaas.inference.generative")
 
-PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """fp32 wherever oneDNN is; bf16 only on CPUs whose oneDNN has a bf16 path (AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT): on an AVX2-only CPU the reorder refuses bf16 and the layers stay plain."""
+    if not packing_available():
+        return ()
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.bfloat16, torch.float32) if bf16 is not None and bf16() else (torch.float32,)
 
 
 class PackedLinear(torch.nn.Module):
@@ -49,14 +57,17 @@ class PackedLinear(torch.nn.Module):
 def pack_linears(model: torch.nn.Module, *, batch_hint: int = 16) -> int:
     """Replace every `nn.Linear` of a CPU model in bf16 or fp32 by a `PackedLinear`; how many were replaced.
 
-    Nothing is replaced (0) on another device or dtype, or where this torch lacks the oneDNN ops.
+    Nothing is replaced (0) on another device or dtype, or where this torch or CPU lacks the oneDNN
+    path for the dtype (`packable_dtypes`).
     """
     params = next(model.parameters(), None)
-    if params is None or params.device.type != "cpu" or params.dtype not in PACKABLE_DTYPES \
-            or not packing_available():
+    dtypes = packable_dtypes()
+    if params is None or params.device.type != "cpu" or params.dtype not in dtypes:
+        if params is not None and params.device.type == "cpu" and params.dtype == torch.bfloat16:
+            log.info("bf16 linear layers stay unpacked: this CPU's oneDNN has no bf16 path")
         return 0
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is torch.nn.Linear and child.weight.dtype in PACKABLE_DTYPES]
+               if type(child) is torch.nn.Linear and child.weight.dtype in dtypes]
     replaced = 0
     for parent, name, child in targets:
         try:
