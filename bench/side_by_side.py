@@ -69,6 +69,7 @@ COLUMNS = {
     "aiaas": "aiaas inference",
     "single": "aiaas inference, 1 process",
     "gateway": "aiaas via gateway",
+    "gateways": "aiaas via gateway, {v} processes",
     "delegating": "aiaas -> Triton (delegating)",
     "triton": "Triton (PyTriton {v})",
     "torchserve": "TorchServe {v} (gRPC)",
@@ -338,6 +339,8 @@ class Aiaas:
         from tests.support.procs import ServiceProcess
 
         self._started: list[Any] = []
+        self.redis: Any = None
+        self.gateways: Any = None
         self.registry = self._start(ServiceProcess("registry", args=[
             "--database-url", f"sqlite:///{work}/registry.db", "--artifact-dir", str(work / "artifacts"),
             "--log-level", "warning"]))
@@ -365,6 +368,18 @@ class Aiaas:
         self._started.append(service)
         return service.start(timeout=timeout)
 
+    def start_gateways(self, processes: int) -> None:
+        """A second gateway like the first, on `processes` processes (they share quotas through Redis)."""
+        from tests.gateway.stack import PEPPER
+        from tests.support.procs import ServiceProcess
+        from tests.support.servers import RedisServer
+
+        self.redis = RedisServer().start()
+        self.gateways = self._start(ServiceProcess("gateway", args=[
+            "--registry-url", self.registry.address, "--inference-targets", self.inference.address,
+            "--key-pepper", PEPPER, "--grace-period-s", "2", "--redis-url", self.redis.url,
+            "--processes", str(processes), "--log-level", "warning"]), timeout=120)
+
     def start_single(self, models: list[str]) -> None:
         """A second inference replica of the same versions that accepts in one process (`--frontends 1`)."""
         from tests.support.procs import ServiceProcess
@@ -391,6 +406,8 @@ class Aiaas:
         for service in reversed(self._started):
             with contextlib.suppress(Exception):
                 service.stop()
+        if self.redis is not None:
+            self.redis.close()
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -529,7 +546,7 @@ def render(rows: list[dict[str, Any]], headings: dict[str, str], info: dict[str,
                      + " |")
     if rows:
         lines += ["", ("| model | c | aiaas / TorchServe | aiaas / aiaas in 1 process | gateway / aiaas (added p50 ms) | "
-                       "delegating / Triton (added p50 ms) |"), "|---|---|---|---|---|---|"]
+                       "gateway, N processes / 1 | delegating / Triton (added p50 ms) |"), "|---|---|---|---|---|---|---|"]
 
     def ratio(a: str, b: str, model: str, level: int, added: bool = False) -> str:
         x, y = cell.get((model, level, a)), cell.get((model, level, b))
@@ -541,7 +558,7 @@ def render(rows: list[dict[str, Any]], headings: dict[str, str], info: dict[str,
     for model, level in points:
         lines.append(f"| {model} | {level} | {ratio('aiaas', 'torchserve', model, level)} | "
                      f"{ratio('aiaas', 'single', model, level)} | {ratio('gateway', 'aiaas', model, level, True)} | "
-                     f"{ratio('delegating', 'triton', model, level, True)} |")
+                     f"{ratio('gateways', 'gateway', model, level)} | {ratio('delegating', 'triton', model, level, True)} |")
     if info["unavailable"]:
         lines += ["", "Not in this run:"]
         lines += [f"- {label}: {reason}" for label, reason in info["unavailable"].items()]
@@ -569,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frontends", type=int, default=available_cores(),
                         help="processes on the port of the `aiaas` column (default: one per available core; "
                              "the `single` column always has one)")
+    parser.add_argument("--gateway-processes", type=int, default=max(2, available_cores()),
+                        help="processes of the `gateways` column's gateway (default: one per available core, "
+                             "at least 2; the `gateway` column has one)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the table (markdown); a .json beside it")
     args = parser.parse_args(argv)
     plan = dict(SHORT if args.short else FULL)
@@ -603,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         triton_address = start_peers(servers, cache, files, work, args.torch_threads, processes, targets, versions,
                                      unavailable)
-        if {"aiaas", "single", "gateway", "delegating"} & set(servers):
+        if {"aiaas", "single", "gateway", "gateways", "delegating"} & set(servers):
             log("starting aiaas (registry, inference, gateway)")
             stack = Aiaas(files, work, args.torch_threads, args.frontends)
             if "aiaas" in servers:
@@ -614,6 +634,11 @@ def main(argv: list[str] | None = None) -> int:
             if "gateway" in servers:
                 targets["gateway"] = kserve("gateway", stack.gateway.address,
                                             (("authorization", f"Bearer {stack.token}"),))
+            if "gateways" in servers:
+                stack.start_gateways(args.gateway_processes)
+                versions["gateways"] = str(args.gateway_processes)
+                targets["gateways"] = kserve("gateways", stack.gateways.address,
+                                             (("authorization", f"Bearer {stack.token}"),))
             if "delegating" in servers:
                 if triton_address:
                     stack.start_delegating(triton_address, models, args.max_in_flight)

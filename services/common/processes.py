@@ -26,7 +26,8 @@ Spawn = Callable[[int], Awaitable[asyncio.subprocess.Process]]
 
 class ProcessKeeper:
     """`count` processes made by `spawn(index)` (stdout a pipe), each printing `ready_line` once it
-    accepts calls and nothing else on stdout; kept running until `close`."""
+    accepts calls (optionally followed by a space and what it announces, see `announced`) and
+    nothing else on stdout; kept running until `close`."""
 
     def __init__(self, name: str, count: int, spawn: Spawn, *, ready_line: str, grace_period_s: float,
                  ready_timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -40,6 +41,8 @@ class ProcessKeeper:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.restarts = 0
+        # What each running, ready process printed after its ready line, by index.
+        self.announced: dict[int, str] = {}
 
     @property
     def pids(self) -> list[int]:
@@ -68,11 +71,14 @@ class ProcessKeeper:
                 self._processes[index] = process
                 assert process.stdout is not None
                 line = await process.stdout.readline()
-                if line.strip() == self._ready_line:
+                word, _, rest = line.strip().partition(b" ")
+                if word == self._ready_line:
+                    self.announced[index] = rest.decode(errors="replace")
                     if not ready.done():
                         ready.set_result(None)
                     log.info("%s %d (pid %d) accepting", self.name, index, process.pid)
                 await process.stdout.read()  # to EOF: it prints nothing else
+                self.announced.pop(index, None)
                 code = await process.wait()
                 if self._stopping:
                     return

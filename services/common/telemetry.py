@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -12,6 +15,67 @@ from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("aiaas.telemetry")
 _configured = False
+# `metrics_port` value for a process whose metrics another process of its service serves: an
+# exporter on a free loopback port (`exported_port()`), scraped by that one (`add_process_metrics`).
+LOOPBACK_METRICS = -1
+_exported_port = 0
+_process_sources: list[Callable[[], Iterable[tuple[str, int]]]] = []
+SIBLING_SCRAPE_TIMEOUT_S = 1.0
+
+
+def exported_port() -> int:
+    """The port this process's /metrics endpoint listens on (0: none)."""
+    return _exported_port
+
+
+def add_process_metrics(sources: Callable[[], Iterable[tuple[str, int]]]) -> None:
+    """Serve, on this process's /metrics, the metrics of the service's other processes too:
+    `sources()` names them (a `process` label value, the loopback port of its exporter), read at
+    each scrape; every sample then carries `process` ("0" for this one). One endpoint per service,
+    like Prometheus' multiprocess mode, without its shared files."""
+    _process_sources.append(sources)
+
+
+def _merged(own: Iterable[Any], others: list[tuple[str, int]]) -> Iterator[Any]:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Any] = {}
+
+    def add(source: Iterable[Any], label: str) -> None:
+        for family in source:
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            elif merged.type != family.type:
+                continue
+            merged.samples.extend(sample._replace(labels={**sample.labels, "process": label})
+                                  for sample in family.samples)
+
+    add(own, "0")
+    for label, port in others:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SIBLING_SCRAPE_TIMEOUT_S) as reply:
+                text = reply.read().decode()
+        except OSError as exc:  # restarting or gone: its series pause until it answers again
+            log.debug("process %s's metrics on port %d: %s", label, port, exc)
+            continue
+        add(text_string_to_metric_families(text), label)
+    yield from families.values()
+
+
+class _ServedMetrics:
+    """What the /metrics endpoint serves: this process's registry, merged with its service's other
+    processes when it has some (`add_process_metrics`)."""
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client import REGISTRY
+
+        others = [source for sources in _process_sources for source in sources()]
+        if not others:
+            yield from REGISTRY.collect()
+        else:
+            yield from _merged(REGISTRY.collect(), others)
 
 
 def metrics_bind_address(host: str) -> str:
@@ -24,7 +88,7 @@ def configure_telemetry(service: str, *, otlp_endpoint: str | None, metrics_port
 
     The Prometheus endpoint listens on `metrics_host`, the address the service's gRPC port binds,
     so a service kept on loopback does not publish its metrics on every interface."""
-    global _configured
+    global _configured, _exported_port
     if _configured:
         return otlp_endpoint is not None
     _configured = True
@@ -34,7 +98,12 @@ def configure_telemetry(service: str, *, otlp_endpoint: str | None, metrics_port
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr=metrics_bind_address(metrics_host))
+        if metrics_port == LOOPBACK_METRICS:
+            server, _ = start_http_server(0, addr="127.0.0.1", registry=_ServedMetrics())  # type: ignore[arg-type]
+        else:
+            server, _ = start_http_server(metrics_port, addr=metrics_bind_address(metrics_host),
+                                          registry=_ServedMetrics())  # type: ignore[arg-type]
+        _exported_port = server.server_port
         readers.append(PrometheusMetricReader())
     tracer_provider = TracerProvider(resource=resource)
     if otlp_endpoint:

@@ -18,12 +18,20 @@ log = logging.getLogger("aiaas.gateway")
 
 
 async def serve(index: int) -> int:
+    from services.common.logs import configure_logging
+    from services.common.telemetry import LOOPBACK_METRICS, configure_telemetry, exported_port
     from services.gateway.server import PROCESS_READY_LINE, create_service, settings_from_json
 
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     settings = settings_from_json((await stdin.readline()).decode())
+    if settings.metrics_port:
+        # The first process serves every process's metrics on metrics_port, read from this
+        # process's exporter on a loopback port it is told in the ready line.
+        configure_logging("gateway", settings.log_level, settings.log_json)
+        configure_telemetry("gateway", otlp_endpoint=settings.otlp_endpoint, metrics_port=LOOPBACK_METRICS,
+                            metrics_host="127.0.0.1")
     service = create_service(settings, process_index=index)
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -38,7 +46,7 @@ async def serve(index: int) -> int:
             await starting
         await service.close()
         return 1
-    print(PROCESS_READY_LINE, flush=True)
+    print(PROCESS_READY_LINE, exported_port(), flush=True)
     await asyncio.wait({signalled, orphaned}, return_when=asyncio.FIRST_COMPLETED)
     if orphaned.done() and not stopping.is_set():
         log.error("gateway process %d: the first gateway process is gone; draining", index)

@@ -19,6 +19,7 @@ from services.common.processes import ProcessKeeper, child_environment
 from services.common.registry_client import RegistryClient
 from services.common.reporting import TelemetryReporter
 from services.common.server import Service, ServiceApp, ensure_port_free
+from services.common.telemetry import add_process_metrics
 from services.gateway import convert
 from services.gateway.admin import GatewayAdmin
 from services.gateway.balancer import Balancer
@@ -162,9 +163,7 @@ class GatewayService(Service[DataPlane]):
         """Process `index` (1..processes-1): its settings, secrets included, go down its stdin, which
         stays open as its lifeline (it stops when this process is gone)."""
         assert self._sibling_settings is not None
-        settings = dataclasses.replace(
-            self._sibling_settings, bootstrap_admin_key=None,  # stored once, by this process
-            metrics_port=self.settings.metrics_port + index if self.settings.metrics_port else 0)
+        settings = dataclasses.replace(self._sibling_settings, bootstrap_admin_key=None)  # stored once, here
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.gateway.process", str(index), stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=child_environment())
@@ -270,8 +269,13 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True,
                              quotas=quotas, reporter=reporter, registry_channel=registry_channel, redis=redis,
                              admin=admin, openai=openai)
     if process_index == 0 and processes > 1:
-        service.siblings = ProcessKeeper("gateway process", processes - 1, lambda i: service._spawn_sibling(i + 1),
-                                         ready_line=PROCESS_READY_LINE, grace_period_s=settings.grace_period_s)
+        siblings = ProcessKeeper("gateway process", processes - 1, lambda i: service._spawn_sibling(i + 1),
+                                 ready_line=PROCESS_READY_LINE, grace_period_s=settings.grace_period_s)
+        service.siblings = siblings
+        if settings.metrics_port and configure_process:
+            # One /metrics for the replica: this process serves the others' too, labelled `process`.
+            add_process_metrics(lambda: [(str(i + 1), int(port)) for i, port in list(siblings.announced.items())
+                                         if port.isdigit() and int(port)])
     return service
 
 
