@@ -65,6 +65,12 @@ _BYTES_ELEMENT_GUESS = 64
 # out of reach of model code (it can read its own environment).
 _WORKER_ENV_PREFIXES = ("PATH", "HOME", "LANG", "LC_", "TZ", "PYTHON", "LD_LIBRARY_PATH", "OMP_", "KMP_",
                         "GOMP_", "MKL_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH", "PYTORCH_", "ORT_")  # fmt: skip
+# libgomp (torch's OpenMP on CPU) keeps an idle thread spinning for 300,000 rounds after each
+# parallel op; a tensor worker between batches would burn a core that way (measured: 1.4 ms of CPU
+# per 0.1 ms forward of a small MLP on 2 threads) that the service's gRPC process needs. This many
+# rounds keeps threads warm inside one forward pass and lets them sleep between batches
+# (docs/inference.md, "Worker threads").
+WORKER_SPIN_COUNT = "1000"
 # Room for weights held twice while loading plus optimized copies, on top of the runtime's allowance.
 _ADDRESS_SPACE_PER_ARTIFACT_BYTE = 4
 # Bounds on what a worker (running untrusted model code) may make the service read or allocate.
@@ -97,9 +103,13 @@ def _read_reply(conn: Connection) -> list[Any]:
     return message
 
 
-def _worker_env(scrub: bool) -> dict[str, str]:
-    """The worker imports `services` from where this process found it."""
+def _worker_env(scrub: bool, *, short_spin: bool = False) -> dict[str, str]:
+    """The worker imports `services` from where this process found it. `short_spin`: torch's
+    OpenMP threads spin only briefly once idle (WORKER_SPIN_COUNT) unless the environment says
+    otherwise (GOMP_SPINCOUNT, OMP_WAIT_POLICY)."""
     env = {k: v for k, v in os.environ.items() if not scrub or k.startswith(_WORKER_ENV_PREFIXES)}
+    if short_spin and "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
+        env["GOMP_SPINCOUNT"] = WORKER_SPIN_COUNT
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
@@ -178,7 +188,7 @@ class _Worker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair()
-        env = _worker_env(self.pool.worker_config.sandbox.mode != "off")
+        env = _worker_env(self.pool.worker_config.sandbox.mode != "off", short_spin=True)
         try:
             command = [sys.executable, "-m", "services.inference._worker_main", str(child_sock.fileno())]
             self.process = await loop.run_in_executor(

@@ -29,7 +29,7 @@ import tritonclient.grpc as tc
 from services.common.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from services.inference import landlock, sandbox, workers
 from services.inference.shm import TensorMeta, copies
-from services.inference.workers import WorkerPool
+from services.inference.workers import WORKER_SPIN_COUNT, WorkerPool, _worker_env
 from tests.inference.conftest import Registry, inference_args, start_inference
 from tests.inference.models import Artifact, write_identity, write_mlp
 from tests.inference.test_service_workers import spin_inputs, write_spin
@@ -110,6 +110,8 @@ async def test_sandboxed_worker_serves_and_is_confined(
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert not any(entry.startswith(b"AIAAS_TEST_SECRET=") for entry in environ)
     assert any(entry.startswith(b"PYTHONPATH=") for entry in environ)
+    # Idle torch threads spin briefly, not for libgomp's 300,000 rounds (docs/inference.md).
+    assert b"GOMP_SPINCOUNT=" + WORKER_SPIN_COUNT.encode() in environ
 
 
 @pytest.mark.parametrize("format", ["torch_export", "onnx"])
@@ -369,3 +371,16 @@ async def test_outputs_over_the_response_limit_fail_the_batch_only(
     small = np.ones((2, 5), np.float32)
     np.testing.assert_array_equal((await pool.run_batch({"INPUT0": small})).outputs["OUTPUT0"], small)
     assert pool.pids == [pid]
+
+
+def test_an_explicit_openmp_wait_policy_wins_over_the_short_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert _worker_env(True, short_spin=True)["GOMP_SPINCOUNT"] == WORKER_SPIN_COUNT
+    assert "GOMP_SPINCOUNT" not in _worker_env(True)  # generative workers keep libgomp's default
+    monkeypatch.setenv("GOMP_SPINCOUNT", "50000")
+    assert _worker_env(True, short_spin=True)["GOMP_SPINCOUNT"] == "50000"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    env = _worker_env(True, short_spin=True)
+    assert env["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in env
