@@ -21,6 +21,8 @@ LOOPBACK_METRICS = -1
 _exported_port = 0
 _process_sources: list[Callable[[], Iterable[tuple[str, int]]]] = []
 SIBLING_SCRAPE_TIMEOUT_S = 1.0
+# Largest exposition read from one other process (a few hundred KiB is typical).
+SIBLING_SCRAPE_MAX_BYTES = 16 * 1024 * 1024
 
 
 def exported_port() -> int:
@@ -56,17 +58,24 @@ def _merged(own: Iterable[Any], others: list[tuple[str, int]]) -> Iterator[Any]:
     for label, port in others:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SIBLING_SCRAPE_TIMEOUT_S) as reply:
-                text = reply.read().decode()
-        except OSError as exc:  # restarting or gone: its series pause until it answers again
+                body = reply.read(SIBLING_SCRAPE_MAX_BYTES + 1)
+            if len(body) > SIBLING_SCRAPE_MAX_BYTES:
+                raise ValueError(f"over {SIBLING_SCRAPE_MAX_BYTES} bytes")
+            parsed = list(text_string_to_metric_families(body.decode()))
+        except (OSError, ValueError) as exc:  # restarting, gone or garbled: its series pause meanwhile
             log.debug("process %s's metrics on port %d: %s", label, port, exc)
             continue
-        add(text_string_to_metric_families(text), label)
+        add(parsed, label)
     yield from families.values()
 
 
 class _ServedMetrics:
     """What the /metrics endpoint serves: this process's registry, merged with its service's other
     processes when it has some (`add_process_metrics`)."""
+
+    def restricted_registry(self, names: Iterable[str]) -> _ServedMetrics:
+        """`?name[]=...` scrapes: the whole exposition (the filter is an optimisation)."""
+        return self
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client import REGISTRY

@@ -40,3 +40,28 @@ def test_families_merge_with_a_process_label_and_a_silent_process_is_skipped() -
                if s.name == "latency_ms_bucket"}
     assert buckets[("0", "10.0")] == 2.0 and buckets[("1", "10.0")] == 3.0 and buckets[("1", "1.0")] == 0.0
     assert all(s.labels["method"] == "infer" for s in families["calls"].samples if s.name == "calls_total")
+
+
+def test_a_process_answering_garbage_is_left_out_whole() -> None:
+    import http.server
+    import threading
+
+    class Garbled(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"calls_total{process=\"9\"} 1\nthis is { not an exposition\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        merged = list(_merged(registry_with(2).collect(), [("1", server.server_address[1])]))
+    finally:
+        server.shutdown()
+    processes = {s.labels["process"] for family in merged for s in family.samples}
+    assert processes == {"0"}  # nothing of the garbled one, not even its first good line
