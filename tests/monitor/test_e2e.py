@@ -170,7 +170,7 @@ async def poll(check: object, timeout: float, what: str) -> object:
     last: object = None
     while time.monotonic() < deadline:
         last = await check()  # type: ignore[operator]
-        if last:
+        if last and not isinstance(last, str):  # a string: not yet, and why (for the message)
             return last
         await asyncio.sleep(0.2)
     raise AssertionError(f"{what} not seen after {timeout}s (last: {last!r})")
@@ -271,11 +271,13 @@ async def test_broken_canary_is_rolled_back_while_production_serves(stack: Stack
     assert status.rolled_back and status.verdict == pb.CANARY_VERDICT_ERROR_REGRESSION
 
     # Production keeps serving: once the gateway has the new route, nothing fails.
-    async def production_only() -> bool:
+    async def production_only() -> bool | str:
         probe = await drive(stack.gateway.address, "fraud", requests=8, rows=1, seed=5, timeout_s=10)
-        return probe.failed == 0 and set(probe.versions) == {"1"}
+        if probe.failed == 0 and set(probe.versions) == {"1"}:
+            return True
+        return f"versions {probe.versions}, {probe.failed} failed: {probe.errors[:2]}"  # for the assertion message
 
-    await poll(production_only, 60, "fraud served by production alone")
+    await poll(production_only, 120, "fraud served by production alone")
     after = await drive(stack.gateway.address, "fraud", requests=80, rows=1, seed=4, timeout_s=10)
     assert (after.ok, after.failed) == (80, 0), after.errors[:3]
     assert set(after.versions) == {"1"}
