@@ -21,6 +21,7 @@ authorized the caller before it sends a call.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import itertools
 import json
@@ -91,7 +92,7 @@ def error_from_payload(payload: bytes) -> AiaasError:
         return Internal("the inference core sent an unreadable error")
 
 
-class _FramedProtocol(asyncio.Protocol):
+class _FramedProtocol(asyncio.Protocol, abc.ABC):
     """One end of a link: frames in through `_on_frame`; a malformed stream closes the link."""
 
     _side = "link"
@@ -112,8 +113,9 @@ class _FramedProtocol(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.close()
 
+    @abc.abstractmethod
     def _on_frame(self, kind: int, call_id: int, payload: bytes) -> None:
-        raise NotImplementedError
+        """One whole frame from the other end (each side handles its own kinds)."""
 
 
 class LinkClient(_FramedProtocol):
