@@ -3,7 +3,7 @@
 Run: .venv/bin/python -m bench.bench_llm_service [--quick] [--no-vllm] [--json PATH]
 
 One model for every row: the ~20M-parameter Llama of bench_engine_llm.build_tiny_llama, saved in
-bf16. Every request is a 128-token prompt cut from stdlib sources (as text that re-tokenizes to
+bf16 (computed in bf16, or in fp32 on a CPU with no native bf16: --compute-dtype). Every request is a 128-token prompt cut from stdlib sources (as text that re-tokenizes to
 exactly those 128 tokens, BOS included) and produces exactly 64 greedy tokens (ignore_eos).
 
   naive          transformers `generate`, one request at a time, in this process
@@ -48,6 +48,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench.bench_engine_llm import build_tiny_llama, naive, prompt_ids, static
 from bench.llm_peers import VllmUnavailable, default_cache_dir, ensure_vllm, vllm_server
 from bench.openai_load import LoadResult, openai_stream, triton_stream
+from services.inference.generative.config import COMPUTE_DTYPES
+from services.inference.generative.packing import compute_dtype, native_half
 
 MODEL = "tiny-llama"
 BUSY_FOREIGN_CORES = 0.3
@@ -113,9 +115,9 @@ def _row(kind: str, result: dict[str, Any]) -> dict[str, Any]:
     return {"row": kind, **result}
 
 
-def in_process_rows(checkpoint: Path, ids: list[list[int]], new: int, quick: bool, watch: CpuWatch
-                    ) -> list[dict[str, Any]]:
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.bfloat16).eval()
+def in_process_rows(checkpoint: Path, ids: list[list[int]], new: int, quick: bool, watch: CpuWatch,
+                    dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).eval()
     naive(model, ids[-1:], 8)  # warm-up
     rows = []
     record: dict[str, Any] = {}
@@ -166,7 +168,7 @@ class AiaasStack:
 
 @contextlib.contextmanager
 def aiaas_stack(checkpoint: Path, tmp: Path, *, threads: int | None, max_num_seqs: int, kv_cache_tokens: int,
-                name: str = MODEL, instances: int = 1) -> Iterator[AiaasStack]:
+                name: str = MODEL, instances: int = 1, compute_dtype: str = "auto") -> Iterator[AiaasStack]:
     """A registry, one inference service and a gateway as real processes, serving `checkpoint` as `name`."""
     # Test support starts the services as real processes (python -m services.X) exactly as the tests do.
     from aiaas.gateway_client import GatewayClient
@@ -183,6 +185,7 @@ def aiaas_stack(checkpoint: Path, tmp: Path, *, threads: int | None, max_num_seq
         started = time.perf_counter()
         threads_args = ("--torch-threads", str(threads)) if threads else ()  # none: the service's default
         inference = start_inference(inference_args(registry, tmp / "cache", *threads_args,
+                                                   "--lm-compute-dtype", compute_dtype,
                                                    "--max-queue-size", str(4 * max_num_seqs)))
         procs.append(inference)
         wait_model(inference, name, timeout=180)
@@ -203,11 +206,13 @@ DOORS = ("aiaas grpc", "gateway grpc", "gateway openai")
 
 
 def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, tmp: Path, threads: int | None,
-               doors: tuple[str, ...] = DOORS, instances: int = 1) -> list[dict[str, Any]]:
+               doors: tuple[str, ...] = DOORS, instances: int = 1, compute_dtype: str = "auto"
+               ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     top = max(plan.levels)
     with aiaas_stack(checkpoint, tmp, threads=threads, max_num_seqs=top,
-                     kv_cache_tokens=top * (128 + plan.new) + 1024, instances=instances) as stack:
+                     kv_cache_tokens=top * (128 + plan.new) + 1024, instances=instances,
+                     compute_dtype=compute_dtype) as stack:
         print(f"  aiaas stack ready in {stack.startup_s:.1f} s", flush=True)
         for c in plan.levels:
             n = plan.requests[c]
@@ -224,11 +229,11 @@ def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, 
     return rows
 
 
-def vllm_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, cache: Path
-              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def vllm_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, cache: Path,
+              dtype: str = "bfloat16") -> tuple[list[dict[str, Any]], dict[str, Any]]:
     python = ensure_vllm(cache)
     rows = []
-    with vllm_server(python, checkpoint, MODEL, log=cache / "vllm-server.log") as server:
+    with vllm_server(python, checkpoint, MODEL, log=cache / "vllm-server.log", dtype=dtype) as server:
         info = {"startup_s": round(server.startup_s, 1), "preloaded": server.preloaded, "log": str(server.log)}
         print(f"  vLLM ready in {server.startup_s:.1f} s (tcmalloc + iomp preloaded: {server.preloaded})", flush=True)
         for c in plan.levels:
@@ -302,8 +307,14 @@ def main() -> None:
     parser.add_argument("--aiaas-threads", type=int, default=0,
                         help="torch threads of aiaas's model workers (default 0: the service's own default, "
                              "the cores less one for the frontend)")
+    parser.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
+                        help="what every row computes in (default auto: the bf16 checkpoint's dtype, or fp32 where "
+                             "this CPU has no native bf16, the choice aiaas makes; the naive and static rows and "
+                             "vLLM are given the same dtype, so every row does the same arithmetic)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = compute_dtype(torch.bfloat16, args.compute_dtype, "cpu")
+    dtype_name = str(dtype).removeprefix("torch.")
     cache = args.cache or default_cache_dir()
     new = 64
     plan = Plan(levels=(1, 16, 64), requests={1: 8, 16: 32, 64: 64} if args.quick else {1: 16, 16: 64, 64: 192},
@@ -313,6 +324,8 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; load average before: "
           f"{' '.join(f'{x:.1f}' for x in load_before)} (cores: {os.cpu_count()}, torch threads: {args.threads})",
           flush=True)
+    print(f"checkpoint in bfloat16; every row computes in {dtype_name} (--compute-dtype {args.compute_dtype}; "
+          f"this CPU's oneDNN has native bf16: {native_half(torch.bfloat16)})", flush=True)
     watch = CpuWatch()
     root = Path(tempfile.gettempdir())
     checkpoint = bf16_checkpoint(root)
@@ -323,7 +336,7 @@ def main() -> None:
     unknown = set(doors) - set(DOORS)
     if unknown:
         parser.error(f"--doors: unknown {', '.join(sorted(unknown))} (known: {', '.join(DOORS)})")
-    rows = [] if args.no_in_process else in_process_rows(checkpoint, ids, new, args.quick, watch)
+    rows = [] if args.no_in_process else in_process_rows(checkpoint, ids, new, args.quick, watch, dtype)
     for r in rows:
         print(f"    {r['row']:<15} {r['out_tok_s']:8.0f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms", flush=True)
     notes: dict[str, Any] = {}
@@ -331,12 +344,12 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="aiaas-llm-bench-"))
         try:
             rows += aiaas_rows(checkpoint, texts, plan, watch, work, args.aiaas_threads or None, doors,
-                               args.instances)
+                               args.instances, dtype_name)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if not args.no_vllm:
         try:
-            vrows, notes["vllm"] = vllm_rows(checkpoint, texts, plan, watch, cache)
+            vrows, notes["vllm"] = vllm_rows(checkpoint, texts, plan, watch, cache, dtype_name)
             rows += vrows
         except VllmUnavailable as exc:
             notes["vllm"] = {"unavailable": str(exc)[:2000]}
@@ -345,7 +358,7 @@ def main() -> None:
     load_after = os.getloadavg()
     found = ratios(rows)
     busy = [r["row"] + f" c={r['concurrency']}" for r in rows if r["busy"]]
-    print(f"\nmodel {checkpoint} (bf16), prompt 128 tokens -> {new} tokens; "
+    print(f"\nmodel {checkpoint} (bf16 checkpoint, computed in {dtype_name}), prompt 128 tokens -> {new} tokens; "
           f"{'quick' if args.quick else 'full'} run, {time.time() - started:.0f} s")
     print(table(rows))
     print("ratios:")
@@ -356,7 +369,8 @@ def main() -> None:
     print("machine: " + (f"BUSY during {', '.join(busy)} (other processes used > {BUSY_FOREIGN_CORES} of a core)"
                          if busy else "quiet (no row saw other processes above 0.3 of a core)"))
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "quick": args.quick,
-              "model": str(checkpoint), "dtype": "bfloat16", "threads": args.threads,
+              "model": str(checkpoint), "dtype": "bfloat16", "compute_dtype": dtype_name,
+              "native_bf16": native_half(torch.bfloat16), "threads": args.threads,
               "aiaas_threads": args.aiaas_threads or "service default",
               "aiaas_instances": args.instances, "prompt_tokens": 128, "new_tokens": new,
               "cores": os.cpu_count(), "load_before": load_before, "load_after": load_after, "rows": rows,

@@ -141,7 +141,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def vllm_server(python: Path, checkpoint: Path, served_name: str = "tiny-llama", *, log: Path | None = None,
-                startup_timeout_s: float = 420, max_num_seqs: int = 256) -> Iterator[VllmServer]:
+                startup_timeout_s: float = 420, max_num_seqs: int = 256, dtype: str = "bfloat16"
+                ) -> Iterator[VllmServer]:
     """vLLM's OpenAI server on `checkpoint`, on a free loopback port, ready (GET /health is 200)."""
     port = free_port()
     log = log or default_cache_dir() / "vllm-server.log"
@@ -149,7 +150,7 @@ def vllm_server(python: Path, checkpoint: Path, served_name: str = "tiny-llama",
     env = vllm_env(python)
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
-           "--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", str(max_num_seqs), "--seed", "0"]
+           "--dtype", dtype, "--max-model-len", "2048", "--max-num-seqs", str(max_num_seqs), "--seed", "0"]
     url = f"http://127.0.0.1:{port}"
     with log.open("w") as out:
         started = time.perf_counter()

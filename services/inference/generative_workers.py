@@ -463,6 +463,7 @@ def engine_config(spec: VersionSpec, settings: InferenceSettings) -> dict[str, A
         "max_queue_size": serving.max_queue_size or settings.max_queue_size,
         "default_timeout_s": max(0, serving.default_timeout_us) / 1e6,
         "pack_weights": settings.pack_weights,
+        "compute_dtype": settings.lm_compute_dtype,
     }
     for name in ("kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens"):
         value = getattr(serving, name)

@@ -99,8 +99,10 @@ def test_thread_mode_and_bad_engine_sizes_are_refused_before_loading(checkpoint:
     fields = engine_config(spec_for(checkpoint, kv_cache_tokens=2048, max_num_seqs=3, max_queue_size=7,
                                     default_timeout_us=1_500_000), InferenceSettings())
     assert fields == {"kv_cache_tokens": 2048, "max_num_seqs": 3, "max_queue_size": 7, "default_timeout_s": 1.5,
-                      "pack_weights": True}
+                      "pack_weights": True, "compute_dtype": "auto"}
     assert engine_config(spec_for(checkpoint), InferenceSettings(pack_weights=False))["pack_weights"] is False
+    assert engine_config(spec_for(checkpoint),
+                         InferenceSettings(lm_compute_dtype="checkpoint"))["compute_dtype"] == "checkpoint"
 
 
 def test_engine_vllm_is_refused_with_a_reason_where_it_cannot_run(checkpoint: Path, tmp_path: Path) -> None:

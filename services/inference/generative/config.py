@@ -6,6 +6,8 @@ import dataclasses
 
 from aiaas.errors import InvalidArgument
 
+COMPUTE_DTYPES = ("auto", "checkpoint", "float32", "bfloat16", "float16")
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -32,6 +34,10 @@ class EngineConfig:
     # CPU, bf16/fp32: reorder the linear weights once for oneDNN (2-4x faster decode GEMMs, same
     # outputs), at the cost of a private copy of them per instance (see generative/packing.py).
     pack_weights: bool = True
+    # The dtype the model computes in: "auto" (the checkpoint's, but fp32 for a bf16/fp16 checkpoint
+    # on a CPU with no native 16-bit path), "checkpoint", "float32", "bfloat16" or "float16". A
+    # conversion is a private copy of the weights per instance, like packing.
+    compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         positive = ("kv_cache_tokens", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue_size",
@@ -50,6 +56,9 @@ class EngineConfig:
             raise InvalidArgument(f"default_timeout_s must be >= 0, got {self.default_timeout_s}")
         if not 0 <= self.watermark_fraction < 1:
             raise InvalidArgument(f"watermark_fraction must be in [0, 1), got {self.watermark_fraction}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise InvalidArgument(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                                  f"got {self.compute_dtype!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise InvalidArgument(f"torch_threads must be >= 1, got {self.torch_threads}")
 

@@ -32,6 +32,7 @@ from services.inference.generative.entities import (
 )
 from services.inference.generative.kv_cache import BlockPool, PagedKVCache
 from services.inference.generative.output import ChunkSink, RequestState
+from services.inference.generative.packing import compute_dtype
 from services.inference.generative.runner import ModelRunner
 from services.inference.generative.sampling import sample
 from services.inference.generative.scheduler import Scheduler, SchedulerOutput, Sequence
@@ -50,6 +51,12 @@ class GenerativeEngine:
         """`after_deliver` (engine thread) runs once after each round of chunks handed to sinks: at the
         end of every step and after a request ends outside one, so a sink may buffer and send in batches."""
         self.config = config = config or EngineConfig()
+        checkpoint_dtype = model.dtype
+        self.compute_dtype = compute_dtype(checkpoint_dtype, config.compute_dtype, model.device)
+        if self.compute_dtype != checkpoint_dtype:
+            log.info("the model computes in %s (checkpoint in %s, compute_dtype %s)", _dtype_name(self.compute_dtype),
+                     _dtype_name(checkpoint_dtype), config.compute_dtype)
+            torch.nn.Module.to(model, self.compute_dtype)  # in place, like packing: the caller's model changes
         text_config = model.config.get_text_config()
         kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -334,3 +341,7 @@ def _token_ids(value: int | list[int] | None) -> list[int]:
     if value is None:
         return []
     return [value] if isinstance(value, int) else list(value)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from services.inference.generative.config import COMPUTE_DTYPES
+
 log = logging.getLogger("aiaas.inference.generative")
 
 
@@ -34,6 +36,38 @@ def packable_dtypes() -> tuple[torch.dtype, ...]:
         return ()
     bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return (torch.bfloat16, torch.float32) if bf16 is not None and bf16() else (torch.float32,)
+
+
+_NAMED = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` (bf16 or fp16) natively in oneDNN (AVX-512 BF16/FP16, AMX,
+    AVX-NE-CONVERT); without it every 16-bit GEMM is widened on the fly, 3-5x slower than fp32."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    check = getattr(torch.ops.mkldnn, probe, None) if probe else None
+    return bool(check is not None and check())
+
+
+def compute_dtype(checkpoint: torch.dtype, setting: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype a generative model computes in, given its checkpoint's dtype and the `compute_dtype` setting.
+
+    "auto" keeps the checkpoint's dtype, except a bf16 or fp16 checkpoint on a CPU that has no
+    native path for it (an AVX2-only x86, for one), which computes in fp32: there the widened 16-bit
+    GEMMs are 3-5x slower than fp32 ones (docs/generative.md, "Compute dtype"). "checkpoint" keeps
+    it always; "float32", "bfloat16" and "float16" force one.
+    """
+    if setting not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {setting!r}")
+    if setting in _NAMED:
+        return _NAMED[setting]
+    if setting == "checkpoint" or torch.device(device).type != "cpu":
+        return checkpoint
+    if checkpoint in (torch.bfloat16, torch.float16) and not native_half(checkpoint):
+        return torch.float32
+    return checkpoint
 
 
 class PackedLinear(torch.nn.Module):
