@@ -20,7 +20,7 @@ from services.inference.generative.attention import (
     StepLayout,
 )
 from services.inference.generative.kv_cache import PagedKVCache
-from services.inference.generative.packing import pack_linears
+from services.inference.generative.packing import TunedLinear, tune_linears
 from services.inference.generative.scheduler import ScheduledSeq
 
 
@@ -29,7 +29,9 @@ class ModelRunner:
                  batch_hint: int = 16) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model.eval()
-        self.packed_linears = pack_linears(model, batch_hint=batch_hint) if pack_weights else 0
+        # Each linear shape's kernels timed here (plain, oneDNN-packed, GEMM on the transposed weight).
+        self.linear_plans = tune_linears(model, batch_hint=batch_hint) if pack_weights else {}
+        self.tuned_linears = sum(isinstance(m, TunedLinear) for m in model.modules())
         self.cache = cache
         self.block_size = cache.block_size
         self._arange = torch.arange(0)
