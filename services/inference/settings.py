@@ -65,9 +65,10 @@ class InferenceSettings(ServerSettings):
     # mode, which keeps its own default, and generative models, whose instances share the cores
     # available to the service less one (affinity and cgroup quota; at least 1 each).
     torch_threads: int = 0
-    # Generative models on CPU (bf16/fp32): reorder linear weights once for oneDNN (2-4x faster
-    # decode steps, same outputs) at the cost of a private copy per instance instead of the
-    # checkpoint's shared memory-mapped pages (docs/generative.md, "Packed weights").
+    # Generative models on CPU (bf16/fp32): time each linear shape's kernels at load (oneDNN-packed,
+    # plain, a GEMM on the transposed weight) and use the fastest per row count, at the cost of a
+    # private copy per instance instead of the checkpoint's shared memory-mapped pages
+    # (docs/generative.md, "Packed weights, tuned kernels").
     pack_weights: bool = True
     # The dtype generative models compute in: "auto" (the checkpoint's, but fp32 for a bf16/fp16
     # checkpoint on a CPU with no native 16-bit path: 3-5x faster there, twice the memory),

@@ -31,8 +31,9 @@ class EngineConfig:
     watermark_fraction: float = 0.01
     step_history: int = 4096  # recent StepMetrics kept for readers
     torch_threads: int | None = None  # None: leave torch's setting alone
-    # CPU, bf16/fp32: reorder the linear weights once for oneDNN (2-4x faster decode GEMMs, same
-    # outputs), at the cost of a private copy of them per instance (see generative/packing.py).
+    # CPU, bf16/fp32: give each linear layer the kernel timed fastest here for its shape and row
+    # count (packed for oneDNN, plain, or a GEMM on the transposed weight), at the cost of a private
+    # copy of its weights per instance (see generative/packing.py).
     pack_weights: bool = True
     # The dtype the model computes in: "auto" (the checkpoint's, but fp32 for a bf16/fp16 checkpoint
     # on a CPU with no native 16-bit path), "checkpoint", "float32", "bfloat16" or "float16". A

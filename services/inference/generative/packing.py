@@ -1,17 +1,24 @@
-"""Linear layers with their weights reordered once into oneDNN's blocked layout (CPU, bf16 and fp32).
+"""Linear layers on the kernel measured fastest here (CPU, fp32 and bf16), and the compute dtype.
 
 `nn.Linear` on CPU hands oneDNN a plain row-major weight, which it re-blocks on every call; for
-the small batches of decode steps that costs more than the multiplication. This is what
+the small batches of decode steps that can cost more than the multiplication. This is what
 torch.compile's freezing does for CPU: reorder once (`mkldnn._reorder_linear_weight`) and call the
-packed kernel (`mkldnn._linear_pointwise`). The outputs are the same bits as `nn.Linear`'s in bf16,
-equal within float rounding in fp32 (tests/generative/test_packing.py checks both); measured on 2 EPYC cores, bf16, one thread, the tiny
-Llama's output layer (256 -> 32000) takes 0.43 ms instead of 2.1 ms for one row and 1.1 ms
-instead of 2.5 ms for eight (docs/generative.md).
+packed kernel (`mkldnn._linear_pointwise`), `PackedLinear`. The outputs are the same bits as
+`nn.Linear`'s in bf16, equal within float rounding in fp32. Measured on 2 EPYC cores with AVX-512
+bf16, one thread, the tiny Llama's output layer (256 -> 32000) takes 0.43 ms instead of 2.1 ms for
+one row and 1.1 ms instead of 2.5 ms for eight.
 
-The price: a packed weight is a private copy per instance, where the checkpoint's own tensors
-are memory-mapped pages the instances of a version share. `EngineConfig.pack_weights` turns it off.
+Which kernel wins depends on the CPU, the dtype, the shape and the row count: on an AVX2-only EPYC
+in fp32, oneDNN's packed call costs ~60 us more than a plain GEMM for the small layers, and the
+output layer at one row runs 2x faster as a GEMM on the transposed weight, while packing still
+wins it from 4 rows on. So `tune_linears` times, once per distinct shape at load, the plain layer,
+the packed weight and (fp32) `addmm` on a transposed contiguous copy at 1, 4, 16 and 64 rows, and
+each `TunedLinear` calls the fastest for the rows of each call (tests/generative/test_packing.py).
+
+The price: a packed or transposed weight is a private copy per instance, where the checkpoint's own
+tensors are memory-mapped pages the instances of a version share. `EngineConfig.pack_weights` turns
+it off.
 """
-
 from __future__ import annotations
 
 import dataclasses
