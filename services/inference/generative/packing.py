@@ -82,24 +82,6 @@ def compute_dtype(checkpoint: torch.dtype, setting: str = "auto", device: str | 
     return checkpoint
 
 
-class PackedLinear(torch.nn.Module):
-    """An `nn.Linear` whose weight is reordered for oneDNN once; same inputs, same outputs."""
-
-    def __init__(self, linear: torch.nn.Linear, batch_hint: int) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        weight = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
 def pack_linears(model: torch.nn.Module, *, batch_hint: int = 16) -> int:
     """Replace every `nn.Linear` of a CPU model in bf16 or fp32 by a `PackedLinear`; how many were replaced.
 
@@ -130,7 +112,6 @@ def pack_linears(model: torch.nn.Module, *, batch_hint: int = 16) -> int:
 # prefill chunk one per prompt token.
 TUNE_ROWS = (1, 4, 16, 64)
 _TUNE_BUDGET_S = 0.03  # per kernel and row count: at least one timed call, at most 3, within this
-KERNELS = ("linear", "packed", "mm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +230,9 @@ def tune_linears(model: torch.nn.Module, *, batch_hint: int = 16) -> dict[tuple[
     for parent, name, child in targets:
         shape = (child.in_features, child.out_features, child.bias is not None)
         try:
-            plan = plans.get(shape) or plans.setdefault(shape, plan_linear(child, batch_hint))
+            plan = plans.get(shape)
+            if plan is None:
+                plan = plans[shape] = plan_linear(child, batch_hint)
             if plan.kernels() != {"linear"}:
                 setattr(parent, name, TunedLinear(child, plan, batch_hint=batch_hint))
         except RuntimeError as exc:  # an unusual shape or build: keep the plain layer
@@ -257,3 +240,10 @@ def tune_linears(model: torch.nn.Module, *, batch_hint: int = 16) -> dict[tuple[
     for (k, n, _), plan in plans.items():
         log.info("linear %d -> %d: %s (us at %s rows: %s)", k, n, plan.describe(), TUNE_ROWS, plan.timings_us)
     return plans
+
+
+class PackedLinear(TunedLinear):
+    """An `nn.Linear` whose weight is reordered for oneDNN once, always called packed; same outputs."""
+
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int) -> None:
+        super().__init__(linear, LinearPlan("packed", "packed", 0, {}), batch_hint=batch_hint)
