@@ -85,7 +85,9 @@ def test_the_client_wheel_works_alone_against_a_real_registry(client_venv: Path,
     done = subprocess.run([str(client_venv / "bin" / "python"), "-c", CLIENT_SCRIPT, registry.address,
                            str(artifact), ",".join(modules)],
                           check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                          env={"PATH": "/usr/bin:/bin"})
+                          # An empty home: a `~/.aiaas` left by `aiaas up` on this machine holds an
+                          # admin token for another stack, which the client would present.
+                          env={"PATH": "/usr/bin:/bin", "AIAAS_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["torch"] is False and report["services"] is False and report["loaded_heavy"] == []

@@ -112,4 +112,9 @@ def install_session_identity() -> Identities:
         os.environ["AIAAS_IDENTITY_TOKEN_KEY"] = str(_SESSION.public_key)
         os.environ["AIAAS_IDENTITY_TOKEN_FILE"] = str(_SESSION.token_file("admin"))
         os.environ.setdefault("AIAAS_REQUIRE_IDENTITY", "false")
+        # Nothing the tests start reads this user's `aiaas up` home (~/.aiaas): a client without a
+        # token of its own would otherwise present that stack's admin token to the test services.
+        home = _SESSION.directory / "home"
+        home.mkdir(exist_ok=True)
+        os.environ["AIAAS_HOME"] = str(home)
     return _SESSION
