@@ -6,9 +6,12 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiaas.errors import InvalidArgument
 from services.inference.generative import GenerationRequest, SamplingParams
+from services.inference.generative.sampling import greedy_tokens
 from tests.generative.conftest import generate
 
 
@@ -106,3 +109,15 @@ def test_bad_requests_are_refused(make_engine: Any) -> None:
         engine.submit(GenerationRequest("r", prompt="", add_special_tokens=False))
     with pytest.raises(InvalidArgument, match="min_tokens"):
         engine.submit(GenerationRequest("r", prompt="a", params=SamplingParams(max_tokens=None, min_tokens=10_000)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 6), vocab=st.integers(1, 300), data=st.data())
+def test_greedy_tokens_are_torch_argmax_ties_nan_and_inf_included(rows: int, vocab: int, data: Any) -> None:
+    # Few distinct values, so ties are common; NaN and +-inf mixed in.
+    values = st.sampled_from([0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan")])
+    flat = data.draw(st.lists(values, min_size=rows * vocab, max_size=rows * vocab))
+    logits = torch.tensor(flat, dtype=torch.float32).view(rows, vocab)
+    assert greedy_tokens(logits) == logits.argmax(dim=-1).tolist()
+    wide = torch.randn(rows, 32000)
+    assert greedy_tokens(wide) == wide.argmax(dim=-1).tolist()

@@ -61,12 +61,22 @@ class RequestSampler:
         return self._history[None, : self._length]
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first one on ties, a NaN counting as the largest, as `torch.argmax`).
+
+    On CPU through NumPy: its argmax is vectorised, torch's CPU argmax is not (~30 us per 32k-entry
+    row, about 3% of a decode step at 8 sequences)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.detach().numpy().argmax(axis=-1).tolist()  # type: ignore[no-any-return]
+    return logits.argmax(dim=-1).tolist()  # type: ignore[no-any-return]
+
+
 def sample(logits: torch.Tensor, samplers: Sequence[RequestSampler]) -> list[int]:
     """Next token of each row of `logits` (`[rows, vocab]`, float32; processed in place)."""
     for row, sampler in enumerate(samplers):
         if sampler.processors:
             logits[row: row + 1] = sampler.processors(sampler.history(), logits[row: row + 1])  # type: ignore[arg-type]
-    tokens: list[int] = logits.argmax(dim=-1).tolist()
+    tokens = greedy_tokens(logits)
     for row, sampler in enumerate(samplers):
         if not sampler.greedy:
             probs = torch.softmax(logits[row], dim=-1)
