@@ -6,6 +6,8 @@ rules of a call's tries are in forwarding.py, the per-try timeout in try_timeout
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import logging
 import socket
@@ -15,11 +17,15 @@ from typing import Any
 import grpc
 
 from aiaas.identity import ClientIdentity
+from aiaas.inference.v1 import inference_pb2 as pb
 from services.common import errors
 from services.common.interceptors import APP_STATUS_KEY
 from services.common.server import channel_options
 from services.gateway.balancer import Balancer, Replica
 from services.gateway.forwarding import ForwardedCall, Refused, ReplicaFailed
+from services.gateway.generation_mux import LIMITS_METHOD as MUX_LIMITS
+from services.gateway.generation_mux import METHOD as MUX_METHOD
+from services.gateway.generation_mux import Generation, GenerationMux, StreamFailed, TimedOut, forwarded
 from services.gateway.health_check import HealthChecker, health_check_callable
 from services.gateway.try_timeout import LatencyWindow, TryTimeouts
 
@@ -44,6 +50,7 @@ def format_address(host: str, port: int) -> str:
 
 # Application answers that another replica may serve (busy or not ready here).
 _RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+_RETRY_ELSEWHERE_NAMES = frozenset(code.name for code in _RETRY_ELSEWHERE)
 # Channel states in which a replica cannot be reached at all.
 _UNREACHABLE_STATES = frozenset({grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN})
 
@@ -77,6 +84,43 @@ class _Transport:
         self._auth = identity.metadata()
         self._methods: dict[str, Iterator[Any]] = {}
         self.health_check = health_check_callable(self.channel)  # open to every caller: no token
+        # Generations multiplexed on one stream per channel; off once the replica answers
+        # UNIMPLEMENTED (an inference service without it: ModelStreamInfer per generation there).
+        self._muxes = [GenerationMux(functools.partial(self._open_mux, c)) for c in self.channels]
+        self._next_mux = itertools.cycle(self._muxes)
+        # None until the replica was asked (GetLimits); then whether it serves the stream.
+        self.mux_supported: bool | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    async def probe_mux(self, timeout: float) -> bool:
+        """Whether the replica serves the multiplexed generation stream (asked once, by a unary
+        GetLimits: a stream's own refusal can come back as a meaningless INTERNAL). An answer
+        other than yes or UNIMPLEMENTED leaves it unknown: this generation uses ModelStreamInfer."""
+        if self.mux_supported is None:
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.get_running_loop().create_task(self._ask_limits())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._probe), timeout)
+        return bool(self.mux_supported)
+
+    async def _ask_limits(self) -> None:
+        method = self.channel.unary_unary(MUX_LIMITS, request_serializer=pb.GetLimitsRequest.SerializeToString,
+                                          response_deserializer=pb.GetLimitsResponse.FromString)
+        try:
+            await method(pb.GetLimitsRequest(), timeout=5.0, metadata=self._auth or None)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and not answered_by_application(exc):
+                self.mux_supported = False
+            return
+        self.mux_supported = True
+
+    def mux(self) -> GenerationMux:
+        return next(self._next_mux)
+
+    def _open_mux(self, channel: grpc.aio.Channel) -> Any:
+        method = channel.stream_stream(MUX_METHOD, request_serializer=pb.StreamGenerationsRequest.SerializeToString,
+                                       response_deserializer=pb.StreamGenerationsResponse.FromString)
+        return method(metadata=self._auth or None)
 
     def unary(self, method: str) -> Any:
         calls = self._methods.get(method)
@@ -107,6 +151,8 @@ class _Transport:
         return self.channel.get_state() in _UNREACHABLE_STATES
 
     async def close(self) -> None:
+        for mux in self._muxes:
+            await mux.close()
         for channel in self.channels:
             await channel.close()
 
@@ -269,67 +315,76 @@ class InferenceUpstream:
             self.balancer.failed(replica, stalled=True)  # no answer within the deadline
         return error
 
+    def _mux_failure(self, replica: Replica, exc: StreamFailed) -> Exception | None:
+        """What the failure of a multiplexed stream means for one of its generations (as `_failure`
+        for its call); None when the replica does not serve the method at all."""
+        rpc = exc.rpc_error
+        if rpc is None:  # ended or closed without a status
+            self.balancer.failed(replica, unreachable=replica.transport.unreachable())
+            return ReplicaFailed(errors.Unavailable(str(exc)))
+        if rpc.code() == grpc.StatusCode.UNIMPLEMENTED and not answered_by_application(rpc):
+            return None
+        return self._failure(replica, rpc)
+
     async def stream(self, request: bytes, *, timeout: float, metadata: Sequence[tuple[str, str]] = (),
                      retry_not_found: bool = False) -> AsyncIterator[bytes]:
-        """One request to a decoupled model: a `ModelStreamInfer` call of its own on one replica,
-        yielding each raw `ModelStreamInferResponse` until the replica ends the call.
+        """One request to a decoupled model on one replica, yielding each raw
+        `ModelStreamInferResponse` until its final one: on the replica's multiplexed generation
+        stream (generation_mux.py: one message per engine step for all of them), or, from a
+        replica without it, on a `ModelStreamInfer` call of its own.
 
         Until the first response, a replica failure or an application UNAVAILABLE /
         RESOURCE_EXHAUSTED (and, with `retry_not_found`, NOT_FOUND) moves the request to another
         replica not tried yet, within `timeout` and `max_attempts`; after it, an error ends the
         generation (tokens already sent cannot be taken back). No hedging: a generation is never
-        run twice. Closing the iterator cancels the upstream call, which frees the generation's
-        KV cache on the replica. Send `triton_grpc_error: true` in `metadata` for errors as statuses.
+        run twice. Closing the iterator cancels the generation upstream, which frees its KV cache
+        on the replica. On a `ModelStreamInfer` call, send `triton_grpc_error: true` in `metadata`
+        for errors as statuses (the multiplexed stream always gives them so).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         tried: set[str] = set()
         last: errors.AiaasError | None = None
         answer: errors.AiaasError | None = None
-        for _ in range(self.max_attempts):
+        attempts = 0
+        again: Replica | None = None  # a replica to ask again the other way (it lacks the multiplexed stream)
+        while attempts < self.max_attempts:
+            attempts += 1
             remaining = deadline - loop.time()
-            replica = self.balancer.pick(tried) if remaining > 0 else None
+            replica = (again or self.balancer.pick(tried)) if remaining > 0 else None
+            again = None
             if replica is None:
                 if not tried and remaining > 0:
                     raise errors.Unavailable("no inference replica is known")
                 break
             tried.add(replica.address)
-            call = replica.transport.stream("ModelStreamInfer")(timeout=remaining, metadata=metadata)
-            replica.outstanding += 1
+            mux = replica.transport.mux_supported
+            if mux is None:
+                mux = await replica.transport.probe_mux(min(remaining, 5.0))
+            opened: _Opened = _MuxOpened(self, replica) if mux else _CallOpened(self, replica)
             try:
                 try:
-                    await call.write(request)
-                    await call.done_writing()
-                    first = await call.read()
-                except grpc.aio.AioRpcError as exc:
-                    failure = self._failure(replica, exc)
-                    if isinstance(failure, ReplicaFailed):
-                        last = failure.error
-                        continue
-                    if isinstance(failure, Refused):
-                        answer = failure.error
-                        continue
-                    if retry_not_found and isinstance(failure, errors.NotFound):
-                        last = failure
-                        continue
-                    raise failure from None
-                self.balancer.succeeded(replica)
-                if first is grpc.aio.EOF:
-                    return
-                yield first
-                while True:
-                    try:
-                        response = await call.read()
-                    except grpc.aio.AioRpcError as exc:
-                        failure = self._failure(replica, exc)
-                        raise (failure.error if isinstance(failure, ReplicaFailed | Refused) else failure) from None
-                    if response is grpc.aio.EOF:
-                        return
+                    response = await opened.start(request, remaining, metadata)
+                except _TryElsewhere as retry:
+                    if retry.same_replica:  # not a try: the replica is asked again, the other way
+                        again = replica
+                        attempts -= 1
+                    elif retry.refused:
+                        answer = retry.error
+                    elif retry.error is not None:
+                        last = retry.error
+                    continue
+                except errors.NotFound as exc:
+                    if not retry_not_found:
+                        raise
+                    last = exc
+                    continue
+                while response is not None:
                     yield response
+                    response = await opened.next()
+                return
             finally:
-                replica.outstanding -= 1
-                if not call.done():
-                    call.cancel()
+                opened.close()
         if answer is not None:
             raise answer
         if isinstance(last, errors.NotFound):
@@ -359,3 +414,129 @@ class InferenceUpstream:
         if not answers:
             raise next(r for r in results if isinstance(r, errors.AiaasError))
         return answers
+
+
+class _TryElsewhere(Exception):
+    """A generation's first try failed in a way another try may not: `refused` (an application
+    answer another replica may serve), a replica failure (`error`), or `same_replica` (the replica
+    does not serve the multiplexed stream: try it again with ModelStreamInfer)."""
+
+    def __init__(self, error: errors.AiaasError | None, *, refused: bool = False, same_replica: bool = False) -> None:
+        super().__init__(error.message if error is not None else "")
+        self.error = error
+        self.refused = refused
+        self.same_replica = same_replica
+
+
+def _first_failure(failure: Exception) -> Exception:
+    """A failure before the first response: what `stream` retries (`_TryElsewhere`) or raises."""
+    if isinstance(failure, ReplicaFailed):
+        return _TryElsewhere(failure.error)
+    if isinstance(failure, Refused):
+        return _TryElsewhere(failure.error, refused=True)
+    return failure
+
+
+def _later_failure(failure: Exception) -> Exception:
+    """A failure after the first response ends the generation with the replica's error."""
+    return failure.error if isinstance(failure, ReplicaFailed | Refused) else failure
+
+
+class _Opened:
+    """One try of a generation on one replica: `start` gives the first response (None: it ended
+    with none), `next` each following one (None after the final one), `close` ends the try."""
+
+    def __init__(self, upstream: InferenceUpstream, replica: Replica) -> None:
+        self.upstream = upstream
+        self.replica = replica
+        replica.outstanding += 1
+
+    async def start(self, request: bytes, timeout: float, metadata: Sequence[tuple[str, str]]) -> bytes | None:
+        raise NotImplementedError
+
+    async def next(self) -> bytes | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.replica.outstanding -= 1
+
+
+class _MuxOpened(_Opened):
+    """On the replica's multiplexed generation stream."""
+
+    def __init__(self, upstream: InferenceUpstream, replica: Replica) -> None:
+        super().__init__(upstream, replica)
+        self.mux = replica.transport.mux()
+        self.generation: Generation | None = None
+
+    async def start(self, request: bytes, timeout: float, metadata: Sequence[tuple[str, str]]) -> bytes | None:
+        try:
+            self.generation = await self.mux.start(request, timeout=timeout,
+                                                   request_id=forwarded(metadata, "x-request-id"),
+                                                   traceparent=forwarded(metadata, "traceparent"))
+            event = await self.generation.next()
+        except StreamFailed as exc:
+            failure = self.upstream._mux_failure(self.replica, exc)
+            if failure is None:  # an inference service without the method
+                self.replica.transport.mux_supported = False
+                raise _TryElsewhere(None, same_replica=True) from None
+            raise _first_failure(failure) from None
+        except TimedOut as exc:
+            self.upstream.balancer.failed(self.replica, stalled=True)
+            raise errors.DeadlineExceeded(str(exc)) from None
+        self.upstream.balancer.succeeded(self.replica)  # it answered: its transport works
+        if event.error_code:
+            error = errors.error_for_status(event.error_code)(event.error_message)
+            if event.error_code in _RETRY_ELSEWHERE_NAMES:
+                raise _TryElsewhere(error, refused=True)
+            raise error
+        return bytes(event.response)
+
+    async def next(self) -> bytes | None:
+        generation = self.generation
+        if generation is None or generation.done:
+            return None
+        try:
+            event = await generation.next()
+        except StreamFailed as exc:
+            failure = self.upstream._mux_failure(self.replica, exc)
+            raise (_later_failure(failure) if failure is not None else errors.Unavailable(str(exc))) from None
+        except TimedOut as exc:
+            raise errors.DeadlineExceeded(str(exc)) from None
+        if event.error_code:
+            raise errors.error_for_status(event.error_code)(event.error_message)
+        return bytes(event.response)
+
+    def close(self) -> None:
+        super().close()
+        if self.generation is not None and not self.generation.done:
+            self.mux.cancel(self.generation)  # closed early: the replica frees its KV cache
+
+
+class _CallOpened(_Opened):
+    """On a `ModelStreamInfer` call of its own."""
+
+    call: Any = None
+
+    async def start(self, request: bytes, timeout: float, metadata: Sequence[tuple[str, str]]) -> bytes | None:
+        self.call = call = self.replica.transport.stream("ModelStreamInfer")(timeout=timeout, metadata=metadata)
+        try:
+            await call.write(request)
+            await call.done_writing()
+            first = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _first_failure(self.upstream._failure(self.replica, exc)) from None
+        self.upstream.balancer.succeeded(self.replica)
+        return None if first is grpc.aio.EOF else first  # type: ignore[no-any-return]
+
+    async def next(self) -> bytes | None:
+        try:
+            response = await self.call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _later_failure(self.upstream._failure(self.replica, exc)) from None
+        return None if response is grpc.aio.EOF else response  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        super().close()
+        if self.call is not None and not self.call.done():
+            self.call.cancel()

@@ -39,6 +39,7 @@ from services.inference.link import LinkClient, LinkLost
 log = logging.getLogger("aiaas.inference.frontend")
 
 SERVICE = "inference.GRPCInferenceService"
+GENERATIONS = "aiaas.inference.v1.Generations"  # generations.SERVICE_NAME (not imported: it loads the servicer)
 MODEL_INFER = f"/{SERVICE}/ModelInfer"
 # Metadata the frontend sets on a proxied call: the caller it verified ("<name> <via>").
 CALLER_KEY = "aiaas-frontend-caller"
@@ -56,10 +57,11 @@ _DROPPED = frozenset({"user-agent", "content-type", "te", "authority", CALLER_KE
 # which would import numpy into every frontend.
 _STREAMING = {
     f"/{SERVICE}/ModelStreamInfer": (True, True),
+    f"/{GENERATIONS}/StreamGenerations": (True, True),
     "/grpc.health.v1.Health/Watch": (False, True),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": (True, True),
 }
-_PROXIED_PREFIXES = (f"/{SERVICE}/", "/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
+_PROXIED_PREFIXES = (f"/{SERVICE}/", f"/{GENERATIONS}/", "/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
 
 
 def method_shape(method: str) -> tuple[bool, bool] | None:
@@ -120,12 +122,19 @@ class Proxy(grpc.GenericRpcHandler):
         streaming = channel.stream_stream(method) if client_streaming else channel.unary_stream(method)
 
         async def relay(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            call = streaming(request, timeout=context.time_remaining(), metadata=forwarded_metadata(context))
             try:
-                async for response in streaming(request, timeout=context.time_remaining(),
-                                                metadata=forwarded_metadata(context)):
+                # The core's initial metadata as soon as it comes, not with the first response: a
+                # caller may wait for it before writing (the Generations stream's handshake).
+                initial = await call.initial_metadata()
+                await context.send_initial_metadata(tuple(initial or ()))
+                async for response in call:
                     yield response
             except grpc.aio.AioRpcError as error:
                 await _abort_from(context, error)
+            finally:
+                if not call.done():
+                    call.cancel()
 
         if not client_streaming:
             return grpc.unary_stream_rpc_method_handler(relay)

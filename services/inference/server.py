@@ -20,6 +20,7 @@ from services.common.errors import AiaasError, InvalidArgument, Unavailable
 from services.common.reporting import RequestRecord as Report
 from services.common.reporting import TelemetryReporter
 from services.common.server import Service, ServiceApp, channel_options, ensure_port_free
+from services.inference import generations
 from services.inference.entities import RequestObserver, RequestRecord
 from services.inference.follower import AliasFollower
 from services.inference.frontends import FrontendPool
@@ -60,6 +61,7 @@ class InferenceService(Service[ModelRepository]):
     follower: AliasFollower | None
     reporter: TelemetryReporter
     frontends: FrontendPool
+    generations: generations.GenerationsServicer | None = None
 
     def __post_init__(self) -> None:
         super().__init__(self.app, self.repository)
@@ -120,6 +122,8 @@ class InferenceService(Service[ModelRepository]):
     async def stop(self) -> None:
         """The frontends drain alongside the core; the core closes its models once they are gone."""
         self.frontends.begin_drain()
+        if self.generations is not None:
+            self.generations.begin_drain()  # multiplexed streams take no new generations and end when idle
         await super().stop()
 
     async def close(self) -> None:
@@ -175,6 +179,8 @@ def create_service(settings: InferenceSettings, *, configure_process: bool = Tru
     servicer = InferenceServicer(repository, catalog=catalog, priority_levels=settings.priority_levels,
                                  default_priority_level=settings.default_priority_level)
     app.add_service(SERVICE_NAME, service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer)
+    multiplexed = generations.GenerationsServicer(servicer)
+    app.add_service(generations.SERVICE_NAME, generations.add_to_server, multiplexed)
     return InferenceService(settings, app, repository, servicer=servicer, registry_channel=registry_channel,
                             loader=loader, triton_loaders=triton_loaders, follower=follower, reporter=reporter,
-                            frontends=FrontendPool(app, settings, servicer, frontend_count))
+                            frontends=FrontendPool(app, settings, servicer, frontend_count), generations=multiplexed)

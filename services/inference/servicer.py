@@ -220,6 +220,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     prefix = ""
         raise Unavailable(f"the generation on model '{lv.model}' ended without a result; retry")
 
+    async def generate_into(self, request: service_pb2.ModelInferRequest,
+                            send: Callable[[service_pb2.ModelInferResponse, bool], None]) -> None:
+        """A generative model's request, answered through `send` as `ModelStreamInfer` answers it
+        (`Generations.StreamGenerations`); InvalidArgument for a model that is not generative."""
+        lv = self._repo.resolve(request.model_name, request.model_version)
+        if not lv.generative:
+            raise InvalidArgument(f"model '{lv.model}' is not a generative model: StreamGenerations carries "
+                                  "generations only (send tensor requests with ModelInfer)")
+        await self._generate_stream(request, lv, send)
+
     async def _convert(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._converters_pool(), function, *args)
 

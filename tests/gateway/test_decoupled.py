@@ -173,3 +173,24 @@ async def test_a_generation_on_a_stream_gets_the_generation_deadline(gen_stack: 
     # The generation: generation_timeout_s; the tensor request beside it: default_timeout_s (5 s).
     short, long = sorted(r or 0.0 for r in remaining)
     assert 4 < short <= 5.5 and 115 < long <= 121
+
+
+async def test_a_replica_without_the_generation_stream_gets_model_stream_infer_and_no_try_is_lost(
+        gen_stack: GenStack) -> None:
+    # The doubles serve only the Triton protocol, like an inference service older than
+    # aiaas.inference.v1.Generations: their UNIMPLEMENTED to GetLimits sends the generation on a
+    # ModelStreamInfer call of its own, without it counting as one of the request's tries.
+    replicas = gen_stack.plane.upstream.balancer.replicas
+    for replica in replicas:
+        replica.transport.mux_supported = None  # not asked yet
+    attempts, gen_stack.plane.upstream.max_attempts = gen_stack.plane.upstream.max_attempts, 1
+    try:
+        answers = await collect(gen_stack, request("p q", "only-try"))
+    finally:
+        gen_stack.plane.upstream.max_attempts = attempts
+    assert [error for _, error in answers] == [None] * 3
+    assert [r.id for replica in gen_stack.replicas for r in replica.generated] == ["only-try"]
+    (asked,) = [replica.address for replica in gen_stack.replicas if replica.generated]
+    # The replica asked knows it (False); the other one was not asked (None).
+    assert {r.address: r.transport.mux_supported for r in replicas} == {
+        r.address: False if r.address == asked else None for r in gen_stack.replicas}
