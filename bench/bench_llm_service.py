@@ -15,8 +15,10 @@ exactly those 128 tokens, BOS included) and produces exactly 64 greedy tokens (i
 
 The aiaas rows start a registry, one inference service and a gateway as real processes and register
 the checkpoint with `aiaas.lm.deploy_lm`; the three doors are measured one after another at each
-concurrency (1, 16, 64) so they see the same machine. The stack is stopped before vLLM starts: one
-server at a time. Every row records the CPU time that processes outside this run used meanwhile
+concurrency (1, 16, 64) so they see the same machine, in two rounds (the second in reverse order;
+--quick: one) of which each row keeps its best, as the in-process rows do; every client worker
+makes one unmeasured request first (its connection or stream open). The stack is stopped before
+vLLM starts: one server at a time, measured the same way. Every row records the CPU time that processes outside this run used meanwhile
 ("foreign" cores); a row with more than 0.3 of a core of it is marked busy, and so are the ratios
 built on it. Results go to a JSON file (--json; default bench/results/llm_service.json) as well as the table.
 """
@@ -155,6 +157,20 @@ class Plan:
     levels: tuple[int, ...]
     requests: dict[int, int]
     new: int
+    rounds: int = 2  # each server row measured this many times per level, best kept
+
+
+def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (row, concurrency), the round with the most output tokens/s, with how many rounds there
+    were and the spread of their figures."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    spread: dict[tuple[str, int], list[float]] = {}
+    for row in rows:
+        key = (row["row"], row["concurrency"])
+        spread.setdefault(key, []).append(row["out_tok_s"])
+        if key not in best or row["out_tok_s"] > best[key]["out_tok_s"]:
+            best[key] = row
+    return [{**row, "rounds_out_tok_s": spread[key]} for key, row in best.items()]
 
 
 @dataclasses.dataclass
@@ -205,6 +221,19 @@ def aiaas_stack(checkpoint: Path, tmp: Path, *, threads: int | None, max_num_seq
 DOORS = ("aiaas grpc", "gateway grpc", "gateway openai")
 
 
+def door_load(door: str, stack: AiaasStack, texts: list[str], c: int, n: int, new: int
+              ) -> Coroutine[Any, Any, LoadResult]:
+    """One measurement of `door`: every worker warmed up first (its connection or stream open)."""
+    if door == "aiaas grpc":
+        return triton_stream(stack.direct, f"{MODEL}:production", texts, concurrency=c, requests=n, max_tokens=new,
+                             warmup=c)
+    if door == "gateway grpc":
+        return triton_stream(stack.gateway, MODEL, texts, concurrency=c, requests=n, max_tokens=new,
+                             api_key=stack.token, warmup=c)
+    return openai_stream(stack.openai_url, MODEL, texts, concurrency=c, requests=n, max_tokens=new,
+                         api_key=stack.token, warmup=c)
+
+
 def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, tmp: Path, threads: int | None,
                doors: tuple[str, ...] = DOORS, instances: int = 1, compute_dtype: str = "auto"
                ) -> list[dict[str, Any]]:
@@ -216,17 +245,11 @@ def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, 
         print(f"  aiaas stack ready in {stack.startup_s:.1f} s", flush=True)
         for c in plan.levels:
             n = plan.requests[c]
-            if "aiaas grpc" in doors:
-                rows.append(measured("aiaas grpc", watch, triton_stream(
-                    stack.direct, f"{MODEL}:production", texts, concurrency=c, requests=n, max_tokens=plan.new)))
-            if "gateway grpc" in doors:
-                rows.append(measured("gateway grpc", watch, triton_stream(
-                    stack.gateway, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new, api_key=stack.token)))
-            if "gateway openai" in doors:
-                rows.append(measured("gateway openai", watch, openai_stream(
-                    stack.openai_url, MODEL, texts, concurrency=c, requests=n, max_tokens=plan.new,
-                    api_key=stack.token)))
-    return rows
+            order = [door for door in DOORS if door in doors]
+            for round_ in range(plan.rounds):  # the doors alternate, so a slow minute hurts none of them alone
+                for door in order if round_ % 2 == 0 else reversed(order):
+                    rows.append(measured(door, watch, door_load(door, stack, texts, c, n, plan.new)))
+    return best_rows(rows)
 
 
 def vllm_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, cache: Path,
@@ -237,9 +260,11 @@ def vllm_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, c
         info = {"startup_s": round(server.startup_s, 1), "preloaded": server.preloaded, "log": str(server.log)}
         print(f"  vLLM ready in {server.startup_s:.1f} s (tcmalloc + iomp preloaded: {server.preloaded})", flush=True)
         for c in plan.levels:
-            rows.append(measured("vllm openai", watch, openai_stream(
-                f"{server.url}/v1", MODEL, texts, concurrency=c, requests=plan.requests[c], max_tokens=plan.new)))
-    return rows, info
+            for _ in range(plan.rounds):
+                rows.append(measured("vllm openai", watch, openai_stream(
+                    f"{server.url}/v1", MODEL, texts, concurrency=c, requests=plan.requests[c], max_tokens=plan.new,
+                    warmup=c)))
+    return best_rows(rows), info
 
 
 def find(rows: list[dict[str, Any]], kind: str, c: int) -> dict[str, Any] | None:
@@ -269,11 +294,12 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
           "ttft_p50_ms", "<= 1.5", lambda v: v <= 1.5)
     ratio("gateway openai c=1 TTFT p50 / bare generate first token", find(rows, "gateway openai", 1),
           find(rows, "naive", 1), "ttft_p50_ms", "<= 1.5", lambda v: v <= 1.5)
+    # "Within 10% of inference directly": a door at most 10% slower (one faster costs nothing).
     for c in (1, 16, 64):
         ratio(f"gateway openai / aiaas grpc c={c}, out tok/s", find(rows, "gateway openai", c),
-              find(rows, "aiaas grpc", c), "out_tok_s", "0.9 - 1.1", lambda v: 0.9 <= v <= 1.1)
+              find(rows, "aiaas grpc", c), "out_tok_s", ">= 0.9", lambda v: v >= 0.9)
         ratio(f"gateway grpc / aiaas grpc c={c}, out tok/s", find(rows, "gateway grpc", c),
-              find(rows, "aiaas grpc", c), "out_tok_s", "0.9 - 1.1", lambda v: 0.9 <= v <= 1.1)
+              find(rows, "aiaas grpc", c), "out_tok_s", ">= 0.9", lambda v: v >= 0.9)
     return out
 
 
@@ -320,7 +346,7 @@ def main() -> None:
     # Ten waves of requests per stream at c=16 and five at c=64 (every server the same): with four, the
     # start (every stream's prefill at once) and the drain weighed on the figure, not the steady state.
     plan = Plan(levels=(1, 16, 64), requests={1: 8, 16: 64, 64: 128} if args.quick else {1: 16, 16: 160, 64: 320},
-                new=new)
+                new=new, rounds=1 if args.quick else 2)
     started = time.time()
     load_before = os.getloadavg()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; load average before: "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_llm_service import ratios, text_prompts
+from bench.bench_llm_service import best_rows, ratios, text_prompts
 from bench.llm_peers import VllmUnavailable, vllm_env, vllm_server
 from bench.openai_load import OneRequest, Sample, run_load, stream_request
 from tests.generative.models import train_tokenizer
@@ -103,3 +103,16 @@ def test_vllm_env_keeps_sockets_on_loopback_and_both_cores() -> None:
     assert env["VLLM_HOST_IP"] == env["VLLM_LOOPBACK_IP"] == "127.0.0.1"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert "LD_PRELOAD" not in env or "libiomp5" in env["LD_PRELOAD"]
+
+
+def test_best_rows_keep_each_rows_best_round_and_its_spread() -> None:
+    rows = [{"row": "aiaas grpc", "concurrency": 16, "out_tok_s": 900.0, "round": 1},
+            {"row": "gateway openai", "concurrency": 16, "out_tok_s": 870.0, "round": 1},
+            {"row": "gateway openai", "concurrency": 16, "out_tok_s": 910.0, "round": 2},
+            {"row": "aiaas grpc", "concurrency": 16, "out_tok_s": 880.0, "round": 2},
+            {"row": "aiaas grpc", "concurrency": 64, "out_tok_s": 1500.0, "round": 1}]
+    best = {(r["row"], r["concurrency"]): r for r in best_rows(rows)}
+    assert len(best) == 3
+    assert best["aiaas grpc", 16]["round"] == 1 and best["aiaas grpc", 16]["rounds_out_tok_s"] == [900.0, 880.0]
+    assert best["gateway openai", 16]["round"] == 2 and best["gateway openai", 16]["rounds_out_tok_s"] == [870.0, 910.0]
+    assert best["aiaas grpc", 64]["rounds_out_tok_s"] == [1500.0]
