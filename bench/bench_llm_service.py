@@ -15,10 +15,10 @@ exactly those 128 tokens, BOS included) and produces exactly 64 greedy tokens (i
 
 The aiaas rows start a registry, one inference service and a gateway as real processes and register
 the checkpoint with `aiaas.lm.deploy_lm`; the three doors are measured one after another at each
-concurrency (1, 16, 64) so they see the same machine, in two rounds (the second in reverse order;
---quick: one) of which each row keeps its best, as the in-process rows do; every client worker
-makes one unmeasured request first (its connection or stream open). The stack is stopped before
-vLLM starts: one server at a time, measured the same way. Every row records the CPU time that processes outside this run used meanwhile
+concurrency (1, 16, 64) so they see the same machine, in four rounds in ABBA order (--quick: one)
+whose figures each row averages (a drift of the machine weighs the same on every door); every
+client worker makes one unmeasured request first (its connection or stream open). The stack is
+stopped before vLLM starts: one server at a time, measured the same way (four rounds, averaged). Every row records the CPU time that processes outside this run used meanwhile
 ("foreign" cores); a row with more than 0.3 of a core of it is marked busy, and so are the ratios
 built on it. Results go to a JSON file (--json; default bench/results/llm_service.json) as well as the table.
 """
@@ -157,20 +157,34 @@ class Plan:
     levels: tuple[int, ...]
     requests: dict[int, int]
     new: int
-    rounds: int = 2  # each server row measured this many times per level, best kept
+    rounds: int = 4  # each server row measured this many times per level (ABBA order), averaged
 
 
-def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (row, concurrency), the round with the most output tokens/s, with how many rounds there
-    were and the spread of their figures."""
-    best: dict[tuple[str, int], dict[str, Any]] = {}
-    spread: dict[tuple[str, int], list[float]] = {}
+def round_order(doors: list[str], round_: int) -> list[str]:
+    """ABBA: forward, reversed, reversed, forward, ...: a drift of the machine over the rounds
+    weighs the same on every door's mean."""
+    return list(reversed(doors)) if round_ % 4 in (1, 2) else list(doors)
+
+
+def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (row, concurrency), its rounds averaged: out tok/s, TTFT and ITL percentiles are the
+    means of the rounds' figures (errors and foreign cores: the sum and the most); each round's
+    out tok/s is kept beside them."""
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
-        key = (row["row"], row["concurrency"])
-        spread.setdefault(key, []).append(row["out_tok_s"])
-        if key not in best or row["out_tok_s"] > best[key]["out_tok_s"]:
-            best[key] = row
-    return [{**row, "rounds_out_tok_s": spread[key]} for key, row in best.items()]
+        grouped.setdefault((row["row"], row["concurrency"]), []).append(row)
+    merged = []
+    for group in grouped.values():
+        row = dict(group[0])
+        for field in ("out_tok_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms"):
+            if all(field in r for r in group):
+                row[field] = round(sum(r[field] for r in group) / len(group), 2)
+        row["errors"] = sum(r.get("errors", 0) for r in group)
+        row["foreign_cores"] = max(r["foreign_cores"] for r in group)
+        row["busy"] = any(r["busy"] for r in group)
+        row["rounds_out_tok_s"] = [r["out_tok_s"] for r in group]
+        merged.append(row)
+    return merged
 
 
 @dataclasses.dataclass
@@ -246,10 +260,10 @@ def aiaas_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, 
         for c in plan.levels:
             n = plan.requests[c]
             order = [door for door in DOORS if door in doors]
-            for round_ in range(plan.rounds):  # the doors alternate, so a slow minute hurts none of them alone
-                for door in order if round_ % 2 == 0 else reversed(order):
+            for round_ in range(plan.rounds):  # ABBA, so a slow minute hurts none of the doors alone
+                for door in round_order(order, round_):
                     rows.append(measured(door, watch, door_load(door, stack, texts, c, n, plan.new)))
-    return best_rows(rows)
+    return mean_rows(rows)
 
 
 def vllm_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, cache: Path,
@@ -264,7 +278,7 @@ def vllm_rows(checkpoint: Path, texts: list[str], plan: Plan, watch: CpuWatch, c
                 rows.append(measured("vllm openai", watch, openai_stream(
                     f"{server.url}/v1", MODEL, texts, concurrency=c, requests=plan.requests[c], max_tokens=plan.new,
                     warmup=c)))
-    return best_rows(rows), info
+    return mean_rows(rows), info
 
 
 def find(rows: list[dict[str, Any]], kind: str, c: int) -> dict[str, Any] | None:
@@ -346,7 +360,7 @@ def main() -> None:
     # Ten waves of requests per stream at c=16 and five at c=64 (every server the same): with four, the
     # start (every stream's prefill at once) and the drain weighed on the figure, not the steady state.
     plan = Plan(levels=(1, 16, 64), requests={1: 8, 16: 64, 64: 128} if args.quick else {1: 16, 16: 160, 64: 320},
-                new=new, rounds=1 if args.quick else 2)
+                new=new, rounds=1 if args.quick else 4)
     started = time.time()
     load_before = os.getloadavg()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; load average before: "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_llm_service import best_rows, ratios, text_prompts
+from bench.bench_llm_service import mean_rows, ratios, round_order, text_prompts
 from bench.llm_peers import VllmUnavailable, vllm_env, vllm_server
 from bench.openai_load import OneRequest, Sample, run_load, stream_request
 from tests.generative.models import train_tokenizer
@@ -105,14 +105,20 @@ def test_vllm_env_keeps_sockets_on_loopback_and_both_cores() -> None:
     assert "LD_PRELOAD" not in env or "libiomp5" in env["LD_PRELOAD"]
 
 
-def test_best_rows_keep_each_rows_best_round_and_its_spread() -> None:
-    rows = [{"row": "aiaas grpc", "concurrency": 16, "out_tok_s": 900.0, "round": 1},
-            {"row": "gateway openai", "concurrency": 16, "out_tok_s": 870.0, "round": 1},
-            {"row": "gateway openai", "concurrency": 16, "out_tok_s": 910.0, "round": 2},
-            {"row": "aiaas grpc", "concurrency": 16, "out_tok_s": 880.0, "round": 2},
-            {"row": "aiaas grpc", "concurrency": 64, "out_tok_s": 1500.0, "round": 1}]
-    best = {(r["row"], r["concurrency"]): r for r in best_rows(rows)}
-    assert len(best) == 3
-    assert best["aiaas grpc", 16]["round"] == 1 and best["aiaas grpc", 16]["rounds_out_tok_s"] == [900.0, 880.0]
-    assert best["gateway openai", 16]["round"] == 2 and best["gateway openai", 16]["rounds_out_tok_s"] == [870.0, 910.0]
-    assert best["aiaas grpc", 64]["rounds_out_tok_s"] == [1500.0]
+def test_rounds_go_abba_and_rows_average_their_rounds() -> None:
+    doors = ["a", "b", "c"]
+    assert [round_order(doors, r) for r in range(4)] == [doors, doors[::-1], doors[::-1], doors]
+    base = {"foreign_cores": 0.0, "busy": False, "errors": 0, "ttft_p50_ms": 10.0}
+    rows = [{**base, "row": "aiaas grpc", "concurrency": 16, "out_tok_s": 900.0},
+            {**base, "row": "gateway openai", "concurrency": 16, "out_tok_s": 870.0, "ttft_p50_ms": 30.0},
+            {**base, "row": "gateway openai", "concurrency": 16, "out_tok_s": 910.0, "busy": True,
+             "foreign_cores": 0.4, "errors": 1},
+            {**base, "row": "aiaas grpc", "concurrency": 16, "out_tok_s": 880.0},
+            {**base, "row": "aiaas grpc", "concurrency": 64, "out_tok_s": 1500.0}]
+    merged = {(r["row"], r["concurrency"]): r for r in mean_rows(rows)}
+    assert len(merged) == 3
+    assert merged["aiaas grpc", 16]["out_tok_s"] == 890.0 and merged["aiaas grpc", 16]["rounds_out_tok_s"] == [900.0, 880.0]
+    door = merged["gateway openai", 16]
+    assert (door["out_tok_s"], door["ttft_p50_ms"], door["errors"], door["busy"], door["foreign_cores"]) == (
+        890.0, 20.0, 1, True, 0.4)
+    assert merged["aiaas grpc", 64]["rounds_out_tok_s"] == [1500.0]
