@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -39,6 +40,8 @@ SERVICE_NAME = "aiaas.inference.v1.Generations"
 MAX_GENERATIONS = 1024
 # Events in one response message (each is a token's response: well under 1 KiB).
 MAX_EVENTS = 512
+# Characters of a caller's request id kept (it goes into the logs).
+MAX_REQUEST_ID = 128
 
 
 class GenerationsServicer(pb_grpc.GenerationsServicer):
@@ -130,7 +133,7 @@ class _Stream:
             self.ready.set()
 
     async def _run(self, tag: int, message: pb.StreamGenerationsRequest) -> None:
-        request_id_var.set(message.request_id or f"{self._request_id}/{tag}")
+        request_id_var.set(message.request_id[:MAX_REQUEST_ID] or f"{self._request_id}/{tag}")
         emit = self.emit
 
         def send(response: service_pb2.ModelInferResponse, last: bool) -> None:
@@ -138,12 +141,16 @@ class _Stream:
             emit(pb.GenerationEvent(tag=tag, response=wrapped, last=last))
 
         try:
+            if not (math.isfinite(message.timeout_s) and message.timeout_s >= 0):
+                raise InvalidArgument(f"timeout_s must be a finite number of seconds >= 0 (0: none), "
+                                      f"got {message.timeout_s!r}")
+            limit = message.timeout_s or None
             try:
                 request = service_pb2.ModelInferRequest.FromString(message.request)
             except DecodeError:
                 raise InvalidArgument("the generation's request is not a serialized ModelInferRequest") from None
             try:
-                async with asyncio.timeout(message.timeout_s if message.timeout_s > 0 else None):
+                async with asyncio.timeout(limit):
                     await self._inference.generate_into(request, send)
             except TimeoutError:
                 raise DeadlineExceeded(f"the generation did not finish within its {message.timeout_s:g} s; "

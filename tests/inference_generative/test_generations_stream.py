@@ -204,3 +204,18 @@ async def test_the_gateways_upstream_multiplexes_generations_and_cancels_on_clos
         assert loop.time() - started < max(200 * per_response, 0.5), (loop.time() - started, per_response)
     finally:
         await upstream.close()
+
+
+@pytest.mark.parametrize("timeout_s", [float("nan"), float("inf"), -1.0])
+async def test_a_timeout_that_is_no_number_of_seconds_is_refused(stack: Stack, timeout_s: float) -> None:
+    async with grpc.aio.insecure_channel(stack.inference.address) as channel:
+        events = Events(channel)
+        await events.call.write(pb.StreamGenerationsRequest(
+            tag=1, request=generate_request("tiny-llm", "the cat sat", "odd", max_tokens=3, ignore_eos=True),
+            timeout_s=timeout_s, request_id="r" * 10_000))
+        await events.start(2, generate_request("tiny-llm", "the cat sat", "fine", max_tokens=3, ignore_eos=True))
+        await events.until_last(1, 2)
+        await events.call.done_writing()
+    (error,) = events.by_tag[1]
+    assert error.error_code == "INVALID_ARGUMENT" and "timeout_s must be a finite number" in error.error_message
+    assert events.by_tag[2][-1].last and not events.by_tag[2][-1].error_code
