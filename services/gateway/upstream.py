@@ -84,8 +84,8 @@ class _Transport:
         self._auth = identity.metadata()
         self._methods: dict[str, Iterator[Any]] = {}
         self.health_check = health_check_callable(self.channel)  # open to every caller: no token
-        # Generations multiplexed on one stream per channel; off once the replica answers
-        # UNIMPLEMENTED (an inference service without it: ModelStreamInfer per generation there).
+        # Generations multiplexed on one stream per channel, where the replica serves it (an older
+        # inference service does not: ModelStreamInfer per generation there).
         self._muxes = [GenerationMux(functools.partial(self._open_mux, c)) for c in self.channels]
         self._next_mux = itertools.cycle(self._muxes)
         # None until the replica was asked (GetLimits); then whether it serves the stream.
