@@ -5,6 +5,7 @@ rules of a call's tries are in forwarding.py, the per-try timeout in try_timeout
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import functools
@@ -442,7 +443,7 @@ def _later_failure(failure: Exception) -> Exception:
     return failure.error if isinstance(failure, ReplicaFailed | Refused) else failure
 
 
-class _Opened:
+class _Opened(abc.ABC):
     """One try of a generation on one replica: `start` gives the first response (None: it ended
     with none), `next` each following one (None after the final one), `close` ends the try."""
 
@@ -451,11 +452,13 @@ class _Opened:
         self.replica = replica
         replica.outstanding += 1
 
+    @abc.abstractmethod
     async def start(self, request: bytes, timeout: float, metadata: Sequence[tuple[str, str]]) -> bytes | None:
-        raise NotImplementedError
+        """Send the request; its first response."""
 
+    @abc.abstractmethod
     async def next(self) -> bytes | None:
-        raise NotImplementedError
+        """The next response; None after the final one."""
 
     def close(self) -> None:
         self.replica.outstanding -= 1
@@ -490,7 +493,7 @@ class _MuxOpened(_Opened):
             if event.error_code in _RETRY_ELSEWHERE_NAMES:
                 raise _TryElsewhere(error, refused=True)
             raise error
-        return bytes(event.response)
+        return event.response
 
     async def next(self) -> bytes | None:
         generation = self.generation
@@ -505,7 +508,7 @@ class _MuxOpened(_Opened):
             raise errors.DeadlineExceeded(str(exc)) from None
         if event.error_code:
             raise errors.error_for_status(event.error_code)(event.error_message)
-        return bytes(event.response)
+        return event.response
 
     def close(self) -> None:
         super().close()
