@@ -407,10 +407,22 @@ class DynamicBatcher:
     async def _execute(self, batch: list[_Request], *, inline: bool = False) -> None:
         started = time.monotonic_ns()
         rows = sum(r.rows for r in batch) if self._batching else 1
+        freed = False
         try:
             try:
                 inputs = merge([r.inputs for r in batch])
                 result = await self._run_batch(inputs)
+                # The instance is free again: start the next batch before answering this one's
+                # callers, so the instance computes while their responses are built and written
+                # (otherwise it sits idle for the whole fan-out of a full batch).
+                freed = True
+                self._running_batches -= 1
+                if self._queued:
+                    running = self._running_batches
+                    self._schedule()
+                    if inline and self._running_batches > running:
+                        # This task answers its own caller next: let the launched batch start first.
+                        await asyncio.sleep(0)
                 parts = split(result.outputs, [r.rows for r in batch], rows) if self._batching else [result.outputs]
             except AiaasError as exc:
                 _fail(batch, exc)
@@ -448,7 +460,8 @@ class DynamicBatcher:
                     )
                 )
         finally:
-            self._running_batches -= 1
+            if not freed:
+                self._running_batches -= 1
             self._in_flight -= len(batch)
             for request in batch:
                 request.state = _DONE

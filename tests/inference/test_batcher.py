@@ -485,3 +485,60 @@ async def test_caller_cancelled_while_its_own_batch_runs_inline() -> None:
     runner.gate.set()
     check(await queued, rows(1, 1))
     assert batcher.in_flight == 0 and batcher.queued == 0
+
+
+
+class StepRunner(GatedRunner):
+    """Holds each batch until the test releases it (one future per batch); records the order."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+        self.releases: list[asyncio.Future[None]] = []
+
+    async def __call__(self, inputs: dict[str, np.ndarray]) -> BatchResult:
+        self.events.append(f"batch {inputs['x'].shape[0]}")
+        release = asyncio.get_running_loop().create_future()
+        self.releases.append(release)
+        await release
+        return await super().__call__(inputs)
+
+
+@pytest.mark.parametrize("first", ["inline", "launched"])
+async def test_next_batch_starts_before_the_finished_batch_is_answered(first: str) -> None:
+    """The instance is handed its next batch before the callers of the one it finished resume,
+    so it computes while their responses are built (no idle gap per batch under load). Checked
+    for a batch run in its caller's own task (a lone request on an idle instance) and for one
+    launched as a task (what queued while the instance was busy)."""
+    events: list[str] = []
+    runner = StepRunner(events)
+    batcher = DynamicBatcher(runner, BatchingConfig(max_batch_size=8))
+
+    async def caller(inputs: dict[str, np.ndarray], label: str) -> None:
+        check(await batcher.submit(inputs), inputs)
+        events.append(label)
+
+    tasks = [asyncio.ensure_future(caller(rows(1, 0), "answered 0"))]
+    await settle()
+    tasks += [asyncio.ensure_future(caller(rows(1, i), f"answered {i}")) for i in (1, 2, 3)]
+    await settle()
+    assert events == ["batch 1"] and batcher.queued == 3
+    if first == "launched":
+        runner.releases[0].set_result(None)  # the lone batch ends; the three go as one task
+        await settle()
+        assert events[:3] == ["batch 1", "batch 3", "answered 0"], events
+        tasks += [asyncio.ensure_future(caller(rows(1, i), f"answered {i}")) for i in (4, 5)]
+        await settle()
+        assert batcher.queued == 2
+        events.clear()
+        runner.releases[1].set_result(None)
+        await settle()
+        assert events[:3] == ["batch 2", "answered 1", "answered 2"], events
+        runner.releases[2].set_result(None)
+    else:
+        runner.releases[0].set_result(None)
+        await settle()
+        assert events[:2] == ["batch 1", "batch 3"], events
+        runner.releases[1].set_result(None)
+    await asyncio.gather(*tasks)
+    assert runner.sizes == ([1, 3, 2] if first == "launched" else [1, 3])
