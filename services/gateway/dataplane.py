@@ -36,6 +36,7 @@ from services.gateway.generation import GenerationMeter, int_parameter, stream_e
 from services.gateway.keys import KeyRing, authorize
 from services.gateway.kinds import ModelKinds
 from services.gateway.limits import RequestLimits, check_request
+from services.gateway.merging import Merger
 from services.gateway.predictions import PredictionLog
 from services.gateway.quotas import Bucket, QuotaEnforcer
 from services.gateway.relay import ReadAhead, StreamRelay
@@ -129,7 +130,7 @@ class DataPlane:
         reporter: TelemetryReporter | None = None, default_timeout_s: float = 30.0,
         shadow_max_concurrency: int = 16, shadow_tolerance: float = 1e-4, stream_window: int = 64,
         drift_sample_rate: float = 0.0, ready: Any = None, predictions: PredictionLog | None = None,
-        kinds: ModelKinds | None = None, generation_timeout_s: float = 600.0,
+        kinds: ModelKinds | None = None, generation_timeout_s: float = 600.0, merge_max_in_flight: int = 2,
     ) -> None:
         self.catalog = catalog
         self.ring = ring
@@ -151,6 +152,8 @@ class DataPlane:
         self.drift = DriftSampler(reporter, drift_sample_rate if reporter is not None and reporter.target else 0.0)
         # Predictions of a share of answered requests with an id, kept for Feedback.
         self.predictions = predictions
+        # ModelInfer forwarding; requests to a busy target merge into one call (merging.py).
+        self.merger = Merger(self._forward_infer, max_in_flight=merge_max_in_flight)
 
     def _timeout(self, call: CallInfo) -> float:
         return call.timeout if call.timeout is not None else self.default_timeout_s
@@ -221,10 +224,9 @@ class DataPlane:
             if streaming and decoupled:
                 handed_off = True
                 return self._generate(caller, request, raw, resolution, call, started, tokens, meter), resolution
-            response = await self.upstream.call(
-                "ModelInfer", retarget(raw, *forward), timeout=self._timeout(call),
-                metadata=call.forward, retry_not_found=True,
-            )
+            plan = self.kinds.plan(resolution.model, resolution.version) if decoupled is False else None
+            response = await self.merger.forward(request, retarget(raw, *forward), forward, plan,
+                                                 self._timeout(call), call.forward)
             served = response_version(response)
             if served.isdigit() and int(served) != resolution.version:
                 resolution = dataclasses.replace(resolution, version=int(served))
@@ -255,6 +257,9 @@ class DataPlane:
         finally:
             if not handed_off:
                 self._report(resolution, caller, status, started, generation)
+
+    async def _forward_infer(self, raw: bytes, timeout: float, metadata: tuple[tuple[str, str], ...]) -> bytes:
+        return await self.upstream.call("ModelInfer", raw, timeout=timeout, metadata=metadata, retry_not_found=True)
 
     async def _fetch_config(self, model: str, version: str) -> bytes:
         request = pb.ModelConfigRequest(name=model, version=version).SerializeToString()

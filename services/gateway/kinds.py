@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 
 from tritonclient.grpc import service_pb2 as pb
 
+from services.gateway.merging import MergePlan
+
 log = logging.getLogger("aiaas.gateway.kinds")
 
 # Asks inference for a ModelConfig (forwarded model name, version) and answers the serialized response.
@@ -28,6 +30,8 @@ class ModelKinds:
         self.max_entries = max_entries
         self.retry_s = retry_s
         self._known: dict[tuple[str, int], bool] = {}
+        # Whether (and how) a version's ModelInfer requests may merge (see merging.py), from the same config.
+        self._plans: dict[tuple[str, int], MergePlan | None] = {}
         # Versions whose lookup failed, and when they may be asked again.
         self._failed: dict[tuple[str, int], float] = {}
         self._pending: dict[tuple[str, int], asyncio.Task[bool | None]] = {}
@@ -50,8 +54,13 @@ class ModelKinds:
             return None
         return await asyncio.shield(self._lookup(key, forward))
 
-    def put(self, model: str, version: int, decoupled: bool) -> None:
+    def plan(self, model: str, version: int) -> MergePlan | None:
+        """How the version's requests may merge, once its config is known (None: they never do)."""
+        return self._plans.get((model, version))
+
+    def put(self, model: str, version: int, decoupled: bool, plan: MergePlan | None = None) -> None:
         self._known[(model, version)] = decoupled
+        self._plans[(model, version)] = plan
 
     def _may_ask(self, key: tuple[str, int]) -> bool:
         if self.fetch is None:
@@ -82,4 +91,5 @@ class ModelKinds:
         decoupled = bool(answer.config.model_transaction_policy.decoupled)
         if len(self._known) < self.max_entries:
             self._known[key] = decoupled
+            self._plans[key] = MergePlan.from_config(answer.config)
         return decoupled

@@ -130,6 +130,11 @@ class GatewaySettings(ServerSettings):
     shadow_tolerance: float = 1e-4
     # Requests of one ModelStreamInfer stream in flight at once; further ones wait to be read.
     stream_window: int = 64
+    # ModelInfer calls to one target (model version or alias) running at once before further requests
+    # to it wait and go merged into one call when one comes back (their rows concatenated, up to the
+    # version's max batch size; see services/gateway/merging.py). A lone request never waits. 0 forwards
+    # every request on its own.
+    merge_max_in_flight: int = 2
     # Share of successful ModelInfer requests whose inputs are sent to the monitor for drift (PSI);
     # the reporter also caps samples per model per second. 0 turns it off.
     drift_sample_rate: float = 0.01
@@ -229,5 +234,6 @@ class GatewaySettings(ServerSettings):
             )
         if self.body_timeout_s <= 0:
             raise InvalidArgument("body_timeout_s must be > 0")
-        if self.shadow_max_concurrency < 0 or self.stream_window < 1:
-            raise InvalidArgument("shadow_max_concurrency must be >= 0 and stream_window >= 1")
+        if self.shadow_max_concurrency < 0 or self.stream_window < 1 or self.merge_max_in_flight < 0:
+            raise InvalidArgument("shadow_max_concurrency and merge_max_in_flight (0 turns merging off) must be "
+                                  ">= 0, and stream_window >= 1")
