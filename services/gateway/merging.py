@@ -12,15 +12,17 @@ stops at the version's max batch size. The same rule as the delegating backend's
 (`services/inference/triton_backend.py`).
 
 A request merges only when its answer is what the replica would have sent it alone: a tensor model
-(not decoupled) that batches with no queue bound or queue timeout in its config (a queue that
-sheds load must see each request as it came), every input with its bytes in `raw_input_contents`, fixed-size rows
+(not decoupled) that batches, with no queue timeout or sequence batching in its config, every
+input with its bytes in `raw_input_contents`, fixed-size rows
 (no BYTES, no variable dimension besides the batch), no parameters (priority, timeout, sequence,
 shared memory...) and no requested outputs. Everything the gateway does per request (keys, quotas,
 routing, validation, shadows, drift samples, feedback, telemetry) still happens per request; only
 the forwarding is shared. A merged call carries the first request's forwarded metadata (trace
 context, request id); it is retried across replicas like any call, and an error it ends with is
 every one of its requests' error (as a failed batch is on the replica). Each request's own deadline
-still ends its wait.
+still ends its wait. A version with a queue bound (`max_queue_size`) keeps it: once that many of its
+requests run or wait here, a further one goes as it came, for the replica to queue or refuse
+(RESOURCE_EXHAUSTED), so load is still shed where it was.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from opentelemetry import metrics
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
@@ -52,6 +55,9 @@ class MergePlan:
     max_rows: int
     # input name -> (datatype, dims after the batch dimension, bytes per row)
     inputs: dict[str, tuple[str, tuple[int, ...], int]]
+    # The version's queue bound (0: none): with this many of its requests running or waiting here,
+    # a further one is forwarded as it came, for the replica's queue to take or refuse.
+    max_queue: int = 0
 
     @classmethod
     def from_config(cls, config: Any) -> MergePlan | None:
@@ -59,8 +65,8 @@ class MergePlan:
         if config.max_batch_size < 2 or config.model_transaction_policy.decoupled or not config.input:
             return None
         policy = config.dynamic_batching.default_queue_policy
-        if policy.max_queue_size or policy.default_timeout_microseconds or config.HasField("sequence_batching"):
-            return None  # a queue that sheds load must see each request as it came
+        if policy.default_timeout_microseconds or config.HasField("sequence_batching"):
+            return None  # a queue that times requests out must see each one as it came
         inputs: dict[str, tuple[str, tuple[int, ...], int]] = {}
         for tensor in config.input:
             datatype = mc.DataType.Name(tensor.data_type).removeprefix("TYPE_")
@@ -69,7 +75,7 @@ class MergePlan:
             if element is None or any(d < 0 for d in dims) or tensor.HasField("reshape"):
                 return None
             inputs[tensor.name] = (datatype, dims, element * math.prod(dims))
-        return cls(int(config.max_batch_size), inputs)
+        return cls(int(config.max_batch_size), inputs, int(policy.max_queue_size))
 
     def rows(self, request: Any) -> int:
         """The request's batch rows when it may merge under this plan, else 0."""
@@ -127,9 +133,14 @@ class Merger:
         self._max_targets = max_targets
         self._targets: dict[tuple[str, str], _Target] = {}
         self._calls: set[asyncio.Task[None]] = set()
-        # Counters (for metrics and tests): calls that carried more than one request, and their requests.
+        # Calls that carried more than one request, and their requests (also exported as metrics).
         self.merged_calls = 0
         self.merged_requests = 0
+        meter = metrics.get_meter("aiaas.gateway")
+        self._calls_counter = meter.create_counter(
+            "gateway.merge.calls", description="ModelInfer calls forwarded with several requests merged in them")
+        self._requests_counter = meter.create_counter(
+            "gateway.merge.requests", description="ModelInfer requests forwarded merged with others")
 
     async def forward(self, request: Any, raw: bytes, target: tuple[str, str], plan: MergePlan | None,
                       timeout: float, metadata: tuple[tuple[str, str], ...]) -> bytes:
@@ -143,7 +154,9 @@ class Merger:
             if len(self._targets) >= self._max_targets:
                 self._prune()
             state = self._targets[target] = _Target()
-        if state.in_flight < self.max_in_flight or len(state.waiting) >= MAX_WAITING:
+        queued = state.in_flight + len(state.waiting)
+        if (state.in_flight < self.max_in_flight or len(state.waiting) >= MAX_WAITING
+                or (plan is not None and plan.max_queue and queued >= plan.max_queue)):
             state.in_flight += 1
             try:
                 return await self._forward(raw, timeout, metadata)
@@ -198,6 +211,9 @@ class Merger:
             merged = _merge(group, rows, target)
             self.merged_calls += 1
             self.merged_requests += len(group)
+            labels = {"model": target[0].partition(":")[0]}
+            self._calls_counter.add(1, labels)
+            self._requests_counter.add(len(group), labels)
             reply = pb.ModelInferResponse.FromString(await self._forward(merged, timeout, group[0].metadata))
             for waiting, answer in zip(group, _split(reply, group, rows), strict=True):
                 _settle(waiting.future, answer)

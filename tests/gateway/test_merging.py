@@ -109,8 +109,8 @@ def test_plans_only_for_batching_tensor_models_with_fixed_rows_and_no_queue_poli
     assert MergePlan.from_config(config(max_batch=1)) is None
     assert MergePlan.from_config(config(data_type="TYPE_STRING")) is None  # BYTES rows vary in size
     assert MergePlan.from_config(config(dims=(-1,))) is None  # a variable dimension
-    assert MergePlan.from_config(config(max_queue_size=4)) is None  # the replica's queue sheds load
-    assert MergePlan.from_config(config(default_timeout_microseconds=1000)) is None
+    assert MergePlan.from_config(config(max_queue_size=4)) == MergePlan(8, {"x": ("FP32", (4,), 16)}, 4)
+    assert MergePlan.from_config(config(default_timeout_microseconds=1000)) is None  # the queue times out
     decoupled = config()
     decoupled.model_transaction_policy.decoupled = True
     assert MergePlan.from_config(decoupled) is None
@@ -221,6 +221,29 @@ async def test_a_waiting_request_ends_at_its_deadline_and_a_cancelled_one_is_lef
     upstream.release(1)
     assert answer_of(await patient)[0] == "req-3"
     await running
+
+
+async def test_a_queue_bound_is_left_to_the_replica() -> None:
+    """With max_queue_size 3, once 3 requests run or wait here a further one goes as it came (the
+    replica's queue takes or refuses it), so the gateway never holds more than the bound."""
+    upstream = GatedUpstream()
+    merger = Merger(upstream, max_in_flight=1)
+    plan = MergePlan.from_config(config(max_queue_size=3))
+
+    def go(seed: int) -> asyncio.Task[bytes]:
+        message = request(1, seed)[0]
+        return asyncio.ensure_future(merger.forward(message, retarget(message.SerializeToString(), *TARGET),
+                                                    TARGET, plan, 30.0, ()))
+
+    tasks = [go(seed) for seed in range(5)]
+    await settle()
+    assert [m.id for m in upstream.calls] == ["req-0", "req-3", "req-4"]  # 1 running + 2 waiting = 3
+    for index in range(3):
+        upstream.release(index)
+    await settle()
+    assert upstream.rows == [1, 1, 1, 2]  # the two that waited, merged
+    upstream.release(3)
+    await asyncio.gather(*tasks)
 
 
 async def test_requests_that_may_not_merge_are_forwarded_as_they_came() -> None:
