@@ -13,8 +13,10 @@ Every server serves the same two TorchScript files, built once here by `bench_in
 (seed 0): tiny 10-50-10 and heavy 256-2048-2048-256, FP32. Every server: dynamic batching up to 32
 rows with a 2 ms queue delay, one model instance, `--torch-threads` intra-op threads (default 2).
 aiaas runs as bench/bench_inference.py runs it (registry + inference as real processes), plus a
-gateway in front of it (an API key) and a second inference replica that delegates both models to
-the Triton server above (`--triton-backends`): the delegating path next to Triton directly.
+gateway in front of it (an API key; a second one with `--processes` and a third with merging off,
+`--merge-max-in-flight 0`, the gateway as it was before merging) and a second inference replica that
+delegates both models to the Triton server above (`--triton-backends`): the delegating path next to
+Triton directly.
 
 Every server gets the same load: `bench.lean_client` (a bare grpc.aio channel, pre-serialized
 single-row requests, closed loop) at concurrency 1, 16 and 64. The servers run at the same time and
@@ -70,6 +72,7 @@ COLUMNS = {
     "single": "aiaas inference, 1 process",
     "gateway": "aiaas via gateway",
     "gateways": "aiaas via gateway, {v} processes",
+    "unmerged": "aiaas via gateway, merging off",
     "delegating": "aiaas -> Triton (delegating)",
     "triton": "Triton (PyTriton {v})",
     "torchserve": "TorchServe {v} (gRPC)",
@@ -341,6 +344,7 @@ class Aiaas:
         self._started: list[Any] = []
         self.redis: Any = None
         self.gateways: Any = None
+        self.unmerged: Any = None
         self.registry = self._start(ServiceProcess("registry", args=[
             "--database-url", f"sqlite:///{work}/registry.db", "--artifact-dir", str(work / "artifacts"),
             "--log-level", "warning"]))
@@ -379,6 +383,16 @@ class Aiaas:
             "--registry-url", self.registry.address, "--inference-targets", self.inference.address,
             "--key-pepper", PEPPER, "--grace-period-s", "2", "--redis-url", self.redis.url,
             "--processes", str(processes), "--log-level", "warning"]), timeout=120)
+
+    def start_unmerged(self) -> None:
+        """A gateway like the first that forwards every request on its own (`--merge-max-in-flight 0`)."""
+        from tests.gateway.stack import PEPPER
+        from tests.support.procs import ServiceProcess
+
+        self.unmerged = self._start(ServiceProcess("gateway", args=[
+            "--registry-url", self.registry.address, "--inference-targets", self.inference.address,
+            "--key-pepper", PEPPER, "--grace-period-s", "2", "--merge-max-in-flight", "0",
+            "--log-level", "warning"]), timeout=120)
 
     def start_single(self, models: list[str]) -> None:
         """A second inference replica of the same versions that accepts in one process (`--frontends 1`)."""
@@ -554,7 +568,8 @@ def render(rows: list[dict[str, Any]], headings: dict[str, str], info: dict[str,
                      + " |")
     if rows:
         lines += ["", ("| model | c | aiaas / TorchServe | aiaas / aiaas in 1 process | gateway / aiaas (added p50 ms) | "
-                       "gateway, N processes / 1 | delegating / Triton (added p50 ms) |"), "|---|---|---|---|---|---|---|"]
+                       "gateway, N processes / 1 | gateway / merging off | delegating / Triton (added p50 ms) |"),
+                  "|---|---|---|---|---|---|---|---|"]
 
     def ratio(a: str, b: str, model: str, level: int, added: bool = False) -> str:
         x, y = cell.get((model, level, a)), cell.get((model, level, b))
@@ -566,7 +581,8 @@ def render(rows: list[dict[str, Any]], headings: dict[str, str], info: dict[str,
     for model, level in points:
         lines.append(f"| {model} | {level} | {ratio('aiaas', 'torchserve', model, level)} | "
                      f"{ratio('aiaas', 'single', model, level)} | {ratio('gateway', 'aiaas', model, level, True)} | "
-                     f"{ratio('gateways', 'gateway', model, level)} | {ratio('delegating', 'triton', model, level, True)} |")
+                     f"{ratio('gateways', 'gateway', model, level)} | {ratio('gateway', 'unmerged', model, level)} | "
+                     f"{ratio('delegating', 'triton', model, level, True)} |")
     if info["unavailable"]:
         lines += ["", "Not in this run:"]
         lines += [f"- {label}: {reason}" for label, reason in info["unavailable"].items()]
@@ -631,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         triton_address = start_peers(servers, cache, files, work, args.torch_threads, processes, targets, versions,
                                      unavailable)
-        if {"aiaas", "single", "gateway", "gateways", "delegating"} & set(servers):
+        if {"aiaas", "single", "gateway", "gateways", "unmerged", "delegating"} & set(servers):
             log("starting aiaas (registry, inference, gateway)")
             stack = Aiaas(files, work, args.torch_threads, args.frontends)
             if "aiaas" in servers:
@@ -646,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
                 stack.start_gateways(args.gateway_processes)
                 versions["gateways"] = str(args.gateway_processes)
                 targets["gateways"] = kserve("gateways", stack.gateways.address,
+                                             (("authorization", f"Bearer {stack.token}"),))
+            if "unmerged" in servers:
+                stack.start_unmerged()
+                targets["unmerged"] = kserve("unmerged", stack.unmerged.address,
                                              (("authorization", f"Bearer {stack.token}"),))
             if "delegating" in servers:
                 if triton_address:

@@ -22,7 +22,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from tritonclient.grpc import service_pb2 as pb
@@ -130,7 +130,8 @@ class DataPlane:
         reporter: TelemetryReporter | None = None, default_timeout_s: float = 30.0,
         shadow_max_concurrency: int = 16, shadow_tolerance: float = 1e-4, stream_window: int = 64,
         drift_sample_rate: float = 0.0, ready: Any = None, predictions: PredictionLog | None = None,
-        kinds: ModelKinds | None = None, generation_timeout_s: float = 600.0, merge_max_in_flight: int = 2,
+        kinds: ModelKinds | None = None, generation_timeout_s: float = 600.0, merge_max_in_flight: int = 1,
+        replicas: Callable[[], int] = lambda: 1,
     ) -> None:
         self.catalog = catalog
         self.ring = ring
@@ -153,7 +154,7 @@ class DataPlane:
         # Predictions of a share of answered requests with an id, kept for Feedback.
         self.predictions = predictions
         # ModelInfer forwarding; requests to a busy target merge into one call (merging.py).
-        self.merger = Merger(self._forward_infer, max_in_flight=merge_max_in_flight)
+        self.merger = Merger(self._forward_infer, max_in_flight=merge_max_in_flight, replicas=replicas)
 
     def _timeout(self, call: CallInfo) -> float:
         return call.timeout if call.timeout is not None else self.default_timeout_s

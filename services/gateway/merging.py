@@ -7,8 +7,8 @@ holds compatible requests back for a moment and, when a call comes back, sends e
 waited in one call: their tensors' bytes concatenated along the batch dimension (up to the version's
 max batch size), the answer's outputs cut back into one answer per request, each with its own id.
 The replica batches the merged request as it batches any other. A request never waits while fewer
-than `max_in_flight` calls to its target run (a lone request goes at once, as it came), and merging
-stops at the version's max batch size. The same rule as the delegating backend's
+than `max_in_flight` calls per replica to its target run (a lone request goes at once, as it came),
+and merging stops at the version's max batch size. The same rule as the delegating backend's
 (`services/inference/triton_backend.py`).
 
 A request merges only when its answer is what the replica would have sent it alone: a tensor model
@@ -127,9 +127,12 @@ class _Target:
 class Merger:
     """Forwards ModelInfer requests, merging those to one target while `max_in_flight` calls to it run."""
 
-    def __init__(self, forward: Forward, *, max_in_flight: int = 2, max_targets: int = 10_000) -> None:
+    def __init__(self, forward: Forward, *, max_in_flight: int = 1, replicas: Callable[[], int] = lambda: 1,
+                 max_targets: int = 10_000) -> None:
         self._forward = forward
+        # Calls per target per replica (the replicas that take traffic, from `replicas`).
         self.max_in_flight = max_in_flight
+        self._replicas = replicas
         self._max_targets = max_targets
         self._targets: dict[tuple[str, str], _Target] = {}
         self._calls: set[asyncio.Task[None]] = set()
@@ -155,7 +158,7 @@ class Merger:
                 self._prune()
             state = self._targets[target] = _Target()
         queued = state.in_flight + len(state.waiting)
-        if (state.in_flight < self.max_in_flight or len(state.waiting) >= MAX_WAITING
+        if (state.in_flight < self._limit(state) or len(state.waiting) >= MAX_WAITING
                 or (plan is not None and plan.max_queue and queued >= plan.max_queue)):
             state.in_flight += 1
             try:
@@ -174,13 +177,19 @@ class Merger:
         finally:
             waiting.timer.cancel()
 
+    def _limit(self, state: _Target) -> int:
+        """Calls to one target that may run before requests to it wait: `max_in_flight` per replica."""
+        if state.in_flight < self.max_in_flight:
+            return self.max_in_flight  # below the least limit there is: no need to count replicas
+        return self.max_in_flight * max(1, self._replicas())
+
     def _prune(self) -> None:
         for key in [k for k, s in self._targets.items() if not s.in_flight and not s.waiting]:
             del self._targets[key]
 
     def _dispatch(self, target: tuple[str, str], state: _Target) -> None:
         waiting = state.waiting
-        while waiting and state.in_flight < self.max_in_flight:
+        while waiting and state.in_flight < self._limit(state):
             group: list[_Waiting] = []
             rows = 0
             while waiting:

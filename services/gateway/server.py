@@ -247,7 +247,7 @@ def create_service(settings: GatewaySettings, *, configure_process: bool = True,
         shadow_max_concurrency=settings.shadow_max_concurrency, shadow_tolerance=settings.shadow_tolerance,
         stream_window=settings.stream_window, drift_sample_rate=settings.drift_sample_rate,
         ready=lambda: service.ready(), predictions=predictions, generation_timeout_s=settings.generation_timeout_s,
-        merge_max_in_flight=settings.merge_max_in_flight,
+        merge_max_in_flight=settings.merge_max_in_flight, replicas=lambda: len(balancer.healthy()),
     )
     admin = GatewayAdmin(RegistryRecords(registry_channel), ring, catalog, encode_route, decode_route)
     # Keys are checked before any request body is read (see servicer.BodyGate).

@@ -130,11 +130,11 @@ class GatewaySettings(ServerSettings):
     shadow_tolerance: float = 1e-4
     # Requests of one ModelStreamInfer stream in flight at once; further ones wait to be read.
     stream_window: int = 64
-    # ModelInfer calls to one target (model version or alias) running at once before further requests
-    # to it wait and go merged into one call when one comes back (their rows concatenated, up to the
-    # version's max batch size; see services/gateway/merging.py). A lone request never waits. 0 forwards
-    # every request on its own.
-    merge_max_in_flight: int = 2
+    # ModelInfer calls to one target (model version or alias) per replica running at once before further
+    # requests to it wait and go merged into one call when one comes back (their rows concatenated, up
+    # to the version's max batch size; see services/gateway/merging.py). A lone request never waits.
+    # 0 forwards every request on its own.
+    merge_max_in_flight: int = 1
     # Share of successful ModelInfer requests whose inputs are sent to the monitor for drift (PSI);
     # the reporter also caps samples per model per second. 0 turns it off.
     drift_sample_rate: float = 0.01

@@ -188,6 +188,25 @@ async def test_a_lone_request_never_waits_and_groups_stop_at_the_max_batch() -> 
     await asyncio.gather(*tasks)
 
 
+async def test_the_limit_is_per_replica_taking_traffic() -> None:
+    upstream = GatedUpstream()
+    replicas = [3]
+    merger = Merger(upstream, max_in_flight=1, replicas=lambda: replicas[0])
+    tasks = [send(merger, request(1, seed)[0]) for seed in range(5)]
+    await settle()
+    assert upstream.rows == [1, 1, 1]  # one call per replica at once; the other two wait
+    replicas[0] = 1  # two replicas ejected: their calls finish, and the waiting go as one
+    upstream.release(0)
+    await settle()
+    assert upstream.rows == [1, 1, 1]  # still 2 running against a limit of 1
+    upstream.release(1)
+    upstream.release(2)
+    await settle()
+    assert upstream.rows == [1, 1, 1, 2]
+    upstream.release(3)
+    await asyncio.gather(*tasks)
+
+
 async def test_an_error_of_a_merged_call_is_each_of_its_requests_error() -> None:
     upstream = GatedUpstream()
     merger = Merger(upstream, max_in_flight=1)
