@@ -58,6 +58,12 @@ class MergePlan:
     # The version's queue bound (0: none): with this many of its requests running or waiting here,
     # a further one is forwarded as it came, for the replica's queue to take or refuse.
     max_queue: int = 0
+    # What must agree for requests to go in one call (while an alias moves, the same target may take
+    # requests checked against two versions' configs).
+    key: tuple[Any, ...] = dataclasses.field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.max_rows, tuple(self.inputs.items())))
 
     @classmethod
     def from_config(cls, config: Any) -> MergePlan | None:
@@ -134,7 +140,7 @@ class Merger:
         self.max_in_flight = max_in_flight
         self._replicas = replicas
         self._max_targets = max_targets
-        self._targets: dict[tuple[str, str], _Target] = {}
+        self._targets: dict[tuple[tuple[str, str], tuple[Any, ...]], _Target] = {}
         self._calls: set[asyncio.Task[None]] = set()
         # Calls that carried more than one request, and their requests (also exported as metrics).
         self.merged_calls = 0
@@ -152,11 +158,13 @@ class Merger:
         rows = plan.rows(request) if plan is not None and self.max_in_flight > 0 else 0
         if rows <= 0:
             return await self._forward(raw, timeout, metadata)
-        state = self._targets.get(target)
+        assert plan is not None
+        key = (target, plan.key)
+        state = self._targets.get(key)
         if state is None:
             if len(self._targets) >= self._max_targets:
                 self._prune()
-            state = self._targets[target] = _Target()
+            state = self._targets[key] = _Target()
         queued = state.in_flight + len(state.waiting)
         if (state.in_flight < self._limit(state) or len(state.waiting) >= MAX_WAITING
                 or (plan is not None and plan.max_queue and queued >= plan.max_queue)):
@@ -168,7 +176,6 @@ class Merger:
                 self._dispatch(target, state)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        assert plan is not None
         waiting = _Waiting(request, raw, rows, plan.max_rows, future, metadata)
         waiting.timer = loop.call_later(timeout, _expire, future)
         state.waiting.append(waiting)

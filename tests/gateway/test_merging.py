@@ -188,6 +188,23 @@ async def test_a_lone_request_never_waits_and_groups_stop_at_the_max_batch() -> 
     await asyncio.gather(*tasks)
 
 
+async def test_requests_checked_against_different_configs_never_share_a_call() -> None:
+    """While an alias moves, one target takes requests checked against two versions' configs."""
+    upstream = GatedUpstream()
+    merger = Merger(upstream, max_in_flight=1)
+    wider = MergePlan.from_config(config(max_batch=16))
+    assert wider is not None and PLAN is not None and wider.key != PLAN.key
+    tasks = [send(merger, request(1, 0)[0])]
+    message = request(1, 1)[0]
+    tasks.append(asyncio.ensure_future(merger.forward(
+        message, retarget(message.SerializeToString(), *TARGET), TARGET, wider, 30.0, ())))
+    await settle()
+    assert upstream.rows == [1, 1]  # each the first of its own group: both go at once
+    upstream.release(0)
+    upstream.release(1)
+    await asyncio.gather(*tasks)
+
+
 async def test_the_limit_is_per_replica_taking_traffic() -> None:
     upstream = GatedUpstream()
     replicas = [3]
