@@ -216,13 +216,25 @@ class Merger:
             task.add_done_callback(self._calls.discard)
 
     async def _call(self, target: tuple[str, str], state: _Target, group: list[_Waiting], rows: int) -> None:
+        freed = False
+
+        def free() -> None:
+            # The next group goes before this one's callers resume (they build and write their
+            # responses), so the replica is not left idle for that fan-out.
+            nonlocal freed
+            freed = True
+            state.in_flight -= 1
+            self._dispatch(target, state)
+
         try:
             loop = asyncio.get_running_loop()
             remaining = [w.timer.when() - loop.time() for w in group if w.timer is not None]
             timeout = max(0.001, max(remaining)) if remaining else 30.0
             if len(group) == 1:
                 only = group[0]
-                _settle(only.future, await self._forward(only.raw, timeout, only.metadata))
+                answer = await self._forward(only.raw, timeout, only.metadata)
+                free()
+                _settle(only.future, answer)
                 return
             merged = _merge(group, rows, target)
             self.merged_calls += 1
@@ -230,7 +242,9 @@ class Merger:
             labels = {"model": target[0].partition(":")[0]}
             self._calls_counter.add(1, labels)
             self._requests_counter.add(len(group), labels)
-            reply = pb.ModelInferResponse.FromString(await self._forward(merged, timeout, group[0].metadata))
+            raw = await self._forward(merged, timeout, group[0].metadata)
+            free()
+            reply = pb.ModelInferResponse.FromString(raw)
             for waiting, answer in zip(group, _split(reply, group, rows), strict=True):
                 _settle(waiting.future, answer)
         except BaseException as exc:
@@ -241,8 +255,8 @@ class Merger:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            state.in_flight -= 1
-            self._dispatch(target, state)
+            if not freed:
+                free()
 
 
 def _merge(group: Sequence[_Waiting], rows: int, target: tuple[str, str]) -> bytes:

@@ -205,6 +205,39 @@ async def test_requests_checked_against_different_configs_never_share_a_call() -
     await asyncio.gather(*tasks)
 
 
+async def test_the_next_group_goes_before_the_answered_group_resumes() -> None:
+    events: list[str] = []
+
+    class Recording(GatedUpstream):
+        async def __call__(self, raw: bytes, timeout: float, metadata: tuple[tuple[str, str], ...]) -> bytes:
+            events.append(f"call of {pb.ModelInferRequest.FromString(raw).inputs[0].shape[0]}")
+            return await super().__call__(raw, timeout, metadata)
+
+    upstream = Recording()
+    merger = Merger(upstream, max_in_flight=1)
+
+    async def caller(rows: int, seed: int) -> None:
+        # As a gateway handler does: awaits the merger in its own task, then answers.
+        message = request(rows, seed)[0]
+        await merger.forward(message, retarget(message.SerializeToString(), *TARGET), TARGET, PLAN, 30.0, ())
+        events.append(f"answered {seed}")
+
+    tasks = [asyncio.ensure_future(caller(1, 0))]
+    await settle()
+    tasks += [asyncio.ensure_future(caller(2, seed)) for seed in (1, 2)]
+    await settle()
+    upstream.release(0)
+    await settle()
+    tasks += [asyncio.ensure_future(caller(3, seed)) for seed in (3, 4)]
+    await settle()
+    events.clear()
+    upstream.release(1)  # the group of 1 and 2 is answered while 3 and 4 wait
+    await settle()
+    assert events[:3] == ["call of 6", "answered 1", "answered 2"], events
+    upstream.release(2)
+    await asyncio.gather(*tasks)
+
+
 async def test_the_limit_is_per_replica_taking_traffic() -> None:
     upstream = GatedUpstream()
     replicas = [3]
