@@ -337,7 +337,8 @@ def start_mlserver(python: Path, files: dict[str, Path], work: Path, threads: in
 class Aiaas:
     """Registry, inference and gateway as bench/ starts them; a delegating replica once Triton is up."""
 
-    def __init__(self, files: dict[str, Path], work: Path, threads: int, frontends: int = 0) -> None:
+    def __init__(self, files: dict[str, Path], work: Path, threads: int, frontends: int = 0,
+                 merge_max_in_flight: int | None = None) -> None:
         from tests.gateway.stack import ADMIN_TOKEN, PEPPER
         from tests.support.procs import ServiceProcess
 
@@ -360,6 +361,7 @@ class Aiaas:
         self.gateway = self._start(ServiceProcess("gateway", args=[
             "--registry-url", self.registry.address, "--inference-targets", self.inference.address,
             "--key-pepper", PEPPER, "--bootstrap-admin-key", ADMIN_TOKEN, "--grace-period-s", "2",
+            *([] if merge_max_in_flight is None else ["--merge-max-in-flight", str(merge_max_in_flight)]),
             "--log-level", "warning"]), timeout=120)
         from aiaas.gateway_client import GatewayClient
 
@@ -613,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-processes", type=int, default=max(2, available_cores()),
                         help="processes of the `gateways` column's gateway (default: one per available core, "
                              "at least 2; the `gateway` column has one)")
+    parser.add_argument("--merge-max-in-flight", type=int, default=None,
+                        help="the `gateway` column's --merge-max-in-flight (default: the gateway's own, 1)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the table (markdown); a .json beside it")
     args = parser.parse_args(argv)
     plan = dict(SHORT if args.short else FULL)
@@ -649,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                                      unavailable)
         if {"aiaas", "single", "gateway", "gateways", "unmerged", "delegating"} & set(servers):
             log("starting aiaas (registry, inference, gateway)")
-            stack = Aiaas(files, work, args.torch_threads, args.frontends)
+            stack = Aiaas(files, work, args.torch_threads, args.frontends, args.merge_max_in_flight)
             if "aiaas" in servers:
                 targets["aiaas"] = kserve("aiaas", stack.inference.address)
             if "single" in servers:
