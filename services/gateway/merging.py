@@ -155,10 +155,11 @@ class Merger:
                       timeout: float, metadata: tuple[tuple[str, str], ...]) -> bytes:
         """Forward `raw` (the parsed `request`, already retargeted) alone, or merged with others when
         `plan` says it may merge and `target` is busy; answers the response bytes for this request."""
-        rows = plan.rows(request) if plan is not None and self.max_in_flight > 0 else 0
+        if plan is None or self.max_in_flight <= 0:
+            return await self._forward(raw, timeout, metadata)
+        rows = plan.rows(request)
         if rows <= 0:
             return await self._forward(raw, timeout, metadata)
-        assert plan is not None
         key = (target, plan.key)
         state = self._targets.get(key)
         if state is None:
@@ -167,7 +168,7 @@ class Merger:
             state = self._targets[key] = _Target()
         queued = state.in_flight + len(state.waiting)
         if (state.in_flight < self._limit(state) or len(state.waiting) >= MAX_WAITING
-                or (plan is not None and plan.max_queue and queued >= plan.max_queue)):
+                or (plan.max_queue and queued >= plan.max_queue)):
             state.in_flight += 1
             try:
                 return await self._forward(raw, timeout, metadata)
