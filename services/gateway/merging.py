@@ -31,14 +31,15 @@ import asyncio
 import collections
 import dataclasses
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from opentelemetry import metrics
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
-from services.common.errors import DeadlineExceeded, Internal, Unavailable
+from services.common import merged_requests
+from services.common.errors import DeadlineExceeded, Unavailable
 from services.gateway.limits import ELEMENT_BYTES
 
 # Requests waiting to merge, per target; past it a request is forwarded on its own (never refused here).
@@ -237,7 +238,8 @@ class Merger:
                 free()
                 _settle(only.future, answer)
                 return
-            merged = _merge(group, rows, target)
+            requests = [w.request for w in group]
+            merged = merged_requests.merge(requests, rows, *target).SerializeToString()
             self.merged_calls += 1
             self.merged_requests += len(group)
             labels = {"model": target[0].partition(":")[0]}
@@ -246,8 +248,10 @@ class Merger:
             raw = await self._forward(merged, timeout, group[0].metadata)
             free()
             reply = pb.ModelInferResponse.FromString(raw)
-            for waiting, answer in zip(group, _split(reply, group, rows), strict=True):
-                _settle(waiting.future, answer)
+            answers = merged_requests.split(reply, requests, [w.rows for w in group], rows, reply.model_name,
+                                            reply.model_version, f"model '{reply.model_name}'")
+            for waiting, answer in zip(group, answers, strict=True):
+                _settle(waiting.future, answer.SerializeToString())
         except BaseException as exc:
             for waiting in group:
                 if not waiting.future.done():
@@ -258,50 +262,6 @@ class Merger:
         finally:
             if not freed:
                 free()
-
-
-def _merge(group: Sequence[_Waiting], rows: int, target: tuple[str, str]) -> bytes:
-    first = group[0].request
-    merged = pb.ModelInferRequest(model_name=target[0], model_version=target[1])
-    for index, tensor in enumerate(first.inputs):
-        merged.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=(rows, *tensor.shape[1:]))
-        name = tensor.name
-        parts = []
-        for waiting in group:
-            request = waiting.request
-            position = index if request.inputs[index].name == name else _position(request, name)
-            parts.append(request.raw_input_contents[position])
-        merged.raw_input_contents.append(b"".join(parts))
-    return merged.SerializeToString()
-
-
-def _split(reply: Any, group: Sequence[_Waiting], rows: int) -> list[bytes]:
-    raws = reply.raw_output_contents
-    if len(raws) != len(reply.outputs):
-        raise Internal(f"model '{reply.model_name}' answered {len(reply.outputs)} outputs with {len(raws)} "
-                       "raw_output_contents entries")
-    answers = [pb.ModelInferResponse(model_name=reply.model_name, model_version=reply.model_version,
-                                     id=w.request.id) for w in group]
-    for tensor, raw in zip(reply.outputs, raws, strict=True):
-        shape = tuple(tensor.shape)
-        if not shape or shape[0] != rows or len(raw) % rows:
-            raise Internal(f"model '{reply.model_name}' answered output '{tensor.name}' with shape {list(shape)} "
-                           f"and {len(raw)} bytes for a merged batch of {rows} rows")
-        row_bytes = len(raw) // rows
-        offset = 0
-        for waiting, answer in zip(group, answers, strict=True):
-            answer.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=(waiting.rows, *shape[1:]))
-            end = offset + waiting.rows * row_bytes
-            answer.raw_output_contents.append(raw[offset:end])
-            offset = end
-    return [answer.SerializeToString() for answer in answers]
-
-
-def _position(request: Any, name: str) -> int:
-    for index, tensor in enumerate(request.inputs):
-        if tensor.name == name:
-            return index
-    raise Internal(f"input '{name}' missing from a checked request")  # MergePlan.rows makes this unreachable
 
 
 def _settle(future: asyncio.Future[bytes], value: bytes) -> None:

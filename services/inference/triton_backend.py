@@ -37,6 +37,7 @@ from tritonclient.utils import InferenceServerException
 from aiaas.formats import TRITON
 from aiaas.serving import ServingConfig
 from aiaas.tensors import TensorSpec
+from services.common import merged_requests
 from services.common.datatypes import KSERVE_TO_NUMPY, array_to_raw, check_raw_size, raw_to_array
 from services.common.errors import (
     AiaasError,
@@ -401,8 +402,12 @@ class _Coalescer:
                 reply.model_version = self._lv.version_str
                 _settle(group[0].future, (reply, elapsed))
                 return
-            reply, elapsed = await self._executor.call(self._merge(group, rows), rows, timeout)
-            for waiting, answer in zip(group, self._split(reply, group, rows), strict=True):
+            requests = [w.request for w in group]
+            reply, elapsed = await self._executor.call(
+                merged_requests.merge(requests, rows, self._model, self._version), rows, timeout)
+            answers = merged_requests.split(reply, requests, [w.rows for w in group], rows, self._lv.model,
+                                            self._lv.version_str, self._executor._what)
+            for waiting, answer in zip(group, answers, strict=True):
                 _settle(waiting.future, (answer, elapsed))
         except BaseException as exc:
             for waiting in group:
@@ -414,45 +419,6 @@ class _Coalescer:
         finally:
             self._in_flight -= 1
             self._dispatch()
-
-    def _merge(self, group: list[_Waiting], rows: int) -> service_pb2.ModelInferRequest:
-        first = group[0].request
-        merged = service_pb2.ModelInferRequest(model_name=self._model, model_version=self._version)
-        for index, tensor in enumerate(first.inputs):
-            merged.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=(rows, *tensor.shape[1:]))
-            name = tensor.name
-            parts = []
-            for waiting in group:
-                request = waiting.request
-                position = index if request.inputs[index].name == name else _position(request, name)
-                parts.append(request.raw_input_contents[position])
-            merged.raw_input_contents.append(b"".join(parts))
-        return merged
-
-    def _split(self, reply: service_pb2.ModelInferResponse, group: list[_Waiting],
-               rows: int) -> list[service_pb2.ModelInferResponse]:
-        answers = [service_pb2.ModelInferResponse(model_name=self._lv.model, model_version=self._lv.version_str,
-                                                  id=w.request.id) for w in group]
-        for tensor, raw in zip(reply.outputs, reply.raw_output_contents, strict=True):
-            shape = tuple(tensor.shape)
-            if not shape or shape[0] != rows:
-                raise Internal(f"{self._executor._what} answered output '{tensor.name}' with shape {list(shape)} "
-                               f"for a batch of {rows} rows")
-            row_bytes = len(raw) // rows
-            offset = 0
-            for waiting, answer in zip(group, answers, strict=True):
-                answer.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=(waiting.rows, *shape[1:]))
-                end = offset + waiting.rows * row_bytes
-                answer.raw_output_contents.append(raw[offset:end])
-                offset = end
-        return answers
-
-
-def _position(request: service_pb2.ModelInferRequest, name: str) -> int:
-    for index, tensor in enumerate(request.inputs):
-        if tensor.name == name:
-            return index
-    raise Internal(f"input '{name}' missing from a checked request")  # check_raw_inputs makes this unreachable
 
 
 def _settle(future: asyncio.Future[Any], value: Any) -> None:
