@@ -6,10 +6,10 @@ without loading grpc servers, model runtimes or clients.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import sys
 
+from services.common import eventloop
 from services.common.errors import AiaasError
 from services.common.settings import ServerSettings, load_settings
 
@@ -27,5 +27,5 @@ def serve_main(service: str, settings_cls: type[ServerSettings], argv: list[str]
         # grpc.aio servers and channels bind to the loop they are made in: build the service inside it.
         await create_service(settings).run()
 
-    asyncio.run(serve())
+    eventloop.run(serve())
     return 0

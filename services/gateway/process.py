@@ -14,6 +14,8 @@ import logging
 import signal
 import sys
 
+from services.common import eventloop
+
 log = logging.getLogger("aiaas.gateway")
 
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m services.gateway.process INDEX  (started by the gateway, settings on stdin)",
               file=sys.stderr)
         return 2
-    return asyncio.run(serve(int(args[0])))
+    return eventloop.run(serve(int(args[0])))
 
 
 if __name__ == "__main__":

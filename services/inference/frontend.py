@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from services.common import eventloop
 from services.common.context import caller_var, request_id_var
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-receive-bytes", type=int, required=True)
     args = parser.parse_args(argv)
-    return asyncio.run(serve(args.directory, args.port, args.max_receive_bytes))
+    return eventloop.run(serve(args.directory, args.port, args.max_receive_bytes))
 
 
 if __name__ == "__main__":

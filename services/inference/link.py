@@ -28,7 +28,7 @@ import json
 import logging
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from services.common.errors import AiaasError, Internal, Unavailable, error_for_status
 
@@ -102,8 +102,8 @@ class _FramedProtocol(asyncio.Protocol, abc.ABC):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, hence no isinstance check).
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:
