@@ -1,7 +1,14 @@
 """The event loop every service process runs on: uvloop where it is installed, asyncio's own otherwise.
 
-`AIAAS_EVENT_LOOP` chooses: `auto` (default: uvloop when importable), `uvloop` (fail if it is not
-installed), `asyncio` (the standard library's loop).
+The `event_loop` setting (`--event-loop`, `AIAAS_EVENT_LOOP`) chooses: `auto` (default: uvloop when
+importable), `uvloop` (fail if it is not installed), `asyncio` (the standard library's loop). A
+service's own child processes (gateway processes, inference frontends) read `AIAAS_EVENT_LOOP`, which
+`services.common.main` sets from the parent's setting before it starts them.
+
+grpc.aio polls its completion queue on a thread of its own and wakes the loop through a file
+descriptor, so the loop carries only part of each call's work: measured (bench/bench_event_loop.py,
+docs/inference.md "Event loop"), uvloop moved the gateway's throughput a few percent and the
+inference service's not beyond noise.
 """
 
 from __future__ import annotations
@@ -14,28 +21,31 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 CHOICES = ("auto", "uvloop", "asyncio")
+ENV = "AIAAS_EVENT_LOOP"
 
 
-def loop_kind() -> str:
-    """The loop `run` will use: 'uvloop' or 'asyncio'."""
-    wanted = os.environ.get("AIAAS_EVENT_LOOP", "auto").strip().lower() or "auto"
+def loop_kind(wanted: str | None = None) -> str:
+    """The loop `run` will use for `wanted` (default: $AIAAS_EVENT_LOOP, else auto): 'uvloop' or 'asyncio'."""
+    if wanted is None:
+        wanted = os.environ.get(ENV, "auto")
+    wanted = wanted.strip().lower() or "auto"
     if wanted not in CHOICES:
-        raise ValueError(f"AIAAS_EVENT_LOOP={wanted!r}: use one of {', '.join(CHOICES)}")
+        raise ValueError(f"event loop {wanted!r}: use one of {', '.join(CHOICES)}")
     if wanted == "asyncio":
         return "asyncio"
     try:
         import uvloop  # noqa: F401
     except ImportError:
         if wanted == "uvloop":
-            raise RuntimeError("AIAAS_EVENT_LOOP=uvloop but uvloop is not installed (pip install uvloop)") from None
+            raise RuntimeError("event loop uvloop asked for, but uvloop is not installed (pip install uvloop)") from None
         return "asyncio"
     return "uvloop"
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """`asyncio.run(main)` on the loop `loop_kind()` names."""
+def run(main: Coroutine[Any, Any, T], wanted: str | None = None) -> T:
+    """`asyncio.run(main)` on the loop `loop_kind(wanted)` names."""
     try:
-        kind = loop_kind()
+        kind = loop_kind(wanted)
     except BaseException:
         main.close()  # never started: no "was never awaited" warning on top of the error
         raise

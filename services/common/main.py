@@ -7,6 +7,7 @@ without loading grpc servers, model runtimes or clients.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from services.common import eventloop
@@ -27,5 +28,7 @@ def serve_main(service: str, settings_cls: type[ServerSettings], argv: list[str]
         # grpc.aio servers and channels bind to the loop they are made in: build the service inside it.
         await create_service(settings).run()
 
-    eventloop.run(serve())
+    # Child processes (gateway processes, inference frontends) take the same loop from the environment.
+    os.environ[eventloop.ENV] = settings.event_loop
+    eventloop.run(serve(), settings.event_loop)
     return 0

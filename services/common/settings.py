@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from aiaas.identity import ClientIdentity
 from services.common.errors import InvalidArgument
+from services.common.eventloop import CHOICES as EVENT_LOOPS
+from services.common.eventloop import loop_kind
 
 T = TypeVar("T", bound="ServerSettings")
 
@@ -102,6 +104,10 @@ class ServerSettings:
     max_connection_age_ms: int = 0
     # How long calls still open at max_connection_age_ms may run before the connection closes.
     max_connection_age_grace_ms: int = 30_000
+    # The event loop: auto (uvloop where installed, else asyncio's own), uvloop (fail without it)
+    # or asyncio. The service's own child processes (gateway processes, inference frontends) run
+    # on the same one.
+    event_loop: str = "auto"
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -126,6 +132,12 @@ class ServerSettings:
                      "max_connection_age_grace_ms"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0 (0 turns it off)")
+        if self.event_loop not in EVENT_LOOPS:
+            raise InvalidArgument(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
+        try:
+            loop_kind(self.event_loop)
+        except RuntimeError as exc:
+            raise InvalidArgument(str(exc)) from None
 
 
     def client_identity(self) -> ClientIdentity:
