@@ -7,7 +7,8 @@ Three servers of `ModelInfer` on one machine, driven in turn by the side-by-side
 
 - `grpc.aio echo`: a bare grpc.aio server whose handler parses the request (as aiaas does) and
   answers a pre-built response of the tiny model's output shape: no model, no batching, no
-  telemetry. The floor of any Python grpc.aio server on this machine.
+  telemetry, on the event loop the services use (`AIAAS_EVENT_LOOP`, uvloop by default). The
+  floor of any Python grpc.aio server on this machine.
 - `grpc sync echo`: the same handler on grpc's thread-pool server (4 threads).
 - `aiaas inference`: a real replica of the tiny MLP (max batch 32, 2 ms queue delay, one instance,
   one process on the port), registry and all.
@@ -51,6 +52,8 @@ def _handlers() -> tuple[Any, Any]:
 def serve_echo(port: int, kind: str) -> None:
     import grpc
 
+    from services.common import eventloop
+
     parse, answer = _handlers()
     if kind == "aio":
         async def infer(request: Any, context: Any) -> bytes:
@@ -65,7 +68,7 @@ def serve_echo(port: int, kind: str) -> None:
             print("ready", flush=True)
             await server.wait_for_termination()
 
-        asyncio.run(main())
+        eventloop.run(main())  # the loop the services run on (uvloop by default)
         return
 
     def infer_sync(request: Any, context: Any) -> bytes:
