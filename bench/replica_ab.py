@@ -13,7 +13,6 @@ to each other. Every replica is up the whole time; the ones not being measured a
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -22,22 +21,7 @@ from typing import Any
 
 from bench import lean_client
 from bench.bench_inference import build_mlp, register
-from bench.side_by_side import MAX_BATCH, MODELS, QUEUE_DELAY_US
-
-
-def busy_cores(seconds: float = 0.5) -> float:
-    """Cores busy over `seconds`, from /proc/stat (what else the machine is doing before a run)."""
-    import time
-
-    def read() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]
-
-    total0, idle0 = read()
-    time.sleep(seconds)
-    total1, idle1 = read()
-    elapsed = (total1 - total0) or 1
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / elapsed)
+from bench.side_by_side import MAX_BATCH, MODELS, QUEUE_DELAY_US, busy_cores
 
 
 def compare(variants: Mapping[str, Mapping[str, str]], *, threads: int = 2, levels: Sequence[int] = (1, 16, 64),
