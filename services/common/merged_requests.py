@@ -6,11 +6,13 @@ busy (the gateway's `services/gateway/merging.py`, the delegating backend's
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from tritonclient.grpc import service_pb2 as pb
 
-from services.common.errors import Internal
+from services.common.errors import DeadlineExceeded, Internal
 
 
 def merge(requests: Sequence[pb.ModelInferRequest], rows: int, model_name: str,
@@ -57,3 +59,15 @@ def _position(request: pb.ModelInferRequest, name: str) -> int:
         if tensor.name == name:
             return index
     raise Internal(f"input '{name}' missing from a checked request")  # the callers' checks make this unreachable
+
+
+def settle(future: asyncio.Future[Any], value: Any) -> None:
+    """Answer a waiting request's future, unless it already ended (cancelled, expired)."""
+    if not future.done():
+        future.set_result(value)
+
+
+def expire(future: asyncio.Future[Any], where: str) -> None:
+    """A waiting request's deadline passed (`where`: while it waited for what)."""
+    if not future.done():
+        future.set_exception(DeadlineExceeded(f"Deadline Exceeded: the request's deadline passed {where}"))

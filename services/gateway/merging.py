@@ -39,11 +39,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from services.common import merged_requests
-from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.errors import Unavailable
 from services.gateway.limits import ELEMENT_BYTES
 
 # Requests waiting to merge, per target; past it a request is forwarded on its own (never refused here).
 MAX_WAITING = 4096
+# How an expired waiting request is told: "the request's deadline passed <this>".
+_WAITED = "while it waited to be forwarded"
 
 # Forwards serialized ModelInfer bytes with (timeout seconds, metadata); answers the response bytes.
 Forward = Callable[[bytes, float, tuple[tuple[str, str], ...]], Awaitable[bytes]]
@@ -179,7 +181,7 @@ class Merger:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         waiting = _Waiting(request, raw, rows, plan.max_rows, future, metadata)
-        waiting.timer = loop.call_later(timeout, _expire, future)
+        waiting.timer = loop.call_later(timeout, merged_requests.expire, future, _WAITED)
         state.waiting.append(waiting)
         try:
             return await future
@@ -236,7 +238,7 @@ class Merger:
                 only = group[0]
                 answer = await self._forward(only.raw, timeout, only.metadata)
                 free()
-                _settle(only.future, answer)
+                merged_requests.settle(only.future, answer)
                 return
             requests = [w.request for w in group]
             merged = merged_requests.merge(requests, rows, *target).SerializeToString()
@@ -251,7 +253,7 @@ class Merger:
             answers = merged_requests.split(reply, requests, [w.rows for w in group], rows, reply.model_name,
                                             reply.model_version, f"model '{reply.model_name}'")
             for waiting, answer in zip(group, answers, strict=True):
-                _settle(waiting.future, answer.SerializeToString())
+                merged_requests.settle(waiting.future, answer.SerializeToString())
         except BaseException as exc:
             for waiting in group:
                 if not waiting.future.done():
@@ -263,13 +265,3 @@ class Merger:
             if not freed:
                 free()
 
-
-def _settle(future: asyncio.Future[bytes], value: bytes) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _expire(future: asyncio.Future[bytes]) -> None:
-    if not future.done():
-        future.set_exception(DeadlineExceeded("Deadline Exceeded: the request's deadline passed while it waited "
-                                              "to be forwarded"))

@@ -41,7 +41,6 @@ from services.common import merged_requests
 from services.common.datatypes import KSERVE_TO_NUMPY, array_to_raw, check_raw_size, raw_to_array
 from services.common.errors import (
     AiaasError,
-    DeadlineExceeded,
     Internal,
     InvalidArgument,
     NotFound,
@@ -59,6 +58,8 @@ DEFAULT_MAX_IN_FLIGHT = 2
 MAX_IN_FLIGHT_LIMIT = 64
 # Requests one delegated model may hold waiting to be merged before it refuses more (RESOURCE_EXHAUSTED).
 MAX_WAITING = 4096
+# How an expired waiting request is told: "the request's deadline passed <this>".
+_WAITED = "before the remote model answered"
 
 
 class _Channel:
@@ -354,7 +355,7 @@ class _Coalescer:
         future: asyncio.Future[tuple[service_pb2.ModelInferResponse, int]] = loop.create_future()
         waiting = _Waiting(request, rows, future, None if remaining_s is None else loop.time() + remaining_s)
         if remaining_s is not None:
-            waiting.timer = loop.call_later(remaining_s, _expire, future)
+            waiting.timer = loop.call_later(remaining_s, merged_requests.expire, future, _WAITED)
         self._waiting.append(waiting)
         self._dispatch()
         try:
@@ -400,7 +401,7 @@ class _Coalescer:
                     request.model_name, request.model_version = name, version
                 reply.model_name = self._lv.model
                 reply.model_version = self._lv.version_str
-                _settle(group[0].future, (reply, elapsed))
+                merged_requests.settle(group[0].future, (reply, elapsed))
                 return
             requests = [w.request for w in group]
             reply, elapsed = await self._executor.call(
@@ -408,7 +409,7 @@ class _Coalescer:
             answers = merged_requests.split(reply, requests, [w.rows for w in group], rows, self._lv.model,
                                             self._lv.version_str, self._executor._what)
             for waiting, answer in zip(group, answers, strict=True):
-                _settle(waiting.future, (answer, elapsed))
+                merged_requests.settle(waiting.future, (answer, elapsed))
         except BaseException as exc:
             for waiting in group:
                 if not waiting.future.done():
@@ -419,17 +420,6 @@ class _Coalescer:
         finally:
             self._in_flight -= 1
             self._dispatch()
-
-
-def _settle(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(DeadlineExceeded("Deadline Exceeded: the request's deadline passed before the remote "
-                                              "model answered"))
 
 
 def _check_reply(reply: service_pb2.ModelInferResponse, what: str) -> None:
