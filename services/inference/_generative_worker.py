@@ -5,10 +5,11 @@ Runs after the sandbox is applied, in the worker's fresh interpreter: loads the 
 only), builds a `GenerativeEngine` within the version's KV budget, and serves several requests at
 once: the main thread reads the service's messages, the engine thread steps and sends chunks.
 
-Messages in (pickled by the service):
-              ("generate", {"request": GenerationRequest.to_message(), "messages": [...] | None})
-              ("cancel", request_id)
-              ("stop", grace_s)
+Messages in (JSON, `_worker_replies.read_message`; nothing on this wire is pickled either way):
+              the config (a dict), then
+              ["generate", {"request": GenerationRequest.to_message(), "messages": [...] | None}]
+              ["cancel", request_id]
+              ["stop", grace_s]
 Messages out (JSON, one list each; the service checks every field, see `generative_workers`):
               ["ready", pid, sandbox_report] | ["error", code, message]      after loading
               ["chunks", [{...}, ...]]          the engine chunks of one step, in order (see `_wire_chunk`);
@@ -24,7 +25,14 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from services.inference import sandbox
-from services.inference._worker_replies import MAX_ERROR_CHARS, MAX_TEXT_CHARS, ChunkBatch, Sender, us
+from services.inference._worker_replies import (
+    MAX_ERROR_CHARS,
+    MAX_TEXT_CHARS,
+    ChunkBatch,
+    Sender,
+    read_message,
+    us,
+)
 
 
 def serve(conn: Connection, config: dict[str, Any], report: sandbox.SandboxReport) -> None:
@@ -77,8 +85,8 @@ def _read_loop(conn: Connection, engine: Any, sender: Sender, batch: ChunkBatch)
     tokenizer_lock = threading.Lock()
     while True:
         try:
-            message = conn.recv()
-        except (EOFError, OSError):
+            message = read_message(conn)
+        except (EOFError, OSError, ValueError):
             return 0.0
         kind = message[0]
         if kind == "cancel":

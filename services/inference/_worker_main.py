@@ -14,10 +14,11 @@ the service for a bigger output slab and waits for it.
 A generative model (format hf_causal_lm) is served by `_generative_worker` instead, with several
 requests in flight and JSON chunks back.
 
-Messages in (pickled by the service):
-              ("run", in_slab, out_slab, input_metas, fresh_slab_names) + their descriptors
-              ("out", name) + its descriptor | ("refuse", message)     answers ("grow", nbytes)
-              ("stop",)
+Messages in (JSON, `_worker_replies.read_message`: nothing on this wire is pickled either way):
+              the config (a dict), then
+              ["run", in_slab, out_slab, input_metas, fresh_slab_names] + their descriptors
+              ["out", name] + its descriptor | ["refuse", message]     answers ["grow", nbytes]
+              ["stop"]
 Messages out (JSON: the service never unpickles what a worker running model code sends):
               ["ready", pid, sandbox_report] | ["error", code, message]      after loading
               ["grow", nbytes]
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 # The package itself is light (its names load lazily); the sandbox lets the worker read it.
 import aiaas  # noqa: F401
 from services.inference import sandbox
+from services.inference._worker_replies import read_message
 
 if TYPE_CHECKING:
     from aiaas.runtime import LoadedModel, TensorSig
@@ -108,8 +110,8 @@ def worker_main(conn: Connection, config: dict[str, Any], report: sandbox.Sandbo
         model = load_model(
             path,
             config["format"],
-            tuple(TensorSig(*spec) for spec in config["inputs"]),
-            tuple(TensorSig(*spec) for spec in config["outputs"]),
+            tuple(TensorSig(name, datatype, tuple(shape)) for name, datatype, shape in config["inputs"]),
+            tuple(TensorSig(name, datatype, tuple(shape)) for name, datatype, shape in config["outputs"]),
             device=config["device"],
             threads=config["threads"],
         )
@@ -134,14 +136,14 @@ def _serve(conn: Connection, model: LoadedModel) -> None:
     slabs: dict[str, MappedSlab] = {}  # the current input and output slabs, by name
     while True:
         try:
-            message = conn.recv()
+            message = read_message(conn)
             if message[0] != "run":
                 return
             _, in_name, out_name, metas, fresh = message
             for name, fd in zip(fresh, receive_fds(sock, len(fresh)) if fresh else [], strict=True):
                 slabs[name] = MappedSlab(name, fd)
             _keep(slabs, (in_name, out_name))
-        except (EOFError, OSError):
+        except (EOFError, OSError, ValueError):
             return  # the service went away
         try:
             outputs, in_ns, infer_ns, out_ns = model.run(views(slabs[in_name].buf, metas))
@@ -175,14 +177,14 @@ def _bigger_out_slab(conn: Connection, sock: socket.socket, slabs: dict[str, Map
 
     try:
         reply(conn, "grow", nbytes)
-        answer = conn.recv()
+        answer = read_message(conn)
         if answer[0] == "refuse":
             raise ResourceExhausted(answer[1])
         if answer[0] != "out":
             return ""
         name = answer[1]
         slabs[name] = MappedSlab(name, receive_fds(sock, 1)[0])
-    except (EOFError, OSError):
+    except (EOFError, OSError, ValueError):
         return ""
     slabs.pop(old).close()
     return str(name)
@@ -192,9 +194,10 @@ def main() -> None:
     # The service owns shutdown; Ctrl-C in a terminal must not kill workers under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(int(sys.argv[1]))
-    config = conn.recv()
+    config = read_message(conn)
     try:
-        report = sandbox.apply(sandbox.SandboxPolicy(**config["sandbox"]))
+        policy = dict(config["sandbox"], readable=tuple(config["sandbox"].get("readable") or ()))
+        report = sandbox.apply(sandbox.SandboxPolicy(**policy))
     except sandbox.SandboxRefused as exc:
         reply(conn, "error", "failed_precondition", str(exc))
         return

@@ -1,6 +1,10 @@
-"""What a generative worker writes to the service, for both engines' workers (`_generative_worker`,
-`_vllm_worker`): JSON lists, one per message, and the chunks of one round batched into one
-`["chunks", [...]]` message cut below the service's read limit (`generative_workers`).
+"""The wire between the service and its model workers, both ways: one JSON value per message.
+
+Nothing on it is pickled, in either direction: the service reads a worker's messages as JSON
+(bounded, shape-checked: `workers._read_reply`, `generative_workers`), and a worker reads the
+service's the same way (`send_message` / `read_message`), so no unpickler runs in a process that
+holds model code. A generative worker (`_generative_worker`, `_vllm_worker`) sends the chunks of
+one round batched into one `["chunks", [...]]` message cut below the service's read limit.
 
 Standard library only: the vLLM worker imports this under an interpreter that has none of aiaas's
 dependencies.
@@ -13,12 +17,26 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
+# The most a worker reads of one message from the service (a config, a run or a generate request).
+MAX_MESSAGE_BYTES = 16 * 2**20
+
 # Bounds a worker keeps itself to, so that its messages stay under the service's reply limit.
 MAX_TEXT_CHARS = 64 * 1024
 MAX_ERROR_CHARS = 2000
 # A "chunks" message is cut before it passes this many bytes (the service reads at most 1 MiB); one
 # chunk alone stays within it (64 Ki characters, at most 12 bytes each in ASCII-escaped JSON).
 MAX_BATCH_BYTES = 768 * 1024
+
+
+def send_message(conn: Connection, message: Any) -> None:
+    """One message to the other end: a JSON value (tuples go as lists)."""
+    conn.send_bytes(json.dumps(message).encode())
+
+
+def read_message(conn: Connection) -> Any:
+    """The next message from the service, as JSON: never unpickled. EOFError when the service is
+    gone, OSError when it sent something over `MAX_MESSAGE_BYTES`, ValueError when not JSON."""
+    return json.loads(conn.recv_bytes(MAX_MESSAGE_BYTES))
 
 
 class Sender:

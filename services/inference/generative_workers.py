@@ -35,6 +35,7 @@ from aiaas import manifest
 from services.common.cpus import available_cores
 from services.common.errors import AiaasError, FailedPrecondition, Internal, Unavailable
 from services.inference._worker_main import WorkerConfig
+from services.inference._worker_replies import send_message
 from services.inference.entities import VersionSpec
 from services.inference.sandbox import SandboxReport
 from services.inference.settings import InferenceSettings
@@ -187,7 +188,7 @@ class _GenWorker:
         finally:
             child_sock.close()
         self.conn = Connection(parent_sock.detach())
-        self.conn.send(self.pool.config.message())
+        send_message(self.conn, self.pool.config.message())
         self.end_reason = ""
         self._ready = loop.create_future()
         loop.add_reader(self.conn.fileno(), self._on_readable)
@@ -258,7 +259,7 @@ class _GenWorker:
             raise Unavailable(f"model worker for {self.pool.name} is gone; retry")
         stream = _Stream()
         try:
-            self.conn.send(("generate", message))
+            send_message(self.conn, ("generate", message))
         except OSError:
             raise Unavailable(f"model worker for {self.pool.name} is gone; retry") from None
         self.streams[request_id] = stream
@@ -270,7 +271,7 @@ class _GenWorker:
         self.pool._changed()
         if self.alive and self.conn is not None:
             with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("cancel", request_id))
+                send_message(self.conn, ("cancel", request_id))
 
     def fail_in_flight(self, error: AiaasError) -> None:
         streams, self.streams = self.streams, {}
@@ -311,7 +312,7 @@ class _GenWorker:
     async def stop(self, grace_s: float) -> None:
         if self.conn is not None and self.alive:
             with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("stop", grace_s))
+                send_message(self.conn, ("stop", grace_s))
         self.alive = False
         self.fail_in_flight(Unavailable(f"model {self.pool.name} is unloading; retry"))
         await self._reap(timeout_s=grace_s + 5.0)

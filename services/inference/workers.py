@@ -52,6 +52,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.inference._worker_main import WorkerConfig
+from services.inference._worker_replies import send_message
 from services.inference.batcher import BatchResult
 from services.inference.sandbox import SandboxPolicy, SandboxReport
 from services.inference.shm import Packed, Slab, copies, send_fds
@@ -200,7 +201,7 @@ class _Worker:
         finally:
             child_sock.close()
         self.conn = Connection(parent_sock.detach())
-        self.conn.send(self.pool.worker_config.message())
+        send_message(self.conn, self.pool.worker_config.message())
         self.mapped = set()
         self.end_reason = ""
         self.waiter = loop.create_future()
@@ -262,11 +263,11 @@ class _Worker:
         assert self.conn is not None
         if nbytes > _MAX_OUT_SLAB_BYTES:
             limit = f"over the {_MAX_OUT_SLAB_BYTES} byte limit of one response"
-            self.conn.send(("refuse", f"model {self.pool.name} produced {nbytes} bytes of outputs, {limit}"))
+            send_message(self.conn, ("refuse", f"model {self.pool.name} produced {nbytes} bytes of outputs, {limit}"))
             return
         old, self.out_slab = self.out_slab, Slab.create(max(nbytes, 2 * self.out_slab.size))
         old.close()
-        self.conn.send(("out", self.out_slab.name))
+        send_message(self.conn, ("out", self.out_slab.name))
         send_fds(self.conn, [self.out_slab.fd])
         self.mapped = {self.in_slab.name, self.out_slab.name}
 
@@ -343,7 +344,7 @@ class _Worker:
             if self.conn is None:
                 raise OSError("no pipe")
             fresh_names = tuple(slab.name for slab in fresh)
-            self.conn.send(("run", self.in_slab.name, self.out_slab.name, metas, fresh_names))
+            send_message(self.conn, ("run", self.in_slab.name, self.out_slab.name, metas, fresh_names))
             if fresh:
                 send_fds(self.conn, [slab.fd for slab in fresh])
         except OSError:
@@ -375,7 +376,7 @@ class _Worker:
     async def stop(self) -> None:
         if self.conn is not None and self.alive:
             with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("stop",))
+                send_message(self.conn, ("stop",))
         self.alive = False
         await self._reap()
 

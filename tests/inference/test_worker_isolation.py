@@ -10,6 +10,7 @@ import asyncio
 import ctypes
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import socket
@@ -26,8 +27,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
+from aiaas.runtime import signature_of
 from services.common.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from services.inference import landlock, sandbox, workers
+from services.inference._worker_main import WorkerConfig
+from services.inference._worker_replies import send_message
 from services.inference.shm import TensorMeta, copies
 from services.inference.workers import WORKER_SPIN_COUNT, WorkerPool, _worker_env
 from tests.inference.conftest import Registry, inference_args, start_inference
@@ -334,6 +338,36 @@ def test_the_service_never_unpickles_what_a_worker_sends(tmp_path: Path) -> None
         os.write(worker_end.fileno(), struct.pack("!i", 2 << 20))  # a 2 MiB message announced: not read
         with pytest.raises(OSError, match="bad message length"):
             workers._read_reply(service_end)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("first", ["config", "run"])
+def test_a_worker_never_unpickles_what_it_is_sent(tmp_path: Path, first: str) -> None:
+    """The wire into a worker is JSON too: a pickle arriving as its config, or after a good config
+    as a batch, is refused (the worker ends) and nothing in it runs."""
+    marker = tmp_path / "code-ran"
+    model = write_mlp(tmp_path, "torchscript", (4, 3))
+    service_end, worker_end = socket.socketpair()
+    env = _worker_env(False)
+    worker = subprocess.Popen([sys.executable, "-m", "services.inference._worker_main", str(worker_end.fileno())],
+                              pass_fds=(worker_end.fileno(),), stdin=subprocess.DEVNULL, env=env,
+                              stderr=subprocess.PIPE)
+    worker_end.close()
+    with multiprocessing.connection.Connection(service_end.detach()) as conn:
+        try:
+            if first == "run":
+                config = WorkerConfig(artifact_path=str(model.path), format=model.format,
+                                      inputs=signature_of(model.inputs), outputs=signature_of(model.outputs),
+                                      device="cpu", threads=1, sandbox=sandbox.SandboxPolicy(mode="off"))
+                send_message(conn, config.message())
+                assert json.loads(conn.recv_bytes())[0] == "ready"
+            conn.send(("run", _Payload(marker)) if first == "run" else {"sandbox": _Payload(marker)})  # pickles
+            code = worker.wait(timeout=60)  # it ends: a refused message is the end of its service
+            assert code != 0 if first == "config" else code == 0
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait(timeout=30)
     assert not marker.exists()
 
 

@@ -185,8 +185,10 @@ def test_the_registry_refuses_attacks_at_upload_and_stores_nothing(registry: Run
 
 
 # Calls that deserialize with code execution; allowed only where the artifact gate has checked the bytes.
+# `.recv()` with no argument is multiprocessing's Connection.recv, which unpickles (the pipes between
+# the service and its workers carry JSON both ways: `recv_bytes` and json).
 _DANGEROUS = re.compile(r"pickle\.loads?\(|torch\.load\(|weights_only\s*=\s*False|torch\.export\.load\(|"
-                        r"torch\.jit\.load\(|_pickle_load_obj|dill\.|joblib\.load")
+                        r"torch\.jit\.load\(|_pickle_load_obj|dill\.|joblib\.load|\.recv\(\)")
 _GATED = {
     # torch.jit.load runs after check_artifact has scanned the archive's code (see load_torchscript).
     ("aiaas/artifact_gate.py", "torch.jit.load("),
