@@ -83,23 +83,6 @@ def serve_echo(port: int, kind: str) -> None:
     server.wait_for_termination()
 
 
-def _cpu_seconds(pid: int) -> float:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
 
 def main(argv: list[str] | None = None) -> int:
     from bench.bench_inference import build_mlp, register
@@ -157,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                     address, pid = servers[label]
                     target = lean_client.Target(label, address, "tiny", MODELS["tiny"][0])
                     asyncio.run(lean_client.run(target, level, 300, connections=8, cap_s=1.0, warmup=50))
-                    before = _cpu_seconds(pid)
+                    before = lean_client.tree_cpu_seconds([pid])
                     out = asyncio.run(lean_client.run(target, level, args.requests, connections=8,
                                                       cap_s=args.seconds))
-                    spent = _cpu_seconds(pid) - before
+                    spent = lean_client.tree_cpu_seconds([pid]) - before
                     if out["errors"]:
                         raise RuntimeError(f"{label}: {out['error_samples'][:1]}")
                     runs[label].append((out["rps"], out["p50_ms"], 1e6 * spent / max(1, out["ok"])))

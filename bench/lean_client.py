@@ -111,6 +111,27 @@ def cpu_seconds() -> float:
     return times.user + times.system
 
 
+def tree_cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) of these processes and everything under them, as /proc has it now:
+    a server's whole cost, its worker, frontend and helper processes included."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+    return total
+
+
 async def _closed_loop(call: Callable[[int], Awaitable[Any]], n: int, concurrency: int,
                        deadline: float) -> tuple[list[float | None], list[str]]:
     counter = itertools.count()
@@ -144,10 +165,11 @@ async def check(target: Target, x: np.ndarray) -> np.ndarray:
 
 
 async def run(target: Target, concurrency: int, n: int, *, warmup: int = 200, cap_s: float = 20.0,
-              connections: int = 1) -> dict[str, Any]:
+              connections: int = 1, server_pids: Sequence[int] = ()) -> dict[str, Any]:
     """`n` single-row requests from `concurrency` closed-loop callers (after `warmup` unmeasured ones),
     spread in turn over `connections` TCP connections (a fleet of clients opens many; a server that
-    accepts on several cores gets each connection on one of them)."""
+    accepts on several cores gets each connection on one of them). With `server_pids`, the servers'
+    CPU over the measured window (their process trees, /proc) is reported per answered request."""
     rng = np.random.default_rng(0)
     payloads = [target.request(rng.standard_normal((1, target.features), dtype=np.float32))
                 for _ in range(DISTINCT_REQUESTS)]
@@ -164,9 +186,11 @@ async def run(target: Target, concurrency: int, n: int, *, warmup: int = 200, ca
                 raise RuntimeError("empty answer")
 
         await _closed_loop(call, warmup, concurrency, time.perf_counter() + cap_s)
+        server0 = tree_cpu_seconds(server_pids) if server_pids else 0.0
         cpu0, started = cpu_seconds(), time.perf_counter()
         latencies, errors = await _closed_loop(call, n, concurrency, started + cap_s)
         wall, cpu1 = time.perf_counter() - started, cpu_seconds()
+        server_s = tree_cpu_seconds(server_pids) - server0 if server_pids else None
     finally:
         for channel in channels:
             await channel.close()
@@ -177,4 +201,6 @@ async def run(target: Target, concurrency: int, n: int, *, warmup: int = 200, ca
 
     return {"label": target.label, "model": target.model, "concurrency": concurrency, "ok": len(ok),
             "rps": len(ok) / wall, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "errors": len(latencies) - len(ok),
-            "error_samples": errors, "client_cores": (cpu1 - cpu0) / wall, "connections": count}
+            "error_samples": errors, "client_cores": (cpu1 - cpu0) / wall, "connections": count,
+            "server_cpu_us": server_s / len(ok) * 1e6 if server_s is not None and ok else None,
+            "server_cores": server_s / wall if server_s is not None else None}

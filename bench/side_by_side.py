@@ -435,8 +435,9 @@ PEER_START = {"triton": ("pytriton", start_pytriton), "torchserve": ("torchserve
 
 def start_peers(servers: list[str], cache: Path, files: dict[str, Path], work: Path, threads: int,
                 processes: list[Process], targets: dict[str, dict[str, lean_client.Target]], versions: dict[str, str],
-                unavailable: dict[str, str]) -> str:
-    """Install (or reuse) and start the peers asked for; returns Triton's address ("" without it)."""
+                unavailable: dict[str, str], pids: dict[str, list[int]]) -> str:
+    """Install (or reuse) and start the peers asked for; returns Triton's address ("" without it).
+    `pids` gets each started peer's process (its tree is the server's CPU)."""
     triton_address = ""
     for label in ("triton", "torchserve", "mlserver"):
         if label not in servers and not (label == "triton" and "delegating" in servers):
@@ -452,6 +453,7 @@ def start_peers(servers: list[str], cache: Path, files: dict[str, Path], work: P
             log(f"{label} not available: {exc}")
             continue
         processes.append(process)
+        pids[label] = [process.proc.pid]
         if label == "triton":
             triton_address = address
         if label in servers:
@@ -498,7 +500,9 @@ def requests_at(level: int, plan: dict[str, Any]) -> int:
 
 
 def measure(targets: dict[str, dict[str, lean_client.Target]], models: list[str], levels: list[int],
-            plan: dict[str, Any], connections: int = 1) -> list[dict[str, Any]]:
+            plan: dict[str, Any], connections: int = 1, pids: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
+    """Each point's runs alternate the servers; a row holds the median run's figures, and the
+    median of the server CPU per request over the runs (the server's processes; `pids`)."""
     rows = []
     labels = list(targets)
     for name in models:
@@ -512,7 +516,8 @@ def measure(targets: dict[str, dict[str, lean_client.Target]], models: list[str]
                     load0 = os.getloadavg()[0]
                     result = asyncio.run(lean_client.run(targets[label][name], level, requests,
                                                          warmup=plan["warmup"], cap_s=plan["cap_s"],
-                                                         connections=min(connections, level)))
+                                                         connections=min(connections, level),
+                                                         server_pids=(pids or {}).get(label, ())))
                     result.update(busy_before=before, load_before=load0, load_after=os.getloadavg()[0],
                                   rep=rep + 1, label=label)
                     runs[label].append(result)
@@ -522,10 +527,13 @@ def measure(targets: dict[str, dict[str, lean_client.Target]], models: list[str]
             for label, results in runs.items():
                 ordered = sorted(results, key=lambda r: r["rps"])
                 median = ordered[len(ordered) // 2]
+                cpu = sorted(r["server_cpu_us"] for r in results if r.get("server_cpu_us") is not None)
                 rows.append({
                     "model": name, "concurrency": level, "label": label, "rps": median["rps"],
                     "rps_min": ordered[0]["rps"], "rps_max": ordered[-1]["rps"], "p50_ms": median["p50_ms"],
                     "p99_ms": median["p99_ms"], "errors": sum(r["errors"] for r in results),
+                    "server_cpu_us": cpu[len(cpu) // 2] if cpu else None,
+                    "client_cores": median["client_cores"],
                     "error_samples": [s for r in results for s in r["error_samples"]][:3],
                     "busy_runs": sum(r["busy_before"] > BUSY_CORES for r in results), "runs": len(results),
                     "max_busy_before": max(r["busy_before"] for r in results)})
@@ -585,6 +593,18 @@ def render(rows: list[dict[str, Any]], headings: dict[str, str], info: dict[str,
                      f"{ratio('aiaas', 'single', model, level)} | {ratio('gateway', 'aiaas', model, level, True)} | "
                      f"{ratio('gateways', 'gateway', model, level)} | {ratio('gateway', 'unmerged', model, level)} | "
                      f"{ratio('delegating', 'triton', model, level, True)} |")
+    if any(r.get("server_cpu_us") is not None for r in rows):
+        lines += ["", ("Server CPU per answered request, µs (user + system of the server's processes, all of them, "
+                       "over the measured window, from /proc; median of the runs). Through the gateway: the gateway "
+                       "and the inference replica together; delegating: the aiaas replica and Triton together. "
+                       "The client's own CPU is not in it."),
+                  "", "| model | c | " + " | ".join(headings[label] for label in labels) + " |",
+                  "|---|---|" + "---|" * len(labels)]
+        for model, level in points:
+            cpus_at = [cell.get((model, level, label)) for label in labels]
+            lines.append(f"| {model} | {level} | " + " | ".join(
+                "-" if row is None or row.get("server_cpu_us") is None else f"{row['server_cpu_us']:,.0f}"
+                for row in cpus_at) + " |")
     if info["unavailable"]:
         lines += ["", "Not in this run:"]
         lines += [f"- {label}: {reason}" for label, reason in info["unavailable"].items()]
@@ -649,37 +669,45 @@ def main(argv: list[str] | None = None) -> int:
         return {m: lean_client.Target(label, address, m, MODELS[m][0], metadata=metadata) for m in models}
 
     try:
+        pids: dict[str, list[int]] = {}
         triton_address = start_peers(servers, cache, files, work, args.torch_threads, processes, targets, versions,
-                                     unavailable)
+                                     unavailable, pids)
         if {"aiaas", "single", "gateway", "gateways", "unmerged", "delegating"} & set(servers):
             log("starting aiaas (registry, inference, gateway)")
             stack = Aiaas(files, work, args.torch_threads, args.frontends, args.merge_max_in_flight)
+            inference_pid = stack.inference.proc.pid
+            pids["aiaas"] = [inference_pid]
             if "aiaas" in servers:
                 targets["aiaas"] = kserve("aiaas", stack.inference.address)
             if "single" in servers:
                 stack.start_single(models)
                 targets["single"] = kserve("single", stack.single.address)
+                pids["single"] = [stack.single.proc.pid]
+            pids["gateway"] = [stack.gateway.proc.pid, inference_pid]
             if "gateway" in servers:
                 targets["gateway"] = kserve("gateway", stack.gateway.address,
                                             (("authorization", f"Bearer {stack.token}"),))
             if "gateways" in servers:
                 stack.start_gateways(args.gateway_processes)
                 versions["gateways"] = str(args.gateway_processes)
+                pids["gateways"] = [stack.gateways.proc.pid, inference_pid]
                 targets["gateways"] = kserve("gateways", stack.gateways.address,
                                              (("authorization", f"Bearer {stack.token}"),))
             if "unmerged" in servers:
                 stack.start_unmerged()
+                pids["unmerged"] = [stack.unmerged.proc.pid, inference_pid]
                 targets["unmerged"] = kserve("unmerged", stack.unmerged.address,
                                              (("authorization", f"Bearer {stack.token}"),))
             if "delegating" in servers:
                 if triton_address:
                     stack.start_delegating(triton_address, models, args.max_in_flight)
                     targets["delegating"] = kserve("delegating", stack.delegating.address)
+                    pids["delegating"] = [stack.delegating.proc.pid, *pids.get("triton", [])]
                 else:
                     unavailable["delegating"] = "needs the Triton peer, which is not available"
         check_answers(targets, files, wrong)
         ordered = {label: targets[label] for label in COLUMNS if label in targets}
-        rows = measure(ordered, models, levels, plan, args.connections) if ordered else []
+        rows = measure(ordered, models, levels, plan, args.connections, pids) if ordered else []
     finally:
         if stack is not None:
             stack.stop()
