@@ -58,15 +58,15 @@ def compare(variants: Mapping[str, Mapping[str, str]], *, threads: int = 2, leve
             if "gateway" in doors:
                 from aiaas.gateway_client import GatewayClient
 
-                door = ServiceProcess("gateway", args=[
+                gateway = ServiceProcess("gateway", args=[
                     "--registry-url", registry.address, "--inference-targets", replica.address,
                     "--key-pepper", PEPPER, "--bootstrap-admin-key", ADMIN_TOKEN, "--grace-period-s", "2",
                     "--log-level", "warning"], env=dict(env))
-                started.append(door.start(timeout=120))
-                with GatewayClient(door.address, api_key=ADMIN_TOKEN) as admin:
+                started.append(gateway.start(timeout=120))
+                with GatewayClient(gateway.address, api_key=ADMIN_TOKEN) as admin:
                     _, token = admin.create_key("bench", models=list(files), roles=["infer"])
                 auth = (("authorization", f"Bearer {token}"),)
-                targets["gateway"][label] = {m: lean_client.Target(label, door.address, m, MODELS[m][0],
+                targets["gateway"][label] = {m: lean_client.Target(label, gateway.address, m, MODELS[m][0],
                                                                    metadata=auth) for m in files}
         print(f"{title}: {threads} torch threads, {frontends} process(es) per replica, medians of {reps} "
               f"alternating runs, req/s (p50 ms); * a run started with the machine > 0.5 cores busy\n")
