@@ -17,7 +17,9 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-# The most a worker reads of one message from the service (a config, a run or a generate request).
+# The most a worker reads of one message from the service (a config, a run or a generate request:
+# a generate request's prompt or messages are at most 1 MiB, 6 MiB once JSON-escaped). The service
+# refuses to send more, so an oversized message never reaches the pipe (whose framing it would break).
 MAX_MESSAGE_BYTES = 16 * 2**20
 
 # Bounds a worker keeps itself to, so that its messages stay under the service's reply limit.
@@ -29,8 +31,12 @@ MAX_BATCH_BYTES = 768 * 1024
 
 
 def send_message(conn: Connection, message: Any) -> None:
-    """One message to the other end: a JSON value (tuples go as lists)."""
-    conn.send_bytes(json.dumps(message).encode())
+    """One message to a worker: a JSON value (tuples go as lists). ValueError, with nothing sent,
+    when it is over `MAX_MESSAGE_BYTES`."""
+    data = json.dumps(message).encode()
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"a message of {len(data)} bytes is over the worker pipe's limit of {MAX_MESSAGE_BYTES}")
+    conn.send_bytes(data)
 
 
 def read_message(conn: Connection) -> Any:

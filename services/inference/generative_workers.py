@@ -33,7 +33,7 @@ import numpy as np
 
 from aiaas import manifest
 from services.common.cpus import available_cores
-from services.common.errors import AiaasError, FailedPrecondition, Internal, Unavailable
+from services.common.errors import AiaasError, FailedPrecondition, Internal, InvalidArgument, Unavailable
 from services.inference._worker_main import WorkerConfig
 from services.inference._worker_replies import send_message
 from services.inference.entities import VersionSpec
@@ -262,6 +262,8 @@ class _GenWorker:
             send_message(self.conn, ("generate", message))
         except OSError:
             raise Unavailable(f"model worker for {self.pool.name} is gone; retry") from None
+        except ValueError as exc:
+            raise InvalidArgument(f"the generate request is too large to hand to the model worker: {exc}") from None
         self.streams[request_id] = stream
         return stream
 

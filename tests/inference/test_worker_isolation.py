@@ -31,7 +31,7 @@ from aiaas.runtime import signature_of
 from services.common.errors import DeadlineExceeded, FailedPrecondition, ResourceExhausted
 from services.inference import landlock, sandbox, workers
 from services.inference._worker_main import WorkerConfig
-from services.inference._worker_replies import send_message
+from services.inference._worker_replies import MAX_MESSAGE_BYTES, read_message, send_message
 from services.inference.shm import TensorMeta, copies
 from services.inference.workers import WORKER_SPIN_COUNT, WorkerPool, _worker_env
 from tests.inference.conftest import Registry, inference_args, start_inference
@@ -369,6 +369,18 @@ def test_a_worker_never_unpickles_what_it_is_sent(tmp_path: Path, first: str) ->
                 worker.kill()
             worker.wait(timeout=30)
     assert not marker.exists()
+
+
+def test_an_oversized_message_for_a_worker_is_refused_before_the_pipe() -> None:
+    """Over the worker's read limit, nothing is written (the pipe's framing stays whole) and the
+    next message arrives intact."""
+    service_end, worker_end = multiprocessing.Pipe()
+    with service_end, worker_end:
+        with pytest.raises(ValueError, match="over the worker pipe's limit"):
+            send_message(service_end, ["generate", {"prompt": "x" * MAX_MESSAGE_BYTES}])
+        assert not worker_end.poll(0.1)
+        send_message(service_end, ["cancel", "r1"])
+        assert read_message(worker_end) == ["cancel", "r1"]
 
 
 def _as_received(meta: object) -> list[TensorMeta]:
